@@ -1,0 +1,307 @@
+//! Configuration: read in this one place, validated at start, handed down as typed
+//! values. Precedence: defaults < TOML file (`--config`) < `SCALESHOP_*` environment
+//! < command-line flags. An unknown key in the file, or a value of the wrong type
+//! anywhere, stops the start with a message naming the key and where it came from.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// A value that must never be printed (passwords, secrets, URLs with credentials).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// Every setting. Field names are the TOML keys; `SCALESHOP_` + upper-case name is
+/// the environment variable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the API listens; `:PORT` means every interface (`:0` picks a free port).
+    pub http_addr: String,
+    /// Embedded state: the SQLite database, mail files, image files, the generated
+    /// signing secret.
+    pub data_dir: PathBuf,
+    /// `postgres://...` moves every service's data to PostgreSQL; unset = SQLite.
+    pub database_url: Option<Secret>,
+    pub admin_email: Option<String>,
+    pub admin_password: Option<Secret>,
+    /// Send email over SMTP instead of writing `.eml` files.
+    pub smtp_url: Option<Secret>,
+    /// Signing secret for tokens, cursors and consistency tokens (at least 32
+    /// characters). Unset: generated once and kept in the data folder. Set it when
+    /// several processes serve the same users.
+    pub jwt_secret: Option<Secret>,
+    /// Lifetime of a session token, in seconds.
+    pub token_ttl_secs: u64,
+    pub db_max_connections: u32,
+    pub db_min_connections: u32,
+    pub db_idle_timeout_secs: u64,
+    pub db_acquire_timeout_ms: u64,
+    /// Upper bound of one SQL statement.
+    pub db_statement_timeout_ms: u64,
+    /// Upper bound of one HTTP request.
+    pub request_timeout_ms: u64,
+    /// Sign-in attempts per client address per minute.
+    pub login_rate_per_address: u32,
+    /// Sign-in attempts per email per minute.
+    pub login_rate_per_email: u32,
+    /// Log filter when `RUST_LOG` is unset.
+    pub log_filter: String,
+    /// How long SIGTERM waits for in-flight requests, in seconds.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            http_addr: "127.0.0.1:8080".to_owned(),
+            data_dir: PathBuf::from("./data"),
+            database_url: None,
+            admin_email: None,
+            admin_password: None,
+            smtp_url: None,
+            jwt_secret: None,
+            token_ttl_secs: 24 * 3600,
+            db_max_connections: 20,
+            db_min_connections: 5,
+            db_idle_timeout_secs: 30,
+            db_acquire_timeout_ms: 2000,
+            db_statement_timeout_ms: 5000,
+            request_timeout_ms: 15_000,
+            login_rate_per_address: 30,
+            login_rate_per_email: 10,
+            log_filter: "info".to_owned(),
+            shutdown_grace_secs: 20,
+        }
+    }
+}
+
+/// The keys read from `SCALESHOP_*` variables (others with that prefix are ignored).
+const ENV_KEYS: &[&str] = &[
+    "http_addr",
+    "data_dir",
+    "database_url",
+    "admin_email",
+    "admin_password",
+    "smtp_url",
+    "jwt_secret",
+    "token_ttl_secs",
+    "db_max_connections",
+    "db_min_connections",
+    "db_idle_timeout_secs",
+    "db_acquire_timeout_ms",
+    "db_statement_timeout_ms",
+    "request_timeout_ms",
+    "login_rate_per_address",
+    "login_rate_per_email",
+    "log_filter",
+    "shutdown_grace_secs",
+];
+
+/// A configuration that cannot start the server.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Layers the sources; `overrides` (from flags) win.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError(format!("config file {} does not exist", file.display())));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("SCALESHOP_").only(ENV_KEYS))
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(|e| ConfigError(describe(&e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rules beyond types; each message names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        if self.listen_addr().is_err() {
+            return bad("http_addr", "expected HOST:PORT or :PORT, such as 127.0.0.1:8080");
+        }
+        if let Some(url) = &self.database_url {
+            let url = url.expose();
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://") || url.starts_with("sqlite:")) {
+                return bad("database_url", "expected postgres://..., postgresql://... or sqlite:...");
+            }
+        }
+        if let Some(url) = &self.smtp_url {
+            let url = url.expose();
+            if !(url.starts_with("smtp://") || url.starts_with("smtps://")) {
+                return bad("smtp_url", "expected smtp://... or smtps://...");
+            }
+        }
+        if self.admin_email.is_some() != self.admin_password.is_some() {
+            return bad("admin_email", "admin_email and admin_password go together");
+        }
+        if let Some(password) = &self.admin_password {
+            let length = password.expose().chars().count();
+            if !(8..=128).contains(&length) {
+                return bad("admin_password", "must be 8..=128 characters");
+            }
+        }
+        if self.jwt_secret.as_ref().is_some_and(|s| s.expose().len() < 32) {
+            return bad("jwt_secret", "must be at least 32 characters");
+        }
+        if self.db_max_connections == 0 {
+            return bad("db_max_connections", "must be at least 1");
+        }
+        if self.db_min_connections > self.db_max_connections {
+            return bad("db_min_connections", "must not exceed db_max_connections");
+        }
+        for (key, value) in [
+            ("token_ttl_secs", self.token_ttl_secs),
+            ("db_acquire_timeout_ms", self.db_acquire_timeout_ms),
+            ("db_statement_timeout_ms", self.db_statement_timeout_ms),
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("login_rate_per_address", u64::from(self.login_rate_per_address)),
+            ("login_rate_per_email", u64::from(self.login_rate_per_email)),
+        ] {
+            if value == 0 {
+                return bad(key, "must be greater than 0");
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket address to bind.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        let raw = self.http_addr.trim();
+        let full = if raw.starts_with(':') { format!("0.0.0.0{raw}") } else { raw.to_owned() };
+        full.parse().map_err(|_| ConfigError(format!("http_addr: cannot parse {raw:?}")))
+    }
+
+    pub fn pool_settings(&self) -> scaleshop_db::PoolSettings {
+        scaleshop_db::PoolSettings {
+            max_connections: self.db_max_connections,
+            min_connections: self.db_min_connections,
+            idle_timeout: Duration::from_secs(self.db_idle_timeout_secs),
+            acquire_timeout: Duration::from_millis(self.db_acquire_timeout_ms),
+            statement_timeout: Duration::from_millis(self.db_statement_timeout_ms),
+        }
+    }
+
+    pub fn login_limits(&self) -> scaleshop_users::http::LoginLimits {
+        let nz = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        scaleshop_users::http::LoginLimits {
+            per_address_per_minute: nz(self.login_rate_per_address),
+            per_email_per_minute: nz(self.login_rate_per_email),
+        }
+    }
+}
+
+/// figment's message, which names the key and the source (file or variable).
+fn describe(error: &figment::Error) -> String {
+    error
+        .clone()
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let source = e.metadata.as_ref().map(|m| m.name.to_string()).unwrap_or_default();
+            let kind = e.kind.to_string();
+            match (key.is_empty(), source.is_empty()) {
+                (false, false) => format!("{key}: {kind} (from {source})"),
+                (false, true) => format!("{key}: {kind}"),
+                _ => kind,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Values given as command-line flags; `None` leaves the lower layers' value.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_filter: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_contract() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.listen_addr().unwrap().to_string(), "127.0.0.1:8080");
+        let p = c.pool_settings();
+        assert_eq!((p.max_connections, p.min_connections), (20, 5));
+        assert_eq!(p.idle_timeout, Duration::from_secs(30));
+        assert_eq!(p.acquire_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn colon_port_means_every_interface() {
+        let c = Config { http_addr: ":0".into(), ..Config::default() };
+        assert_eq!(c.listen_addr().unwrap().to_string(), "0.0.0.0:0");
+    }
+
+    #[test]
+    fn file_then_flags_and_unknown_keys_named() {
+        let dir = std::env::temp_dir().join(format!("scaleshop-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "http_addr = \"127.0.0.1:9000\"\ndb_max_connections = 7\n").unwrap();
+        let c = Config::load(Some(&file), &Overrides::default()).unwrap();
+        assert_eq!((c.http_addr.as_str(), c.db_max_connections), ("127.0.0.1:9000", 7));
+        let flags = Overrides { http_addr: Some("127.0.0.1:9001".into()), ..Overrides::default() };
+        assert_eq!(Config::load(Some(&file), &flags).unwrap().http_addr, "127.0.0.1:9001");
+
+        std::fs::write(&file, "db_max_conections = 7\n").unwrap();
+        let e = Config::load(Some(&file), &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("db_max_conections"), "{e}");
+        std::fs::write(&file, "db_max_connections = \"many\"\n").unwrap();
+        let e = Config::load(Some(&file), &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("db_max_connections"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rules_name_the_key() {
+        let c = Config { db_min_connections: 30, ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("db_min_connections"));
+        let c = Config { jwt_secret: Some(Secret::new("short")), ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("jwt_secret"));
+        let c = Config { database_url: Some(Secret::new("mysql://x")), ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("database_url"));
+        assert_eq!(format!("{:?}", Secret::new("pw")), "\"***\"");
+    }
+}

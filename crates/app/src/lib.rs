@@ -1,0 +1,15 @@
+//! The composition root of scaleshop: reads the configuration, opens the platform
+//! parts (database, later cache, bus, queue), starts the modules of the chosen
+//! target, assembles one router and runs it until a shutdown signal.
+//!
+//! This is the only crate that knows every service; services never know each other
+//! except through their public APIs and events.
+
+pub mod config;
+pub mod modules;
+mod ops;
+pub mod server;
+
+pub use config::{Config, Overrides};
+pub use modules::{Module, Target};
+pub use server::{App, StartError, bind, open_database, serve, shutdown_signal};

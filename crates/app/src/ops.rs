@@ -1,0 +1,108 @@
+//! Operations routes: liveness, readiness, Prometheus metrics.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use metrics_exporter_prometheus::PrometheusHandle;
+use scaleshop_db::Database;
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+#[derive(Clone)]
+struct Ops {
+    db: Option<Database>,
+    metrics: PrometheusHandle,
+}
+
+pub fn router(db: Option<Database>) -> OpenApiRouter {
+    let state = Ops { db, metrics: scaleshop_telemetry::metrics_handle() };
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .with_state(state)
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct Health {
+    status: &'static str,
+}
+
+/// Liveness: 200 while the process runs.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Alive", body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// State of one dependency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum ComponentState {
+    Up,
+    Down,
+    Disabled,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct Components {
+    database: ComponentState,
+    replicas: ComponentState,
+    shards: ComponentState,
+    cache: ComponentState,
+    bus: ComponentState,
+    jobs: ComponentState,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct Readiness {
+    /// `ok` when every configured dependency answers, else `unavailable`.
+    status: &'static str,
+    components: Components,
+}
+
+/// Readiness: 200 when every configured dependency answers, else 503.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "A dependency is down", body = Readiness),
+    ))]
+async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
+    let database = match &ops.db {
+        Some(db) if db.ping(Duration::from_secs(1)).await => ComponentState::Up,
+        Some(_) => ComponentState::Down,
+        None => ComponentState::Disabled,
+    };
+    let components = Components {
+        database,
+        replicas: ComponentState::Disabled,
+        shards: ComponentState::Disabled,
+        cache: ComponentState::Disabled,
+        bus: ComponentState::Disabled,
+        jobs: ComponentState::Disabled,
+    };
+    let ready = [components.database, components.replicas, components.shards, components.cache, components.bus, components.jobs]
+        .iter()
+        .all(|c| *c != ComponentState::Down);
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = Readiness { status: if ready { "ok" } else { "unavailable" }, components };
+    (status, Json(body))
+}
+
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+async fn metrics(State(ops): State<Ops>) -> impl IntoResponse {
+    if let Some(db) = &ops.db {
+        db.report_pool_metrics("primary");
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        ops.metrics.render(),
+    )
+}

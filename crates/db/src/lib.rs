@@ -1,0 +1,278 @@
+//! Storage plumbing shared by every service: the connection pool for the configured
+//! backend (SQLite in the data folder, or PostgreSQL), the migration runner, the
+//! classification of database failures into [`StoreError`], and the pool gauge.
+//!
+//! This crate knows nothing of users, orders or HTTP. Services own their tables and
+//! their migrations; they hand them to [`Database::migrate`].
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+
+pub use sqlx;
+
+/// Pool settings. The defaults are the seed's: max 20, min 5, idle 30 s, acquire 2 s.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub max_connections: u32,
+    pub min_connections: u32,
+    pub idle_timeout: Duration,
+    pub acquire_timeout: Duration,
+    /// Upper bound for one SQL statement (PostgreSQL `statement_timeout`; SQLite's
+    /// busy timeout).
+    pub statement_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 20,
+            min_connections: 5,
+            idle_timeout: Duration::from_secs(30),
+            acquire_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Which engine holds the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A pool on the configured backend. Cheap to clone.
+#[derive(Debug, Clone)]
+pub enum Database {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Why the database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid database URL: {0}")]
+    InvalidUrl(String),
+    #[error("cannot create the data folder {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to the database: {0}")]
+    Connect(String),
+    #[error("migration failed: {0}")]
+    Migrate(String),
+}
+
+/// A service's migrations, one set per backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Migrations {
+    /// Owner of the tables; names the migration history table `_migrations_{owner}`
+    /// so that services version their schemas independently.
+    pub owner: &'static str,
+    pub sqlite: &'static Migrator,
+    pub postgres: &'static Migrator,
+}
+
+impl Database {
+    /// Opens the pool. `url` is `None` for SQLite in `data_dir`, or a `postgres://` URL.
+    /// Never logs the URL (it may hold a password).
+    pub async fn connect(
+        url: Option<&str>,
+        data_dir: &Path,
+        settings: &PoolSettings,
+    ) -> Result<Self, ConnectError> {
+        match url {
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Self::connect_postgres(url, settings).await
+            }
+            Some(url) if url.starts_with("sqlite:") => {
+                let options = SqliteConnectOptions::from_str(url)
+                    .map_err(|_| ConnectError::InvalidUrl("not a valid sqlite: URL".into()))?;
+                Self::connect_sqlite(options, settings).await
+            }
+            Some(_) => Err(ConnectError::InvalidUrl(
+                "expected postgres://..., postgresql://... or sqlite:...".into(),
+            )),
+            None => {
+                std::fs::create_dir_all(data_dir).map_err(|source| ConnectError::DataDir {
+                    path: data_dir.display().to_string(),
+                    source,
+                })?;
+                let options = SqliteConnectOptions::new().filename(data_dir.join("scaleshop.db"));
+                Self::connect_sqlite(options, settings).await
+            }
+        }
+    }
+
+    async fn connect_sqlite(
+        options: SqliteConnectOptions,
+        settings: &PoolSettings,
+    ) -> Result<Self, ConnectError> {
+        let options = options
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(settings.statement_timeout)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(settings.max_connections)
+            .min_connections(settings.min_connections)
+            .idle_timeout(Some(settings.idle_timeout))
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_with(options)
+            .await
+            .map_err(|e| ConnectError::Connect(e.to_string()))?;
+        Ok(Self::Sqlite(pool))
+    }
+
+    async fn connect_postgres(url: &str, settings: &PoolSettings) -> Result<Self, ConnectError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|_| ConnectError::InvalidUrl("not a valid postgres:// URL".into()))?
+            .application_name("scaleshop")
+            .options([(
+                "statement_timeout",
+                format!("{}ms", settings.statement_timeout.as_millis()),
+            )]);
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .min_connections(settings.min_connections)
+            .idle_timeout(Some(settings.idle_timeout))
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_with(options)
+            .await
+            .map_err(|e| ConnectError::Connect(redact(&e.to_string())))?;
+        Ok(Self::Postgres(pool))
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::Sqlite(_) => Backend::Sqlite,
+            Self::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Applies a service's migrations (idempotent; safe to run from several processes
+    /// on PostgreSQL, which takes an advisory lock).
+    pub async fn migrate(&self, migrations: &Migrations) -> Result<(), ConnectError> {
+        let source = match self {
+            Self::Sqlite(_) => migrations.sqlite,
+            Self::Postgres(_) => migrations.postgres,
+        };
+        let mut migrator = Migrator::with_migrations(source.iter().cloned().collect());
+        migrator.dangerous_set_table_name(format!("_migrations_{}", migrations.owner));
+        let result = match self {
+            Self::Sqlite(pool) => migrator.run(pool).await,
+            Self::Postgres(pool) => migrator.run(pool).await,
+        };
+        result.map_err(|e| ConnectError::Migrate(format!("{}: {e}", migrations.owner)))
+    }
+
+    /// A round trip to the database, bounded by `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        let fut = async {
+            match self {
+                Self::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
+                Self::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
+            }
+        };
+        tokio::time::timeout(timeout, fut).await.unwrap_or(false)
+    }
+
+    /// Publishes `db_pool_connections{pool, state}`; called when metrics are scraped.
+    pub fn report_pool_metrics(&self, pool_name: &'static str) {
+        let (size, idle) = match self {
+            Self::Sqlite(pool) => (pool.size(), pool.num_idle()),
+            Self::Postgres(pool) => (pool.size(), pool.num_idle()),
+        };
+        let idle = u32::try_from(idle).unwrap_or(u32::MAX).min(size);
+        let name = scaleshop_telemetry::names::DB_POOL_CONNECTIONS;
+        metrics::gauge!(name, "pool" => pool_name, "state" => "idle").set(f64::from(idle));
+        metrics::gauge!(name, "pool" => pool_name, "state" => "in_use").set(f64::from(size - idle));
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Self::Sqlite(pool) => pool.close().await,
+            Self::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+/// Removes a password from anything that looks like a connection string.
+fn redact(message: &str) -> String {
+    message
+        .split_whitespace()
+        .map(|word| match (word.find("://"), word.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}://***@{}", &word[..scheme], &word[at + 1..])
+            }
+            _ => word.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A storage failure, classified for the layers above. Domain code matches on it
+/// without knowing which engine produced it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique constraint refused the write; the name of the constraint when the
+    /// engine reports it.
+    #[error("unique constraint violated")]
+    Conflict(Option<String>),
+    /// No connection could be had in time, or the engine is unreachable.
+    #[error("database unavailable")]
+    Unavailable,
+    /// Anything else; logged by the HTTP layer, never shown to clients.
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::PoolTimedOut => {
+                metrics::counter!(scaleshop_telemetry::names::DB_POOL_TIMEOUTS).increment(1);
+                Self::Unavailable
+            }
+            sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => {
+                Self::Unavailable
+            }
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                Self::Conflict(db.constraint().map(str::to_owned))
+            }
+            sqlx::Error::Database(db) => {
+                // SQLite's "database is locked" after the busy timeout, PostgreSQL's
+                // statement timeout (57014) and admin shutdown (57P01): try later.
+                let code = db.code().unwrap_or_default();
+                if matches!(code.as_ref(), "5" | "6" | "517" | "57014" | "57P01" | "57P03") {
+                    Self::Unavailable
+                } else {
+                    Self::Other(error.to_string())
+                }
+            }
+            _ => Self::Other(error.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_passwords() {
+        assert_eq!(
+            redact("error connecting to postgres://u:secret@h:5/db now"),
+            "error connecting to postgres://***@h:5/db now"
+        );
+        assert_eq!(redact("no url here"), "no url here");
+    }
+}

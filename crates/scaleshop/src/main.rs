@@ -1,0 +1,120 @@
+//! `scaleshop`: one binary, every role. With no arguments it serves the whole
+//! system (`serve --target all`) on embedded parts.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use scaleshop_app::{Config, Overrides, Target};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "scaleshop",
+    version,
+    about = "A scalable commerce backend: users, catalog, inventory, orders, payments, notifications, images.",
+    long_about = "A scalable commerce backend in one binary. With no arguments it runs `serve`: the whole \
+                  system in one process on embedded parts (SQLite in ./data). Configuration (a TOML file, \
+                  SCALESHOP_* variables, flags; later ones win) moves parts onto real engines."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+struct Common {
+    /// TOML configuration file (keys as in README's configuration table).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Folder for embedded state: SQLite database, mail files, image files, keys.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// postgres://... to keep every service's data in PostgreSQL (default: SQLite).
+    #[arg(long, global = true, value_name = "URL")]
+    database_url: Option<String>,
+    /// Log filter, such as `info` or `scaleshop_users=debug` (RUST_LOG wins).
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_filter: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the HTTP API (the default): start the modules of a target, listen, and
+    /// drain in-flight requests on SIGTERM/SIGINT before exiting 0.
+    Serve {
+        /// Which modules this process runs: `all` (every module).
+        #[arg(long, default_value = "all", value_parser = parse_target)]
+        target: Target,
+        /// Listen address, HOST:PORT or :PORT (`:0` picks a free port and logs it).
+        #[arg(long, value_name = "ADDR")]
+        http_addr: Option<String>,
+    },
+    /// Apply the database migrations of every module, then exit.
+    Migrate {
+        /// Whose tables to migrate: `all` (every module).
+        #[arg(long, default_value = "all", value_parser = parse_target)]
+        target: Target,
+    },
+}
+
+fn parse_target(s: &str) -> Result<Target, String> {
+    s.parse()
+}
+
+fn load(common: &Common, http_addr: Option<String>) -> Result<Config, String> {
+    let overrides = Overrides {
+        http_addr,
+        data_dir: common.data_dir.clone(),
+        database_url: common.database_url.clone(),
+        log_filter: common.log_filter.clone(),
+    };
+    Config::load(common.config.as_deref(), &overrides).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve { target: Target::All, http_addr: None });
+    let http_addr = match &command {
+        Command::Serve { http_addr, .. } => http_addr.clone(),
+        Command::Migrate { .. } => None,
+    };
+    let config = match load(&cli.common, http_addr) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("scaleshop: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    scaleshop_telemetry::init_tracing(&config.log_filter);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("scaleshop: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match command {
+            Command::Serve { target, .. } => {
+                let listener = scaleshop_app::bind(&config).await?;
+                scaleshop_app::serve(&config, target, listener, scaleshop_app::shutdown_signal()).await
+            }
+            Command::Migrate { target } => {
+                let db = scaleshop_app::open_database(&config, target).await?;
+                db.close().await;
+                tracing::info!(target = %target, backend = ?db.backend(), "migrations applied");
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "scaleshop stopped with an error");
+            eprintln!("scaleshop: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Telemetry: the tracing subscriber, the process-wide Prometheus recorder and the
+//! name of every metric the product exports (so names live in one place and the
+//! contract in `api.md` can be checked against one file).
+//!
+//! Rules: structured `tracing` fields, never a password, token or secret in a field;
+//! metric labels have bounded cardinality (route templates, never raw paths).
+
+use std::io::IsTerminal;
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Metric names, as promised by the contract.
+pub mod names {
+    /// Histogram: `method`, `route` (template), `status`.
+    pub const HTTP_REQUEST_DURATION: &str = "http_request_duration_seconds";
+    /// Gauge: `pool`, `state` (`idle`, `in_use`).
+    pub const DB_POOL_CONNECTIONS: &str = "db_pool_connections";
+    /// Counter: `pool`; acquire attempts that timed out (answered 503).
+    pub const DB_POOL_TIMEOUTS: &str = "db_pool_acquire_timeouts_total";
+    /// Gauge: events committed and not yet delivered to every consumer.
+    pub const OUTBOX_BACKLOG: &str = "outbox_backlog";
+    /// Counter: `limiter` (`login_ip`, `login_email`); requests refused with 429.
+    pub const RATE_LIMITED: &str = "rate_limited_total";
+}
+
+/// Buckets for request latency: 0.5 ms .. 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the global tracing subscriber: JSON lines when stdout is not a terminal
+/// (logs are for machines then), human-readable text otherwise. `RUST_LOG` overrides
+/// `default_filter`. Calling it twice is harmless (the second call does nothing).
+pub fn init_tracing(default_filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    let result = if std::io::stdout().is_terminal() {
+        builder.try_init()
+    } else {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init()
+    };
+    // An error only means a subscriber is already installed (tests start many apps).
+    drop(result);
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide Prometheus recorder, installed on first use. Several apps in one
+/// process (tests) share it; every series carries labels that keep them apart where
+/// it matters.
+pub fn metrics_handle() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(names::HTTP_REQUEST_DURATION.to_owned()),
+                    LATENCY_BUCKETS,
+                )
+                .map(PrometheusBuilder::build_recorder);
+            match recorder {
+                Ok(recorder) => {
+                    let handle = recorder.handle();
+                    // Fails only if another recorder is installed; ours still renders.
+                    drop(metrics::set_global_recorder(recorder));
+                    handle
+                }
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}

@@ -1,0 +1,331 @@
+//! HTTP routes of the users service, exactly as `api.md` lists them.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use chrono::{DateTime, Utc};
+use scaleshop_web::page::PageParams;
+use scaleshop_web::ratelimit::KeyedLimit;
+use scaleshop_web::{
+    ApiError, Caller, ConsistencyToken, Fields, Id, JsonObject, Keys, Page, Paginated, Problem,
+    ReadConsistency,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::domain::{Email, NewUser, Password, User, UserName, UserPatch};
+use crate::service::{Users, UsersError};
+
+/// Sign-in limits (brute-force protection).
+#[derive(Debug, Clone, Copy)]
+pub struct LoginLimits {
+    pub per_address_per_minute: NonZeroU32,
+    pub per_email_per_minute: NonZeroU32,
+}
+
+#[derive(Clone)]
+struct UsersHttp {
+    users: Users,
+    by_address: Arc<KeyedLimit<IpAddr>>,
+    by_email: Arc<KeyedLimit<String>>,
+}
+
+/// The routes, and a handle that forgets idle rate-limit keys (call it now and then).
+pub fn router(users: Users, limits: LoginLimits) -> (OpenApiRouter, impl Fn() + Send + Sync + 'static) {
+    let by_address = Arc::new(KeyedLimit::per_minute("login_address", limits.per_address_per_minute));
+    let by_email = Arc::new(KeyedLimit::per_minute("login_email", limits.per_email_per_minute));
+    let forget = {
+        let (a, e) = (by_address.clone(), by_email.clone());
+        move || {
+            a.forget_idle();
+            e.forget_idle();
+        }
+    };
+    let state = UsersHttp { users, by_address, by_email };
+    let router = OpenApiRouter::new()
+        .routes(routes!(create_user, search_users))
+        .routes(routes!(get_user, patch_user))
+        .routes(routes!(create_session))
+        .routes(routes!(me))
+        .with_state(state);
+    (router, forget)
+}
+
+impl From<UsersError> for ApiError {
+    fn from(error: UsersError) -> Self {
+        match error {
+            UsersError::EmailTaken => ApiError::conflict("the email is taken"),
+            UsersError::NotFound => ApiError::not_found(),
+            UsersError::BadCredentials => {
+                ApiError::unauthenticated().detail("wrong email or password")
+            }
+            UsersError::Hashing(cause) => ApiError::internal(cause),
+            UsersError::Store(error) => error.into(),
+        }
+    }
+}
+
+/// A user account (never a password or a hash).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UserView {
+    pub id: Uuid,
+    pub email: String,
+    pub name: String,
+    /// `customer` or `admin`.
+    pub role: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<User> for UserView {
+    fn from(user: User) -> Self {
+        Self {
+            id: user.id,
+            email: user.email.as_str().to_owned(),
+            name: user.name.as_str().to_owned(),
+            role: user.role.as_str().to_owned(),
+            created_at: user.created_at,
+            updated_at: user.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code, reason = "documents the body; parsing goes through Fields")]
+struct CreateUserRequest {
+    /// A valid address, at most 254 characters; stored lower-cased.
+    email: String,
+    /// 1..=100 characters after trimming.
+    name: String,
+    /// 8..=128 characters.
+    password: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code, reason = "documents the body; parsing goes through Fields")]
+struct PatchUserRequest {
+    email: Option<String>,
+    name: Option<String>,
+    password: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code, reason = "documents the body; parsing goes through Fields")]
+struct SessionRequest {
+    email: String,
+    password: String,
+}
+
+/// A session token.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SessionView {
+    pub token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    pub expires_at: DateTime<Utc>,
+    pub user_id: Uuid,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code, reason = "documents the query; read by hand")]
+struct SearchParams {
+    /// Text matched against name and email (case-insensitive).
+    q: Option<String>,
+}
+
+type Headers = [(HeaderName, HeaderValue); 1];
+
+fn written(keys: &Keys, user: &User) -> Headers {
+    [ConsistencyToken::at(user.updated_at).header(keys)]
+}
+
+/// Sign up.
+#[utoipa::path(
+    post, path = "/v1/users", tag = "users",
+    request_body = CreateUserRequest,
+    responses(
+        (status = 201, description = "Created", body = UserView,
+         headers(("Location" = String), ("X-Consistency-Token" = String))),
+        (status = 409, description = "Email taken", body = Problem),
+        (status = 422, description = "Invalid", body = Problem),
+    )
+)]
+async fn create_user(
+    State(http): State<UsersHttp>,
+    keys: axum::Extension<Arc<Keys>>,
+    body: JsonObject,
+) -> Result<(StatusCode, [(HeaderName, HeaderValue); 2], Json<UserView>), ApiError> {
+    let mut f = Fields::new(body);
+    let email = f.required("email", |s: String| Email::parse(&s));
+    let name = f.required("name", |s: String| UserName::parse(&s));
+    let password = f.required("password", |s: String| Password::parse(&s));
+    f.finish()?;
+    let (Some(email), Some(name), Some(password)) = (email, name, password) else {
+        return Err(ApiError::internal("fields checked but missing"));
+    };
+    let user = http.users.register(NewUser { email, name, password }).await?;
+    let location = HeaderValue::from_str(&format!("/v1/users/{}", user.id)).map_err(ApiError::internal)?;
+    let [token] = written(&keys, &user);
+    Ok((StatusCode::CREATED, [(header::LOCATION, location), token], Json(user.into())))
+}
+
+/// Sign in: a bearer token for these credentials. Rate limited per client address
+/// and per email.
+#[utoipa::path(
+    post, path = "/v1/sessions", tag = "users",
+    request_body = SessionRequest,
+    responses(
+        (status = 201, description = "Signed in", body = SessionView),
+        (status = 401, description = "Wrong email or password", body = Problem),
+        (status = 422, description = "Invalid", body = Problem),
+        (status = 429, description = "Too many attempts", body = Problem, headers(("Retry-After" = u64))),
+    )
+)]
+async fn create_session(
+    State(http): State<UsersHttp>,
+    keys: axum::Extension<Arc<Keys>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: JsonObject,
+) -> Result<(StatusCode, Headers, Json<SessionView>), ApiError> {
+    let mut f = Fields::new(body);
+    let email = f.required("email", scaleshop_web::body::any::<String>);
+    let password = f.required("password", scaleshop_web::body::any::<String>);
+    f.finish()?;
+    let (Some(email), Some(password)) = (email, password) else {
+        return Err(ApiError::internal("fields checked but missing"));
+    };
+    http.by_address.check(&peer.ip())?;
+    http.by_email.check(&email.trim().to_lowercase())?;
+    let user = http.users.authenticate(&email, &password).await?;
+    let issued = keys.tokens.issue(user.id, user.role == crate::domain::Role::Admin)?;
+    let token = ConsistencyToken::at(Utc::now()).header(&keys);
+    Ok((
+        StatusCode::CREATED,
+        [token],
+        Json(SessionView {
+            token: issued.token,
+            token_type: "Bearer".to_owned(),
+            expires_at: issued.expires_at,
+            user_id: user.id,
+        }),
+    ))
+}
+
+/// The signed-in user.
+#[utoipa::path(
+    get, path = "/v1/me", tag = "users", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The caller", body = UserView),
+        (status = 401, description = "Not signed in", body = Problem),
+    )
+)]
+async fn me(
+    State(http): State<UsersHttp>,
+    caller: Caller,
+    _consistency: ReadConsistency,
+) -> Result<Json<UserView>, ApiError> {
+    // A valid token for a user that no longer exists is no session.
+    match http.users.get(caller.user_id).await {
+        Ok(user) => Ok(Json(user.into())),
+        Err(UsersError::NotFound) => Err(ApiError::unauthenticated().detail("the account is gone")),
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// One user (self or admin; anyone else's is a 404).
+#[utoipa::path(
+    get, path = "/v1/users/{id}", tag = "users", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "User id")),
+    responses(
+        (status = 200, description = "The user", body = UserView),
+        (status = 401, description = "Not signed in", body = Problem),
+        (status = 404, description = "No such user", body = Problem),
+    )
+)]
+async fn get_user(
+    State(http): State<UsersHttp>,
+    caller: Caller,
+    Id(id): Id,
+    _consistency: ReadConsistency,
+) -> Result<Json<UserView>, ApiError> {
+    if !caller.may_access(id) {
+        return Err(ApiError::not_found());
+    }
+    Ok(Json(http.users.get(id).await?.into()))
+}
+
+/// Change name, email or password (self or admin).
+#[utoipa::path(
+    patch, path = "/v1/users/{id}", tag = "users", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "User id")),
+    request_body = PatchUserRequest,
+    responses(
+        (status = 200, description = "Updated", body = UserView, headers(("X-Consistency-Token" = String))),
+        (status = 401, description = "Not signed in", body = Problem),
+        (status = 404, description = "No such user", body = Problem),
+        (status = 409, description = "Email taken", body = Problem),
+        (status = 422, description = "Invalid", body = Problem),
+    )
+)]
+async fn patch_user(
+    State(http): State<UsersHttp>,
+    keys: axum::Extension<Arc<Keys>>,
+    caller: Caller,
+    Id(id): Id,
+    body: JsonObject,
+) -> Result<(Headers, Json<UserView>), ApiError> {
+    if !caller.may_access(id) {
+        return Err(ApiError::not_found());
+    }
+    let mut f = Fields::new(body);
+    let email = f.optional("email", |s: String| Email::parse(&s));
+    let name = f.optional("name", |s: String| UserName::parse(&s));
+    let password = f.optional("password", |s: String| Password::parse(&s));
+    f.finish()?;
+    let (Some(email), Some(name), Some(password)) = (email, name, password) else {
+        return Err(ApiError::internal("fields checked but missing"));
+    };
+    let user = http.users.update(id, UserPatch { email, name, password }).await?;
+    Ok((written(&keys, &user), Json(user.into())))
+}
+
+#[derive(Debug, Deserialize)]
+struct SearchQuery {
+    q: Option<String>,
+}
+
+/// Search users by name or email (admin).
+#[utoipa::path(
+    get, path = "/v1/users", tag = "users", security(("bearer" = [])),
+    params(SearchParams, PageParams),
+    responses(
+        (status = 200, description = "Matching users", body = Paginated<UserView>),
+        (status = 400, description = "Bad cursor", body = Problem),
+        (status = 401, description = "Not signed in", body = Problem),
+        (status = 403, description = "Not an admin", body = Problem),
+        (status = 422, description = "Bad limit", body = Problem),
+    )
+)]
+async fn search_users(
+    State(http): State<UsersHttp>,
+    caller: Caller,
+    page: Page,
+    Query(query): Query<SearchQuery>,
+) -> Result<Json<Paginated<UserView>>, ApiError> {
+    caller.require_admin()?;
+    let after = page.after::<Uuid>()?;
+    let users = http.users.search(query.q.as_deref(), after, page.fetch()).await?;
+    let page = page.finish(users, |u| u.id);
+    Ok(Json(Paginated {
+        items: page.items.into_iter().map(UserView::from).collect(),
+        next_cursor: page.next_cursor,
+    }))
+}

@@ -1,0 +1,244 @@
+//! Use cases of the users service: sign-up, sign-in, read, update, search, and the
+//! admin account ensured at start. Knows the store port and the hasher, no HTTP.
+
+use std::sync::{Arc, OnceLock};
+
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use argon2::{Algorithm, Argon2, Params, Version};
+use chrono::{SubsecRound, Utc};
+use scaleshop_db::StoreError;
+use scaleshop_events::NewEvent;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::domain::{Email, NewUser, Password, PasswordHash, Role, User, UserName, UserPatch, UserRecord};
+use crate::store::UserStore;
+
+/// Event types this service publishes.
+pub mod events {
+    pub const USER_CREATED: &str = "user.created";
+    pub const USER_UPDATED: &str = "user.updated";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UsersError {
+    #[error("the email is taken")]
+    EmailTaken,
+    #[error("no such user")]
+    NotFound,
+    #[error("wrong email or password")]
+    BadCredentials,
+    #[error("password hashing failed: {0}")]
+    Hashing(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// argon2id with the OWASP parameters: m = 19456 KiB, t = 2, p = 1. Runs on the
+/// blocking pool, never on the async threads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Hasher;
+
+fn argon2() -> Result<Argon2<'static>, UsersError> {
+    let params = Params::new(19_456, 2, 1, None).map_err(|e| UsersError::Hashing(e.to_string()))?;
+    Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+}
+
+impl Hasher {
+    pub async fn hash(&self, password: &Password) -> Result<PasswordHash, UsersError> {
+        let password = password.clone();
+        tokio::task::spawn_blocking(move || {
+            argon2()?
+                .hash_password(password.expose().as_bytes())
+                .map(|hash| PasswordHash(hash.to_string()))
+                .map_err(|e| UsersError::Hashing(e.to_string()))
+        })
+        .await
+        .map_err(|e| UsersError::Hashing(e.to_string()))?
+    }
+
+    pub async fn verify(&self, password: &str, hash: &PasswordHash) -> Result<bool, UsersError> {
+        let password = password.to_owned();
+        let hash = hash.0.clone();
+        tokio::task::spawn_blocking(move || {
+            Ok(argon2()?.verify_password(password.as_bytes(), hash.as_str()).is_ok())
+        })
+        .await
+        .map_err(|e| UsersError::Hashing(e.to_string()))?
+    }
+
+    /// A hash to verify against when the email is unknown, so that a wrong email
+    /// costs the same time as a wrong password (no account enumeration by timing).
+    async fn decoy(&self) -> Result<PasswordHash, UsersError> {
+        static DECOY: OnceLock<PasswordHash> = OnceLock::new();
+        if let Some(hash) = DECOY.get() {
+            return Ok(hash.clone());
+        }
+        let password = Password::parse("decoy password for unknown accounts")
+            .map_err(|e| UsersError::Hashing(e.to_string()))?;
+        let hash = self.hash(&password).await?;
+        Ok(DECOY.get_or_init(|| hash).clone())
+    }
+}
+
+/// The users service.
+#[derive(Clone)]
+pub struct Users {
+    store: Arc<dyn UserStore>,
+    hasher: Hasher,
+}
+
+impl std::fmt::Debug for Users {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Users")
+    }
+}
+
+fn created_event(user: &User) -> NewEvent {
+    NewEvent::new(
+        events::USER_CREATED,
+        user.id,
+        json!({"user_id": user.id, "email": user.email.as_str(), "name": user.name.as_str(), "role": user.role.as_str()}),
+    )
+}
+
+fn updated_event(user: &User, changed: &[&str]) -> NewEvent {
+    NewEvent::new(
+        events::USER_UPDATED,
+        user.id,
+        json!({"user_id": user.id, "email": user.email.as_str(), "name": user.name.as_str(), "role": user.role.as_str(), "changed": changed}),
+    )
+}
+
+fn conflict_to_taken(error: StoreError) -> UsersError {
+    match error {
+        StoreError::Conflict(_) => UsersError::EmailTaken,
+        other => UsersError::Store(other),
+    }
+}
+
+impl Users {
+    pub fn new(store: Arc<dyn UserStore>) -> Self {
+        Self { store, hasher: Hasher }
+    }
+
+    pub async fn register(&self, new: NewUser) -> Result<User, UsersError> {
+        self.create(new, Role::Customer).await
+    }
+
+    async fn create(&self, new: NewUser, role: Role) -> Result<User, UsersError> {
+        let password_hash = self.hasher.hash(&new.password).await?;
+        let now = Utc::now().trunc_subsecs(6);
+        let user = User {
+            id: Uuid::now_v7(),
+            email: new.email,
+            name: new.name,
+            role,
+            created_at: now,
+            updated_at: now,
+        };
+        let record = UserRecord { user, password_hash };
+        self.store
+            .insert(&record, &created_event(&record.user))
+            .await
+            .map_err(conflict_to_taken)?;
+        Ok(record.user)
+    }
+
+    /// The account for these credentials. A wrong email and a wrong password are
+    /// the same error and cost the same time.
+    pub async fn authenticate(&self, email: &str, password: &str) -> Result<User, UsersError> {
+        let record = match Email::parse(email) {
+            Ok(email) => self.store.get_by_email(&email).await?,
+            Err(_) => None,
+        };
+        match record {
+            Some(record) => {
+                if self.hasher.verify(password, &record.password_hash).await? {
+                    Ok(record.user)
+                } else {
+                    Err(UsersError::BadCredentials)
+                }
+            }
+            None => {
+                let decoy = self.hasher.decoy().await?;
+                let _ = self.hasher.verify(password, &decoy).await?;
+                Err(UsersError::BadCredentials)
+            }
+        }
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<User, UsersError> {
+        self.store.get(id).await?.map(|r| r.user).ok_or(UsersError::NotFound)
+    }
+
+    /// Applies a patch; publishes `user.updated` when something changed.
+    pub async fn update(&self, id: Uuid, patch: UserPatch) -> Result<User, UsersError> {
+        let mut record = self.store.get(id).await?.ok_or(UsersError::NotFound)?;
+        let mut changed = Vec::new();
+        if let Some(email) = patch.email.filter(|e| *e != record.user.email) {
+            record.user.email = email;
+            changed.push("email");
+        }
+        if let Some(name) = patch.name.filter(|n| *n != record.user.name) {
+            record.user.name = name;
+            changed.push("name");
+        }
+        if let Some(password) = patch.password {
+            record.password_hash = self.hasher.hash(&password).await?;
+            changed.push("password");
+        }
+        if changed.is_empty() {
+            return Ok(record.user);
+        }
+        record.user.updated_at = Utc::now().trunc_subsecs(6).max(record.user.updated_at);
+        self.store
+            .update(&record, &updated_event(&record.user, &changed))
+            .await
+            .map_err(conflict_to_taken)?;
+        Ok(record.user)
+    }
+
+    pub async fn search(
+        &self,
+        text: Option<&str>,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<User>, UsersError> {
+        let text = text.map(str::trim).filter(|t| !t.is_empty());
+        let records = self.store.search(text, after, limit).await?;
+        Ok(records.into_iter().map(|r| r.user).collect())
+    }
+
+    /// Makes sure the admin account exists with role admin and this password.
+    pub async fn ensure_admin(&self, email: Email, password: Password) -> Result<User, UsersError> {
+        match self.store.get_by_email(&email).await? {
+            None => {
+                let name = UserName::parse("Administrator").map_err(|e| UsersError::Hashing(e.to_string()))?;
+                match self.create(NewUser { email: email.clone(), name, password: password.clone() }, Role::Admin).await {
+                    // Another process won the race: fall through to the update path.
+                    Err(UsersError::EmailTaken) => Box::pin(self.ensure_admin(email, password)).await,
+                    other => other,
+                }
+            }
+            Some(mut record) => {
+                let password_ok = self.hasher.verify(password.expose(), &record.password_hash).await?;
+                if record.user.role == Role::Admin && password_ok {
+                    return Ok(record.user);
+                }
+                let mut changed = Vec::new();
+                if record.user.role != Role::Admin {
+                    record.user.role = Role::Admin;
+                    changed.push("role");
+                }
+                if !password_ok {
+                    record.password_hash = self.hasher.hash(&password).await?;
+                    changed.push("password");
+                }
+                record.user.updated_at = Utc::now().trunc_subsecs(6).max(record.user.updated_at);
+                self.store.update(&record, &updated_event(&record.user, &changed)).await?;
+                Ok(record.user)
+            }
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Bearer tokens: HS256 JWTs with expiry, issuer and audience checked and the
+//! algorithm pinned, and the [`Caller`] extractor that turns a token into a caller
+//! or a 401 with `WWW-Authenticate: Bearer`.
+
+use std::time::Duration;
+
+use axum::extract::FromRequestParts;
+use axum::http::header;
+use axum::http::request::Parts;
+use chrono::{DateTime, Utc};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::keys::Keys;
+
+const ISSUER: &str = "scaleshop";
+const AUDIENCE: &str = "scaleshop-api";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: Uuid,
+    role: String,
+    iat: i64,
+    exp: i64,
+    iss: String,
+    aud: String,
+}
+
+/// Issues and verifies session tokens.
+pub struct TokenKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for TokenKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenKeys").field("ttl", &self.ttl).finish_non_exhaustive()
+    }
+}
+
+/// A token just issued.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl TokenKeys {
+    pub fn new(secret: &[u8], ttl: Duration) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_issuer(&[ISSUER]);
+        validation.set_audience(&[AUDIENCE]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = 5;
+        Self {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+            ttl,
+        }
+    }
+
+    /// A token for this user and role.
+    pub fn issue(&self, user_id: Uuid, admin: bool) -> Result<IssuedToken, ApiError> {
+        let now = Utc::now();
+        let ttl = chrono::Duration::from_std(self.ttl).map_err(ApiError::internal)?;
+        let expires_at = now + ttl;
+        let claims = Claims {
+            sub: user_id,
+            role: if admin { "admin" } else { "customer" }.to_owned(),
+            iat: now.timestamp(),
+            exp: expires_at.timestamp(),
+            iss: ISSUER.to_owned(),
+            aud: AUDIENCE.to_owned(),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(ApiError::internal)?;
+        let expires_at = DateTime::from_timestamp(claims.exp, 0).unwrap_or(expires_at);
+        Ok(IssuedToken { token, expires_at })
+    }
+
+    /// The caller named by a valid token.
+    pub fn verify(&self, token: &str) -> Option<Caller> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
+        let is_admin = match data.claims.role.as_str() {
+            "admin" => true,
+            "customer" => false,
+            _ => return None,
+        };
+        Some(Caller { user_id: data.claims.sub, is_admin })
+    }
+}
+
+/// The signed-in caller of a request. As an extractor it answers 401 when the
+/// `Authorization: Bearer` token is missing, malformed, expired or forged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub user_id: Uuid,
+    pub is_admin: bool,
+}
+
+impl Caller {
+    /// May this caller touch a resource owned by `owner`?
+    pub fn may_access(&self, owner: Uuid) -> bool {
+        self.is_admin || self.user_id == owner
+    }
+
+    /// 403 for a customer on an admin-only route. (A resource of another user is a
+    /// 404 instead, decided by the handler: see [`Caller::may_access`].)
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.is_admin {
+            Ok(())
+        } else {
+            Err(ApiError::new(crate::ErrorCode::Forbidden).detail("this route is for admins"))
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let keys = Keys::from_parts(parts)?;
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| ApiError::unauthenticated().detail("a bearer token is required"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or_else(|| ApiError::unauthenticated().detail("use the Bearer scheme"))?;
+        keys.tokens
+            .verify(token.trim())
+            .ok_or_else(|| ApiError::unauthenticated().detail("the token is invalid or expired"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue_and_verify() {
+        let keys = TokenKeys::new(b"0123456789abcdef0123456789abcdef", Duration::from_secs(60));
+        let id = Uuid::now_v7();
+        let issued = keys.issue(id, true).unwrap();
+        assert_eq!(keys.verify(&issued.token), Some(Caller { user_id: id, is_admin: true }));
+        let other = TokenKeys::new(b"another secret of some length ...", Duration::from_secs(60));
+        assert_eq!(other.verify(&issued.token), None);
+    }
+
+    #[test]
+    fn expired_and_wrong_algorithm_are_refused() {
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let keys = TokenKeys::new(secret, Duration::from_secs(60));
+        let now = Utc::now().timestamp();
+        let claims = Claims {
+            sub: Uuid::now_v7(),
+            role: "admin".into(),
+            iat: now - 100,
+            exp: now - 60,
+            iss: ISSUER.into(),
+            aud: AUDIENCE.into(),
+        };
+        let enc = EncodingKey::from_secret(secret);
+        let expired = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &enc).unwrap();
+        assert_eq!(keys.verify(&expired), None);
+        let fresh = Claims { exp: now + 60, ..claims };
+        let hs512 = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &fresh, &enc).unwrap();
+        assert_eq!(keys.verify(&hs512), None, "algorithm is pinned");
+    }
+}

@@ -1,0 +1,72 @@
+//! Read-your-writes: every successful write answers with `X-Consistency-Token`; a
+//! read that sends it back sees that write or something newer, whatever serves it.
+//!
+//! The token is signed (so it cannot be forged into something the server would
+//! misread) and carries the write's commit time (microseconds since the epoch). Today
+//! every read goes to the primary database, which already satisfies the promise; the
+//! cache and read replicas compare their own freshness with [`ConsistencyToken::at`].
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ApiError, ErrorCode};
+use crate::keys::{Keys, Signer};
+
+pub const CONSISTENCY_HEADER: HeaderName = HeaderName::from_static("x-consistency-token");
+const PURPOSE: &str = "consistency";
+
+/// A position in the history of writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ConsistencyToken {
+    /// Commit time of the write, in microseconds since the Unix epoch.
+    #[serde(rename = "t")]
+    pub at_micros: i64,
+}
+
+impl ConsistencyToken {
+    pub fn at(time: DateTime<Utc>) -> Self {
+        Self { at_micros: time.timestamp_micros() }
+    }
+
+    pub fn encode(&self, signer: &Signer) -> String {
+        signer.sign(PURPOSE, &serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    pub fn decode(value: &str, signer: &Signer) -> Option<Self> {
+        serde_json::from_slice(&signer.verify(PURPOSE, value)?).ok()
+    }
+
+    /// The response header that carries this token.
+    pub fn header(&self, keys: &Keys) -> (HeaderName, HeaderValue) {
+        let value = HeaderValue::from_str(&self.encode(&keys.signer))
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        (CONSISTENCY_HEADER, value)
+    }
+}
+
+/// The token a read sent, if any. A token that does not verify is a 400.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadConsistency(pub Option<ConsistencyToken>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ReadConsistency {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let Some(value) = parts.headers.get(&CONSISTENCY_HEADER) else {
+            return Ok(Self(None));
+        };
+        let keys = Keys::from_parts(parts)?;
+        value
+            .to_str()
+            .ok()
+            .and_then(|v| ConsistencyToken::decode(v.trim(), &keys.signer))
+            .map(|token| Self(Some(token)))
+            .ok_or_else(|| {
+                ApiError::new(ErrorCode::InvalidCursor)
+                    .detail("X-Consistency-Token is not a token this service issued")
+            })
+    }
+}

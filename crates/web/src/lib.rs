@@ -1,0 +1,32 @@
+//! The HTTP kit: the conventions of `api.md` implemented once, used by every route
+//! of every service.
+//!
+//! - [`error`]: the one error table ([`ErrorCode`]) and RFC 9457 problem documents.
+//! - [`body`]: JSON bodies parsed field by field, unknown fields refused, every broken
+//!   rule reported.
+//! - [`auth`]: HS256 bearer tokens and the [`Caller`] extractor.
+//! - [`page`]: signed opaque cursors and the `limit` rule.
+//! - [`consistency`]: `X-Consistency-Token` for read-your-writes.
+//! - [`ratelimit`]: keyed rate limiters answering 429 with `Retry-After`.
+//! - [`observe`]: request ids, timeouts, the latency histogram, logs, and turning any
+//!   bare error response into a problem document.
+//!
+//! This crate knows no service and no table. Services depend on it, never the reverse.
+
+pub mod auth;
+pub mod body;
+pub mod consistency;
+pub mod error;
+pub mod keys;
+pub mod observe;
+pub mod page;
+pub mod path;
+pub mod ratelimit;
+
+pub use auth::{Caller, TokenKeys};
+pub use body::{Fields, JsonObject};
+pub use consistency::{CONSISTENCY_HEADER, ConsistencyToken, ReadConsistency};
+pub use error::{ApiError, ErrorCode, FieldError, Problem};
+pub use keys::{Keys, Signer};
+pub use page::{Page, Paginated};
+pub use path::Id;
