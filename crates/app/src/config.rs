@@ -131,7 +131,10 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             if !file.exists() {
-                return Err(ConfigError(format!("config file {} does not exist", file.display())));
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
             }
             figment = figment.merge(Toml::file_exact(file));
         }
@@ -148,12 +151,21 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
         if self.listen_addr().is_err() {
-            return bad("http_addr", "expected HOST:PORT or :PORT, such as 127.0.0.1:8080");
+            return bad(
+                "http_addr",
+                "expected HOST:PORT or :PORT, such as 127.0.0.1:8080",
+            );
         }
         if let Some(url) = &self.database_url {
             let url = url.expose();
-            if !(url.starts_with("postgres://") || url.starts_with("postgresql://") || url.starts_with("sqlite:")) {
-                return bad("database_url", "expected postgres://..., postgresql://... or sqlite:...");
+            if !(url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.starts_with("sqlite:"))
+            {
+                return bad(
+                    "database_url",
+                    "expected postgres://..., postgresql://... or sqlite:...",
+                );
             }
         }
         if let Some(url) = &self.smtp_url {
@@ -171,7 +183,11 @@ impl Config {
                 return bad("admin_password", "must be 8..=128 characters");
             }
         }
-        if self.jwt_secret.as_ref().is_some_and(|s| s.expose().len() < 32) {
+        if self
+            .jwt_secret
+            .as_ref()
+            .is_some_and(|s| s.expose().len() < 32)
+        {
             return bad("jwt_secret", "must be at least 32 characters");
         }
         if self.db_max_connections == 0 {
@@ -185,7 +201,10 @@ impl Config {
             ("db_acquire_timeout_ms", self.db_acquire_timeout_ms),
             ("db_statement_timeout_ms", self.db_statement_timeout_ms),
             ("request_timeout_ms", self.request_timeout_ms),
-            ("login_rate_per_address", u64::from(self.login_rate_per_address)),
+            (
+                "login_rate_per_address",
+                u64::from(self.login_rate_per_address),
+            ),
             ("login_rate_per_email", u64::from(self.login_rate_per_email)),
         ] {
             if value == 0 {
@@ -198,8 +217,13 @@ impl Config {
     /// The socket address to bind.
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         let raw = self.http_addr.trim();
-        let full = if raw.starts_with(':') { format!("0.0.0.0{raw}") } else { raw.to_owned() };
-        full.parse().map_err(|_| ConfigError(format!("http_addr: cannot parse {raw:?}")))
+        let full = if raw.starts_with(':') {
+            format!("0.0.0.0{raw}")
+        } else {
+            raw.to_owned()
+        };
+        full.parse()
+            .map_err(|_| ConfigError(format!("http_addr: cannot parse {raw:?}")))
     }
 
     pub fn pool_settings(&self) -> scaleshop_db::PoolSettings {
@@ -228,7 +252,11 @@ fn describe(error: &figment::Error) -> String {
         .into_iter()
         .map(|e| {
             let key = e.path.join(".");
-            let source = e.metadata.as_ref().map(|m| m.name.to_string()).unwrap_or_default();
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| m.name.to_string())
+                .unwrap_or_default();
             let kind = e.kind.to_string();
             match (key.is_empty(), source.is_empty()) {
                 (false, false) => format!("{key}: {kind} (from {source})"),
@@ -270,7 +298,10 @@ mod tests {
 
     #[test]
     fn colon_port_means_every_interface() {
-        let c = Config { http_addr: ":0".into(), ..Config::default() };
+        let c = Config {
+            http_addr: ":0".into(),
+            ..Config::default()
+        };
         assert_eq!(c.listen_addr().unwrap().to_string(), "0.0.0.0:0");
     }
 
@@ -279,29 +310,65 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("scaleshop-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
-        std::fs::write(&file, "http_addr = \"127.0.0.1:9000\"\ndb_max_connections = 7\n").unwrap();
+        std::fs::write(
+            &file,
+            "http_addr = \"127.0.0.1:9000\"\ndb_max_connections = 7\n",
+        )
+        .unwrap();
         let c = Config::load(Some(&file), &Overrides::default()).unwrap();
-        assert_eq!((c.http_addr.as_str(), c.db_max_connections), ("127.0.0.1:9000", 7));
-        let flags = Overrides { http_addr: Some("127.0.0.1:9001".into()), ..Overrides::default() };
-        assert_eq!(Config::load(Some(&file), &flags).unwrap().http_addr, "127.0.0.1:9001");
+        assert_eq!(
+            (c.http_addr.as_str(), c.db_max_connections),
+            ("127.0.0.1:9000", 7)
+        );
+        let flags = Overrides {
+            http_addr: Some("127.0.0.1:9001".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            Config::load(Some(&file), &flags).unwrap().http_addr,
+            "127.0.0.1:9001"
+        );
 
         std::fs::write(&file, "db_max_conections = 7\n").unwrap();
-        let e = Config::load(Some(&file), &Overrides::default()).unwrap_err().to_string();
+        let e = Config::load(Some(&file), &Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("db_max_conections"), "{e}");
         std::fs::write(&file, "db_max_connections = \"many\"\n").unwrap();
-        let e = Config::load(Some(&file), &Overrides::default()).unwrap_err().to_string();
+        let e = Config::load(Some(&file), &Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("db_max_connections"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn rules_name_the_key() {
-        let c = Config { db_min_connections: 30, ..Config::default() };
-        assert!(c.validate().unwrap_err().to_string().contains("db_min_connections"));
-        let c = Config { jwt_secret: Some(Secret::new("short")), ..Config::default() };
+        let c = Config {
+            db_min_connections: 30,
+            ..Config::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("db_min_connections")
+        );
+        let c = Config {
+            jwt_secret: Some(Secret::new("short")),
+            ..Config::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("jwt_secret"));
-        let c = Config { database_url: Some(Secret::new("mysql://x")), ..Config::default() };
-        assert!(c.validate().unwrap_err().to_string().contains("database_url"));
+        let c = Config {
+            database_url: Some(Secret::new("mysql://x")),
+            ..Config::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("database_url")
+        );
         assert_eq!(format!("{:?}", Secret::new("pw")), "\"***\"");
     }
 }

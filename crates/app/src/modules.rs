@@ -21,7 +21,12 @@ pub enum Module {
 }
 
 impl Module {
-    pub const ALL: &'static [Module] = &[Module::Database, Module::Operations, Module::Events, Module::Users];
+    pub const ALL: &'static [Module] = &[
+        Module::Database,
+        Module::Operations,
+        Module::Events,
+        Module::Users,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -129,6 +134,11 @@ mod tests {
     #[test]
     fn parse_targets() {
         assert_eq!("all".parse::<Target>().unwrap(), Target::All);
-        assert!("nope".parse::<Target>().unwrap_err().contains("known targets: all"));
+        assert!(
+            "nope"
+                .parse::<Target>()
+                .unwrap_err()
+                .contains("known targets: all")
+        );
     }
 }

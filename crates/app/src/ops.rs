@@ -20,7 +20,10 @@ struct Ops {
 }
 
 pub fn router(db: Option<Database>) -> OpenApiRouter {
-    let state = Ops { db, metrics: scaleshop_telemetry::metrics_handle() };
+    let state = Ops {
+        db,
+        metrics: scaleshop_telemetry::metrics_handle(),
+    };
     OpenApiRouter::new()
         .routes(routes!(healthz))
         .routes(routes!(readyz))
@@ -86,11 +89,25 @@ async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
         bus: ComponentState::Disabled,
         jobs: ComponentState::Disabled,
     };
-    let ready = [components.database, components.replicas, components.shards, components.cache, components.bus, components.jobs]
-        .iter()
-        .all(|c| *c != ComponentState::Down);
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body = Readiness { status: if ready { "ok" } else { "unavailable" }, components };
+    let ready = [
+        components.database,
+        components.replicas,
+        components.shards,
+        components.cache,
+        components.bus,
+        components.jobs,
+    ]
+    .iter()
+    .all(|c| *c != ComponentState::Down);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = Readiness {
+        status: if ready { "ok" } else { "unavailable" },
+        components,
+    };
     (status, Json(body))
 }
 
@@ -102,7 +119,10 @@ async fn metrics(State(ops): State<Ops>) -> impl IntoResponse {
         db.report_pool_metrics("primary");
     }
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         ops.metrics.render(),
     )
 }

@@ -35,7 +35,10 @@ pub enum StartError {
     #[error(transparent)]
     Database(#[from] scaleshop_db::ConnectError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("signing secret: {0}")]
     Secret(String),
     #[error("admin account: {0}")]
@@ -58,7 +61,12 @@ impl utoipa::Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
         );
     }
 }
@@ -98,9 +106,13 @@ fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, StartError> {
     let fail = |e: std::io::Error| StartError::Secret(format!("{}: {e}", path.display()));
     match std::fs::read_to_string(path) {
         Ok(text) => {
-            let bytes = hex::decode(text.trim()).map_err(|e| StartError::Secret(format!("{}: {e}", path.display())))?;
+            let bytes = hex::decode(text.trim())
+                .map_err(|e| StartError::Secret(format!("{}: {e}", path.display())))?;
             if bytes.len() < 32 {
-                return Err(StartError::Secret(format!("{}: shorter than 32 bytes", path.display())));
+                return Err(StartError::Secret(format!(
+                    "{}: shorter than 32 bytes",
+                    path.display()
+                )));
             }
             Ok(bytes)
         }
@@ -116,12 +128,15 @@ fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, StartError> {
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
             match options.open(path) {
                 Ok(mut file) => {
-                    file.write_all(hex::encode(&bytes).as_bytes()).map_err(fail)?;
+                    file.write_all(hex::encode(&bytes).as_bytes())
+                        .map_err(fail)?;
                     file.sync_all().map_err(fail)?;
                     Ok(bytes)
                 }
                 // Another process created it first: use theirs.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_create_secret(path),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    load_or_create_secret(path)
+                }
                 Err(e) => Err(fail(e)),
             }
         }
@@ -142,7 +157,10 @@ impl App {
         config.validate()?;
         let modules = target.resolve();
         let db = open_database(config, target).await?;
-        let keys = Keys::new(&signing_secret(config)?, Duration::from_secs(config.token_ttl_secs));
+        let keys = Keys::new(
+            &signing_secret(config)?,
+            Duration::from_secs(config.token_ttl_secs),
+        );
         let mut api = OpenApiRouter::with_openapi(ApiDoc::openapi());
         let mut background = Vec::new();
 
@@ -151,14 +169,19 @@ impl App {
                 Module::Database => {}
                 Module::Operations => api = api.merge(crate::ops::router(Some(db.clone()))),
                 Module::Events => {
-                    api = api.merge(scaleshop_events::http::router(scaleshop_events::EventLog::new(db.clone())));
+                    api = api.merge(scaleshop_events::http::router(
+                        scaleshop_events::EventLog::new(db.clone()),
+                    ));
                 }
                 Module::Users => {
                     let users = scaleshop_users::Users::new(scaleshop_users::store::store_for(&db));
-                    if let (Some(email), Some(password)) = (&config.admin_email, &config.admin_password) {
+                    if let (Some(email), Some(password)) =
+                        (&config.admin_email, &config.admin_password)
+                    {
                         ensure_admin(&users, email, password.expose()).await?;
                     }
-                    let (router, forget_idle) = scaleshop_users::http::router(users, config.login_limits());
+                    let (router, forget_idle) =
+                        scaleshop_users::http::router(users, config.login_limits());
                     api = api.merge(router);
                     background.push(tokio::spawn(async move {
                         let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -170,10 +193,12 @@ impl App {
                 }
             }
         }
-        tracing::info!(target = %target, modules = ?modules.iter().map(|m| m.name()).collect::<Vec<_>>(), backend = ?db.backend(), "modules built");
+        tracing::info!(serve_target = %target, modules = ?modules.iter().map(|m| m.name()).collect::<Vec<_>>(), backend = ?db.backend(), "modules built");
 
         let (router, openapi) = api.split_for_parts();
-        let settings = Arc::new(ObserveSettings { request_timeout: Duration::from_millis(config.request_timeout_ms) });
+        let settings = Arc::new(ObserveSettings {
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
+        });
         let router = router
             .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
             .route_layer(from_fn(record_route))
@@ -182,15 +207,27 @@ impl App {
             .layer(DefaultBodyLimit::max(BODY_LIMIT))
             .layer(CatchPanicLayer::new())
             .layer(from_fn_with_state(settings, observe));
-        Ok(Self { router, db, background })
+        Ok(Self {
+            router,
+            db,
+            background,
+        })
     }
 }
 
-async fn ensure_admin(users: &scaleshop_users::Users, email: &str, password: &str) -> Result<(), StartError> {
+async fn ensure_admin(
+    users: &scaleshop_users::Users,
+    email: &str,
+    password: &str,
+) -> Result<(), StartError> {
     use scaleshop_users::domain::{Email, Password};
     let email = Email::parse(email).map_err(|e| StartError::Admin(format!("admin_email {e}")))?;
-    let password = Password::parse(password).map_err(|e| StartError::Admin(format!("admin_password {e}")))?;
-    let admin = users.ensure_admin(email, password).await.map_err(|e| StartError::Admin(e.to_string()))?;
+    let password =
+        Password::parse(password).map_err(|e| StartError::Admin(format!("admin_password {e}")))?;
+    let admin = users
+        .ensure_admin(email, password)
+        .await
+        .map_err(|e| StartError::Admin(e.to_string()))?;
     tracing::info!(user_id = %admin.id, "admin account ensured");
     Ok(())
 }
@@ -208,13 +245,17 @@ pub async fn serve(
     tracing::info!(%addr, "listening on http://{addr}");
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app.router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown({
-            let mut stop_rx = stop_rx.clone();
-            async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            }
-        });
+    let server = axum::serve(
+        listener,
+        app.router
+            .into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown({
+        let mut stop_rx = stop_rx.clone();
+        async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        }
+    });
     let server = tokio::spawn(async move { server.await });
     shutdown.await;
     tracing::info!("shutting down: draining in-flight requests");
@@ -223,7 +264,10 @@ pub async fn serve(
         Ok(Ok(result)) => result.map_err(StartError::Serve),
         Ok(Err(join)) => Err(StartError::Serve(std::io::Error::other(join.to_string()))),
         Err(_) => {
-            tracing::warn!(grace_secs = grace.as_secs(), "grace period over; dropping the rest");
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "grace period over; dropping the rest"
+            );
             Ok(())
         }
     };
@@ -238,7 +282,9 @@ pub async fn serve(
 /// Binds the configured address.
 pub async fn bind(config: &Config) -> Result<TcpListener, StartError> {
     let addr = config.listen_addr()?;
-    TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -252,7 +252,10 @@ impl From<sqlx::Error> for StoreError {
                 // SQLite's "database is locked" after the busy timeout, PostgreSQL's
                 // statement timeout (57014) and admin shutdown (57P01): try later.
                 let code = db.code().unwrap_or_default();
-                if matches!(code.as_ref(), "5" | "6" | "517" | "57014" | "57P01" | "57P03") {
+                if matches!(
+                    code.as_ref(),
+                    "5" | "6" | "517" | "57014" | "57P01" | "57P03"
+                ) {
                     Self::Unavailable
                 } else {
                     Self::Other(error.to_string())

@@ -10,7 +10,9 @@ use utoipa_axum::routes;
 use crate::{Event, EventLog};
 
 pub fn router(log: EventLog) -> OpenApiRouter {
-    OpenApiRouter::new().routes(routes!(list_events)).with_state(log)
+    OpenApiRouter::new()
+        .routes(routes!(list_events))
+        .with_state(log)
 }
 
 /// The event log in commit order (ascending `sequence`).

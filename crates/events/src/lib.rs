@@ -23,7 +23,11 @@ pub const VERSION: i32 = 1;
 pub fn migrations() -> Migrations {
     static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
     static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-    Migrations { owner: "events", sqlite: &SQLITE, postgres: &POSTGRES }
+    Migrations {
+        owner: "events",
+        sqlite: &SQLITE,
+        postgres: &POSTGRES,
+    }
 }
 
 /// An event about to be appended.
@@ -68,7 +72,10 @@ const INSERT: &str = "INSERT INTO events (id, type, version, aggregate_id, occur
 
 /// Appends inside the caller's SQLite transaction (SQLite serializes writers, so
 /// sequence order is commit order). Returns the sequence.
-pub async fn append_sqlite(conn: &mut SqliteConnection, event: &NewEvent) -> Result<i64, StoreError> {
+pub async fn append_sqlite(
+    conn: &mut SqliteConnection,
+    event: &NewEvent,
+) -> Result<i64, StoreError> {
     let sequence: i64 = sqlx::query_scalar(INSERT)
         .bind(event.id)
         .bind(event.kind)
@@ -86,7 +93,9 @@ pub async fn append_sqlite(conn: &mut SqliteConnection, event: &NewEvent) -> Res
 /// sequence N will never later find a smaller one appear. Append last, just before
 /// commit, to hold the lock briefly.
 pub async fn append_postgres(conn: &mut PgConnection, event: &NewEvent) -> Result<i64, StoreError> {
-    sqlx::query("SELECT pg_advisory_xact_lock(727001)").execute(&mut *conn).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(727001)")
+        .execute(&mut *conn)
+        .await?;
     let sequence: i64 = sqlx::query_scalar(INSERT)
         .bind(event.id)
         .bind(event.kind)
@@ -117,10 +126,18 @@ impl EventLog {
     pub async fn list(&self, after: i64, limit: i64) -> Result<Vec<Event>, StoreError> {
         let rows = match &self.db {
             Database::Sqlite(pool) => {
-                sqlx::query_as(LIST).bind(after).bind(limit).fetch_all(pool).await?
+                sqlx::query_as(LIST)
+                    .bind(after)
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?
             }
             Database::Postgres(pool) => {
-                sqlx::query_as(LIST).bind(after).bind(limit).fetch_all(pool).await?
+                sqlx::query_as(LIST)
+                    .bind(after)
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?
             }
         };
         Ok(rows)
@@ -132,7 +149,9 @@ impl EventLog {
                          FROM events WHERE aggregate_id = $1 ORDER BY sequence";
         let rows = match &self.db {
             Database::Sqlite(pool) => sqlx::query_as(Q).bind(aggregate_id).fetch_all(pool).await?,
-            Database::Postgres(pool) => sqlx::query_as(Q).bind(aggregate_id).fetch_all(pool).await?,
+            Database::Postgres(pool) => {
+                sqlx::query_as(Q).bind(aggregate_id).fetch_all(pool).await?
+            }
         };
         Ok(rows)
     }

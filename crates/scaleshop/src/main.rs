@@ -75,7 +75,10 @@ fn load(common: &Common, http_addr: Option<String>) -> Result<Config, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Command::Serve { target: Target::All, http_addr: None });
+    let command = cli.command.unwrap_or(Command::Serve {
+        target: Target::All,
+        http_addr: None,
+    });
     let http_addr = match &command {
         Command::Serve { http_addr, .. } => http_addr.clone(),
         Command::Migrate { .. } => None,
@@ -88,7 +91,10 @@ fn main() -> ExitCode {
         }
     };
     scaleshop_telemetry::init_tracing(&config.log_filter);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("scaleshop: cannot start the runtime: {e}");
@@ -104,7 +110,7 @@ fn main() -> ExitCode {
             Command::Migrate { target } => {
                 let db = scaleshop_app::open_database(&config, target).await?;
                 db.close().await;
-                tracing::info!(target = %target, backend = ?db.backend(), "migrations applied");
+                tracing::info!(migrate_target = %target, backend = ?db.backend(), "migrations applied");
                 Ok(())
             }
         }

@@ -38,9 +38,18 @@ struct UsersHttp {
 }
 
 /// The routes, and a handle that forgets idle rate-limit keys (call it now and then).
-pub fn router(users: Users, limits: LoginLimits) -> (OpenApiRouter, impl Fn() + Send + Sync + 'static) {
-    let by_address = Arc::new(KeyedLimit::per_minute("login_address", limits.per_address_per_minute));
-    let by_email = Arc::new(KeyedLimit::per_minute("login_email", limits.per_email_per_minute));
+pub fn router(
+    users: Users,
+    limits: LoginLimits,
+) -> (OpenApiRouter, impl Fn() + Send + Sync + 'static) {
+    let by_address = Arc::new(KeyedLimit::per_minute(
+        "login_address",
+        limits.per_address_per_minute,
+    ));
+    let by_email = Arc::new(KeyedLimit::per_minute(
+        "login_email",
+        limits.per_email_per_minute,
+    ));
     let forget = {
         let (a, e) = (by_address.clone(), by_email.clone());
         move || {
@@ -48,7 +57,11 @@ pub fn router(users: Users, limits: LoginLimits) -> (OpenApiRouter, impl Fn() + 
             e.forget_idle();
         }
     };
-    let state = UsersHttp { users, by_address, by_email };
+    let state = UsersHttp {
+        users,
+        by_address,
+        by_email,
+    };
     let router = OpenApiRouter::new()
         .routes(routes!(create_user, search_users))
         .routes(routes!(get_user, patch_user))
@@ -171,10 +184,22 @@ async fn create_user(
     let (Some(email), Some(name), Some(password)) = (email, name, password) else {
         return Err(ApiError::internal("fields checked but missing"));
     };
-    let user = http.users.register(NewUser { email, name, password }).await?;
-    let location = HeaderValue::from_str(&format!("/v1/users/{}", user.id)).map_err(ApiError::internal)?;
+    let user = http
+        .users
+        .register(NewUser {
+            email,
+            name,
+            password,
+        })
+        .await?;
+    let location =
+        HeaderValue::from_str(&format!("/v1/users/{}", user.id)).map_err(ApiError::internal)?;
     let [token] = written(&keys, &user);
-    Ok((StatusCode::CREATED, [(header::LOCATION, location), token], Json(user.into())))
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location), token],
+        Json(user.into()),
+    ))
 }
 
 /// Sign in: a bearer token for these credentials. Rate limited per client address
@@ -205,7 +230,9 @@ async fn create_session(
     http.by_address.check(&peer.ip())?;
     http.by_email.check(&email.trim().to_lowercase())?;
     let user = http.users.authenticate(&email, &password).await?;
-    let issued = keys.tokens.issue(user.id, user.role == crate::domain::Role::Admin)?;
+    let issued = keys
+        .tokens
+        .issue(user.id, user.role == crate::domain::Role::Admin)?;
     let token = ConsistencyToken::at(Utc::now()).header(&keys);
     Ok((
         StatusCode::CREATED,
@@ -293,7 +320,17 @@ async fn patch_user(
     let (Some(email), Some(name), Some(password)) = (email, name, password) else {
         return Err(ApiError::internal("fields checked but missing"));
     };
-    let user = http.users.update(id, UserPatch { email, name, password }).await?;
+    let user = http
+        .users
+        .update(
+            id,
+            UserPatch {
+                email,
+                name,
+                password,
+            },
+        )
+        .await?;
     Ok((written(&keys, &user), Json(user.into())))
 }
 
@@ -322,7 +359,10 @@ async fn search_users(
 ) -> Result<Json<Paginated<UserView>>, ApiError> {
     caller.require_admin()?;
     let after = page.after::<Uuid>()?;
-    let users = http.users.search(query.q.as_deref(), after, page.fetch()).await?;
+    let users = http
+        .users
+        .search(query.q.as_deref(), after, page.fetch())
+        .await?;
     let page = page.finish(users, |u| u.id);
     Ok(Json(Paginated {
         items: page.items.into_iter().map(UserView::from).collect(),

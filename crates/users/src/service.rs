@@ -11,7 +11,9 @@ use scaleshop_events::NewEvent;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::domain::{Email, NewUser, Password, PasswordHash, Role, User, UserName, UserPatch, UserRecord};
+use crate::domain::{
+    Email, NewUser, Password, PasswordHash, Role, User, UserName, UserPatch, UserRecord,
+};
 use crate::store::UserStore;
 
 /// Event types this service publishes.
@@ -61,7 +63,9 @@ impl Hasher {
         let password = password.to_owned();
         let hash = hash.0.clone();
         tokio::task::spawn_blocking(move || {
-            Ok(argon2()?.verify_password(password.as_bytes(), hash.as_str()).is_ok())
+            Ok(argon2()?
+                .verify_password(password.as_bytes(), hash.as_str())
+                .is_ok())
         })
         .await
         .map_err(|e| UsersError::Hashing(e.to_string()))?
@@ -119,7 +123,10 @@ fn conflict_to_taken(error: StoreError) -> UsersError {
 
 impl Users {
     pub fn new(store: Arc<dyn UserStore>) -> Self {
-        Self { store, hasher: Hasher }
+        Self {
+            store,
+            hasher: Hasher,
+        }
     }
 
     pub async fn register(&self, new: NewUser) -> Result<User, UsersError> {
@@ -137,7 +144,10 @@ impl Users {
             created_at: now,
             updated_at: now,
         };
-        let record = UserRecord { user, password_hash };
+        let record = UserRecord {
+            user,
+            password_hash,
+        };
         self.store
             .insert(&record, &created_event(&record.user))
             .await
@@ -169,7 +179,11 @@ impl Users {
     }
 
     pub async fn get(&self, id: Uuid) -> Result<User, UsersError> {
-        self.store.get(id).await?.map(|r| r.user).ok_or(UsersError::NotFound)
+        self.store
+            .get(id)
+            .await?
+            .map(|r| r.user)
+            .ok_or(UsersError::NotFound)
     }
 
     /// Applies a patch; publishes `user.updated` when something changed.
@@ -214,15 +228,31 @@ impl Users {
     pub async fn ensure_admin(&self, email: Email, password: Password) -> Result<User, UsersError> {
         match self.store.get_by_email(&email).await? {
             None => {
-                let name = UserName::parse("Administrator").map_err(|e| UsersError::Hashing(e.to_string()))?;
-                match self.create(NewUser { email: email.clone(), name, password: password.clone() }, Role::Admin).await {
+                let name = UserName::parse("Administrator")
+                    .map_err(|e| UsersError::Hashing(e.to_string()))?;
+                match self
+                    .create(
+                        NewUser {
+                            email: email.clone(),
+                            name,
+                            password: password.clone(),
+                        },
+                        Role::Admin,
+                    )
+                    .await
+                {
                     // Another process won the race: fall through to the update path.
-                    Err(UsersError::EmailTaken) => Box::pin(self.ensure_admin(email, password)).await,
+                    Err(UsersError::EmailTaken) => {
+                        Box::pin(self.ensure_admin(email, password)).await
+                    }
                     other => other,
                 }
             }
             Some(mut record) => {
-                let password_ok = self.hasher.verify(password.expose(), &record.password_hash).await?;
+                let password_ok = self
+                    .hasher
+                    .verify(password.expose(), &record.password_hash)
+                    .await?;
                 if record.user.role == Role::Admin && password_ok {
                     return Ok(record.user);
                 }
@@ -236,7 +266,9 @@ impl Users {
                     changed.push("password");
                 }
                 record.user.updated_at = Utc::now().trunc_subsecs(6).max(record.user.updated_at);
-                self.store.update(&record, &updated_event(&record.user, &changed)).await?;
+                self.store
+                    .update(&record, &updated_event(&record.user, &changed))
+                    .await?;
                 Ok(record.user)
             }
         }

@@ -14,7 +14,11 @@ use crate::domain::{Email, PasswordHash, Role, User, UserName, UserRecord};
 pub fn migrations() -> Migrations {
     static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
     static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-    Migrations { owner: "users", sqlite: &SQLITE, postgres: &POSTGRES }
+    Migrations {
+        owner: "users",
+        sqlite: &SQLITE,
+        postgres: &POSTGRES,
+    }
 }
 
 /// What the service needs from storage. Writes take the event to append in the same
@@ -136,11 +140,19 @@ macro_rules! sql_user_store {
 
         #[async_trait]
         impl UserStore for $store {
-            async fn insert(&self, record: &UserRecord, event: &NewEvent) -> Result<(), StoreError> {
+            async fn insert(
+                &self,
+                record: &UserRecord,
+                event: &NewEvent,
+            ) -> Result<(), StoreError> {
                 self.write(INSERT, record, event).await
             }
 
-            async fn update(&self, record: &UserRecord, event: &NewEvent) -> Result<(), StoreError> {
+            async fn update(
+                &self,
+                record: &UserRecord,
+                event: &NewEvent,
+            ) -> Result<(), StoreError> {
                 self.write(UPDATE, record, event).await
             }
 
@@ -177,8 +189,18 @@ macro_rules! sql_user_store {
 }
 
 // SQLite: take the write lock up front, so two writers never deadlock upgrading.
-sql_user_store!(SqliteUserStore, SqlitePool, "BEGIN IMMEDIATE", scaleshop_events::append_sqlite);
-sql_user_store!(PgUserStore, PgPool, "BEGIN", scaleshop_events::append_postgres);
+sql_user_store!(
+    SqliteUserStore,
+    SqlitePool,
+    "BEGIN IMMEDIATE",
+    scaleshop_events::append_sqlite
+);
+sql_user_store!(
+    PgUserStore,
+    PgPool,
+    "BEGIN",
+    scaleshop_events::append_postgres
+);
 
 #[cfg(test)]
 mod tests {

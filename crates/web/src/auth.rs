@@ -38,7 +38,9 @@ pub struct TokenKeys {
 
 impl std::fmt::Debug for TokenKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenKeys").field("ttl", &self.ttl).finish_non_exhaustive()
+        f.debug_struct("TokenKeys")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
     }
 }
 
@@ -91,7 +93,10 @@ impl TokenKeys {
             "customer" => false,
             _ => return None,
         };
-        Some(Caller { user_id: data.claims.sub, is_admin })
+        Some(Caller {
+            user_id: data.claims.sub,
+            is_admin,
+        })
     }
 }
 
@@ -149,8 +154,17 @@ mod tests {
         let keys = TokenKeys::new(b"0123456789abcdef0123456789abcdef", Duration::from_secs(60));
         let id = Uuid::now_v7();
         let issued = keys.issue(id, true).unwrap();
-        assert_eq!(keys.verify(&issued.token), Some(Caller { user_id: id, is_admin: true }));
-        let other = TokenKeys::new(b"another secret of some length ...", Duration::from_secs(60));
+        assert_eq!(
+            keys.verify(&issued.token),
+            Some(Caller {
+                user_id: id,
+                is_admin: true
+            })
+        );
+        let other = TokenKeys::new(
+            b"another secret of some length ...",
+            Duration::from_secs(60),
+        );
         assert_eq!(other.verify(&issued.token), None);
     }
 
@@ -170,7 +184,10 @@ mod tests {
         let enc = EncodingKey::from_secret(secret);
         let expired = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &enc).unwrap();
         assert_eq!(keys.verify(&expired), None);
-        let fresh = Claims { exp: now + 60, ..claims };
+        let fresh = Claims {
+            exp: now + 60,
+            ..claims
+        };
         let hs512 = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &fresh, &enc).unwrap();
         assert_eq!(keys.verify(&hs512), None, "algorithm is pinned");
     }

@@ -21,7 +21,12 @@ pub struct JsonObject(pub Map<String, Value>);
 
 /// True for `application/json` and `application/*+json`, parameters allowed.
 pub fn is_json_content_type(value: &str) -> bool {
-    let essence = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
     essence == "application/json"
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
@@ -81,11 +86,18 @@ pub struct Fields {
 
 impl Fields {
     pub fn new(JsonObject(map): JsonObject) -> Self {
-        Self { map, errors: Vec::new() }
+        Self {
+            map,
+            errors: Vec::new(),
+        }
     }
 
     /// A field that must be present: decoded as `T`, then parsed.
-    pub fn required<T, U, E>(&mut self, name: &str, parse: impl FnOnce(T) -> Result<U, E>) -> Option<U>
+    pub fn required<T, U, E>(
+        &mut self,
+        name: &str,
+        parse: impl FnOnce(T) -> Result<U, E>,
+    ) -> Option<U>
     where
         T: DeserializeOwned,
         E: Display,
@@ -119,7 +131,12 @@ impl Fields {
         }
     }
 
-    fn parse<T, U, E>(&mut self, name: &str, value: Value, parse: impl FnOnce(T) -> Result<U, E>) -> Option<U>
+    fn parse<T, U, E>(
+        &mut self,
+        name: &str,
+        value: Value,
+        parse: impl FnOnce(T) -> Result<U, E>,
+    ) -> Option<U>
     where
         T: DeserializeOwned,
         E: Display,
@@ -152,7 +169,11 @@ impl Fields {
         for name in unknown {
             self.errors.push(FieldError::new(name, "unknown field"));
         }
-        if self.errors.is_empty() { Ok(()) } else { Err(ApiError::validation(self.errors)) }
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::validation(self.errors))
+        }
     }
 }
 

@@ -28,7 +28,9 @@ pub struct ConsistencyToken {
 
 impl ConsistencyToken {
     pub fn at(time: DateTime<Utc>) -> Self {
-        Self { at_micros: time.timestamp_micros() }
+        Self {
+            at_micros: time.timestamp_micros(),
+        }
     }
 
     pub fn encode(&self, signer: &Signer) -> String {

@@ -37,20 +37,64 @@ impl ErrorCode {
     pub const fn spec(self) -> (StatusCode, &'static str, &'static str) {
         use ErrorCode as E;
         match self {
-            E::MalformedRequest => (StatusCode::BAD_REQUEST, "malformed-request", "Malformed request"),
-            E::InvalidCursor => (StatusCode::BAD_REQUEST, "invalid-cursor", "Invalid cursor or token"),
-            E::Validation => (StatusCode::UNPROCESSABLE_ENTITY, "validation", "Validation failed"),
-            E::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated", "Authentication required"),
+            E::MalformedRequest => (
+                StatusCode::BAD_REQUEST,
+                "malformed-request",
+                "Malformed request",
+            ),
+            E::InvalidCursor => (
+                StatusCode::BAD_REQUEST,
+                "invalid-cursor",
+                "Invalid cursor or token",
+            ),
+            E::Validation => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "validation",
+                "Validation failed",
+            ),
+            E::Unauthenticated => (
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "Authentication required",
+            ),
             E::Forbidden => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
             E::NotFound => (StatusCode::NOT_FOUND, "not-found", "Not found"),
-            E::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
+            E::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+            ),
             E::Conflict => (StatusCode::CONFLICT, "conflict", "Conflict"),
-            E::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Request body too large"),
-            E::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "Unsupported media type"),
-            E::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many requests"),
-            E::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
-            E::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout", "Request timed out"),
-            E::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
+            E::PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                "Request body too large",
+            ),
+            E::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+            ),
+            E::RateLimited => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many requests",
+            ),
+            E::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Service unavailable",
+            ),
+            E::Timeout => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                "Request timed out",
+            ),
+            E::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+            ),
         }
     }
 
@@ -85,7 +129,10 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -118,7 +165,13 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode) -> Self {
-        Self { code, detail: None, errors: Vec::new(), retry_after: None, cause: None }
+        Self {
+            code,
+            detail: None,
+            errors: Vec::new(),
+            retry_after: None,
+            cause: None,
+        }
     }
 
     pub fn detail(mut self, detail: impl Into<String>) -> Self {

@@ -33,7 +33,9 @@ impl std::fmt::Debug for Signer {
 
 impl Signer {
     pub fn new(secret: &[u8], purpose: &str) -> Self {
-        Self { key: derive(secret, purpose) }
+        Self {
+            key: derive(secret, purpose),
+        }
     }
 
     fn mac(&self, purpose: &str, payload: &[u8]) -> Vec<u8> {
@@ -65,7 +67,11 @@ impl Signer {
         let expected = self.mac(purpose, &payload);
         // Compared in constant time.
         (mac.len() == expected.len()
-            && mac.iter().zip(&expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0)
+            && mac
+                .iter()
+                .zip(&expected)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0)
             .then_some(payload)
     }
 }

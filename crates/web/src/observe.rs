@@ -36,7 +36,10 @@ pub struct RequestId(pub String);
 /// Apply with `Router::route_layer`: runs only for matched routes and passes the
 /// template out to [`observe`], which runs before routing.
 pub async fn record_route(req: Request, next: Next) -> Response {
-    let template = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let template = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
     let mut response = next.run(req).await;
     if let Some(template) = template {
         response.extensions_mut().insert(RouteTemplate(template));

@@ -45,12 +45,16 @@ impl Page {
         let more = rows.len() > limit;
         rows.truncate(limit);
         let next_cursor = if more {
-            rows.last().and_then(|last| serde_json::to_vec(&key(last)).ok())
+            rows.last()
+                .and_then(|last| serde_json::to_vec(&key(last)).ok())
                 .map(|payload| self.signer.sign(PURPOSE, &payload))
         } else {
             None
         };
-        Paginated { items: rows, next_cursor }
+        Paginated {
+            items: rows,
+            next_cursor,
+        }
     }
 
     /// Number of rows to fetch (one more than asked, to know if more exist).
@@ -60,7 +64,8 @@ impl Page {
 }
 
 fn invalid_cursor() -> ApiError {
-    ApiError::new(ErrorCode::InvalidCursor).detail("the cursor is invalid; start from the first page")
+    ApiError::new(ErrorCode::InvalidCursor)
+        .detail("the cursor is invalid; start from the first page")
 }
 
 /// Parses `limit` and `cursor` out of a raw query string.
@@ -75,7 +80,10 @@ pub fn parse(query: Option<&str>, signer: &Signer) -> Result<Page, ApiError> {
                     .ok()
                     .filter(|n| (1..=MAX_LIMIT).contains(n))
                     .ok_or_else(|| {
-                        ApiError::invalid("limit", format!("must be an integer from 1 to {MAX_LIMIT}"))
+                        ApiError::invalid(
+                            "limit",
+                            format!("must be an integer from 1 to {MAX_LIMIT}"),
+                        )
                     })?;
             }
             "cursor" => {
@@ -84,12 +92,18 @@ pub fn parse(query: Option<&str>, signer: &Signer) -> Result<Page, ApiError> {
             _ => {}
         }
     }
-    Ok(Page { limit, cursor, signer: signer.clone() })
+    Ok(Page {
+        limit,
+        cursor,
+        signer: signer.clone(),
+    })
 }
 
 /// Decoded `name=value` pairs of a query string.
 pub fn form_pairs(query: &str) -> Vec<(String, String)> {
-    form_urlencoded::parse(query.as_bytes()).into_owned().collect()
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect()
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Page {
@@ -135,7 +149,11 @@ mod tests {
     fn decodes_query() {
         assert_eq!(
             form_pairs("q=a%20b+c&x=%zz&y"),
-            vec![("q".into(), "a b c".into()), ("x".into(), "%zz".into()), ("y".into(), "".into())]
+            vec![
+                ("q".into(), "a b c".into()),
+                ("x".into(), "%zz".into()),
+                ("y".into(), "".into())
+            ]
         );
     }
 }

@@ -17,6 +17,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Id {
         let Path(raw) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|_| ApiError::not_found())?;
-        Uuid::try_parse(&raw).map(Id).map_err(|_| ApiError::not_found())
+        Uuid::try_parse(&raw)
+            .map(Id)
+            .map_err(|_| ApiError::not_found())
     }
 }

@@ -19,7 +19,10 @@ pub struct KeyedLimit<K: Hash + Eq + Clone> {
 impl<K: Hash + Eq + Clone> KeyedLimit<K> {
     /// `per_minute` requests per minute for each key, in bursts of at most that many.
     pub fn per_minute(name: &'static str, per_minute: NonZeroU32) -> Self {
-        Self { name, limiter: DefaultKeyedRateLimiter::keyed(Quota::per_minute(per_minute)) }
+        Self {
+            name,
+            limiter: DefaultKeyedRateLimiter::keyed(Quota::per_minute(per_minute)),
+        }
     }
 
     /// Counts one request for `key`; a 429 when over the limit.
