@@ -67,6 +67,29 @@ pub struct Config {
     pub login_rate_per_address: u32,
     /// Sign-in attempts per email per minute.
     pub login_rate_per_email: u32,
+    /// Sender of every email.
+    pub smtp_from: String,
+    /// Upper bound of one SMTP exchange.
+    pub smtp_timeout_ms: u64,
+    /// Delivery attempts of an event to one consumer before it is parked as dead.
+    pub event_max_attempts: u32,
+    /// First retry delay of a failing event handler (doubles each attempt, with jitter).
+    pub event_min_backoff_ms: u64,
+    pub event_max_backoff_ms: u64,
+    /// How long a process holds a consumer of the event log without renewing.
+    pub event_lease_ms: u64,
+    /// Safety-net poll of the event log (commits wake dispatchers at once).
+    pub event_poll_ms: u64,
+    /// How long a worker holds a job without renewing (a dead worker's job runs
+    /// again after this).
+    pub job_lease_ms: u64,
+    /// Safety-net poll of the job queue.
+    pub job_poll_ms: u64,
+    /// First retry delay of a failed job (doubles each attempt, with jitter).
+    pub job_min_backoff_ms: u64,
+    pub job_max_backoff_ms: u64,
+    /// Jobs of the `email` queue running at once in one process.
+    pub email_concurrency: u32,
     /// Log filter when `RUST_LOG` is unset.
     pub log_filter: String,
     /// How long SIGTERM waits for in-flight requests, in seconds.
@@ -92,6 +115,18 @@ impl Default for Config {
             request_timeout_ms: 15_000,
             login_rate_per_address: 30,
             login_rate_per_email: 10,
+            smtp_from: "scaleshop <noreply@scaleshop.invalid>".to_owned(),
+            smtp_timeout_ms: 10_000,
+            event_max_attempts: 8,
+            event_min_backoff_ms: 100,
+            event_max_backoff_ms: 30_000,
+            event_lease_ms: 10_000,
+            event_poll_ms: 500,
+            job_lease_ms: 30_000,
+            job_poll_ms: 1000,
+            job_min_backoff_ms: 1000,
+            job_max_backoff_ms: 300_000,
+            email_concurrency: 5,
             log_filter: "info".to_owned(),
             shutdown_grace_secs: 20,
         }
@@ -116,6 +151,18 @@ const ENV_KEYS: &[&str] = &[
     "request_timeout_ms",
     "login_rate_per_address",
     "login_rate_per_email",
+    "smtp_from",
+    "smtp_timeout_ms",
+    "event_max_attempts",
+    "event_min_backoff_ms",
+    "event_max_backoff_ms",
+    "event_lease_ms",
+    "event_poll_ms",
+    "job_lease_ms",
+    "job_poll_ms",
+    "job_min_backoff_ms",
+    "job_max_backoff_ms",
+    "email_concurrency",
     "log_filter",
     "shutdown_grace_secs",
 ];
@@ -206,6 +253,15 @@ impl Config {
                 u64::from(self.login_rate_per_address),
             ),
             ("login_rate_per_email", u64::from(self.login_rate_per_email)),
+            ("smtp_timeout_ms", self.smtp_timeout_ms),
+            ("event_max_attempts", u64::from(self.event_max_attempts)),
+            ("event_min_backoff_ms", self.event_min_backoff_ms),
+            ("event_lease_ms", self.event_lease_ms),
+            ("event_poll_ms", self.event_poll_ms),
+            ("job_lease_ms", self.job_lease_ms),
+            ("job_poll_ms", self.job_poll_ms),
+            ("job_min_backoff_ms", self.job_min_backoff_ms),
+            ("email_concurrency", u64::from(self.email_concurrency)),
         ] {
             if value == 0 {
                 return bad(key, "must be greater than 0");
@@ -233,6 +289,31 @@ impl Config {
             idle_timeout: Duration::from_secs(self.db_idle_timeout_secs),
             acquire_timeout: Duration::from_millis(self.db_acquire_timeout_ms),
             statement_timeout: Duration::from_millis(self.db_statement_timeout_ms),
+        }
+    }
+
+    pub fn dispatcher_settings(&self) -> scaleshop_events::DispatcherSettings {
+        scaleshop_events::DispatcherSettings {
+            max_attempts: self.event_max_attempts,
+            min_backoff: Duration::from_millis(self.event_min_backoff_ms),
+            max_backoff: Duration::from_millis(
+                self.event_max_backoff_ms.max(self.event_min_backoff_ms),
+            ),
+            lease: Duration::from_millis(self.event_lease_ms),
+            poll: Duration::from_millis(self.event_poll_ms),
+            ..scaleshop_events::DispatcherSettings::default()
+        }
+    }
+
+    pub fn worker_settings(&self) -> scaleshop_jobs::WorkerSettings {
+        scaleshop_jobs::WorkerSettings {
+            lease: Duration::from_millis(self.job_lease_ms),
+            poll: Duration::from_millis(self.job_poll_ms),
+            min_backoff: Duration::from_millis(self.job_min_backoff_ms),
+            max_backoff: Duration::from_millis(
+                self.job_max_backoff_ms.max(self.job_min_backoff_ms),
+            ),
+            drain: Duration::from_secs(self.shutdown_grace_secs),
         }
     }
 

@@ -14,10 +14,14 @@ pub enum Module {
     Database,
     /// `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, `/docs`.
     Operations,
-    /// The event log (outbox) and its admin listing.
+    /// The event log (outbox), its dispatcher and admin routes.
     Events,
+    /// The job queue's workers and admin routes.
+    Jobs,
     /// The users service.
     Users,
+    /// The notification service (welcome and order emails).
+    Notifications,
 }
 
 impl Module {
@@ -25,7 +29,9 @@ impl Module {
         Module::Database,
         Module::Operations,
         Module::Events,
+        Module::Jobs,
         Module::Users,
+        Module::Notifications,
     ];
 
     pub fn name(self) -> &'static str {
@@ -33,7 +39,9 @@ impl Module {
             Self::Database => "database",
             Self::Operations => "operations",
             Self::Events => "events",
+            Self::Jobs => "jobs",
             Self::Users => "users",
+            Self::Notifications => "notifications",
         }
     }
 
@@ -41,8 +49,9 @@ impl Module {
     pub fn dependencies(self) -> &'static [Module] {
         match self {
             Self::Database | Self::Operations => &[],
-            Self::Events => &[Module::Database],
+            Self::Events | Self::Jobs => &[Module::Database],
             Self::Users => &[Module::Database, Module::Events],
+            Self::Notifications => &[Module::Database, Module::Events, Module::Jobs],
         }
     }
 }

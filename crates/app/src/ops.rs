@@ -8,20 +8,36 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use metrics_exporter_prometheus::PrometheusHandle;
 use scaleshop_db::Database;
+use scaleshop_telemetry::{Collector, Heartbeat};
 use serde::Serialize;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+/// What readiness and metrics look at.
+#[derive(Clone, Default)]
+pub struct Probes {
+    pub db: Option<Database>,
+    /// The event dispatcher's loop, when this process runs it.
+    pub bus: Option<Heartbeat>,
+    /// The job workers' loops, when this process runs them.
+    pub jobs: Option<Heartbeat>,
+    /// Gauges computed at scrape time.
+    pub collectors: Vec<Collector>,
+}
+
 #[derive(Clone)]
 struct Ops {
-    db: Option<Database>,
+    probes: Probes,
     metrics: PrometheusHandle,
 }
 
-pub fn router(db: Option<Database>) -> OpenApiRouter {
+/// A background loop that has not turned for this long is down.
+const LOOP_WINDOW: Duration = Duration::from_secs(10);
+
+pub fn router(probes: Probes) -> OpenApiRouter {
     let state = Ops {
-        db,
+        probes,
         metrics: scaleshop_telemetry::metrics_handle(),
     };
     OpenApiRouter::new()
@@ -76,8 +92,13 @@ struct Readiness {
         (status = 503, description = "A dependency is down", body = Readiness),
     ))]
 async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
-    let database = match &ops.db {
+    let database = match &ops.probes.db {
         Some(db) if db.ping(Duration::from_secs(1)).await => ComponentState::Up,
+        Some(_) => ComponentState::Down,
+        None => ComponentState::Disabled,
+    };
+    let running = |heartbeat: &Option<Heartbeat>| match heartbeat {
+        Some(h) if h.alive(LOOP_WINDOW) && database == ComponentState::Up => ComponentState::Up,
         Some(_) => ComponentState::Down,
         None => ComponentState::Disabled,
     };
@@ -86,8 +107,8 @@ async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
         replicas: ComponentState::Disabled,
         shards: ComponentState::Disabled,
         cache: ComponentState::Disabled,
-        bus: ComponentState::Disabled,
-        jobs: ComponentState::Disabled,
+        bus: running(&ops.probes.bus),
+        jobs: running(&ops.probes.jobs),
     };
     let ready = [
         components.database,
@@ -115,8 +136,12 @@ async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics(State(ops): State<Ops>) -> impl IntoResponse {
-    if let Some(db) = &ops.db {
+    if let Some(db) = &ops.probes.db {
         db.report_pool_metrics("primary");
+    }
+    for collect in &ops.probes.collectors {
+        // Bounded: a slow database must not hang the scrape.
+        let _ = tokio::time::timeout(Duration::from_secs(2), collect()).await;
     }
     (
         [(

@@ -11,9 +11,12 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware::{from_fn, from_fn_with_state};
 use scaleshop_db::{Database, Migrations};
+use scaleshop_events::Dispatcher;
+use scaleshop_jobs::Workers;
 use scaleshop_web::observe::{ObserveSettings, observe, record_route};
 use scaleshop_web::{ApiError, Keys};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::OpenApi;
@@ -23,6 +26,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::config::Config;
 use crate::modules::{Module, Target};
+use crate::ops::Probes;
 
 /// Request bodies over this are refused with 413.
 pub const BODY_LIMIT: usize = 1024 * 1024;
@@ -43,6 +47,10 @@ pub enum StartError {
     Secret(String),
     #[error("admin account: {0}")]
     Admin(String),
+    #[error("mail: {0}")]
+    Mail(String),
+    #[error("background task: {0}")]
+    Background(scaleshop_db::StoreError),
     #[error("server: {0}")]
     Serve(std::io::Error),
 }
@@ -77,7 +85,9 @@ fn migrations_of(modules: &[Module]) -> Vec<Migrations> {
         .iter()
         .filter_map(|m| match m {
             Module::Events => Some(scaleshop_events::migrations()),
+            Module::Jobs => Some(scaleshop_jobs::migrations()),
             Module::Users => Some(scaleshop_users::store::migrations()),
+            Module::Notifications => Some(scaleshop_notifications::migrations()),
             Module::Database | Module::Operations => None,
         })
         .collect()
@@ -144,11 +154,14 @@ fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, StartError> {
     }
 }
 
-/// A built application: the router and what must be stopped with it.
+/// A built application: the router, and the background parts that start with
+/// [`serve`].
 pub struct App {
     pub router: Router,
     pub db: Database,
-    background: Vec<JoinHandle<()>>,
+    dispatcher: Option<Dispatcher>,
+    workers: Option<Workers>,
+    forget_idle: Vec<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl App {
@@ -162,16 +175,28 @@ impl App {
             Duration::from_secs(config.token_ttl_secs),
         );
         let mut api = OpenApiRouter::with_openapi(ApiDoc::openapi());
-        let mut background = Vec::new();
+        let mut dispatcher = modules
+            .contains(&Module::Events)
+            .then(|| Dispatcher::new(db.clone(), config.dispatcher_settings()));
+        let mut workers = modules
+            .contains(&Module::Jobs)
+            .then(|| Workers::new(db.clone(), config.worker_settings()));
+        let mut forget_idle: Vec<Box<dyn Fn() + Send + Sync>> = Vec::new();
 
         for module in &modules {
             match module {
                 Module::Database => {}
-                Module::Operations => api = api.merge(crate::ops::router(Some(db.clone()))),
+                // Built last, once every module has registered its consumers and queues.
+                Module::Operations => {}
                 Module::Events => {
-                    api = api.merge(scaleshop_events::http::router(
-                        scaleshop_events::EventLog::new(db.clone()),
-                    ));
+                    let log = scaleshop_events::EventLog::new(db.clone());
+                    let dead = scaleshop_events::dispatch::DeadEvents::new(db.clone());
+                    api = api.merge(scaleshop_events::http::router(log, dead));
+                }
+                Module::Jobs => {
+                    api = api.merge(scaleshop_jobs::http::router(scaleshop_jobs::JobQueue::new(
+                        db.clone(),
+                    )));
                 }
                 Module::Users => {
                     let users = scaleshop_users::Users::new(scaleshop_users::store::store_for(&db));
@@ -180,20 +205,49 @@ impl App {
                     {
                         ensure_admin(&users, email, password.expose()).await?;
                     }
-                    let (router, forget_idle) =
+                    let (router, forget) =
                         scaleshop_users::http::router(users, config.login_limits());
                     api = api.merge(router);
-                    background.push(tokio::spawn(async move {
-                        let mut tick = tokio::time::interval(Duration::from_secs(60));
-                        loop {
-                            tick.tick().await;
-                            forget_idle();
-                        }
-                    }));
+                    forget_idle.push(Box::new(forget));
+                }
+                Module::Notifications => {
+                    let mailer = Arc::new(mailer(config)?);
+                    if let Some(dispatcher) = dispatcher.as_mut() {
+                        dispatcher
+                            .subscribe(Arc::new(scaleshop_notifications::NotificationConsumer));
+                    }
+                    if let Some(workers) = workers.as_mut() {
+                        let handler = scaleshop_notifications::EmailJob::new(db.clone(), mailer);
+                        let concurrency = usize::try_from(config.email_concurrency).unwrap_or(1);
+                        workers.register(
+                            scaleshop_notifications::EMAIL_QUEUE,
+                            concurrency,
+                            Arc::new(handler),
+                        );
+                    }
+                    let store = scaleshop_notifications::NotificationStore::new(db.clone());
+                    api = api.merge(scaleshop_notifications::http::router(store));
                 }
             }
         }
-        tracing::info!(serve_target = %target, modules = ?modules.iter().map(|m| m.name()).collect::<Vec<_>>(), backend = ?db.backend(), "modules built");
+        if modules.contains(&Module::Operations) {
+            let mut collectors = Vec::new();
+            collectors.extend(dispatcher.as_ref().map(Dispatcher::collector));
+            collectors.extend(workers.as_ref().map(Workers::collector));
+            let probes = Probes {
+                db: Some(db.clone()),
+                bus: dispatcher.as_ref().map(Dispatcher::heartbeat),
+                jobs: workers.as_ref().map(Workers::heartbeat),
+                collectors,
+            };
+            api = api.merge(crate::ops::router(probes));
+        }
+        tracing::info!(
+            serve_target = %target,
+            modules = ?modules.iter().map(|m| m.name()).collect::<Vec<_>>(),
+            backend = ?db.backend(),
+            "modules built"
+        );
 
         let (router, openapi) = api.split_for_parts();
         let settings = Arc::new(ObserveSettings {
@@ -210,9 +264,57 @@ impl App {
         Ok(Self {
             router,
             db,
-            background,
+            dispatcher,
+            workers,
+            forget_idle,
         })
     }
+
+    /// Starts the background parts; they stop when `shutdown` turns true. The
+    /// handles end once each part has drained.
+    async fn start_background(
+        &mut self,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Vec<JoinHandle<()>>, StartError> {
+        let mut tasks = Vec::new();
+        tasks.extend(self.db.spawn_commit_listener(shutdown.clone()));
+        if let Some(dispatcher) = self.dispatcher.take() {
+            tasks.push(
+                dispatcher
+                    .start(shutdown.clone())
+                    .await
+                    .map_err(StartError::Background)?,
+            );
+        }
+        if let Some(workers) = self.workers.take() {
+            tasks.push(workers.start(shutdown.clone()));
+        }
+        let forget_idle = std::mem::take(&mut self.forget_idle);
+        let mut stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => forget_idle.iter().for_each(|forget| forget()),
+                    _ = stop.changed() => return,
+                }
+            }
+        }));
+        Ok(tasks)
+    }
+}
+
+fn mailer(config: &Config) -> Result<scaleshop_notifications::Mailer, StartError> {
+    use scaleshop_notifications::Mailer;
+    let mailer = match &config.smtp_url {
+        Some(url) => Mailer::smtp(
+            url.expose(),
+            &config.smtp_from,
+            Duration::from_millis(config.smtp_timeout_ms),
+        ),
+        None => Mailer::files(config.data_dir.join("mail"), &config.smtp_from),
+    };
+    mailer.map_err(|e| StartError::Mail(e.to_string()))
 }
 
 async fn ensure_admin(
@@ -232,19 +334,21 @@ async fn ensure_admin(
     Ok(())
 }
 
-/// Serves until `shutdown` resolves, then drains in-flight requests (bounded by the
-/// configured grace period) and closes the pools.
+/// Serves until `shutdown` resolves, then drains: stops accepting, lets in-flight
+/// requests and running jobs finish (bounded by the grace period), hands consumer
+/// leases over, and closes the pools.
 pub async fn serve(
     config: &Config,
     target: Target,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let app = App::build(config, target).await?;
+    let mut app = App::build(config, target).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let background = app.start_background(&stop_rx).await?;
     let addr = listener.local_addr().map_err(StartError::Serve)?;
     tracing::info!(%addr, "listening on http://{addr}");
     let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(
         listener,
         app.router
@@ -258,9 +362,16 @@ pub async fn serve(
     });
     let server = tokio::spawn(async move { server.await });
     shutdown.await;
-    tracing::info!("shutting down: draining in-flight requests");
+    tracing::info!("shutting down: draining in-flight requests and jobs");
     let _ = stop_tx.send(true);
-    let result = match tokio::time::timeout(grace, server).await {
+    let drained = async {
+        let served = server.await;
+        for task in background {
+            let _ = task.await;
+        }
+        served
+    };
+    let result = match tokio::time::timeout(grace, drained).await {
         Ok(Ok(result)) => result.map_err(StartError::Serve),
         Ok(Err(join)) => Err(StartError::Serve(std::io::Error::other(join.to_string()))),
         Err(_) => {
@@ -271,9 +382,6 @@ pub async fn serve(
             Ok(())
         }
     };
-    for task in app.background {
-        task.abort();
-    }
     app.db.close().await;
     tracing::info!("stopped");
     result

@@ -7,7 +7,10 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -15,6 +18,12 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, SqlitePool};
 
 pub use sqlx;
+
+pub mod clock;
+
+/// PostgreSQL channel notified (at commit) by writes that background loops wait
+/// for: event appends and job enqueues.
+pub const COMMIT_CHANNEL: &str = "scaleshop_commits";
 
 /// Pool settings. The defaults are the seed's: max 20, min 5, idle 30 s, acquire 2 s.
 #[derive(Debug, Clone)]
@@ -47,11 +56,76 @@ pub enum Backend {
     Postgres,
 }
 
-/// A pool on the configured backend. Cheap to clone.
+/// A pool on the configured backend.
 #[derive(Debug, Clone)]
-pub enum Database {
+pub enum Pool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
+}
+
+/// The database: a pool plus the in-process commit signal. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Database {
+    pool: Pool,
+    committed: Arc<Notify>,
+}
+
+/// A transaction on either backend. A transaction that wrote something background
+/// loops wait for (an event, a job) calls [`Tx::wake_on_commit`]; committing it
+/// then wakes the in-process waiters of [`Database::commit_signal`] once the data
+/// is visible, so nothing waits for a poll.
+#[derive(Debug)]
+pub enum Tx {
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>, Wake),
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>, Wake),
+}
+
+/// Whom a transaction wakes at commit.
+#[derive(Debug)]
+pub struct Wake {
+    signal: Arc<Notify>,
+    armed: bool,
+}
+
+impl Tx {
+    /// Wake the waiters of the commit signal when this transaction commits.
+    pub fn wake_on_commit(&mut self) {
+        match self {
+            Self::Sqlite(_, wake) | Self::Postgres(_, wake) => wake.armed = true,
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::Sqlite(..) => Backend::Sqlite,
+            Self::Postgres(..) => Backend::Postgres,
+        }
+    }
+
+    pub async fn commit(self) -> Result<(), StoreError> {
+        let wake = match self {
+            Self::Sqlite(tx, wake) => {
+                tx.commit().await?;
+                wake
+            }
+            Self::Postgres(tx, wake) => {
+                tx.commit().await?;
+                wake
+            }
+        };
+        if wake.armed {
+            wake.signal.notify_waiters();
+        }
+        Ok(())
+    }
+
+    pub async fn rollback(self) -> Result<(), StoreError> {
+        match self {
+            Self::Sqlite(tx, _) => tx.rollback().await?,
+            Self::Postgres(tx, _) => tx.rollback().await?,
+        }
+        Ok(())
+    }
 }
 
 /// Why the database could not be opened.
@@ -129,7 +203,7 @@ impl Database {
             .connect_with(options)
             .await
             .map_err(|e| ConnectError::Connect(e.to_string()))?;
-        Ok(Self::Sqlite(pool))
+        Ok(Self::new(Pool::Sqlite(pool)))
     }
 
     async fn connect_postgres(url: &str, settings: &PoolSettings) -> Result<Self, ConnectError> {
@@ -148,38 +222,116 @@ impl Database {
             .connect_with(options)
             .await
             .map_err(|e| ConnectError::Connect(redact(&e.to_string())))?;
-        Ok(Self::Postgres(pool))
+        Ok(Self::new(Pool::Postgres(pool)))
+    }
+
+    fn new(pool: Pool) -> Self {
+        Self {
+            pool,
+            committed: Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
     }
 
     pub fn backend(&self) -> Backend {
-        match self {
-            Self::Sqlite(_) => Backend::Sqlite,
-            Self::Postgres(_) => Backend::Postgres,
+        match self.pool {
+            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Postgres(_) => Backend::Postgres,
         }
+    }
+
+    /// Begins a write transaction. On SQLite it takes the write lock at once
+    /// (`BEGIN IMMEDIATE`), so two writers never deadlock upgrading a read lock.
+    pub async fn begin(&self) -> Result<Tx, StoreError> {
+        Ok(match &self.pool {
+            Pool::Sqlite(pool) => {
+                Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?, self.wake())
+            }
+            Pool::Postgres(pool) => Tx::Postgres(pool.begin().await?, self.wake()),
+        })
+    }
+
+    fn wake(&self) -> Wake {
+        Wake {
+            signal: self.committed.clone(),
+            armed: false,
+        }
+    }
+
+    /// Notified after every commit of a transaction that asked to wake waiters
+    /// ([`Tx::wake_on_commit`]), and on PostgreSQL after such commits in other
+    /// processes ([`Database::spawn_commit_listener`]). Register interest
+    /// (`notified()` + `enable()`), then look at the state, then wait: no wake-up is
+    /// missed.
+    pub fn commit_signal(&self) -> Arc<Notify> {
+        self.committed.clone()
     }
 
     /// Applies a service's migrations (idempotent; safe to run from several processes
     /// on PostgreSQL, which takes an advisory lock).
     pub async fn migrate(&self, migrations: &Migrations) -> Result<(), ConnectError> {
-        let source = match self {
-            Self::Sqlite(_) => migrations.sqlite,
-            Self::Postgres(_) => migrations.postgres,
+        let source = match self.pool {
+            Pool::Sqlite(_) => migrations.sqlite,
+            Pool::Postgres(_) => migrations.postgres,
         };
         let mut migrator = Migrator::with_migrations(source.iter().cloned().collect());
         migrator.dangerous_set_table_name(format!("_migrations_{}", migrations.owner));
-        let result = match self {
-            Self::Sqlite(pool) => migrator.run(pool).await,
-            Self::Postgres(pool) => migrator.run(pool).await,
+        let result = match &self.pool {
+            Pool::Sqlite(pool) => migrator.run(pool).await,
+            Pool::Postgres(pool) => migrator.run(pool).await,
         };
         result.map_err(|e| ConnectError::Migrate(format!("{}: {e}", migrations.owner)))
+    }
+
+    /// On PostgreSQL, listens on [`COMMIT_CHANNEL`] and turns notifications from
+    /// any process into this process's commit signal, until `shutdown` turns true.
+    /// Reconnects after a lost connection (waiters still poll meanwhile).
+    pub fn spawn_commit_listener(
+        &self,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let Pool::Postgres(pool) = &self.pool else {
+            return None;
+        };
+        let pool = pool.clone();
+        let signal = self.committed.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                let listen = async {
+                    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                    listener.listen(COMMIT_CHANNEL).await?;
+                    loop {
+                        listener.recv().await?;
+                        signal.notify_waiters();
+                    }
+                    #[allow(unreachable_code, reason = "the loop only ends by error")]
+                    Ok::<(), sqlx::Error>(())
+                };
+                tokio::select! {
+                    result = listen => {
+                        if let Err(e) = result {
+                            tracing::warn!(error = %e, "LISTEN connection lost; polling until it is back");
+                        }
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = shutdown.changed() => return,
+                        }
+                    }
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }))
     }
 
     /// A round trip to the database, bounded by `timeout`.
     pub async fn ping(&self, timeout: Duration) -> bool {
         let fut = async {
-            match self {
-                Self::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
-                Self::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
+            match &self.pool {
+                Pool::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
+                Pool::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
             }
         };
         tokio::time::timeout(timeout, fut).await.unwrap_or(false)
@@ -187,9 +339,9 @@ impl Database {
 
     /// Publishes `db_pool_connections{pool, state}`; called when metrics are scraped.
     pub fn report_pool_metrics(&self, pool_name: &'static str) {
-        let (size, idle) = match self {
-            Self::Sqlite(pool) => (pool.size(), pool.num_idle()),
-            Self::Postgres(pool) => (pool.size(), pool.num_idle()),
+        let (size, idle) = match &self.pool {
+            Pool::Sqlite(pool) => (pool.size(), pool.num_idle()),
+            Pool::Postgres(pool) => (pool.size(), pool.num_idle()),
         };
         let idle = u32::try_from(idle).unwrap_or(u32::MAX).min(size);
         let name = scaleshop_telemetry::names::DB_POOL_CONNECTIONS;
@@ -198,9 +350,9 @@ impl Database {
     }
 
     pub async fn close(&self) {
-        match self {
-            Self::Sqlite(pool) => pool.close().await,
-            Self::Postgres(pool) => pool.close().await,
+        match &self.pool {
+            Pool::Sqlite(pool) => pool.close().await,
+            Pool::Postgres(pool) => pool.close().await,
         }
     }
 }
@@ -278,4 +430,34 @@ mod tests {
         );
         assert_eq!(redact("no url here"), "no url here");
     }
+}
+
+/// Runs `$body` with `$pool` bound to the backend's pool. The body is compiled once
+/// per backend, so one SQL text serves both (write `$1`-style parameters).
+#[macro_export]
+macro_rules! with_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db.pool() {
+            $crate::Pool::Sqlite($pool) => $body,
+            $crate::Pool::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Runs `$body` with `$conn` bound to the transaction's connection, once per
+/// backend (see [`with_pool!`]).
+#[macro_export]
+macro_rules! with_tx {
+    ($tx:expr, $conn:ident => $body:expr) => {
+        match $tx {
+            $crate::Tx::Sqlite(tx, _) => {
+                let $conn = &mut **tx;
+                $body
+            }
+            $crate::Tx::Postgres(tx, _) => {
+                let $conn = &mut **tx;
+                $body
+            }
+        }
+    };
 }

@@ -1,20 +1,27 @@
 //! The event log. Every state change that others must hear about appends its event
-//! here **in the same transaction** as the change ([`append_sqlite`] /
-//! [`append_postgres`] take the caller's connection), so an event exists if and only
-//! if its change committed. The `events` table is the outbox and the log at once;
-//! `sequence` is the global, gap-tolerant commit order.
+//! here **in the same transaction** as the change ([`append`] takes the caller's
+//! transaction), so an event exists if and only if its change committed. The
+//! `events` table is the outbox and the log at once; `sequence` is the commit
+//! order.
 //!
-//! This crate knows the envelope, never the meaning of an event: it does not depend
-//! on any service.
+//! The [`dispatch::Dispatcher`] delivers the log to consumers in order, at least
+//! once, and each consumer's inbox (written in the consumer's own transaction)
+//! makes the effect exactly once.
+//!
+//! This crate knows the envelope, never the meaning of an event: it depends on no
+//! service.
 
 use chrono::{DateTime, SubsecRound, Utc};
 use scaleshop_db::sqlx::types::Json;
-use scaleshop_db::sqlx::{self, FromRow, PgConnection, SqliteConnection};
-use scaleshop_db::{Database, Migrations, StoreError};
+use scaleshop_db::sqlx::{self, FromRow};
+use scaleshop_db::{Database, Migrations, StoreError, Tx, with_pool, with_tx};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub mod dispatch;
 pub mod http;
+
+pub use dispatch::{Consumer, DeadEvent, Dispatcher, DispatcherSettings, HandlerError};
 
 /// Version of the envelope and of every payload shape published today.
 pub const VERSION: i32 = 1;
@@ -70,52 +77,42 @@ pub struct Event {
 const INSERT: &str = "INSERT INTO events (id, type, version, aggregate_id, occurred_at, data) \
                       VALUES ($1, $2, $3, $4, $5, $6) RETURNING sequence";
 
-/// Appends inside the caller's SQLite transaction (SQLite serializes writers, so
-/// sequence order is commit order). Returns the sequence.
-pub async fn append_sqlite(
-    conn: &mut SqliteConnection,
-    event: &NewEvent,
-) -> Result<i64, StoreError> {
-    let sequence: i64 = sqlx::query_scalar(INSERT)
-        .bind(event.id)
-        .bind(event.kind)
-        .bind(VERSION)
-        .bind(event.aggregate_id)
-        .bind(event.occurred_at)
-        .bind(Json(&event.data))
-        .fetch_one(conn)
-        .await?;
+/// Appends inside the caller's transaction; returns the sequence.
+///
+/// SQLite serializes writers, so sequence order is commit order. On PostgreSQL a
+/// transaction-scoped advisory lock makes appenders commit in sequence order, so a
+/// reader that has seen sequence N never later finds a smaller one appear; and a
+/// `NOTIFY` on [`scaleshop_db::COMMIT_CHANNEL`] (delivered at commit) wakes
+/// dispatchers in every process. Append last,
+/// just before commit, to hold the lock briefly.
+pub async fn append(tx: &mut Tx, event: &NewEvent) -> Result<i64, StoreError> {
+    tx.wake_on_commit();
+    if let Tx::Postgres(tx, _) = tx {
+        sqlx::query("SELECT pg_advisory_xact_lock(727001), pg_notify('scaleshop_commits', '')")
+            .execute(&mut **tx)
+            .await?;
+    }
+    let sequence: i64 = with_tx!(tx, conn => {
+        sqlx::query_scalar(INSERT)
+            .bind(event.id)
+            .bind(event.kind)
+            .bind(VERSION)
+            .bind(event.aggregate_id)
+            .bind(event.occurred_at)
+            .bind(Json(&event.data))
+            .fetch_one(conn)
+            .await?
+    });
     Ok(sequence)
 }
 
-/// Appends inside the caller's PostgreSQL transaction. The transaction-scoped
-/// advisory lock makes appenders commit in sequence order, so a reader that has seen
-/// sequence N will never later find a smaller one appear. Append last, just before
-/// commit, to hold the lock briefly.
-pub async fn append_postgres(conn: &mut PgConnection, event: &NewEvent) -> Result<i64, StoreError> {
-    sqlx::query("SELECT pg_advisory_xact_lock(727001)")
-        .execute(&mut *conn)
-        .await?;
-    let sequence: i64 = sqlx::query_scalar(INSERT)
-        .bind(event.id)
-        .bind(event.kind)
-        .bind(VERSION)
-        .bind(event.aggregate_id)
-        .bind(event.occurred_at)
-        .bind(Json(&event.data))
-        .fetch_one(conn)
-        .await?;
-    Ok(sequence)
-}
+const COLUMNS: &str = "sequence, id, type, version, aggregate_id, occurred_at, data";
 
 /// Read access to the log.
 #[derive(Debug, Clone)]
 pub struct EventLog {
     db: Database,
 }
-
-const LIST: &str = "SELECT sequence, id, type, version, aggregate_id, occurred_at, data \
-                    FROM events WHERE sequence > $1 ORDER BY sequence LIMIT $2";
 
 impl EventLog {
     pub fn new(db: Database) -> Self {
@@ -124,35 +121,27 @@ impl EventLog {
 
     /// Events after `after` (exclusive), ascending.
     pub async fn list(&self, after: i64, limit: i64) -> Result<Vec<Event>, StoreError> {
-        let rows = match &self.db {
-            Database::Sqlite(pool) => {
-                sqlx::query_as(LIST)
-                    .bind(after)
-                    .bind(limit)
-                    .fetch_all(pool)
-                    .await?
-            }
-            Database::Postgres(pool) => {
-                sqlx::query_as(LIST)
-                    .bind(after)
-                    .bind(limit)
-                    .fetch_all(pool)
-                    .await?
-            }
-        };
-        Ok(rows)
+        const Q: &str = "SELECT sequence, id, type, version, aggregate_id, occurred_at, data \
+                         FROM events WHERE sequence > $1 ORDER BY sequence LIMIT $2";
+        debug_assert!(Q.contains(COLUMNS));
+        Ok(with_pool!(self.db, pool => {
+            sqlx::query_as(Q).bind(after).bind(limit).fetch_all(pool).await?
+        }))
     }
 
-    /// Events about one aggregate, ascending.
-    pub async fn for_aggregate(&self, aggregate_id: Uuid) -> Result<Vec<Event>, StoreError> {
+    /// One event by id.
+    pub async fn get(&self, id: Uuid) -> Result<Option<Event>, StoreError> {
         const Q: &str = "SELECT sequence, id, type, version, aggregate_id, occurred_at, data \
-                         FROM events WHERE aggregate_id = $1 ORDER BY sequence";
-        let rows = match &self.db {
-            Database::Sqlite(pool) => sqlx::query_as(Q).bind(aggregate_id).fetch_all(pool).await?,
-            Database::Postgres(pool) => {
-                sqlx::query_as(Q).bind(aggregate_id).fetch_all(pool).await?
-            }
-        };
-        Ok(rows)
+                         FROM events WHERE id = $1";
+        Ok(with_pool!(self.db, pool => {
+            sqlx::query_as(Q).bind(id).fetch_optional(pool).await?
+        }))
+    }
+
+    /// The newest sequence (0 for an empty log).
+    pub async fn head(&self) -> Result<i64, StoreError> {
+        const Q: &str = "SELECT COALESCE(MAX(sequence), 0) FROM events";
+        let head: i64 = with_pool!(self.db, pool => sqlx::query_scalar(Q).fetch_one(pool).await?);
+        Ok(head)
     }
 }

@@ -20,7 +20,15 @@ pub mod names {
     pub const DB_POOL_TIMEOUTS: &str = "db_pool_acquire_timeouts_total";
     /// Gauge: events committed and not yet delivered to every consumer.
     pub const OUTBOX_BACKLOG: &str = "outbox_backlog";
-    /// Counter: `limiter` (`login_ip`, `login_email`); requests refused with 429.
+    /// Gauge: `consumer`; events behind the head of the log.
+    pub const EVENT_CONSUMER_LAG: &str = "event_consumer_lag";
+    /// Counter: `consumer`, `outcome` (`delivered`, `duplicate`, `retried`, `dead`).
+    pub const EVENT_DELIVERIES: &str = "event_deliveries_total";
+    /// Gauge: `queue`, `state`.
+    pub const JOBS: &str = "jobs";
+    /// Counter: `queue`, `outcome` (`completed`, `retried`, `dead`).
+    pub const JOB_RUNS: &str = "job_runs_total";
+    /// Counter: `limiter` (`login_address`, `login_email`); requests refused with 429.
     pub const RATE_LIMITED: &str = "rate_limited_total";
 }
 
@@ -72,6 +80,7 @@ pub fn metrics_handle() -> PrometheusHandle {
                     let handle = recorder.handle();
                     // Fails only if another recorder is installed; ours still renders.
                     drop(metrics::set_global_recorder(recorder));
+                    describe();
                     handle
                 }
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
@@ -79,3 +88,70 @@ pub fn metrics_handle() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// HELP lines for every metric (Prometheus linters require them).
+fn describe() {
+    use metrics::Unit;
+    metrics::describe_histogram!(
+        names::HTTP_REQUEST_DURATION,
+        Unit::Seconds,
+        "HTTP request latency by method, route template and status."
+    );
+    metrics::describe_gauge!(
+        names::DB_POOL_CONNECTIONS,
+        "Database pool connections by pool and state (idle, in_use)."
+    );
+    metrics::describe_counter!(
+        names::DB_POOL_TIMEOUTS,
+        "Pool acquire attempts that timed out (answered 503)."
+    );
+    metrics::describe_gauge!(
+        names::OUTBOX_BACKLOG,
+        "Events committed but not yet delivered to every consumer."
+    );
+    metrics::describe_counter!(
+        names::RATE_LIMITED,
+        "Requests refused with 429, by limiter."
+    );
+    metrics::describe_gauge!(
+        names::EVENT_CONSUMER_LAG,
+        "Events behind the head of the log, by consumer."
+    );
+    metrics::describe_counter!(
+        names::EVENT_DELIVERIES,
+        "Event deliveries by consumer and outcome."
+    );
+    metrics::describe_gauge!(names::JOBS, "Jobs by queue and state.");
+    metrics::describe_counter!(names::JOB_RUNS, "Job runs by queue and outcome.");
+}
+
+/// A liveness stamp for background loops (the event dispatcher, the job workers):
+/// the loop beats on every turn; readiness asks whether it beat recently.
+#[derive(Debug, Clone, Default)]
+pub struct Heartbeat(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Heartbeat {
+    fn now_millis() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn beat(&self) {
+        self.0
+            .store(Self::now_millis(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Did the loop beat within `window`?
+    pub fn alive(&self, window: std::time::Duration) -> bool {
+        let last = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        let window = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        last != 0 && Self::now_millis().saturating_sub(last) <= window
+    }
+}
+
+/// A source of gauges computed when `/metrics` is scraped (backlogs, lags, queue
+/// sizes): cheap to keep exact, and nothing runs when nobody looks.
+pub type Collector = std::sync::Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync,
+>;

@@ -3,8 +3,8 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use scaleshop_db::sqlx::{self, FromRow, PgPool, SqlitePool};
-use scaleshop_db::{Database, Migrations, StoreError};
+use scaleshop_db::sqlx::{self, FromRow};
+use scaleshop_db::{Database, Migrations, StoreError, with_pool, with_tx};
 use scaleshop_events::NewEvent;
 use uuid::Uuid;
 
@@ -42,10 +42,7 @@ pub trait UserStore: Send + Sync {
 
 /// The store for the configured database.
 pub fn store_for(db: &Database) -> std::sync::Arc<dyn UserStore> {
-    match db {
-        Database::Sqlite(pool) => std::sync::Arc::new(SqliteUserStore(pool.clone())),
-        Database::Postgres(pool) => std::sync::Arc::new(PgUserStore(pool.clone())),
-    }
+    std::sync::Arc::new(SqlUserStore::new(db.clone()))
 }
 
 #[derive(Debug, FromRow)]
@@ -104,103 +101,83 @@ fn like_pattern(text: &str) -> String {
     pattern
 }
 
-macro_rules! sql_user_store {
-    ($store:ident, $pool:ty, $begin:literal, $append:path) => {
-        /// Users on this backend.
-        #[derive(Debug, Clone)]
-        pub struct $store(pub $pool);
-
-        impl $store {
-            async fn write(
-                &self,
-                sql: &'static str,
-                record: &UserRecord,
-                event: &NewEvent,
-            ) -> Result<(), StoreError> {
-                let user = &record.user;
-                let mut tx = self.0.begin_with($begin).await?;
-                let done = sqlx::query(sql)
-                    .bind(user.id)
-                    .bind(user.email.as_str())
-                    .bind(user.name.as_str())
-                    .bind(user.role.as_str())
-                    .bind(&record.password_hash.0)
-                    .bind(user.created_at)
-                    .bind(user.updated_at)
-                    .execute(&mut *tx)
-                    .await?;
-                if done.rows_affected() != 1 {
-                    return Err(StoreError::Other(format!("user {} not written", user.id)));
-                }
-                $append(&mut *tx, event).await?;
-                tx.commit().await?;
-                Ok(())
-            }
-        }
-
-        #[async_trait]
-        impl UserStore for $store {
-            async fn insert(
-                &self,
-                record: &UserRecord,
-                event: &NewEvent,
-            ) -> Result<(), StoreError> {
-                self.write(INSERT, record, event).await
-            }
-
-            async fn update(
-                &self,
-                record: &UserRecord,
-                event: &NewEvent,
-            ) -> Result<(), StoreError> {
-                self.write(UPDATE, record, event).await
-            }
-
-            async fn get(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError> {
-                let row: Option<UserRow> =
-                    sqlx::query_as(GET).bind(id).fetch_optional(&self.0).await?;
-                row.map(UserRecord::try_from).transpose()
-            }
-
-            async fn get_by_email(&self, email: &Email) -> Result<Option<UserRecord>, StoreError> {
-                let row: Option<UserRow> = sqlx::query_as(GET_BY_EMAIL)
-                    .bind(email.as_str())
-                    .fetch_optional(&self.0)
-                    .await?;
-                row.map(UserRecord::try_from).transpose()
-            }
-
-            async fn search(
-                &self,
-                text: Option<&str>,
-                after: Option<Uuid>,
-                limit: i64,
-            ) -> Result<Vec<UserRecord>, StoreError> {
-                let rows: Vec<UserRow> = sqlx::query_as(SEARCH)
-                    .bind(text.map(like_pattern))
-                    .bind(after)
-                    .bind(limit)
-                    .fetch_all(&self.0)
-                    .await?;
-                rows.into_iter().map(UserRecord::try_from).collect()
-            }
-        }
-    };
+/// Users in the configured database (SQLite or PostgreSQL; one SQL text).
+#[derive(Debug, Clone)]
+pub struct SqlUserStore {
+    db: Database,
 }
 
-// SQLite: take the write lock up front, so two writers never deadlock upgrading.
-sql_user_store!(
-    SqliteUserStore,
-    SqlitePool,
-    "BEGIN IMMEDIATE",
-    scaleshop_events::append_sqlite
-);
-sql_user_store!(
-    PgUserStore,
-    PgPool,
-    "BEGIN",
-    scaleshop_events::append_postgres
-);
+impl SqlUserStore {
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+
+    async fn write(
+        &self,
+        sql: &'static str,
+        record: &UserRecord,
+        event: &NewEvent,
+    ) -> Result<(), StoreError> {
+        let user = &record.user;
+        let mut tx = self.db.begin().await?;
+        let done = with_tx!(&mut tx, conn => {
+            sqlx::query(sql)
+                .bind(user.id)
+                .bind(user.email.as_str())
+                .bind(user.name.as_str())
+                .bind(user.role.as_str())
+                .bind(&record.password_hash.0)
+                .bind(user.created_at)
+                .bind(user.updated_at)
+                .execute(conn)
+                .await?
+                .rows_affected()
+        });
+        if done != 1 {
+            return Err(StoreError::Other(format!("user {} not written", user.id)));
+        }
+        scaleshop_events::append(&mut tx, event).await?;
+        tx.commit().await
+    }
+}
+
+#[async_trait]
+impl UserStore for SqlUserStore {
+    async fn insert(&self, record: &UserRecord, event: &NewEvent) -> Result<(), StoreError> {
+        self.write(INSERT, record, event).await
+    }
+
+    async fn update(&self, record: &UserRecord, event: &NewEvent) -> Result<(), StoreError> {
+        self.write(UPDATE, record, event).await
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError> {
+        let row: Option<UserRow> = with_pool!(self.db, pool => {
+            sqlx::query_as(GET).bind(id).fetch_optional(pool).await?
+        });
+        row.map(UserRecord::try_from).transpose()
+    }
+
+    async fn get_by_email(&self, email: &Email) -> Result<Option<UserRecord>, StoreError> {
+        let row: Option<UserRow> = with_pool!(self.db, pool => {
+            sqlx::query_as(GET_BY_EMAIL).bind(email.as_str()).fetch_optional(pool).await?
+        });
+        row.map(UserRecord::try_from).transpose()
+    }
+
+    async fn search(
+        &self,
+        text: Option<&str>,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<UserRecord>, StoreError> {
+        let pattern = text.map(like_pattern);
+        let rows: Vec<UserRow> = with_pool!(self.db, pool => {
+            sqlx::query_as(SEARCH).bind(&pattern).bind(after).bind(limit).fetch_all(pool).await?
+        });
+        rows.into_iter().map(UserRecord::try_from).collect()
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,557 @@
+//! The dispatcher: delivers the log to each subscribed consumer in sequence order.
+//!
+//! Per consumer it keeps a position, and for the event at the head an attempt
+//! count and a retry time (`event_consumers`). Delivering an event is one
+//! transaction: insert `(consumer, event id)` into the inbox (a duplicate skips the
+//! handler), run the handler with the same transaction, move the position — fenced
+//! by the lease, so a process that lost the consumer can never commit. A failing
+//! handler is retried with exponential backoff and jitter; after `max_attempts` the
+//! event is parked in `event_dead` for that consumer and delivery goes on. An admin
+//! can ask for a dead event to be redelivered.
+//!
+//! Several processes may share the log (PostgreSQL): each consumer is served by one
+//! process at a time under a lease, taken over when the lease expires. Dispatchers
+//! wake on commit: in-process through [`Database::commit_signal`], across processes
+//! through PostgreSQL's `LISTEN` ([`Database::spawn_commit_listener`]), with a short
+//! poll as the safety net.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use scaleshop_db::clock::{after, backoff, now};
+use scaleshop_db::sqlx::{self, FromRow};
+use scaleshop_db::{Database, StoreError, Tx, with_pool, with_tx};
+use scaleshop_telemetry::{Collector, Heartbeat, names};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::{Event, EventLog};
+
+/// Why a handler failed; the message is kept as the event's `last_error`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct HandlerError(pub String);
+
+impl HandlerError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+impl From<StoreError> for HandlerError {
+    fn from(error: StoreError) -> Self {
+        Self(error.to_string())
+    }
+}
+
+/// A subscriber to the log. Its effects must be written through `tx`, the
+/// transaction that also records the delivery, so they happen exactly once.
+#[async_trait]
+pub trait Consumer: Send + Sync + 'static {
+    /// Stable name: the key of its position, inbox and dead events.
+    fn name(&self) -> &'static str;
+    /// Does it react to events of this type? Others are passed over.
+    fn wants(&self, event_type: &str) -> bool;
+    async fn handle(&self, event: &Event, tx: &mut Tx) -> Result<(), HandlerError>;
+}
+
+#[derive(Debug, Clone)]
+pub struct DispatcherSettings {
+    /// Attempts before an event is parked as dead for a consumer.
+    pub max_attempts: u32,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    /// How long a process holds a consumer without renewing.
+    pub lease: Duration,
+    /// Safety-net poll when no commit signal arrives.
+    pub poll: Duration,
+    pub batch: i64,
+}
+
+impl Default for DispatcherSettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: 8,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+            lease: Duration::from_secs(10),
+            poll: Duration::from_millis(500),
+            batch: 100,
+        }
+    }
+}
+
+/// An event parked for a consumer.
+#[derive(Debug, Clone, Serialize, FromRow, utoipa::ToSchema)]
+pub struct DeadEvent {
+    pub consumer: String,
+    pub event_id: Uuid,
+    pub sequence: i64,
+    pub attempts: i32,
+    pub last_error: String,
+    /// `dead`, `redeliver` (asked for) or `redelivered`.
+    pub state: String,
+    pub died_at: DateTime<Utc>,
+}
+
+/// Admin operations on dead events.
+#[derive(Debug, Clone)]
+pub struct DeadEvents {
+    db: Database,
+}
+
+impl DeadEvents {
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+
+    /// Dead events, optionally of one consumer, ordered by (sequence, consumer).
+    pub async fn list(
+        &self,
+        consumer: Option<&str>,
+        after: Option<(i64, String)>,
+        limit: i64,
+    ) -> Result<Vec<DeadEvent>, StoreError> {
+        const Q: &str = "SELECT consumer, event_id, sequence, attempts, last_error, state, died_at \
+                         FROM event_dead WHERE ($1 IS NULL OR consumer = $1) \
+                         AND ($2 IS NULL OR sequence > $2 OR (sequence = $2 AND consumer > $3)) \
+                         ORDER BY sequence, consumer LIMIT $4";
+        let (after_seq, after_consumer) = after.map_or((None, None), |(s, c)| (Some(s), Some(c)));
+        Ok(with_pool!(self.db, pool => {
+            sqlx::query_as(Q).bind(consumer).bind(after_seq).bind(after_consumer).bind(limit)
+                .fetch_all(pool).await?
+        }))
+    }
+
+    /// Asks for one more delivery of a dead event. `Ok(false)` when there is no such
+    /// dead event (or it is already being redelivered).
+    pub async fn redeliver(&self, consumer: &str, event_id: Uuid) -> Result<bool, StoreError> {
+        const Q: &str = "UPDATE event_dead SET state = 'redeliver' \
+                         WHERE consumer = $1 AND event_id = $2 AND state = 'dead'";
+        let mut tx = self.db.begin().await?;
+        tx.wake_on_commit();
+        let done = with_tx!(&mut tx, conn => {
+            sqlx::query(Q).bind(consumer).bind(event_id).execute(conn).await?.rows_affected()
+        });
+        tx.commit().await?;
+        Ok(done == 1)
+    }
+
+    pub async fn get(
+        &self,
+        consumer: &str,
+        event_id: Uuid,
+    ) -> Result<Option<DeadEvent>, StoreError> {
+        const Q: &str = "SELECT consumer, event_id, sequence, attempts, last_error, state, died_at \
+                         FROM event_dead WHERE consumer = $1 AND event_id = $2";
+        Ok(with_pool!(self.db, pool => {
+            sqlx::query_as(Q).bind(consumer).bind(event_id).fetch_optional(pool).await?
+        }))
+    }
+}
+
+/// Delivers the log to consumers. Build it, subscribe consumers, then [`start`].
+///
+/// [`start`]: Dispatcher::start
+pub struct Dispatcher {
+    db: Database,
+    consumers: Vec<Arc<dyn Consumer>>,
+    settings: DispatcherSettings,
+    owner: String,
+    heartbeat: Heartbeat,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field(
+                "consumers",
+                &self.consumers.iter().map(|c| c.name()).collect::<Vec<_>>(),
+            )
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+enum Step {
+    Progress,
+    Idle,
+    RetryAt(DateTime<Utc>),
+    NotLeader,
+}
+
+enum Delivery {
+    Done,
+    Retry(DateTime<Utc>),
+    LostLease,
+}
+
+#[derive(Debug, FromRow)]
+struct ConsumerState {
+    position: i64,
+    attempts: i32,
+    retry_at: Option<DateTime<Utc>>,
+}
+
+impl Dispatcher {
+    pub fn new(db: Database, settings: DispatcherSettings) -> Self {
+        Self {
+            db,
+            consumers: Vec::new(),
+            settings,
+            owner: format!("{}-{}", std::process::id(), Uuid::now_v7().simple()),
+            heartbeat: Heartbeat::default(),
+        }
+    }
+
+    pub fn subscribe(&mut self, consumer: Arc<dyn Consumer>) {
+        self.consumers.push(consumer);
+    }
+
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
+    }
+
+    /// Gauges `outbox_backlog` and `event_consumer_lag{consumer}`, computed when scraped.
+    pub fn collector(&self) -> Collector {
+        let db = self.db.clone();
+        Arc::new(move || {
+            let db = db.clone();
+            Box::pin(async move {
+                if let Err(e) = report_lag(&db).await {
+                    tracing::warn!(error = %e, "event lag metrics unavailable");
+                }
+            })
+        })
+    }
+
+    /// Registers the consumers and starts one loop per consumer (plus, on
+    /// PostgreSQL, the LISTEN loop). The handle ends when every loop has stopped
+    /// after `shutdown` turned true.
+    pub async fn start(
+        self,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<JoinHandle<()>, StoreError> {
+        const REGISTER: &str =
+            "INSERT INTO event_consumers (name) VALUES ($1) ON CONFLICT (name) DO NOTHING";
+        for consumer in &self.consumers {
+            with_pool!(self.db, pool => {
+                sqlx::query(REGISTER).bind(consumer.name()).execute(pool).await?;
+            });
+        }
+        let mut tasks = Vec::new();
+        for consumer in self.consumers {
+            let runner = Runner {
+                db: self.db.clone(),
+                consumer,
+                settings: self.settings.clone(),
+                owner: self.owner.clone(),
+                heartbeat: self.heartbeat.clone(),
+            };
+            tasks.push(tokio::spawn(runner.run(shutdown.clone())));
+        }
+        self.heartbeat.beat();
+        Ok(tokio::spawn(async move {
+            for task in tasks {
+                let _ = task.await;
+            }
+        }))
+    }
+}
+
+async fn report_lag(db: &Database) -> Result<(), StoreError> {
+    const POSITIONS: &str = "SELECT name, position FROM event_consumers";
+    const BEHIND: &str = "SELECT COUNT(*) FROM events WHERE sequence > $1";
+    let positions: Vec<(String, i64)> =
+        with_pool!(db, pool => sqlx::query_as(POSITIONS).fetch_all(pool).await?);
+    let mut slowest: Option<i64> = None;
+    for (name, position) in positions {
+        let behind: i64 = with_pool!(db, pool => {
+            sqlx::query_scalar(BEHIND).bind(position).fetch_one(pool).await?
+        });
+        metrics::gauge!(names::EVENT_CONSUMER_LAG, "consumer" => name).set(behind as f64);
+        slowest = Some(slowest.map_or(position, |s| s.min(position)));
+    }
+    let backlog: i64 = match slowest {
+        Some(position) => with_pool!(db, pool => {
+            sqlx::query_scalar(BEHIND).bind(position).fetch_one(pool).await?
+        }),
+        None => 0,
+    };
+    metrics::gauge!(names::OUTBOX_BACKLOG).set(backlog as f64);
+    Ok(())
+}
+
+struct Runner {
+    db: Database,
+    consumer: Arc<dyn Consumer>,
+    settings: DispatcherSettings,
+    owner: String,
+    heartbeat: Heartbeat,
+}
+
+impl Runner {
+    fn name(&self) -> &'static str {
+        self.consumer.name()
+    }
+
+    async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let signal = self.db.commit_signal();
+        while !*shutdown.borrow() {
+            let notified = signal.notified();
+            tokio::pin!(notified);
+            // Register before looking, so a commit in between is not missed.
+            notified.as_mut().enable();
+            let wait = match self.step().await {
+                Ok(Step::Progress) => {
+                    self.heartbeat.beat();
+                    continue;
+                }
+                Ok(Step::Idle) => self.settings.poll,
+                Ok(Step::RetryAt(at)) => (at - now())
+                    .to_std()
+                    .unwrap_or_default()
+                    .min(self.settings.poll),
+                Ok(Step::NotLeader) => self.settings.poll,
+                Err(e) => {
+                    tracing::warn!(consumer = self.name(), error = %e, "dispatch step failed");
+                    Duration::from_secs(1)
+                }
+            };
+            self.heartbeat.beat();
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        // Hand the consumer over at once instead of after the lease runs out.
+        const RELEASE: &str = "UPDATE event_consumers SET lease_owner = NULL, lease_until = NULL \
+                               WHERE name = $1 AND lease_owner = $2";
+        let released = with_pool!(self.db, pool => {
+            sqlx::query(RELEASE).bind(self.name()).bind(&self.owner).execute(pool).await.map(|r| r.rows_affected())
+        });
+        if let Err(e) = released {
+            tracing::debug!(consumer = self.name(), error = %e, "lease not released");
+        }
+    }
+
+    async fn acquire_lease(&self) -> Result<bool, StoreError> {
+        const Q: &str = "UPDATE event_consumers SET lease_owner = $2, lease_until = $3 \
+                         WHERE name = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < $4)";
+        let done = with_pool!(self.db, pool => {
+            sqlx::query(Q)
+                .bind(self.name())
+                .bind(&self.owner)
+                .bind(after(self.settings.lease))
+                .bind(now())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(done == 1)
+    }
+
+    async fn state(&self) -> Result<ConsumerState, StoreError> {
+        const Q: &str = "SELECT position, attempts, retry_at FROM event_consumers WHERE name = $1";
+        Ok(with_pool!(self.db, pool => sqlx::query_as(Q).bind(self.name()).fetch_one(pool).await?))
+    }
+
+    async fn step(&self) -> Result<Step, StoreError> {
+        if !self.acquire_lease().await? {
+            return Ok(Step::NotLeader);
+        }
+        if self.redeliver_one().await? {
+            return Ok(Step::Progress);
+        }
+        let state = self.state().await?;
+        if let Some(at) = state.retry_at
+            && at > now()
+        {
+            return Ok(Step::RetryAt(at));
+        }
+        let events = EventLog::new(self.db.clone())
+            .list(state.position, self.settings.batch)
+            .await?;
+        let Some(last) = events.last().map(|e| e.sequence) else {
+            return Ok(Step::Idle);
+        };
+        let mut attempts = state.attempts;
+        let mut passed_over = false;
+        for event in &events {
+            if !self.consumer.wants(&event.kind) {
+                passed_over = true;
+                continue;
+            }
+            passed_over = false;
+            match self.deliver(event, attempts).await? {
+                Delivery::Done => attempts = 0,
+                Delivery::Retry(at) => return Ok(Step::RetryAt(at)),
+                Delivery::LostLease => return Ok(Step::NotLeader),
+            }
+        }
+        if passed_over {
+            self.advance(last).await?;
+        }
+        Ok(Step::Progress)
+    }
+
+    /// Moves the position past events this consumer does not want.
+    async fn advance(&self, to: i64) -> Result<(), StoreError> {
+        const Q: &str = "UPDATE event_consumers SET position = $2 \
+                         WHERE name = $1 AND lease_owner = $3 AND position < $2";
+        let mut tx = self.db.begin().await?;
+        with_tx!(&mut tx, conn => {
+            sqlx::query(Q).bind(self.name()).bind(to).bind(&self.owner).execute(conn).await?;
+        });
+        tx.commit().await
+    }
+
+    /// Inserts the inbox row; false when this consumer already handled the event.
+    async fn claim_inbox(&self, tx: &mut Tx, event: &Event) -> Result<bool, StoreError> {
+        const Q: &str = "INSERT INTO event_inbox (consumer, event_id, processed_at) VALUES ($1, $2, $3) \
+                         ON CONFLICT (consumer, event_id) DO NOTHING";
+        let inserted = with_tx!(tx, conn => {
+            sqlx::query(Q).bind(self.name()).bind(event.id).bind(now()).execute(conn).await?.rows_affected()
+        });
+        Ok(inserted == 1)
+    }
+
+    async fn deliver(&self, event: &Event, prior_attempts: i32) -> Result<Delivery, StoreError> {
+        const MOVE: &str = "UPDATE event_consumers SET position = $2, attempts = 0, retry_at = NULL, \
+                            last_error = NULL WHERE name = $1 AND lease_owner = $3";
+        let mut tx = self.db.begin().await?;
+        let fresh = self.claim_inbox(&mut tx, event).await?;
+        let outcome = if fresh {
+            self.consumer.handle(event, &mut tx).await
+        } else {
+            Ok(())
+        };
+        match outcome {
+            Ok(()) => {
+                let moved = with_tx!(&mut tx, conn => {
+                    sqlx::query(MOVE).bind(self.name()).bind(event.sequence).bind(&self.owner)
+                        .execute(conn).await?.rows_affected()
+                });
+                if moved != 1 {
+                    tx.rollback().await?;
+                    return Ok(Delivery::LostLease);
+                }
+                tx.commit().await?;
+                let outcome = if fresh { "delivered" } else { "duplicate" };
+                metrics::counter!(names::EVENT_DELIVERIES, "consumer" => self.name(), "outcome" => outcome)
+                    .increment(1);
+                Ok(Delivery::Done)
+            }
+            Err(error) => {
+                tx.rollback().await?;
+                self.failed(event, prior_attempts + 1, &error.0).await
+            }
+        }
+    }
+
+    async fn failed(
+        &self,
+        event: &Event,
+        attempts: i32,
+        error: &str,
+    ) -> Result<Delivery, StoreError> {
+        let max = i32::try_from(self.settings.max_attempts).unwrap_or(i32::MAX);
+        if attempts >= max {
+            const PARK: &str = "INSERT INTO event_dead (consumer, event_id, sequence, attempts, last_error, state, died_at) \
+                                VALUES ($1, $2, $3, $4, $5, 'dead', $6) \
+                                ON CONFLICT (consumer, event_id) DO UPDATE SET attempts = excluded.attempts, \
+                                last_error = excluded.last_error, state = 'dead', died_at = excluded.died_at";
+            const MOVE: &str = "UPDATE event_consumers SET position = $2, attempts = 0, retry_at = NULL, \
+                                last_error = NULL WHERE name = $1 AND lease_owner = $3";
+            let mut tx = self.db.begin().await?;
+            let moved = with_tx!(&mut tx, conn => {
+                sqlx::query(PARK).bind(self.name()).bind(event.id).bind(event.sequence).bind(attempts)
+                    .bind(error).bind(now()).execute(&mut *conn).await?;
+                sqlx::query(MOVE).bind(self.name()).bind(event.sequence).bind(&self.owner)
+                    .execute(conn).await?.rows_affected()
+            });
+            if moved != 1 {
+                tx.rollback().await?;
+                return Ok(Delivery::LostLease);
+            }
+            tx.commit().await?;
+            metrics::counter!(names::EVENT_DELIVERIES, "consumer" => self.name(), "outcome" => "dead").increment(1);
+            tracing::warn!(consumer = self.name(), event_id = %event.id, sequence = event.sequence, attempts, error, "event parked as dead");
+            return Ok(Delivery::Done);
+        }
+        let attempt = u32::try_from(attempts).unwrap_or(1);
+        let retry_at = after(backoff(
+            self.settings.min_backoff,
+            self.settings.max_backoff,
+            attempt,
+        ));
+        const RETRY: &str = "UPDATE event_consumers SET attempts = $2, retry_at = $3, last_error = $4 \
+                             WHERE name = $1 AND lease_owner = $5";
+        let mut tx = self.db.begin().await?;
+        let moved = with_tx!(&mut tx, conn => {
+            sqlx::query(RETRY).bind(self.name()).bind(attempts).bind(retry_at).bind(error).bind(&self.owner)
+                .execute(conn).await?.rows_affected()
+        });
+        tx.commit().await?;
+        if moved != 1 {
+            return Ok(Delivery::LostLease);
+        }
+        metrics::counter!(names::EVENT_DELIVERIES, "consumer" => self.name(), "outcome" => "retried").increment(1);
+        tracing::info!(consumer = self.name(), event_id = %event.id, attempts, error, %retry_at, "event delivery failed; will retry");
+        Ok(Delivery::Retry(retry_at))
+    }
+
+    /// Delivers one event an admin asked to redeliver; true if there was one.
+    async fn redeliver_one(&self) -> Result<bool, StoreError> {
+        const NEXT: &str = "SELECT event_id FROM event_dead WHERE consumer = $1 AND state = 'redeliver' \
+                            ORDER BY sequence LIMIT 1";
+        const DONE: &str =
+            "UPDATE event_dead SET state = 'redelivered' WHERE consumer = $1 AND event_id = $2";
+        const AGAIN: &str = "UPDATE event_dead SET state = 'dead', attempts = attempts + 1, last_error = $3, \
+                             died_at = $4 WHERE consumer = $1 AND event_id = $2";
+        let next: Option<Uuid> = with_pool!(self.db, pool => {
+            sqlx::query_scalar(NEXT).bind(self.name()).fetch_optional(pool).await?
+        });
+        let Some(event_id) = next else {
+            return Ok(false);
+        };
+        let event = EventLog::new(self.db.clone()).get(event_id).await?;
+        let mut tx = self.db.begin().await?;
+        let outcome = match &event {
+            Some(event) => {
+                if self.claim_inbox(&mut tx, event).await? {
+                    self.consumer.handle(event, &mut tx).await
+                } else {
+                    Ok(())
+                }
+            }
+            None => Err(HandlerError::new("the event is no longer in the log")),
+        };
+        match outcome {
+            Ok(()) => {
+                with_tx!(&mut tx, conn => {
+                    sqlx::query(DONE).bind(self.name()).bind(event_id).execute(conn).await?;
+                });
+                tx.commit().await?;
+                metrics::counter!(names::EVENT_DELIVERIES, "consumer" => self.name(), "outcome" => "redelivered")
+                    .increment(1);
+            }
+            Err(error) => {
+                tx.rollback().await?;
+                let mut tx = self.db.begin().await?;
+                with_tx!(&mut tx, conn => {
+                    sqlx::query(AGAIN).bind(self.name()).bind(event_id).bind(&error.0).bind(now())
+                        .execute(conn).await?;
+                });
+                tx.commit().await?;
+            }
+        }
+        Ok(true)
+    }
+}

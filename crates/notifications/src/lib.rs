@@ -1,0 +1,134 @@
+//! The notification service. It reacts to events (`user.created` -> a `welcome`
+//! notification) by writing a notification record and an `email` job in one
+//! transaction (the dispatcher's, which also writes the inbox row), so each cause
+//! yields exactly one record whatever is redelivered. The job renders the message
+//! with lettre and sends it: `.eml` files under the data folder by default, SMTP
+//! when configured; the record goes `queued` -> `sent`, or `failed` when the job
+//! dies.
+//!
+//! It never reads another service's tables: what it needs (address, name) comes in
+//! the event.
+
+pub mod http;
+pub mod mail;
+pub mod store;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use scaleshop_db::{Database, Tx};
+use scaleshop_events::{Consumer, Event, HandlerError};
+use scaleshop_jobs::{Job, JobError, JobHandler};
+use serde::Deserialize;
+use uuid::Uuid;
+
+pub use mail::Mailer;
+pub use store::{Notification, NotificationStore};
+
+/// The queue that sends email.
+pub const EMAIL_QUEUE: &str = "email";
+
+/// Events this service publishes.
+pub const NOTIFICATION_SENT: &str = "notification.sent";
+
+/// The dispatcher consumer: events -> notification records + email jobs.
+#[derive(Debug, Clone)]
+pub struct NotificationConsumer;
+
+#[derive(Debug, Deserialize)]
+struct UserCreated {
+    user_id: Uuid,
+    email: String,
+    name: String,
+}
+
+#[async_trait]
+impl Consumer for NotificationConsumer {
+    fn name(&self) -> &'static str {
+        "notifications"
+    }
+
+    fn wants(&self, event_type: &str) -> bool {
+        event_type == "user.created"
+    }
+
+    async fn handle(&self, event: &Event, tx: &mut Tx) -> Result<(), HandlerError> {
+        match event.kind.as_str() {
+            "user.created" => {
+                let user: UserCreated = serde_json::from_value(event.data.0.clone())
+                    .map_err(|e| HandlerError::new(format!("bad user.created payload: {e}")))?;
+                let draft = store::Draft {
+                    user_id: user.user_id,
+                    kind: "welcome",
+                    to: user.email,
+                    subject: "Welcome to scaleshop".to_owned(),
+                    body: format!(
+                        "Hello {},\n\nyour scaleshop account is ready. Sign in with this address to start shopping.\n\n-- scaleshop\n",
+                        user.name
+                    ),
+                    order_id: None,
+                    dedup_key: format!("welcome:{}", user.user_id),
+                };
+                store::create_with_email_job(tx, &draft).await?;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The `email` queue's handler.
+#[derive(Debug, Clone)]
+pub struct EmailJob {
+    store: NotificationStore,
+    mailer: Arc<Mailer>,
+}
+
+impl EmailJob {
+    pub fn new(db: Database, mailer: Arc<Mailer>) -> Self {
+        Self {
+            store: NotificationStore::new(db),
+            mailer,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct EmailPayload {
+    notification_id: Uuid,
+}
+
+fn payload(job: &Job) -> Result<EmailPayload, JobError> {
+    serde_json::from_value(job.payload.0.clone())
+        .map_err(|e| JobError::permanent(format!("bad email job payload: {e}")))
+}
+
+#[async_trait]
+impl JobHandler for EmailJob {
+    async fn run(&self, job: &Job) -> Result<(), JobError> {
+        let id = payload(job)?.notification_id;
+        let Some(notification) = self.store.get(id).await? else {
+            return Err(JobError::permanent(format!(
+                "notification {id} does not exist"
+            )));
+        };
+        if notification.status == "sent" {
+            return Ok(());
+        }
+        self.mailer.send(&notification).await?;
+        self.store.mark_sent(&notification).await?;
+        Ok(())
+    }
+
+    async fn on_dead(&self, job: &Job, tx: &mut Tx) -> Result<(), scaleshop_db::StoreError> {
+        if let Ok(payload) = payload(job) {
+            store::mark_failed(tx, payload.notification_id).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The tables this service owns.
+pub fn migrations() -> scaleshop_db::Migrations {
+    store::migrations()
+}
