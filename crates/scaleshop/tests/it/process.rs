@@ -1,0 +1,231 @@
+//! A `scaleshop` child process: started with an environment, its address read from
+//! its log, killed or stopped by pid (only processes the test started).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use reqwest::Client;
+use serde_json::{Value, json};
+
+pub const ADMIN_EMAIL: &str = "admin@example.com";
+pub const ADMIN_PASSWORD: &str = "admin-password-1";
+
+/// Everything two runs of the same deployment share.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    pub extra: HashMap<String, String>,
+}
+
+impl Deployment {
+    pub async fn fresh(backend: scaleshop_testkit::Backend) -> Self {
+        let (database_url, data_dir) = scaleshop_testkit::fresh(backend).await;
+        Self {
+            data_dir,
+            database_url,
+            extra: HashMap::new(),
+        }
+    }
+
+    pub fn set(&mut self, key: &str, value: &str) -> &mut Self {
+        self.extra.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// Starts `scaleshop serve` on a free port and waits until it answers.
+    pub async fn start(&self) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_scaleshop"));
+        command
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("SCALESHOP_HTTP_ADDR", "127.0.0.1:0")
+            .env("SCALESHOP_DATA_DIR", &self.data_dir)
+            .env("SCALESHOP_ADMIN_EMAIL", ADMIN_EMAIL)
+            .env("SCALESHOP_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env(
+                "SCALESHOP_JWT_SECRET",
+                "a-test-secret-that-is-long-enough-000000",
+            )
+            .env("SCALESHOP_LOG_FILTER", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(url) = &self.database_url {
+            command.env("SCALESHOP_DATABASE_URL", url);
+        }
+        for (key, value) in &self.extra {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("start scaleshop");
+        let stdout = child.stdout.take().expect("stdout");
+        let (lines_tx, lines_rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let addr = loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let line = lines_rx
+                .recv_timeout(remaining)
+                .expect("scaleshop did not log its address");
+            if let Some(at) = line.find("listening on http://") {
+                let rest = &line[at + "listening on http://".len()..];
+                let end = rest
+                    .find(|c: char| c == '"' || c.is_whitespace())
+                    .unwrap_or(rest.len());
+                break rest[..end].to_owned();
+            }
+        };
+        // Keep draining the log so the child never blocks on a full pipe.
+        std::thread::spawn(move || while lines_rx.recv().is_ok() {});
+        let server = Server {
+            child,
+            base: format!("http://{addr}"),
+            client: client(),
+        };
+        server.wait_ready().await;
+        server
+    }
+}
+
+pub fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// A running `scaleshop` process.
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub client: Client,
+}
+
+impl Server {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.client.get(self.url("/readyz")).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "scaleshop not ready in 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no cleanup at all.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("kill -9");
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit status (bounded wait).
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "scaleshop did not exit 30 s after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn admin_token(&self) -> String {
+        let body: Value = self
+            .client
+            .post(self.url("/v1/sessions"))
+            .json(&json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}))
+            .send()
+            .await
+            .expect("sign in")
+            .json()
+            .await
+            .expect("session");
+        body["token"].as_str().expect("token").to_owned()
+    }
+
+    /// Every item of a paged admin list.
+    pub async fn all(&self, token: &str, path: &str) -> Vec<Value> {
+        let mut items = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..10_000 {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let mut url = format!("{}{path}{sep}limit=100", self.base);
+            if let Some(c) = &cursor {
+                url.push_str(&format!("&cursor={c}"));
+            }
+            let page: Value = self
+                .client
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("list")
+                .json()
+                .await
+                .expect("page");
+            items.extend(page["items"].as_array().cloned().unwrap_or_default());
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => return items,
+            }
+        }
+        panic!("more than 10 000 pages");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A test that failed midway must not leave its child behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it returns Some, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition not reached within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

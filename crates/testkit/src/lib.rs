@@ -1,0 +1,115 @@
+//! Test support shared by the crates' integration tests: a fresh database per test
+//! on SQLite (a new data folder) or on the throwaway PostgreSQL cluster that
+//! `scripts/test` starts (`SCALESHOP_TEST_PG_URL`, a new database each time).
+//!
+//! A dev-dependency only; nothing in the product depends on it.
+
+#![allow(
+    clippy::expect_used,
+    reason = "test support: a failed set-up is a failed test"
+)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use scaleshop_db::sqlx::{self, Connection};
+use scaleshop_db::{Database, Migrations, PoolSettings};
+
+/// Which engine a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name no other test of any process uses.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        uuid::Uuid::now_v7().simple()
+    )
+}
+
+/// A new empty folder under the system's temporary folder.
+pub fn temp_dir(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique(prefix));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// The admin URL of the throwaway PostgreSQL cluster.
+pub fn pg_admin_url() -> String {
+    std::env::var("SCALESHOP_TEST_PG_URL").expect(
+        "SCALESHOP_TEST_PG_URL is unset: run the tests with scripts/test, which starts PostgreSQL",
+    )
+}
+
+/// A fresh database on the test cluster; returns its URL.
+pub async fn fresh_pg_url() -> String {
+    let admin = pg_admin_url();
+    let name = unique("t");
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .expect("connect to test PostgreSQL");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let base = admin
+        .rsplit_once('/')
+        .map(|(base, _)| base.to_owned())
+        .unwrap_or(admin);
+    format!("{base}/{name}")
+}
+
+/// The database URL for a fresh test database (`None` = SQLite in the data folder)
+/// and a fresh data folder.
+pub async fn fresh(backend: Backend) -> (Option<String>, PathBuf) {
+    let dir = temp_dir("scaleshop-test");
+    match backend {
+        Backend::Sqlite => (None, dir),
+        Backend::Postgres => (Some(fresh_pg_url().await), dir),
+    }
+}
+
+/// A connected, migrated fresh database.
+pub async fn fresh_database(backend: Backend, migrations: &[Migrations]) -> Database {
+    let (url, dir) = fresh(backend).await;
+    let settings = PoolSettings {
+        min_connections: 0,
+        ..PoolSettings::default()
+    };
+    let db = Database::connect(url.as_deref(), &dir, &settings)
+        .await
+        .expect("connect");
+    for m in migrations {
+        db.migrate(m).await.expect("migrate");
+    }
+    db
+}
+
+/// Runs an async test once per backend: `both_backends!(name, |backend| async move {..})`
+/// expands to `mod name { sqlite(), postgres() }`.
+#[macro_export]
+macro_rules! both_backends {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                ($body)($crate::Backend::Sqlite).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                ($body)($crate::Backend::Postgres).await;
+            }
+        }
+    };
+}
