@@ -16,5 +16,6 @@ mod helpers;
 
 mod conventions;
 mod lifecycle;
+mod messaging;
 mod operations;
 mod users;
