@@ -11,6 +11,7 @@
 
 mod process;
 
+mod cli;
 mod crash;
 mod signals;
 mod takeover;
