@@ -90,6 +90,11 @@ pub struct Config {
     pub job_max_backoff_ms: u64,
     /// Jobs of the `email` queue running at once in one process.
     pub email_concurrency: u32,
+    /// Order sagas (`orders` queue) running at once in one process.
+    pub order_concurrency: u32,
+    /// Attempts of one order's saga (a payment provider error is retried until the
+    /// last one, then the order fails with `payment_error`).
+    pub order_max_attempts: u32,
     /// Log filter when `RUST_LOG` is unset.
     pub log_filter: String,
     /// How long SIGTERM waits for in-flight requests, in seconds.
@@ -127,6 +132,8 @@ impl Default for Config {
             job_min_backoff_ms: 1000,
             job_max_backoff_ms: 300_000,
             email_concurrency: 5,
+            order_concurrency: 8,
+            order_max_attempts: 5,
             log_filter: "info".to_owned(),
             shutdown_grace_secs: 20,
         }
@@ -163,6 +170,8 @@ const ENV_KEYS: &[&str] = &[
     "job_min_backoff_ms",
     "job_max_backoff_ms",
     "email_concurrency",
+    "order_concurrency",
+    "order_max_attempts",
     "log_filter",
     "shutdown_grace_secs",
 ];
@@ -262,6 +271,8 @@ impl Config {
             ("job_poll_ms", self.job_poll_ms),
             ("job_min_backoff_ms", self.job_min_backoff_ms),
             ("email_concurrency", u64::from(self.email_concurrency)),
+            ("order_concurrency", u64::from(self.order_concurrency)),
+            ("order_max_attempts", u64::from(self.order_max_attempts)),
         ] {
             if value == 0 {
                 return bad(key, "must be greater than 0");

@@ -20,6 +20,14 @@ pub enum Module {
     Jobs,
     /// The users service.
     Users,
+    /// The inventory service.
+    Inventory,
+    /// The catalog service.
+    Catalog,
+    /// Payments: the sandbox gateway and its ledger.
+    Payments,
+    /// The order service and the order processor (saga).
+    Orders,
     /// The notification service (welcome and order emails).
     Notifications,
 }
@@ -31,6 +39,10 @@ impl Module {
         Module::Events,
         Module::Jobs,
         Module::Users,
+        Module::Inventory,
+        Module::Catalog,
+        Module::Payments,
+        Module::Orders,
         Module::Notifications,
     ];
 
@@ -41,6 +53,10 @@ impl Module {
             Self::Events => "events",
             Self::Jobs => "jobs",
             Self::Users => "users",
+            Self::Inventory => "inventory",
+            Self::Catalog => "catalog",
+            Self::Payments => "payments",
+            Self::Orders => "orders",
             Self::Notifications => "notifications",
         }
     }
@@ -50,7 +66,16 @@ impl Module {
         match self {
             Self::Database | Self::Operations => &[],
             Self::Events | Self::Jobs => &[Module::Database],
-            Self::Users => &[Module::Database, Module::Events],
+            Self::Users | Self::Inventory | Self::Payments => &[Module::Database, Module::Events],
+            Self::Catalog => &[Module::Database, Module::Events, Module::Inventory],
+            Self::Orders => &[
+                Module::Database,
+                Module::Events,
+                Module::Jobs,
+                Module::Catalog,
+                Module::Inventory,
+                Module::Payments,
+            ],
             Self::Notifications => &[Module::Database, Module::Events, Module::Jobs],
         }
     }

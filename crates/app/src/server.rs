@@ -27,6 +27,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::config::Config;
 use crate::modules::{Module, Target};
 use crate::ops::Probes;
+use scaleshop_telemetry::Collector;
 
 /// Request bodies over this are refused with 413.
 pub const BODY_LIMIT: usize = 1024 * 1024;
@@ -88,6 +89,10 @@ fn migrations_of(modules: &[Module]) -> Vec<Migrations> {
             Module::Jobs => Some(scaleshop_jobs::migrations()),
             Module::Users => Some(scaleshop_users::store::migrations()),
             Module::Notifications => Some(scaleshop_notifications::migrations()),
+            Module::Inventory => Some(scaleshop_inventory::migrations()),
+            Module::Catalog => Some(scaleshop_catalog::migrations()),
+            Module::Payments => Some(scaleshop_payments::migrations()),
+            Module::Orders => Some(scaleshop_orders::migrations()),
             Module::Database | Module::Operations => None,
         })
         .collect()
@@ -162,6 +167,8 @@ pub struct App {
     dispatcher: Option<Dispatcher>,
     workers: Option<Workers>,
     forget_idle: Vec<Box<dyn Fn() + Send + Sync>>,
+    /// Housekeeping run every so often (e.g. expired idempotency keys).
+    periodic: Vec<(Duration, Collector)>,
 }
 
 impl App {
@@ -182,6 +189,14 @@ impl App {
             .contains(&Module::Jobs)
             .then(|| Workers::new(db.clone(), config.worker_settings()));
         let mut forget_idle: Vec<Box<dyn Fn() + Send + Sync>> = Vec::new();
+        let mut periodic: Vec<(Duration, Collector)> = Vec::new();
+        // In-process APIs of the services others call (cheap handles on the pool).
+        let inventory = scaleshop_inventory::Inventory::new(db.clone());
+        let catalog = scaleshop_catalog::Catalog::new(db.clone(), inventory.clone());
+        let payments = scaleshop_payments::Payments::new(
+            db.clone(),
+            Arc::new(scaleshop_payments::SandboxGateway::new(db.clone())),
+        );
 
         for module in &modules {
             match module {
@@ -209,6 +224,55 @@ impl App {
                         scaleshop_users::http::router(users, config.login_limits());
                     api = api.merge(router);
                     forget_idle.push(Box::new(forget));
+                }
+                Module::Inventory => {
+                    if let Some(dispatcher) = dispatcher.as_mut() {
+                        dispatcher.subscribe(Arc::new(scaleshop_inventory::InventoryConsumer));
+                    }
+                    api = api.merge(scaleshop_inventory::http::router(inventory.clone()));
+                }
+                Module::Catalog => {
+                    api = api.merge(scaleshop_catalog::http::router(catalog.clone()));
+                }
+                Module::Payments => {
+                    api = api.merge(scaleshop_payments::http::router(payments.clone()));
+                }
+                Module::Orders => {
+                    let orders = scaleshop_orders::Orders::new(
+                        db.clone(),
+                        catalog.clone(),
+                        payments.clone(),
+                    );
+                    if let Some(dispatcher) = dispatcher.as_mut() {
+                        let processor = scaleshop_orders::OrderProcessor {
+                            max_attempts: config.order_max_attempts,
+                        };
+                        dispatcher.subscribe(Arc::new(processor));
+                    }
+                    if let Some(workers) = workers.as_mut() {
+                        let saga = scaleshop_orders::OrderSaga::new(
+                            db.clone(),
+                            inventory.clone(),
+                            payments.clone(),
+                        );
+                        let concurrency = usize::try_from(config.order_concurrency).unwrap_or(1);
+                        workers.register(scaleshop_orders::SAGA_QUEUE, concurrency, Arc::new(saga));
+                    }
+                    let keys = orders.idempotency.clone();
+                    periodic.push((
+                        Duration::from_secs(600),
+                        Arc::new(move || {
+                            let keys = keys.clone();
+                            Box::pin(async move {
+                                match keys.clean_up().await {
+                                    Ok(0) => {}
+                                    Ok(n) => tracing::info!(deleted = n, "expired idempotency keys removed"),
+                                    Err(e) => tracing::warn!(error = %e, "idempotency key clean-up failed"),
+                                }
+                            })
+                        }),
+                    ));
+                    api = api.merge(scaleshop_orders::http::router(orders));
                 }
                 Module::Notifications => {
                     let mailer = Arc::new(mailer(config)?);
@@ -267,6 +331,7 @@ impl App {
             dispatcher,
             workers,
             forget_idle,
+            periodic,
         })
     }
 
@@ -288,6 +353,18 @@ impl App {
         }
         if let Some(workers) = self.workers.take() {
             tasks.push(workers.start(shutdown.clone()));
+        }
+        for (every, task) in std::mem::take(&mut self.periodic) {
+            let mut stop = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => task().await,
+                        _ = stop.changed() => return,
+                    }
+                }
+            }));
         }
         let forget_idle = std::mem::take(&mut self.forget_idle);
         let mut stop = shutdown.clone();

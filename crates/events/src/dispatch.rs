@@ -555,3 +555,28 @@ impl Runner {
         Ok(true)
     }
 }
+
+/// Waits (at most `timeout`) until `consumer` has handled every event committed
+/// before this call. For reads that must see the effect of a write made through an
+/// event (read-your-writes across an asynchronous boundary). True when caught up.
+pub async fn wait_caught_up(
+    db: &Database,
+    consumer: &str,
+    timeout: Duration,
+) -> Result<bool, StoreError> {
+    const POSITION: &str = "SELECT position FROM event_consumers WHERE name = $1";
+    let head = EventLog::new(db.clone()).head().await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let position: Option<i64> = with_pool!(db, pool => {
+            sqlx::query_scalar(POSITION).bind(consumer).fetch_optional(pool).await?
+        });
+        if position.unwrap_or(0) >= head {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,13 +1,14 @@
 //! The notification service. It reacts to events (`user.created` -> a `welcome`
-//! notification) by writing a notification record and an `email` job in one
+//! notification; `order.processed` -> `order_confirmation`; `order.failed` ->
+//! `order_failed`) by writing a notification record and an `email` job in one
 //! transaction (the dispatcher's, which also writes the inbox row), so each cause
 //! yields exactly one record whatever is redelivered. The job renders the message
 //! with lettre and sends it: `.eml` files under the data folder by default, SMTP
 //! when configured; the record goes `queued` -> `sent`, or `failed` when the job
 //! dies.
 //!
-//! It never reads another service's tables: what it needs (address, name) comes in
-//! the event.
+//! It never reads another service's tables: it keeps its own directory of
+//! recipients from `user.created` / `user.updated`, and the rest comes in the events.
 
 pub mod http;
 pub mod mail;
@@ -36,10 +37,28 @@ pub const NOTIFICATION_SENT: &str = "notification.sent";
 pub struct NotificationConsumer;
 
 #[derive(Debug, Deserialize)]
-struct UserCreated {
+struct UserChanged {
     user_id: Uuid,
     email: String,
     name: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct OrderEnded {
+    order_id: Uuid,
+    user_id: Uuid,
+    total_cents: i64,
+    currency: String,
+    reason: Option<String>,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(event: &Event) -> Result<T, HandlerError> {
+    serde_json::from_value(event.data.0.clone())
+        .map_err(|e| HandlerError::new(format!("bad {} payload: {e}", event.kind)))
+}
+
+fn money(cents: i64, currency: &str) -> String {
+    format!("{}.{:02} {currency}", cents / 100, cents % 100)
 }
 
 #[async_trait]
@@ -49,31 +68,80 @@ impl Consumer for NotificationConsumer {
     }
 
     fn wants(&self, event_type: &str) -> bool {
-        event_type == "user.created"
+        matches!(
+            event_type,
+            "user.created" | "user.updated" | "order.processed" | "order.failed"
+        )
     }
 
     async fn handle(&self, event: &Event, tx: &mut Tx) -> Result<(), HandlerError> {
         match event.kind.as_str() {
-            "user.created" => {
-                let user: UserCreated = serde_json::from_value(event.data.0.clone())
-                    .map_err(|e| HandlerError::new(format!("bad user.created payload: {e}")))?;
+            "user.created" | "user.updated" => {
+                let user: UserChanged = parse(event)?;
+                store::upsert_recipient(tx, user.user_id, &user.email, &user.name).await?;
+                if event.kind == "user.created" {
+                    let draft = store::Draft {
+                        user_id: user.user_id,
+                        kind: "welcome",
+                        to: user.email,
+                        subject: "Welcome to scaleshop".to_owned(),
+                        body: format!(
+                            "Hello {},\n\nyour scaleshop account is ready. Sign in with this address to start shopping.\n\n-- scaleshop\n",
+                            user.name
+                        ),
+                        order_id: None,
+                        dedup_key: format!("welcome:{}", user.user_id),
+                    };
+                    store::create_with_email_job(tx, &draft).await?;
+                }
+            }
+            "order.processed" | "order.failed" => {
+                let order: OrderEnded = parse(event)?;
+                let Some((email, name)) = store::recipient(tx, order.user_id).await? else {
+                    return Err(HandlerError::new(format!(
+                        "no address known for user {}",
+                        order.user_id
+                    )));
+                };
+                let total = money(order.total_cents, &order.currency);
+                let (kind, subject, body) = if event.kind == "order.processed" {
+                    (
+                        "order_confirmation",
+                        format!("Your order {} is confirmed", order.order_id),
+                        format!(
+                            "Hello {name},\n\nthank you: order {} ({total}) is paid and on its way.\n\n-- scaleshop\n",
+                            order.order_id
+                        ),
+                    )
+                } else {
+                    let why = match order.reason.as_deref() {
+                        Some("out_of_stock") => "an item is out of stock",
+                        Some("payment_declined") => "the payment was declined",
+                        _ => "the payment could not be processed",
+                    };
+                    (
+                        "order_failed",
+                        format!("Your order {} could not be completed", order.order_id),
+                        format!(
+                            "Hello {name},\n\norder {} ({total}) could not be completed: {why}. Nothing was charged.\n\n-- scaleshop\n",
+                            order.order_id
+                        ),
+                    )
+                };
                 let draft = store::Draft {
-                    user_id: user.user_id,
-                    kind: "welcome",
-                    to: user.email,
-                    subject: "Welcome to scaleshop".to_owned(),
-                    body: format!(
-                        "Hello {},\n\nyour scaleshop account is ready. Sign in with this address to start shopping.\n\n-- scaleshop\n",
-                        user.name
-                    ),
-                    order_id: None,
-                    dedup_key: format!("welcome:{}", user.user_id),
+                    user_id: order.user_id,
+                    kind,
+                    to: email,
+                    subject,
+                    body,
+                    order_id: Some(order.order_id),
+                    dedup_key: format!("order:{}", order.order_id),
                 };
                 store::create_with_email_job(tx, &draft).await?;
-                Ok(())
             }
-            _ => Ok(()),
+            _ => {}
         }
+        Ok(())
     }
 }
 

@@ -89,6 +89,28 @@ pub async fn create_with_email_job(tx: &mut Tx, draft: &Draft) -> Result<bool, S
     Ok(inserted == 1)
 }
 
+/// Keeps the address book current, in the caller's transaction.
+pub async fn upsert_recipient(
+    tx: &mut Tx,
+    user_id: Uuid,
+    email: &str,
+    name: &str,
+) -> Result<(), StoreError> {
+    const Q: &str = "INSERT INTO recipients (user_id, email, name, updated_at) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, name = excluded.name, \
+                     updated_at = excluded.updated_at";
+    with_tx!(tx, conn => {
+        sqlx::query(Q).bind(user_id).bind(email).bind(name).bind(now()).execute(conn).await?;
+    });
+    Ok(())
+}
+
+/// (email, name) of a user, read in the caller's transaction.
+pub async fn recipient(tx: &mut Tx, user_id: Uuid) -> Result<Option<(String, String)>, StoreError> {
+    const Q: &str = "SELECT email, name FROM recipients WHERE user_id = $1";
+    Ok(with_tx!(tx, conn => sqlx::query_as(Q).bind(user_id).fetch_optional(conn).await?))
+}
+
 /// `queued` -> `failed`, in the transaction that kills the email job.
 pub async fn mark_failed(tx: &mut Tx, id: Uuid) -> Result<(), StoreError> {
     const Q: &str =

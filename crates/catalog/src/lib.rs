@@ -1,0 +1,163 @@
+//! The catalog service: products. Admins create and change them; anyone reads and
+//! searches. Creating a product publishes `product.created` (with its initial
+//! stock, from which the inventory service makes its stock record); a change
+//! publishes `product.updated`. A product's `available` comes from the inventory
+//! service's API, never its tables.
+
+pub mod domain;
+pub mod http;
+mod store;
+
+use chrono::SubsecRound;
+use chrono::Utc;
+use scaleshop_db::{Database, Migrations, StoreError};
+use scaleshop_events::NewEvent;
+use scaleshop_inventory::Inventory;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::domain::{NewProduct, Product, ProductPatch};
+use crate::store::ProductStore;
+
+pub mod events {
+    pub const PRODUCT_CREATED: &str = "product.created";
+    pub const PRODUCT_UPDATED: &str = "product.updated";
+}
+
+pub fn migrations() -> Migrations {
+    store::migrations()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("the sku is taken")]
+    SkuTaken,
+    #[error("no such product")]
+    NotFound,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A product with its current stock.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub product: Product,
+    pub available: i64,
+}
+
+/// The catalog's in-process API.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    store: ProductStore,
+    inventory: Inventory,
+}
+
+fn product_data(product: &Product) -> serde_json::Value {
+    json!({
+        "product_id": product.id,
+        "sku": product.sku.as_str(),
+        "name": product.name.as_str(),
+        "price_cents": product.price_cents.get(),
+        "currency": product.currency.as_str(),
+        "initial_stock": product.initial_stock.get(),
+    })
+}
+
+impl Catalog {
+    pub fn new(db: Database, inventory: Inventory) -> Self {
+        Self {
+            store: ProductStore::new(db),
+            inventory,
+        }
+    }
+
+    pub async fn create(&self, new: NewProduct) -> Result<Product, CatalogError> {
+        let now = Utc::now().trunc_subsecs(6);
+        let product = Product {
+            id: Uuid::now_v7(),
+            sku: new.sku,
+            name: new.name,
+            description: new.description,
+            price_cents: new.price_cents,
+            currency: new.currency,
+            initial_stock: new.initial_stock,
+            created_at: now,
+            updated_at: now,
+        };
+        let event = NewEvent::new(events::PRODUCT_CREATED, product.id, product_data(&product));
+        match self.store.insert(&product, &event).await {
+            Ok(()) => Ok(product),
+            Err(StoreError::Conflict(_)) => Err(CatalogError::SkuTaken),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn update(&self, id: Uuid, patch: ProductPatch) -> Result<Product, CatalogError> {
+        let mut product = self.store.get(id).await?.ok_or(CatalogError::NotFound)?;
+        let mut changed = Vec::new();
+        if let Some(name) = patch.name.filter(|n| *n != product.name) {
+            product.name = name;
+            changed.push("name");
+        }
+        if let Some(description) = patch.description.filter(|d| *d != product.description) {
+            product.description = description;
+            changed.push("description");
+        }
+        if let Some(price) = patch.price_cents.filter(|p| *p != product.price_cents) {
+            product.price_cents = price;
+            changed.push("price_cents");
+        }
+        if changed.is_empty() {
+            return Ok(product);
+        }
+        product.updated_at = Utc::now().trunc_subsecs(6).max(product.updated_at);
+        let mut data = product_data(&product);
+        data["changed"] = json!(changed);
+        let event = NewEvent::new(events::PRODUCT_UPDATED, product.id, data);
+        self.store.update(&product, &event).await?;
+        Ok(product)
+    }
+
+    /// Products by id (the ones that exist), for other services.
+    pub async fn products(&self, ids: &[Uuid]) -> Result<Vec<Product>, CatalogError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(product) = self.store.get(*id).await? {
+                found.push(product);
+            }
+        }
+        Ok(found)
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<Listed, CatalogError> {
+        let product = self.store.get(id).await?.ok_or(CatalogError::NotFound)?;
+        Ok(self.with_stock(vec![product]).await?.remove(0))
+    }
+
+    pub async fn search(
+        &self,
+        text: Option<&str>,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<Listed>, CatalogError> {
+        let text = text.map(str::trim).filter(|t| !t.is_empty());
+        let products = self.store.search(text, after, limit).await?;
+        self.with_stock(products).await
+    }
+
+    /// Adds `available`: the inventory's figure, or the initial stock while the
+    /// inventory has not made the record yet (nothing can have been reserved then).
+    async fn with_stock(&self, products: Vec<Product>) -> Result<Vec<Listed>, CatalogError> {
+        let ids: Vec<Uuid> = products.iter().map(|p| p.id).collect();
+        let levels = self.inventory.levels(&ids).await?;
+        Ok(products
+            .into_iter()
+            .map(|product| {
+                let available = levels
+                    .get(&product.id)
+                    .map_or(product.initial_stock.get(), |s| s.available);
+                Listed { product, available }
+            })
+            .collect())
+    }
+}

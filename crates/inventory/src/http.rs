@@ -1,0 +1,101 @@
+//! `GET /v1/inventory/{product_id}` and admin adjustments.
+
+use axum::Json;
+use axum::extract::State;
+use scaleshop_web::{ApiError, Caller, Fields, Id, JsonObject, Problem};
+use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::{Inventory, InventoryError, Stock};
+
+pub fn router(inventory: Inventory) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(get_stock))
+        .routes(routes!(adjust))
+        .with_state(inventory)
+}
+
+impl From<InventoryError> for ApiError {
+    fn from(error: InventoryError) -> Self {
+        match error {
+            InventoryError::UnknownProduct(_) => ApiError::not_found(),
+            InventoryError::WouldGoNegative => {
+                ApiError::conflict("the adjustment would make available negative")
+            }
+            InventoryError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// Stock of a product.
+#[utoipa::path(
+    get, path = "/v1/inventory/{product_id}", tag = "inventory",
+    params(("product_id" = uuid::Uuid, Path)),
+    responses(
+        (status = 200, description = "Stock", body = Stock),
+        (status = 404, description = "No such product", body = Problem),
+    )
+)]
+async fn get_stock(
+    State(inventory): State<Inventory>,
+    Id(product_id): Id,
+) -> Result<Json<Stock>, ApiError> {
+    inventory
+        .get_fresh(product_id)
+        .await?
+        .map(Json)
+        .ok_or_else(ApiError::not_found)
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documents the body; parsing goes through Fields")]
+struct AdjustmentRequest {
+    /// Added to `available` (negative removes); the result may not be negative.
+    delta: i64,
+    /// 1..=200 characters.
+    reason: String,
+}
+
+/// Adjust stock (admin).
+#[utoipa::path(
+    post, path = "/v1/inventory/{product_id}/adjustments", tag = "inventory",
+    params(("product_id" = uuid::Uuid, Path)), request_body = AdjustmentRequest, security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Adjusted", body = Stock),
+        (status = 404, description = "No such product", body = Problem),
+        (status = 409, description = "Would make available negative", body = Problem),
+        (status = 422, description = "Invalid", body = Problem),
+    )
+)]
+async fn adjust(
+    State(inventory): State<Inventory>,
+    caller: Caller,
+    Id(product_id): Id,
+    body: JsonObject,
+) -> Result<Json<Stock>, ApiError> {
+    caller.require_admin()?;
+    let mut f = Fields::new(body);
+    let delta = f.required("delta", |d: i64| {
+        if d == 0 {
+            Err("must not be 0")
+        } else if d.abs() > 1_000_000_000 {
+            Err("must be between -1000000000 and 1000000000")
+        } else {
+            Ok(d)
+        }
+    });
+    let reason = f.required("reason", |r: String| {
+        let r = r.trim().to_owned();
+        match r.chars().count() {
+            0 => Err("must not be empty"),
+            1..=200 => Ok(r),
+            _ => Err("must be at most 200 characters"),
+        }
+    });
+    f.finish()?;
+    let (Some(delta), Some(reason)) = (delta, reason) else {
+        return Err(ApiError::internal("fields checked but missing"));
+    };
+    Ok(Json(inventory.adjust(product_id, delta, &reason).await?))
+}

@@ -1,0 +1,161 @@
+//! `Idempotency-Key` (IETF httpapi draft): the first response to a (user, key) is
+//! kept and replayed for the same body; another body with the same key is a 422;
+//! the same key while the first request runs is a 409. Keys are kept 24 hours.
+//! A key whose request died in flight (a crash) is taken over after a minute.
+
+use chrono::{DateTime, Utc};
+use scaleshop_db::clock::now;
+use scaleshop_db::sqlx;
+use scaleshop_db::{Database, StoreError, Tx, with_pool, with_tx};
+use uuid::Uuid;
+
+/// How long keys are kept.
+pub const RETENTION_HOURS: i64 = 24;
+/// After this long without completing, an in-flight key is considered abandoned.
+const ABANDONED_SECS: i64 = 60;
+
+/// A stored first response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub status: u16,
+    pub location: Option<String>,
+    pub body: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// First use: go ahead, then complete or abandon.
+    Proceed,
+    Replay(Stored),
+    InFlight,
+    Mismatch,
+}
+
+/// A key being used by one request.
+#[derive(Debug, Clone)]
+pub struct KeyRef {
+    pub user_id: Uuid,
+    pub key: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    db: Database,
+}
+
+type Existing = (
+    String,
+    String,
+    Option<i32>,
+    Option<String>,
+    Option<String>,
+    DateTime<Utc>,
+);
+
+impl Idempotency {
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+
+    pub async fn claim(&self, key: &KeyRef, request_hash: &str) -> Result<Claim, StoreError> {
+        const INSERT: &str = "INSERT INTO idempotency_keys (user_id, key, request_hash, state, created_at) \
+                              VALUES ($1, $2, $3, 'in_flight', $4) ON CONFLICT (user_id, key) DO NOTHING";
+        const SELECT: &str = "SELECT request_hash, state, status_code, location, response, created_at \
+                              FROM idempotency_keys WHERE user_id = $1 AND key = $2";
+        const TAKE_OVER: &str = "UPDATE idempotency_keys SET request_hash = $3, state = 'in_flight', status_code = NULL, \
+                                 location = NULL, response = NULL, created_at = $4 \
+                                 WHERE user_id = $1 AND key = $2 AND created_at = $5";
+        for _ in 0..3 {
+            let at = now();
+            let mut tx = self.db.begin().await?;
+            let inserted = with_tx!(&mut tx, conn => {
+                sqlx::query(INSERT).bind(key.user_id).bind(&key.key).bind(request_hash).bind(at)
+                    .execute(conn).await?.rows_affected()
+            });
+            tx.commit().await?;
+            if inserted == 1 {
+                return Ok(Claim::Proceed);
+            }
+            let existing: Option<Existing> = with_pool!(self.db, pool => {
+                sqlx::query_as(SELECT).bind(key.user_id).bind(&key.key).fetch_optional(pool).await?
+            });
+            let Some((hash, state, status, location, response, created_at)) = existing else {
+                continue; // deleted in between: try again
+            };
+            let expired = created_at < at - chrono::Duration::hours(RETENTION_HOURS);
+            let abandoned =
+                state == "in_flight" && created_at < at - chrono::Duration::seconds(ABANDONED_SECS);
+            if expired || abandoned {
+                let mut tx = self.db.begin().await?;
+                let taken = with_tx!(&mut tx, conn => {
+                    sqlx::query(TAKE_OVER).bind(key.user_id).bind(&key.key).bind(request_hash).bind(at)
+                        .bind(created_at).execute(conn).await?.rows_affected()
+                });
+                tx.commit().await?;
+                if taken == 1 {
+                    return Ok(Claim::Proceed);
+                }
+                continue;
+            }
+            if hash != request_hash {
+                return Ok(Claim::Mismatch);
+            }
+            return Ok(match (state.as_str(), status, response) {
+                ("done", Some(status), Some(body)) => Claim::Replay(Stored {
+                    status: u16::try_from(status).unwrap_or(500),
+                    location,
+                    body,
+                }),
+                _ => Claim::InFlight,
+            });
+        }
+        Ok(Claim::InFlight)
+    }
+
+    /// Stores the response in the caller's transaction (the one that made the order).
+    pub async fn complete_in(tx: &mut Tx, key: &KeyRef, stored: &Stored) -> Result<(), StoreError> {
+        const Q: &str = "UPDATE idempotency_keys SET state = 'done', status_code = $3, location = $4, response = $5 \
+                         WHERE user_id = $1 AND key = $2";
+        with_tx!(tx, conn => {
+            sqlx::query(Q)
+                .bind(key.user_id)
+                .bind(&key.key)
+                .bind(i32::from(stored.status))
+                .bind(&stored.location)
+                .bind(&stored.body)
+                .execute(conn)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Stores a response made without a transaction of its own (a refusal).
+    pub async fn complete(&self, key: &KeyRef, stored: &Stored) -> Result<(), StoreError> {
+        let mut tx = self.db.begin().await?;
+        Self::complete_in(&mut tx, key, stored).await?;
+        tx.commit().await
+    }
+
+    /// Forgets a key whose request failed for a reason worth retrying (a 5xx).
+    pub async fn abandon(&self, key: &KeyRef) -> Result<(), StoreError> {
+        const Q: &str =
+            "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 AND state = 'in_flight'";
+        let mut tx = self.db.begin().await?;
+        with_tx!(&mut tx, conn => {
+            sqlx::query(Q).bind(key.user_id).bind(&key.key).execute(conn).await?;
+        });
+        tx.commit().await
+    }
+
+    /// Deletes keys older than the retention; returns how many.
+    pub async fn clean_up(&self) -> Result<u64, StoreError> {
+        const Q: &str = "DELETE FROM idempotency_keys WHERE created_at < $1";
+        let cutoff = now() - chrono::Duration::hours(RETENTION_HOURS);
+        let mut tx = self.db.begin().await?;
+        let deleted = with_tx!(&mut tx, conn => {
+            sqlx::query(Q).bind(cutoff).execute(conn).await?.rows_affected()
+        });
+        tx.commit().await?;
+        Ok(deleted)
+    }
+}

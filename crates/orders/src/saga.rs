@@ -1,0 +1,225 @@
+//! The order processor: the `order-processor` consumer and the `orders` saga job.
+
+use async_trait::async_trait;
+use scaleshop_db::{StoreError, Tx};
+use scaleshop_events::{Consumer, Event, HandlerError, NewEvent};
+use scaleshop_inventory::{Inventory, InventoryError, Line, Reservation};
+use scaleshop_jobs::{Job, JobError, JobHandler, NewJob};
+use scaleshop_payments::{PaymentResult, Payments, PaymentsError};
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::domain::{FailureReason, Order, Status, Step};
+use crate::store::OrderStore;
+use crate::{event_data, events};
+
+/// The queue of saga runs.
+pub const SAGA_QUEUE: &str = "orders";
+
+#[derive(Debug, Deserialize)]
+struct OrderRef {
+    order_id: Uuid,
+}
+
+/// Turns each `order.created` into a durable saga job (in the delivery's
+/// transaction: exactly one job per order).
+#[derive(Debug, Clone, Copy)]
+pub struct OrderProcessor {
+    pub max_attempts: u32,
+}
+
+#[async_trait]
+impl Consumer for OrderProcessor {
+    fn name(&self) -> &'static str {
+        "order-processor"
+    }
+
+    fn wants(&self, event_type: &str) -> bool {
+        event_type == events::CREATED
+    }
+
+    async fn handle(&self, event: &Event, tx: &mut Tx) -> Result<(), HandlerError> {
+        let order: OrderRef = serde_json::from_value(event.data.0.clone())
+            .map_err(|e| HandlerError::new(format!("bad order.created payload: {e}")))?;
+        let job = NewJob {
+            max_attempts: Some(self.max_attempts),
+            ..NewJob::new(SAGA_QUEUE, json!({"order_id": order.order_id}))
+        };
+        scaleshop_jobs::enqueue(tx, &job).await?;
+        Ok(())
+    }
+}
+
+/// One run of the saga of one order: reserve, charge, end. Resumes from the
+/// order's `step`; every step is idempotent.
+#[derive(Debug, Clone)]
+pub struct OrderSaga {
+    store: OrderStore,
+    inventory: Inventory,
+    payments: Payments,
+}
+
+fn retry(error: impl std::fmt::Display) -> JobError {
+    JobError::retry(error.to_string())
+}
+
+impl OrderSaga {
+    pub fn new(db: scaleshop_db::Database, inventory: Inventory, payments: Payments) -> Self {
+        Self {
+            store: OrderStore::new(db),
+            inventory,
+            payments,
+        }
+    }
+
+    /// Ends the order and appends `order.processed` or `order.failed`.
+    async fn end(&self, order: &Order, reason: Option<FailureReason>) -> Result<(), JobError> {
+        let mut tx = self.store.db().begin().await?;
+        self.end_in(&mut tx, order, reason).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn end_in(
+        &self,
+        tx: &mut Tx,
+        order: &Order,
+        reason: Option<FailureReason>,
+    ) -> Result<bool, StoreError> {
+        let mut data = event_data(order);
+        let (status, kind) = match reason {
+            None => (Status::Completed, events::PROCESSED),
+            Some(reason) => {
+                data["reason"] = json!(reason.as_str());
+                (Status::Failed, events::FAILED)
+            }
+        };
+        let event = NewEvent::new(kind, order.id, data);
+        self.store
+            .finish(
+                tx,
+                order,
+                &[Step::Placed, Step::Reserved, Step::Charging],
+                status,
+                reason,
+                &event,
+            )
+            .await
+    }
+
+    /// The order left `pending` under us (cancelled): make sure nothing stays reserved.
+    async fn settle_cancelled(&self, id: Uuid) -> Result<(), JobError> {
+        let order = self
+            .store
+            .get(id)
+            .await?
+            .ok_or_else(|| JobError::permanent("the order vanished"))?;
+        if order.status == Status::Cancelled {
+            self.inventory.release(id).await?;
+        }
+        Ok(())
+    }
+
+    async fn advance(&self, id: Uuid, from: Step, to: Step) -> Result<bool, JobError> {
+        let mut tx = self.store.db().begin().await?;
+        let moved = self.store.advance(&mut tx, id, &[from], to).await?;
+        tx.commit().await?;
+        Ok(moved)
+    }
+}
+
+#[async_trait]
+impl JobHandler for OrderSaga {
+    async fn run(&self, job: &Job) -> Result<(), JobError> {
+        let OrderRef { order_id } = serde_json::from_value(job.payload.0.clone())
+            .map_err(|e| JobError::permanent(format!("bad saga payload: {e}")))?;
+        let order = self
+            .store
+            .get(order_id)
+            .await?
+            .ok_or_else(|| JobError::permanent("no such order"))?;
+        if order.status != Status::Pending {
+            return self.settle_cancelled(order_id).await;
+        }
+        let mut step = order.step;
+        if step == Step::Placed {
+            let lines: Vec<Line> = order
+                .items
+                .iter()
+                .map(|l| Line {
+                    product_id: l.product_id,
+                    quantity: l.quantity,
+                })
+                .collect();
+            match self.inventory.reserve(order_id, &lines).await {
+                Ok(Reservation::Reserved) => {
+                    if !self.advance(order_id, Step::Placed, Step::Reserved).await? {
+                        return self.settle_cancelled(order_id).await;
+                    }
+                    step = Step::Reserved;
+                }
+                Ok(Reservation::OutOfStock { .. }) => {
+                    return self.end(&order, Some(FailureReason::OutOfStock)).await;
+                }
+                Ok(Reservation::Released) => return Ok(()),
+                // The inventory has not seen the product yet: try again shortly.
+                Err(InventoryError::UnknownProduct(product)) => {
+                    return Err(JobError::retry(format!(
+                        "no stock record for {product} yet"
+                    )));
+                }
+                Err(e) => return Err(retry(e)),
+            }
+        }
+        if step == Step::Reserved {
+            if !self
+                .advance(order_id, Step::Reserved, Step::Charging)
+                .await?
+            {
+                return self.settle_cancelled(order_id).await;
+            }
+            step = Step::Charging;
+        }
+        if step != Step::Charging {
+            return Ok(());
+        }
+        let last_attempt = job.attempts >= job.max_attempts;
+        let result = self
+            .payments
+            .charge(
+                order_id,
+                order.total_cents,
+                &order.currency,
+                &order.payment_method,
+                last_attempt,
+            )
+            .await;
+        match result {
+            Ok(PaymentResult::Succeeded) => self.end(&order, None).await,
+            Ok(PaymentResult::Declined) => {
+                self.end(&order, Some(FailureReason::PaymentDeclined)).await
+            }
+            Ok(PaymentResult::Error) | Err(PaymentsError::Invalid(_)) => {
+                self.end(&order, Some(FailureReason::PaymentError)).await
+            }
+            Err(PaymentsError::Transient(e)) => {
+                Err(JobError::retry(format!("payment provider: {e}")))
+            }
+            Err(PaymentsError::Store(e)) => Err(retry(e)),
+        }
+    }
+
+    /// The saga could not finish (its attempts ran out): the order fails, and the
+    /// inventory releases what it reserved.
+    async fn on_dead(&self, job: &Job, tx: &mut Tx) -> Result<(), StoreError> {
+        let Ok(OrderRef { order_id }) = serde_json::from_value(job.payload.0.clone()) else {
+            return Ok(());
+        };
+        if let Some(order) = self.store.get(order_id).await? {
+            self.end_in(tx, &order, Some(FailureReason::PaymentError))
+                .await?;
+        }
+        Ok(())
+    }
+}
