@@ -11,7 +11,7 @@ CREATE TABLE stock (
 CREATE TABLE reservations (
     order_id   UUID PRIMARY KEY,
     state      TEXT NOT NULL CHECK (state IN ('reserved', 'rejected', 'released', 'sold')),
-    items      TEXT NOT NULL,
+    items      JSONB NOT NULL,
     -- For a rejected reservation: the product that was short.
     short_product_id UUID,
     created_at TIMESTAMPTZ NOT NULL,

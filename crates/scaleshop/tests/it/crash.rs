@@ -10,7 +10,7 @@ use std::time::Duration;
 use scaleshop_testkit::{Backend, both_backends};
 use serde_json::{Value, json};
 
-use crate::process::{Deployment, Server, eventually};
+use crate::process::{Deployment, eventually, gauge};
 
 fn fast(deployment: &mut Deployment) {
     deployment
@@ -19,23 +19,6 @@ fn fast(deployment: &mut Deployment) {
         .set("SCALESHOP_JOB_LEASE_MS", "1500")
         .set("SCALESHOP_JOB_POLL_MS", "100")
         .set("SCALESHOP_JOB_MIN_BACKOFF_MS", "100");
-}
-
-/// Gauge value from the Prometheus text.
-async fn gauge(server: &Server, series: &str) -> Option<f64> {
-    let text = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines().find_map(|line| {
-        line.strip_prefix(series)
-            .and_then(|rest| rest.trim().parse().ok())
-    })
 }
 
 /// Signs up users from `clients` concurrent clients until stopped (or 400 each).

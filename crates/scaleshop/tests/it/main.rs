@@ -13,5 +13,6 @@ mod process;
 
 mod cli;
 mod crash;
+mod saga_crash;
 mod signals;
 mod takeover;
