@@ -38,12 +38,6 @@ impl From<CatalogError> for ApiError {
     }
 }
 
-/// An image of a product (variants come from the media service).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct ImageRef {
-    pub id: Uuid,
-}
-
 /// A product.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ProductView {
@@ -55,13 +49,21 @@ pub struct ProductView {
     pub currency: String,
     /// Stock that can still be ordered.
     pub available: i64,
-    pub images: Vec<ImageRef>,
+    /// Images, as `GET /v1/images/{id}` shows them.
+    #[schema(value_type = Vec<Object>)]
+    pub images: Vec<serde_json::Value>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
 impl From<Listed> for ProductView {
-    fn from(Listed { product, available }: Listed) -> Self {
+    fn from(
+        Listed {
+            product,
+            available,
+            images,
+        }: Listed,
+    ) -> Self {
         Self {
             id: product.id,
             sku: product.sku.as_str().to_owned(),
@@ -70,7 +72,7 @@ impl From<Listed> for ProductView {
             price_cents: product.price_cents.get(),
             currency: product.currency.as_str().to_owned(),
             available,
-            images: Vec::new(),
+            images,
             created_at: product.created_at,
             updated_at: product.updated_at,
         }
@@ -160,7 +162,14 @@ async fn create_product(
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location), token],
-        Json(Listed { product, available }.into()),
+        Json(
+            Listed {
+                product,
+                available,
+                images: Vec::new(),
+            }
+            .into(),
+        ),
     ))
 }
 

@@ -8,6 +8,8 @@ pub mod domain;
 pub mod http;
 mod store;
 
+use std::sync::{Arc, OnceLock};
+
 use chrono::SubsecRound;
 use chrono::Utc;
 use scaleshop_db::{Database, Migrations, StoreError};
@@ -38,18 +40,34 @@ pub enum CatalogError {
     Store(#[from] StoreError),
 }
 
-/// A product with its current stock.
+/// A product with its current stock and images.
 #[derive(Debug, Clone)]
 pub struct Listed {
     pub product: Product,
     pub available: i64,
+    /// The product's images as the media service shows them (opaque here).
+    pub images: Vec<serde_json::Value>,
+}
+
+/// The media service's answer to "which images does this product have?", plugged
+/// in by the composition root (the catalog does not depend on the media crate).
+#[async_trait::async_trait]
+pub trait ProductImages: Send + Sync + 'static {
+    async fn images_of(&self, product_id: Uuid) -> Result<Vec<serde_json::Value>, StoreError>;
 }
 
 /// The catalog's in-process API.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Catalog {
     store: ProductStore,
     inventory: Inventory,
+    images: Arc<OnceLock<Arc<dyn ProductImages>>>,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Catalog")
+    }
 }
 
 fn product_data(product: &Product) -> serde_json::Value {
@@ -68,7 +86,18 @@ impl Catalog {
         Self {
             store: ProductStore::new(db),
             inventory,
+            images: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Plugs in the media service (once; later calls are ignored).
+    pub fn set_images(&self, images: Arc<dyn ProductImages>) {
+        let _ = self.images.set(images);
+    }
+
+    /// Whether a product exists (for other services).
+    pub async fn exists(&self, id: Uuid) -> Result<bool, CatalogError> {
+        Ok(self.store.get(id).await?.is_some())
     }
 
     pub async fn create(&self, new: NewProduct) -> Result<Product, CatalogError> {
@@ -145,19 +174,26 @@ impl Catalog {
         self.with_stock(products).await
     }
 
-    /// Adds `available`: the inventory's figure, or the initial stock while the
+    /// Adds the images and `available`: the inventory's figure, or the initial stock while the
     /// inventory has not made the record yet (nothing can have been reserved then).
     async fn with_stock(&self, products: Vec<Product>) -> Result<Vec<Listed>, CatalogError> {
         let ids: Vec<Uuid> = products.iter().map(|p| p.id).collect();
         let levels = self.inventory.levels(&ids).await?;
-        Ok(products
-            .into_iter()
-            .map(|product| {
-                let available = levels
-                    .get(&product.id)
-                    .map_or(product.initial_stock.get(), |s| s.available);
-                Listed { product, available }
-            })
-            .collect())
+        let mut listed = Vec::with_capacity(products.len());
+        for product in products {
+            let available = levels
+                .get(&product.id)
+                .map_or(product.initial_stock.get(), |s| s.available);
+            let images = match self.images.get() {
+                Some(media) => media.images_of(product.id).await?,
+                None => Vec::new(),
+            };
+            listed.push(Listed {
+                product,
+                available,
+                images,
+            });
+        }
+        Ok(listed)
     }
 }
