@@ -5,12 +5,13 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
-use chrono::{DateTime, Utc};
+
 use scaleshop_web::page::PageParams;
 use scaleshop_web::{
     ApiError, Caller, ConsistencyToken, Fields, Id, JsonObject, Keys, Page, Paginated, Problem,
+    ReadConsistency,
 };
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -19,7 +20,7 @@ use uuid::Uuid;
 use crate::domain::{
     Currency, Description, InitialStock, NewProduct, PriceCents, ProductName, ProductPatch, Sku,
 };
-use crate::{Catalog, CatalogError, Listed};
+use crate::{Catalog, CatalogError, Listed, ProductView};
 
 pub fn router(catalog: Catalog) -> OpenApiRouter {
     OpenApiRouter::new()
@@ -34,47 +35,6 @@ impl From<CatalogError> for ApiError {
             CatalogError::SkuTaken => ApiError::conflict("the sku is taken"),
             CatalogError::NotFound => ApiError::not_found(),
             CatalogError::Store(e) => e.into(),
-        }
-    }
-}
-
-/// A product.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct ProductView {
-    pub id: Uuid,
-    pub sku: String,
-    pub name: String,
-    pub description: String,
-    pub price_cents: i64,
-    pub currency: String,
-    /// Stock that can still be ordered.
-    pub available: i64,
-    /// Images, as `GET /v1/images/{id}` shows them.
-    #[schema(value_type = Vec<Object>)]
-    pub images: Vec<serde_json::Value>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-impl From<Listed> for ProductView {
-    fn from(
-        Listed {
-            product,
-            available,
-            images,
-        }: Listed,
-    ) -> Self {
-        Self {
-            id: product.id,
-            sku: product.sku.as_str().to_owned(),
-            name: product.name.as_str().to_owned(),
-            description: product.description.as_str().to_owned(),
-            price_cents: product.price_cents.get(),
-            currency: product.currency.as_str().to_owned(),
-            available,
-            images,
-            created_at: product.created_at,
-            updated_at: product.updated_at,
         }
     }
 }
@@ -157,7 +117,7 @@ async fn create_product(
         .await?;
     let location = HeaderValue::from_str(&format!("/v1/products/{}", product.id))
         .map_err(ApiError::internal)?;
-    let token = ConsistencyToken::at(product.updated_at).header(&keys);
+    let token = ConsistencyToken::after_commit().header(&keys);
     let available = product.initial_stock.get();
     Ok((
         StatusCode::CREATED,
@@ -184,8 +144,10 @@ async fn create_product(
 async fn get_product(
     State(catalog): State<Catalog>,
     Id(id): Id,
+    ReadConsistency(token): ReadConsistency,
 ) -> Result<Json<ProductView>, ApiError> {
-    Ok(Json(catalog.get(id).await?.into()))
+    let fresh_since = token.map(|t| t.at_micros);
+    Ok(Json(catalog.get_cached(id, fresh_since).await?))
 }
 
 /// Change name, description or price (admin).
@@ -226,7 +188,7 @@ async fn patch_product(
             },
         )
         .await?;
-    let token = ConsistencyToken::at(product.updated_at).header(&keys);
+    let token = ConsistencyToken::after_commit().header(&keys);
     Ok(([token], Json(catalog.get(product.id).await?.into())))
 }
 
@@ -253,7 +215,11 @@ async fn search_products(
 ) -> Result<Json<Paginated<ProductView>>, ApiError> {
     let after = page.after::<Uuid>()?;
     let found = catalog
-        .search(query.q.as_deref(), after, page.fetch())
+        .search(
+            scaleshop_web::page::search_text(query.q.as_deref())?.as_deref(),
+            after,
+            page.fetch(),
+        )
         .await?;
     let page = page.finish(found, |l| l.product.id);
     Ok(Json(Paginated {

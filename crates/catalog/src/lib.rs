@@ -11,7 +11,8 @@ mod store;
 use std::sync::{Arc, OnceLock};
 
 use chrono::SubsecRound;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use scaleshop_cache::{CacheSettings, TieredCache};
 use scaleshop_db::{Database, Migrations, StoreError};
 use scaleshop_events::NewEvent;
 use scaleshop_inventory::Inventory;
@@ -56,12 +57,54 @@ pub trait ProductImages: Send + Sync + 'static {
     async fn images_of(&self, product_id: Uuid) -> Result<Vec<serde_json::Value>, StoreError>;
 }
 
+/// A product.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ProductView {
+    pub id: Uuid,
+    pub sku: String,
+    pub name: String,
+    pub description: String,
+    pub price_cents: i64,
+    pub currency: String,
+    /// Stock that can still be ordered.
+    pub available: i64,
+    /// Images, as `GET /v1/images/{id}` shows them.
+    #[schema(value_type = Vec<Object>)]
+    pub images: Vec<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<Listed> for ProductView {
+    fn from(
+        Listed {
+            product,
+            available,
+            images,
+        }: Listed,
+    ) -> Self {
+        Self {
+            id: product.id,
+            sku: product.sku.as_str().to_owned(),
+            name: product.name.as_str().to_owned(),
+            description: product.description.as_str().to_owned(),
+            price_cents: product.price_cents.get(),
+            currency: product.currency.as_str().to_owned(),
+            available,
+            images,
+            created_at: product.created_at,
+            updated_at: product.updated_at,
+        }
+    }
+}
+
 /// The catalog's in-process API.
 #[derive(Clone)]
 pub struct Catalog {
     store: ProductStore,
     inventory: Inventory,
     images: Arc<OnceLock<Arc<dyn ProductImages>>>,
+    cache: Arc<TieredCache<ProductView>>,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -87,7 +130,46 @@ impl Catalog {
             store: ProductStore::new(db),
             inventory,
             images: Arc::new(OnceLock::new()),
+            cache: Arc::new(TieredCache::new("products", None, CacheSettings::default())),
         }
+    }
+
+    /// Uses this cache (e.g. one with a shared Redis tier) for reads by id.
+    pub fn with_cache(mut self, cache: Arc<TieredCache<ProductView>>) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    pub fn cache(&self) -> Arc<TieredCache<ProductView>> {
+        self.cache.clone()
+    }
+
+    /// A product by id through the cache (cache-aside); `fresh_since` (from a
+    /// consistency token, µs) bypasses entries read before it. Entries are dropped
+    /// when the product, its stock or its images change.
+    pub async fn get_cached(
+        &self,
+        id: Uuid,
+        fresh_since: Option<i64>,
+    ) -> Result<ProductView, CatalogError> {
+        let this = self.clone();
+        let found = self
+            .cache
+            .get_or_load(&id.to_string(), fresh_since, || async move {
+                match this.get(id).await {
+                    Ok(listed) => Ok(Some(ProductView::from(listed))),
+                    Err(CatalogError::NotFound) => Ok(None),
+                    Err(CatalogError::Store(e)) => Err(e),
+                    Err(CatalogError::SkuTaken) => {
+                        Err(StoreError::Other("unexpected conflict on read".into()))
+                    }
+                }
+            })
+            .await
+            .map_err(|e| CatalogError::Store((*e).clone()))?;
+        found
+            .map(|view| (*view).clone())
+            .ok_or(CatalogError::NotFound)
     }
 
     /// Plugs in the media service (once; later calls are ignored).
@@ -144,6 +226,7 @@ impl Catalog {
         data["changed"] = json!(changed);
         let event = NewEvent::new(events::PRODUCT_UPDATED, product.id, data);
         self.store.update(&product, &event).await?;
+        self.cache.invalidate(&product.id.to_string()).await;
         Ok(product)
     }
 

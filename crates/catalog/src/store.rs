@@ -54,15 +54,26 @@ impl TryFrom<Row> for Product {
 }
 
 const INSERT: &str = "INSERT INTO products (id, sku, name, description, price_cents, currency, initial_stock, \
-                      created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
-const UPDATE: &str = "UPDATE products SET name = $3, description = $4, price_cents = $5, updated_at = $9 \
+                      created_at, updated_at, search_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+const UPDATE: &str = "UPDATE products SET name = $3, description = $4, price_cents = $5, updated_at = $9, \
+                      search_key = $10 \
                       WHERE id = $1 AND sku = $2 AND currency = $6 AND initial_stock = $7 AND created_at = $8";
 const GET: &str = "SELECT id, sku, name, description, price_cents, currency, initial_stock, created_at, updated_at \
                    FROM products WHERE id = $1";
 const SEARCH: &str = "SELECT id, sku, name, description, price_cents, currency, initial_stock, created_at, updated_at \
-                      FROM products WHERE ($1 IS NULL OR lower(name) LIKE $1 ESCAPE '\\' OR lower(sku) LIKE $1 \
-                      ESCAPE '\\' OR lower(description) LIKE $1 ESCAPE '\\') AND ($2 IS NULL OR id > $2) \
+                      FROM products WHERE ($1 IS NULL OR search_key LIKE $1 ESCAPE '\\') AND ($2 IS NULL OR id > $2) \
                       ORDER BY id LIMIT $3";
+
+/// What searches match: name, sku and description, lower-cased in Rust (Unicode on
+/// both backends).
+fn search_key(p: &Product) -> String {
+    format!(
+        "{}\u{1f}{}\u{1f}{}",
+        p.name.as_str().to_lowercase(),
+        p.sku.as_str().to_lowercase(),
+        p.description.as_str().to_lowercase()
+    )
+}
 
 /// `%text%`, wildcards of `text` escaped.
 fn like_pattern(text: &str) -> String {
@@ -105,6 +116,7 @@ impl ProductStore {
                 .bind(p.initial_stock.get())
                 .bind(p.created_at)
                 .bind(p.updated_at)
+                .bind(search_key(p))
                 .execute(conn)
                 .await?
                 .rows_affected()

@@ -301,7 +301,16 @@ impl Database {
         Some(tokio::spawn(async move {
             loop {
                 let listen = async {
-                    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                    // A connection of its own, outside the request pool (which
+                    // it would otherwise hold for good).
+                    let own = PgPoolOptions::new()
+                        .max_connections(1)
+                        .max_lifetime(None)
+                        .idle_timeout(None)
+                        .acquire_timeout(Duration::from_secs(5))
+                        .connect_with((*pool.connect_options()).clone())
+                        .await?;
+                    let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
                     listener.listen(COMMIT_CHANNEL).await?;
                     loop {
                         listener.recv().await?;
@@ -373,7 +382,7 @@ fn redact(message: &str) -> String {
 
 /// A storage failure, classified for the layers above. Domain code matches on it
 /// without knowing which engine produced it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// A unique constraint refused the write; the name of the constraint when the
     /// engine reports it.
@@ -394,9 +403,11 @@ impl From<sqlx::Error> for StoreError {
                 metrics::counter!(scaleshop_telemetry::names::DB_POOL_TIMEOUTS).increment(1);
                 Self::Unavailable
             }
-            sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => {
-                Self::Unavailable
-            }
+            sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => Self::Unavailable,
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 Self::Conflict(db.constraint().map(str::to_owned))
             }
@@ -415,20 +426,6 @@ impl From<sqlx::Error> for StoreError {
             }
             _ => Self::Other(error.to_string()),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redact_hides_passwords() {
-        assert_eq!(
-            redact("error connecting to postgres://u:secret@h:5/db now"),
-            "error connecting to postgres://***@h:5/db now"
-        );
-        assert_eq!(redact("no url here"), "no url here");
     }
 }
 
@@ -460,4 +457,18 @@ macro_rules! with_tx {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_passwords() {
+        assert_eq!(
+            redact("error connecting to postgres://u:secret@h:5/db now"),
+            "error connecting to postgres://***@h:5/db now"
+        );
+        assert_eq!(redact("no url here"), "no url here");
+    }
 }

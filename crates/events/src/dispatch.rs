@@ -230,9 +230,10 @@ impl Dispatcher {
         })
     }
 
-    /// Registers the consumers and starts one loop per consumer (plus, on
-    /// PostgreSQL, the LISTEN loop). The handle ends when every loop has stopped
-    /// after `shutdown` turned true.
+    /// Registers the consumers and starts one loop per consumer. (The wake-up from
+    /// other processes on PostgreSQL is `Database::spawn_commit_listener`, started
+    /// by the composition root.) The handle ends when every loop has stopped after
+    /// `shutdown` turned true.
     pub async fn start(
         self,
         shutdown: watch::Receiver<bool>,
@@ -298,6 +299,22 @@ struct Runner {
 impl Runner {
     fn name(&self) -> &'static str {
         self.consumer.name()
+    }
+
+    /// Runs the handler; a panic is a failed attempt like any other (retried, then
+    /// parked as dead), never the end of this consumer's loop.
+    async fn handle(&self, event: &Event, tx: &mut Tx) -> Result<(), HandlerError> {
+        use futures::FutureExt;
+        match std::panic::AssertUnwindSafe(self.consumer.handle(event, tx))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::error!(consumer = self.name(), event_id = %event.id, "event handler panicked");
+                Err(HandlerError::new("the handler panicked"))
+            }
+        }
     }
 
     async fn run(self, mut shutdown: watch::Receiver<bool>) {
@@ -383,12 +400,20 @@ impl Runner {
         };
         let mut attempts = state.attempts;
         let mut passed_over = false;
+        let mut renewed = tokio::time::Instant::now();
         for event in &events {
             if !self.consumer.wants(&event.kind) {
                 passed_over = true;
                 continue;
             }
             passed_over = false;
+            // A long batch must not outlive the lease: renew it as we go.
+            if renewed.elapsed() > self.settings.lease / 3 {
+                if !self.acquire_lease().await? {
+                    return Ok(Step::NotLeader);
+                }
+                renewed = tokio::time::Instant::now();
+            }
             match self.deliver(event, attempts).await? {
                 Delivery::Done => attempts = 0,
                 Delivery::Retry(at) => return Ok(Step::RetryAt(at)),
@@ -526,7 +551,7 @@ impl Runner {
         let outcome = match &event {
             Some(event) => {
                 if self.claim_inbox(&mut tx, event).await? {
-                    self.consumer.handle(event, &mut tx).await
+                    self.handle(event, &mut tx).await
                 } else {
                     Ok(())
                 }

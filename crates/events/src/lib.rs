@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 pub mod dispatch;
 pub mod http;
+pub mod tail;
 
 pub use dispatch::{Consumer, DeadEvent, Dispatcher, DispatcherSettings, HandlerError};
 

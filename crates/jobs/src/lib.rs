@@ -194,10 +194,12 @@ impl JobQueue {
     }
 
     /// Moves a `dead` or `failed` job back to `scheduled`, due now, with a fresh set
-    /// of attempts.
+    /// of attempts. Returns the job as the redrive left it.
     pub async fn retry(&self, id: Uuid) -> Result<Redrive, StoreError> {
         const Q: &str = "UPDATE jobs SET state = 'scheduled', attempts = 0, run_at = $2, updated_at = $2, \
-                         lease_owner = NULL, lease_until = NULL WHERE id = $1 AND state IN ('dead', 'failed')";
+                         lease_owner = NULL, lease_until = NULL WHERE id = $1 AND state IN ('dead', 'failed') \
+                         RETURNING id, queue, payload, state, attempts, max_attempts, last_error, run_at, \
+                         created_at, updated_at";
         let mut tx = self.db.begin().await?;
         tx.wake_on_commit();
         if let Tx::Postgres(tx, _) = &mut tx {
@@ -205,14 +207,16 @@ impl JobQueue {
                 .execute(&mut **tx)
                 .await?;
         }
-        let done = with_tx!(&mut tx, conn => {
-            sqlx::query(Q).bind(id).bind(now()).execute(conn).await?.rows_affected()
+        let job: Option<Job> = with_tx!(&mut tx, conn => {
+            sqlx::query_as(Q).bind(id).bind(now()).fetch_optional(conn).await?
         });
         tx.commit().await?;
-        Ok(match (done, self.get(id).await?) {
-            (_, None) => Redrive::Missing,
-            (1, Some(job)) => Redrive::Scheduled(job),
-            (_, Some(job)) => Redrive::NotRetryable(job),
+        Ok(match job {
+            Some(job) => Redrive::Scheduled(job),
+            None => match self.get(id).await? {
+                Some(job) => Redrive::NotRetryable(job),
+                None => Redrive::Missing,
+            },
         })
     }
 }

@@ -411,7 +411,7 @@ async fn cancel_order(
     }
     let order = orders.cancel(id).await?;
     Ok((
-        [ConsistencyToken::at(order.updated_at).header(&keys)],
+        [ConsistencyToken::after_commit().header(&keys)],
         Json(order.into()),
     ))
 }

@@ -28,6 +28,12 @@ pub mod names {
     pub const JOBS: &str = "jobs";
     /// Counter: `queue`, `outcome` (`completed`, `retried`, `dead`).
     pub const JOB_RUNS: &str = "job_runs_total";
+    /// Counter: `cache`, `tier` (`l1`, `l2`), `result` (`hit`, `miss`).
+    pub const CACHE_REQUESTS: &str = "cache_requests_total";
+    /// Counter: `cache`; values loaded from the database (cache misses that reached it).
+    pub const CACHE_LOADS: &str = "cache_loads_total";
+    /// Counter: `op`; Redis calls that failed or timed out (served from L1 or the database).
+    pub const CACHE_ERRORS: &str = "cache_errors_total";
     /// Counter: `limiter` (`login_address`, `login_email`); requests refused with 429.
     pub const RATE_LIMITED: &str = "rate_limited_total";
 }
@@ -123,6 +129,18 @@ fn describe() {
     );
     metrics::describe_gauge!(names::JOBS, "Jobs by queue and state.");
     metrics::describe_counter!(names::JOB_RUNS, "Job runs by queue and outcome.");
+    metrics::describe_counter!(
+        names::CACHE_REQUESTS,
+        "Cache lookups by cache, tier and result."
+    );
+    metrics::describe_counter!(
+        names::CACHE_LOADS,
+        "Cache fills that read the database, by cache."
+    );
+    metrics::describe_counter!(
+        names::CACHE_ERRORS,
+        "Redis calls that failed or timed out, by operation."
+    );
 }
 
 /// A liveness stamp for background loops (the event dispatcher, the job workers):

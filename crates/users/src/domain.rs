@@ -3,6 +3,7 @@
 //! appears here.
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// Why a value was refused; the message is safe to show to the client.
@@ -10,9 +11,25 @@ use uuid::Uuid;
 #[error("{0}")]
 pub struct Invalid(pub &'static str);
 
-/// An email address, trimmed and lower-cased, at most 254 characters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// An email address, trimmed and lower-cased, at most 254 characters. (Serde goes
+/// through `parse`, so even a cached copy cannot hold a bad value.)
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Email(String);
+
+impl TryFrom<String> for Email {
+    type Error = Invalid;
+
+    fn try_from(raw: String) -> Result<Self, Invalid> {
+        Self::parse(&raw)
+    }
+}
+
+impl From<Email> for String {
+    fn from(email: Email) -> String {
+        email.0
+    }
+}
 
 impl Email {
     pub fn parse(raw: &str) -> Result<Self, Invalid> {
@@ -55,8 +72,23 @@ impl Email {
 }
 
 /// A display name: 1..=100 characters after trimming, no control characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct UserName(String);
+
+impl TryFrom<String> for UserName {
+    type Error = Invalid;
+
+    fn try_from(raw: String) -> Result<Self, Invalid> {
+        Self::parse(&raw)
+    }
+}
+
+impl From<UserName> for String {
+    fn from(name: UserName) -> String {
+        name.0
+    }
+}
 
 impl UserName {
     pub fn parse(raw: &str) -> Result<Self, Invalid> {
@@ -116,7 +148,8 @@ impl std::fmt::Debug for PasswordHash {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     Customer,
     Admin,
@@ -140,7 +173,7 @@ impl Role {
 }
 
 /// An account.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct User {
     pub id: Uuid,
     pub email: Email,

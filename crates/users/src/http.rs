@@ -156,8 +156,8 @@ struct SearchParams {
 
 type Headers = [(HeaderName, HeaderValue); 1];
 
-fn written(keys: &Keys, user: &User) -> Headers {
-    [ConsistencyToken::at(user.updated_at).header(keys)]
+fn written(keys: &Keys) -> Headers {
+    [ConsistencyToken::after_commit().header(keys)]
 }
 
 /// Sign up.
@@ -194,7 +194,7 @@ async fn create_user(
         .await?;
     let location =
         HeaderValue::from_str(&format!("/v1/users/{}", user.id)).map_err(ApiError::internal)?;
-    let [token] = written(&keys, &user);
+    let [token] = written(&keys);
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location), token],
@@ -257,10 +257,11 @@ async fn create_session(
 async fn me(
     State(http): State<UsersHttp>,
     caller: Caller,
-    _consistency: ReadConsistency,
+    ReadConsistency(token): ReadConsistency,
 ) -> Result<Json<UserView>, ApiError> {
     // A valid token for a user that no longer exists is no session.
-    match http.users.get(caller.user_id).await {
+    let fresh_since = token.map(|t| t.at_micros);
+    match http.users.get_cached(caller.user_id, fresh_since).await {
         Ok(user) => Ok(Json(user.into())),
         Err(UsersError::NotFound) => Err(ApiError::unauthenticated().detail("the account is gone")),
         Err(other) => Err(other.into()),
@@ -281,12 +282,13 @@ async fn get_user(
     State(http): State<UsersHttp>,
     caller: Caller,
     Id(id): Id,
-    _consistency: ReadConsistency,
+    ReadConsistency(token): ReadConsistency,
 ) -> Result<Json<UserView>, ApiError> {
     if !caller.may_access(id) {
         return Err(ApiError::not_found());
     }
-    Ok(Json(http.users.get(id).await?.into()))
+    let fresh_since = token.map(|t| t.at_micros);
+    Ok(Json(http.users.get_cached(id, fresh_since).await?.into()))
 }
 
 /// Change name, email or password (self or admin).
@@ -331,7 +333,7 @@ async fn patch_user(
             },
         )
         .await?;
-    Ok((written(&keys, &user), Json(user.into())))
+    Ok((written(&keys), Json(user.into())))
 }
 
 #[derive(Debug, Deserialize)]
@@ -361,7 +363,11 @@ async fn search_users(
     let after = page.after::<Uuid>()?;
     let users = http
         .users
-        .search(query.q.as_deref(), after, page.fetch())
+        .search(
+            scaleshop_web::page::search_text(query.q.as_deref())?.as_deref(),
+            after,
+            page.fetch(),
+        )
         .await?;
     let page = page.finish(users, |u| u.id);
     Ok(Json(Paginated {

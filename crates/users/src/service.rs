@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::{Algorithm, Argon2, Params, Version};
 use chrono::{SubsecRound, Utc};
+use scaleshop_cache::{CacheSettings, TieredCache};
 use scaleshop_db::StoreError;
 use scaleshop_events::NewEvent;
 use serde_json::json;
@@ -90,6 +91,7 @@ impl Hasher {
 pub struct Users {
     store: Arc<dyn UserStore>,
     hasher: Hasher,
+    cache: Arc<TieredCache<User>>,
 }
 
 impl std::fmt::Debug for Users {
@@ -122,11 +124,40 @@ fn conflict_to_taken(error: StoreError) -> UsersError {
 }
 
 impl Users {
+    /// With an in-process cache only; see [`Users::with_cache`].
     pub fn new(store: Arc<dyn UserStore>) -> Self {
+        let cache = Arc::new(TieredCache::new("users", None, CacheSettings::default()));
         Self {
             store,
             hasher: Hasher,
+            cache,
         }
+    }
+
+    /// Uses this cache (e.g. one with a shared Redis tier) for reads by id.
+    pub fn with_cache(mut self, cache: Arc<TieredCache<User>>) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    pub fn cache(&self) -> Arc<TieredCache<User>> {
+        self.cache.clone()
+    }
+
+    /// A user by id, through the cache (cache-aside). `fresh_since` (from a
+    /// consistency token, µs) bypasses entries read before it.
+    pub async fn get_cached(&self, id: Uuid, fresh_since: Option<i64>) -> Result<User, UsersError> {
+        let store = self.store.clone();
+        let found = self
+            .cache
+            .get_or_load(&id.to_string(), fresh_since, || async move {
+                store.get(id).await.map(|record| record.map(|r| r.user))
+            })
+            .await
+            .map_err(|e| UsersError::Store((*e).clone()))?;
+        found
+            .map(|user| (*user).clone())
+            .ok_or(UsersError::NotFound)
     }
 
     pub async fn register(&self, new: NewUser) -> Result<User, UsersError> {
@@ -210,6 +241,7 @@ impl Users {
             .update(&record, &updated_event(&record.user, &changed))
             .await
             .map_err(conflict_to_taken)?;
+        self.cache.invalidate(&id.to_string()).await;
         Ok(record.user)
     }
 
@@ -269,6 +301,7 @@ impl Users {
                 self.store
                     .update(&record, &updated_event(&record.user, &changed))
                     .await?;
+                self.cache.invalidate(&record.user.id.to_string()).await;
                 Ok(record.user)
             }
         }

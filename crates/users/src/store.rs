@@ -75,17 +75,27 @@ impl TryFrom<UserRow> for UserRecord {
     }
 }
 
-const INSERT: &str = "INSERT INTO users (id, email, name, role, password_hash, created_at, updated_at) \
-                      VALUES ($1, $2, $3, $4, $5, $6, $7)";
+const INSERT: &str = "INSERT INTO users (id, email, name, role, password_hash, created_at, updated_at, \
+                      search_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 const UPDATE: &str = "UPDATE users SET email = $2, name = $3, role = $4, password_hash = $5, \
-                      created_at = $6, updated_at = $7 WHERE id = $1";
+                      created_at = $6, updated_at = $7, search_key = $8 WHERE id = $1";
 const GET: &str = "SELECT id, email, name, role, password_hash, created_at, updated_at \
                    FROM users WHERE id = $1";
 const GET_BY_EMAIL: &str = "SELECT id, email, name, role, password_hash, created_at, updated_at \
                             FROM users WHERE email = $1";
 const SEARCH: &str = "SELECT id, email, name, role, password_hash, created_at, updated_at FROM users \
-                      WHERE ($1 IS NULL OR lower(name) LIKE $1 ESCAPE '\\' OR email LIKE $1 ESCAPE '\\') \
+                      WHERE ($1 IS NULL OR search_key LIKE $1 ESCAPE '\\') \
                       AND ($2 IS NULL OR id > $2) ORDER BY id LIMIT $3";
+
+/// What searches match: name and email, lower-cased in Rust (Unicode-aware on
+/// both backends, unlike SQLite's ASCII-only `lower`).
+fn search_key(user: &User) -> String {
+    format!(
+        "{}\u{1f}{}",
+        user.name.as_str().to_lowercase(),
+        user.email.as_str()
+    )
+}
 
 /// `%text%` for LIKE, with the wildcards of `text` escaped.
 fn like_pattern(text: &str) -> String {
@@ -129,6 +139,7 @@ impl SqlUserStore {
                 .bind(&record.password_hash.0)
                 .bind(user.created_at)
                 .bind(user.updated_at)
+                .bind(search_key(user))
                 .execute(conn)
                 .await?
                 .rows_affected()

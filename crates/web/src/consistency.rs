@@ -2,9 +2,9 @@
 //! read that sends it back sees that write or something newer, whatever serves it.
 //!
 //! The token is signed (so it cannot be forged into something the server would
-//! misread) and carries the write's commit time (microseconds since the epoch). Today
-//! every read goes to the primary database, which already satisfies the promise; the
-//! cache and read replicas compare their own freshness with [`ConsistencyToken::at`].
+//! misread) and carries a time taken after the write committed (microseconds since
+//! the epoch). Reads go to the primary database; the cache bypasses any entry read
+//! before that time, so a read with the token always sees the write.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -31,6 +31,12 @@ impl ConsistencyToken {
         Self {
             at_micros: time.timestamp_micros(),
         }
+    }
+
+    /// For a write that has committed: now. Anything read (started) at or after
+    /// this time saw the write, so a cache entry loaded earlier is bypassed.
+    pub fn after_commit() -> Self {
+        Self::at(Utc::now())
     }
 
     pub fn encode(&self, signer: &Signer) -> String {

@@ -1,7 +1,8 @@
 //! The outermost middleware of every route: request ids, the request timeout, the
 //! latency histogram by route template, one log line per request (with the cause of
 //! any 5xx), and the guarantee that every error answer is a problem document, even
-//! those made outside our handlers (the router's 404 and 405, a panic's 500).
+//! those made outside our handlers (the router's 404 and 405, a panic's 500):
+//! any error response without a JSON body becomes one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::error::{ApiError, ErrorCode, InternalCause, PROBLEM_JSON};
+use crate::error::{ApiError, ErrorCode, InternalCause};
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -122,11 +123,14 @@ fn method_label(method: &Method) -> &'static str {
 /// headers that matter (`Allow`, `Retry-After`).
 fn ensure_problem(response: Response) -> Response {
     let status = response.status();
-    let is_problem = response
+    // A JSON body is a deliberate answer (a problem document, or a body the
+    // contract defines for that status, such as `/readyz`'s 503): keep it.
+    let is_json = response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
-    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(crate::body::is_json_content_type);
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }
     let code = ErrorCode::from_status(status);

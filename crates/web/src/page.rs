@@ -99,6 +99,24 @@ pub fn parse(query: Option<&str>, signer: &Signer) -> Result<Page, ApiError> {
     })
 }
 
+/// The `q` of a search: trimmed, at most 200 characters, no control characters
+/// (422 on field `q` otherwise); `None` when absent or blank.
+pub fn search_text(q: Option<&str>) -> Result<Option<String>, ApiError> {
+    let Some(q) = q.map(str::trim).filter(|q| !q.is_empty()) else {
+        return Ok(None);
+    };
+    if q.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "q",
+            "must not contain control characters",
+        ));
+    }
+    if q.chars().count() > 200 {
+        return Err(ApiError::invalid("q", "must be at most 200 characters"));
+    }
+    Ok(Some(q.to_owned()))
+}
+
 /// Decoded `name=value` pairs of a query string.
 pub fn form_pairs(query: &str) -> Vec<(String, String)> {
     form_urlencoded::parse(query.as_bytes())

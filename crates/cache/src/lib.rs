@@ -1,0 +1,378 @@
+//! The tiered cache (cache-aside): L1 is moka in each process (TTL 5 min, bounded
+//! size); L2 is Redis shared by every process (TTL 1 h) when configured.
+//!
+//! - **Single-flight**: concurrent misses on one key load once per process (moka's
+//!   `try_get_with`), and across processes a short Redis lease makes a cold key
+//!   cost one load per cluster while the others wait briefly for L2 to fill.
+//! - **Negative caching**: a missing id is cached too (briefly), so a flood of
+//!   requests for it does not reach the database; a cached `None` is a hit, never
+//!   mistaken for a miss.
+//! - **Versioned entries**: an invalidation bumps a version (locally a logical
+//!   clock, in Redis a generation per key); a load that started before it can
+//!   never be served or written back after it.
+//! - **Invalidation everywhere**: a write drops L2 and publishes the key; every
+//!   process drops its L1 copy (Redis pub/sub), and the event log does it too
+//!   (`invalidate_local`), so a lost message heals.
+//! - **Read-your-writes**: a read that carries a consistency token newer than the
+//!   entry bypasses the cache.
+//! - **Degrades, never fails**: Redis calls time out quickly and errors fall back
+//!   to the database, with a metric.
+//!
+//! This crate knows no service and no table; values are anything serde can carry.
+
+mod redis_tier;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use moka::Expiry;
+use scaleshop_telemetry::names;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use redis_tier::{CHANNEL, Redis, RedisError};
+
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub l1_ttl: Duration,
+    pub l1_capacity: u64,
+    pub l2_ttl: Duration,
+    /// How long a missing id is remembered as missing.
+    pub negative_ttl: Duration,
+    /// How long one process may load a cold key before others stop waiting.
+    pub lease_ttl: Duration,
+    /// How long others wait for that load to reach L2.
+    pub lease_wait: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            l1_ttl: Duration::from_secs(300),
+            l1_capacity: 100_000,
+            l2_ttl: Duration::from_secs(3600),
+            negative_ttl: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(2),
+            lease_wait: Duration::from_millis(300),
+        }
+    }
+}
+
+/// An L1 entry: the value (or its absence), when it was read from the database,
+/// and the local clock when its load started.
+#[derive(Debug)]
+struct Entry<T> {
+    value: Option<Arc<T>>,
+    loaded_at_micros: i64,
+    started: u64,
+}
+
+/// What L2 holds for a key.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct Stored<T> {
+    #[serde(rename = "t")]
+    loaded_at_micros: i64,
+    #[serde(rename = "v")]
+    value: Option<T>,
+}
+
+struct Ttl {
+    positive: Duration,
+    negative: Duration,
+}
+
+impl<T> Expiry<String, Arc<Entry<T>>> for Ttl {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        entry: &Arc<Entry<T>>,
+        _at: Instant,
+    ) -> Option<Duration> {
+        Some(if entry.value.is_some() {
+            self.positive
+        } else {
+            self.negative
+        })
+    }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// A named cache of `T` values.
+pub struct TieredCache<T> {
+    name: &'static str,
+    l1: moka::future::Cache<String, Arc<Entry<T>>>,
+    /// Local clock value of the last invalidation of each key (kept as long as an
+    /// L1 entry can live; an older entry has expired anyway).
+    invalidated: moka::sync::Cache<String, u64>,
+    clock: AtomicU64,
+    redis: Option<Redis>,
+    settings: CacheSettings,
+}
+
+impl<T> std::fmt::Debug for TieredCache<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TieredCache")
+            .field("name", &self.name)
+            .field("l2", &self.redis.is_some())
+            .finish()
+    }
+}
+
+/// Something whose L1 copies can be dropped by key (for broadcast and event-log
+/// invalidation across caches of different value types).
+pub trait Invalidate: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn invalidate_local(&self, key: &str);
+}
+
+impl<T> TieredCache<T>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    pub fn new(name: &'static str, redis: Option<Redis>, settings: CacheSettings) -> Self {
+        let l1 = moka::future::Cache::builder()
+            .max_capacity(settings.l1_capacity)
+            .expire_after(Ttl {
+                positive: settings.l1_ttl,
+                negative: settings.negative_ttl,
+            })
+            .build();
+        let invalidated = moka::sync::Cache::builder()
+            .max_capacity(settings.l1_capacity)
+            .time_to_live(settings.l1_ttl + Duration::from_secs(1))
+            .build();
+        Self {
+            name,
+            l1,
+            invalidated,
+            clock: AtomicU64::new(1),
+            redis,
+            settings,
+        }
+    }
+
+    fn count(&self, tier: &'static str, result: &'static str) {
+        metrics::counter!(names::CACHE_REQUESTS, "cache" => self.name, "tier" => tier, "result" => result)
+            .increment(1);
+    }
+
+    fn valid(&self, key: &str, entry: &Entry<T>) -> bool {
+        entry.started >= self.invalidated.get(key).unwrap_or(0)
+    }
+
+    fn l2_keys(&self, key: &str) -> (String, String, String) {
+        (
+            format!("scaleshop:{}:{key}", self.name),
+            format!("scaleshop:{}:{key}:gen", self.name),
+            format!("scaleshop:{}:{key}:lease", self.name),
+        )
+    }
+
+    /// The value for `key`: from L1, L2, or `load` (the database). `fresh_since`
+    /// (microseconds since the epoch, from a consistency token) bypasses any entry
+    /// read from the database before that time. `Ok(None)` is a known absence.
+    pub async fn get_or_load<E, F, Fut>(
+        &self,
+        key: &str,
+        fresh_since: Option<i64>,
+        load: F,
+    ) -> Result<Option<Arc<T>>, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>, E>>,
+    {
+        if let Some(entry) = self.l1.get(key).await {
+            let fresh = fresh_since.is_none_or(|t| entry.loaded_at_micros >= t);
+            if self.valid(key, &entry) && fresh {
+                self.count("l1", "hit");
+                return Ok(entry.value.clone());
+            }
+            self.l1.invalidate(key).await;
+        }
+        self.count("l1", "miss");
+        let started = self.clock.fetch_add(1, Ordering::SeqCst);
+        if fresh_since.is_some() {
+            // Read-your-writes: straight to the database, then refresh the tiers.
+            let entry = Arc::new(
+                self.load_from_database(key, started, load)
+                    .await
+                    .map_err(Arc::new)?,
+            );
+            if self.valid(key, &entry) {
+                self.l1.insert(key.to_owned(), entry.clone()).await;
+            }
+            return Ok(entry.value.clone());
+        }
+        let entry = self
+            .l1
+            .try_get_with(key.to_owned(), async {
+                self.fill(key, started, load).await.map(Arc::new)
+            })
+            .await?;
+        if !self.valid(key, &entry) {
+            // Invalidated while loading: serve it to this caller (it was current
+            // when read) but never keep it.
+            self.l1.invalidate(key).await;
+        }
+        Ok(entry.value.clone())
+    }
+
+    /// L2, else the database under the cluster-wide load lease.
+    async fn fill<E, F, Fut>(&self, key: &str, started: u64, load: F) -> Result<Entry<T>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>, E>>,
+    {
+        let Some(redis) = &self.redis else {
+            return self.load_from_database(key, started, load).await;
+        };
+        let (l2_key, generation_key, lease_key) = self.l2_keys(key);
+        let generation = match redis.get(&l2_key, &generation_key).await {
+            Ok((Some(bytes), _)) => {
+                if let Some(entry) = self.decode(&bytes, started) {
+                    self.count("l2", "hit");
+                    return Ok(entry);
+                }
+                None
+            }
+            Ok((None, generation)) => Some(generation),
+            Err(_) => None,
+        };
+        let Some(generation) = generation else {
+            // Redis unavailable (or garbage in it): the database answers.
+            return self.load_from_database(key, started, load).await;
+        };
+        self.count("l2", "miss");
+        let lease = redis
+            .lease(&lease_key, self.settings.lease_ttl)
+            .await
+            .ok()
+            .flatten();
+        if lease.is_none() {
+            // Another process is loading it: wait briefly for L2 to fill.
+            let deadline = Instant::now() + self.settings.lease_wait;
+            while Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if let Ok((Some(bytes), _)) = redis.get(&l2_key, &generation_key).await
+                    && let Some(entry) = self.decode(&bytes, started)
+                {
+                    self.count("l2", "hit");
+                    return Ok(entry);
+                }
+            }
+        }
+        let entry = self.load_from_database(key, started, load).await?;
+        let stored = Stored {
+            loaded_at_micros: entry.loaded_at_micros,
+            value: entry.value.as_deref(),
+        };
+        if let Ok(bytes) = serde_json::to_vec(&stored) {
+            let ttl = if entry.value.is_some() {
+                self.settings.l2_ttl
+            } else {
+                self.settings.negative_ttl
+            };
+            let _ = redis
+                .set_if_generation(&l2_key, &generation_key, &bytes, &generation, ttl)
+                .await;
+        }
+        if let Some(token) = lease {
+            let _ = redis.release(&lease_key, &token).await;
+        }
+        Ok(entry)
+    }
+
+    fn decode(&self, bytes: &[u8], started: u64) -> Option<Entry<T>> {
+        let stored: Stored<T> = serde_json::from_slice(bytes).ok()?;
+        Some(Entry {
+            value: stored.value.map(Arc::new),
+            loaded_at_micros: stored.loaded_at_micros,
+            started,
+        })
+    }
+
+    async fn load_from_database<E, F, Fut>(
+        &self,
+        key: &str,
+        started: u64,
+        load: F,
+    ) -> Result<Entry<T>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>, E>>,
+    {
+        // Taken before the read: the entry is at least this fresh.
+        let loaded_at_micros = now_micros();
+        let value = load().await?;
+        metrics::counter!(names::CACHE_LOADS, "cache" => self.name).increment(1);
+        tracing::trace!(cache = self.name, key, "loaded from the database");
+        Ok(Entry {
+            value: value.map(Arc::new),
+            loaded_at_micros,
+            started,
+        })
+    }
+
+    /// After a write: drops the key here and in L2, bumps its version, and tells
+    /// every process. Never fails: a Redis error is logged and counted (the event
+    /// log still invalidates every process).
+    pub async fn invalidate(&self, key: &str) {
+        self.invalidate_here(key);
+        self.l1.invalidate(key).await;
+        if let Some(redis) = &self.redis {
+            let (l2_key, generation_key, _) = self.l2_keys(key);
+            let message = format!("{}\u{1f}{key}", self.name);
+            let keep = self.settings.l2_ttl * 2;
+            if let Err(e) = redis
+                .invalidate(&l2_key, &generation_key, &message, keep)
+                .await
+            {
+                metrics::counter!(names::CACHE_ERRORS, "op" => "invalidate").increment(1);
+                tracing::warn!(cache = self.name, error = %e, "L2 invalidation failed");
+            }
+        }
+    }
+
+    fn invalidate_here(&self, key: &str) {
+        let at = self.clock.fetch_add(1, Ordering::SeqCst) + 1;
+        self.invalidated.insert(key.to_owned(), at);
+    }
+}
+
+impl<T> Invalidate for TieredCache<T>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Drops the L1 copy only (a broadcast or an event said the key changed).
+    fn invalidate_local(&self, key: &str) {
+        self.invalidate_here(key);
+        // moka's sync invalidation of the async cache happens on the next access
+        // through the version check; also evict now when possible.
+        let l1 = self.l1.clone();
+        let key = key.to_owned();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move { l1.invalidate(&key).await });
+        }
+    }
+}
+
+/// Routes invalidation messages (`"<cache>\u{1f}<key>"`) to the named caches.
+pub fn dispatch_invalidation(caches: &[Arc<dyn Invalidate>], message: &str) {
+    if let Some((name, key)) = message.split_once('\u{1f}') {
+        for cache in caches.iter().filter(|c| c.name() == name) {
+            cache.invalidate_local(key);
+        }
+    }
+}

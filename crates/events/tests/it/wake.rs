@@ -1,0 +1,101 @@
+//! The commit signal: with a poll far longer than the bounded wait, a committed
+//! append still reaches the consumer, so it was the commit that woke the
+//! dispatcher. A correctness check of the signal, not a benchmark.
+
+use std::time::Duration;
+
+use scaleshop_db::sqlx;
+use scaleshop_events::DispatcherSettings;
+use scaleshop_testkit::Backend;
+use tokio::sync::watch;
+
+use crate::helpers::*;
+
+/// Far longer than [`PROMPT`]: a delivery within `PROMPT` was not the poll's.
+const POLL: Duration = Duration::from_secs(60);
+const PROMPT: Duration = Duration::from_secs(10);
+
+fn slow_poll() -> DispatcherSettings {
+    DispatcherSettings {
+        poll: POLL,
+        ..settings()
+    }
+}
+
+scaleshop_testkit::both_backends!(commit_wakes_the_dispatcher, |backend| async move {
+    const NAME: &str = "wake_probe";
+    let db = fresh(backend).await;
+    let consumer = Recorder::new(NAME).build();
+    let running = start(&db, slow_poll(), std::slice::from_ref(&consumer)).await;
+    for round in 1..=3_i64 {
+        // Let the dispatcher go back to sleep first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (id, _) = append_one(&db, "test.wake").await;
+        eventually_within(PROMPT, &format!("delivery {round} on commit"), async || {
+            effects_of_event(&db, NAME, id).await == 1
+        })
+        .await;
+    }
+    // A rolled-back append wakes nobody and delivers nothing.
+    let mut tx = db.begin().await.unwrap();
+    let event = scaleshop_events::NewEvent::new(
+        "test.rolled_back",
+        uuid::Uuid::now_v7(),
+        serde_json::json!({}),
+    );
+    scaleshop_events::append(&mut tx, &event).await.unwrap();
+    tx.rollback().await.unwrap();
+    let (id, _) = append_one(&db, "test.wake").await;
+    eventually_within(PROMPT, "delivery after a rollback", async || {
+        effects_of_event(&db, NAME, id).await == 1
+    })
+    .await;
+    running.stop().await;
+    assert_eq!(effect_count(&db, NAME).await, 4);
+    assert_eq!(effects_of_event(&db, NAME, event.id).await, 0);
+
+    if backend == Backend::Postgres {
+        commit_in_another_process_wakes_through_listen().await;
+    }
+});
+
+/// On PostgreSQL a commit made through another database handle (another process)
+/// reaches a dispatcher through `LISTEN` ([`scaleshop_db::Database::spawn_commit_listener`]).
+async fn commit_in_another_process_wakes_through_listen() {
+    const NAME: &str = "wake_remote_probe";
+    let (url, dir) = scaleshop_testkit::fresh(Backend::Postgres).await;
+    let writer = open(url.as_deref(), &dir).await;
+    let reader = open(url.as_deref(), &dir).await;
+    let (stop, shutdown) = watch::channel(false);
+    let listener = reader
+        .spawn_commit_listener(shutdown)
+        .expect("a listener on PostgreSQL");
+    const LISTENING: &str = "SELECT COUNT(*) FROM pg_stat_activity \
+                             WHERE datname = current_database() AND query LIKE 'LISTEN %'";
+    eventually("the LISTEN connection", async || {
+        let n: i64 = scaleshop_db::with_pool!(writer, pool => {
+            sqlx::query_scalar(LISTENING).fetch_one(pool).await.unwrap()
+        });
+        n == 1
+    })
+    .await;
+
+    let consumer = Recorder::new(NAME).build();
+    let running = start(&reader, slow_poll(), std::slice::from_ref(&consumer)).await;
+    for round in 1..=2 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (id, _) = append_one(&writer, "test.wake").await;
+        eventually_within(
+            PROMPT,
+            &format!("delivery {round} of another process's commit"),
+            async || effects_of_event(&reader, NAME, id).await == 1,
+        )
+        .await;
+    }
+    running.stop().await;
+    stop.send(true).unwrap();
+    tokio::time::timeout(WAIT, listener)
+        .await
+        .expect("listener stops")
+        .unwrap();
+}
