@@ -412,13 +412,25 @@ impl From<sqlx::Error> for StoreError {
                 Self::Conflict(db.constraint().map(str::to_owned))
             }
             sqlx::Error::Database(db) => {
-                // SQLite's "database is locked" after the busy timeout, PostgreSQL's
-                // statement timeout (57014) and admin shutdown (57P01): try later.
+                // SQLite's "database is locked" after the busy timeout; PostgreSQL's
+                // connection exceptions (class 08), statement timeout (57014),
+                // shutdowns (57P01-57P03), too many connections (53300), a database
+                // not accepting connections (55000) or gone (3D000): try later.
                 let code = db.code().unwrap_or_default();
-                if matches!(
-                    code.as_ref(),
-                    "5" | "6" | "517" | "57014" | "57P01" | "57P03"
-                ) {
+                if code.starts_with("08")
+                    || matches!(
+                        code.as_ref(),
+                        "5" | "6"
+                            | "517"
+                            | "53300"
+                            | "55000"
+                            | "3D000"
+                            | "57014"
+                            | "57P01"
+                            | "57P02"
+                            | "57P03"
+                    )
+                {
                     Self::Unavailable
                 } else {
                     Self::Other(error.to_string())

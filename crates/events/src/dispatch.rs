@@ -453,7 +453,7 @@ impl Runner {
         let mut tx = self.db.begin().await?;
         let fresh = self.claim_inbox(&mut tx, event).await?;
         let outcome = if fresh {
-            self.consumer.handle(event, &mut tx).await
+            self.handle(event, &mut tx).await
         } else {
             Ok(())
         };

@@ -62,7 +62,7 @@ struct AdjustmentRequest {
     post, path = "/v1/inventory/{product_id}/adjustments", tag = "inventory",
     params(("product_id" = uuid::Uuid, Path)), request_body = AdjustmentRequest, security(("bearer" = [])),
     responses(
-        (status = 200, description = "Adjusted", body = Stock),
+        (status = 200, description = "Adjusted", body = Stock, headers(("X-Consistency-Token" = String))),
         (status = 404, description = "No such product", body = Problem),
         (status = 409, description = "Would make available negative", body = Problem),
         (status = 422, description = "Invalid", body = Problem),
@@ -72,8 +72,15 @@ async fn adjust(
     State(inventory): State<Inventory>,
     caller: Caller,
     Id(product_id): Id,
+    keys: axum::Extension<std::sync::Arc<scaleshop_web::Keys>>,
     body: JsonObject,
-) -> Result<Json<Stock>, ApiError> {
+) -> Result<
+    (
+        [(axum::http::HeaderName, axum::http::HeaderValue); 1],
+        Json<Stock>,
+    ),
+    ApiError,
+> {
     caller.require_admin()?;
     let mut f = Fields::new(body);
     let delta = f.required("delta", |d: i64| {
@@ -97,5 +104,7 @@ async fn adjust(
     let (Some(delta), Some(reason)) = (delta, reason) else {
         return Err(ApiError::internal("fields checked but missing"));
     };
-    Ok(Json(inventory.adjust(product_id, delta, &reason).await?))
+    let stock = inventory.adjust(product_id, delta, &reason).await?;
+    let token = scaleshop_web::ConsistencyToken::after_commit().header(&keys);
+    Ok(([token], Json(stock)))
 }

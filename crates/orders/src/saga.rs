@@ -204,6 +204,10 @@ impl JobHandler for OrderSaga {
                 self.end(&order, Some(FailureReason::PaymentError)).await
             }
             Err(PaymentsError::Transient(e)) => {
+                // Nothing was charged: until the next attempt the order is just
+                // reserved again, so it can still be cancelled while it waits.
+                self.advance(order_id, Step::Charging, Step::Reserved)
+                    .await?;
                 Err(JobError::retry(format!("payment provider: {e}")))
             }
             Err(PaymentsError::Store(e)) => Err(retry(e)),
