@@ -95,6 +95,38 @@ pub struct Config {
     /// Attempts of one order's saga (a payment provider error is retried until the
     /// last one, then the order fails with `payment_error`).
     pub order_max_attempts: u32,
+    /// Image jobs (`images` queue) running at once in one process (decoding is
+    /// CPU-bound: about one per core).
+    pub images_concurrency: u32,
+    /// Upper bound of one object-storage call (image files).
+    pub image_storage_timeout_ms: u64,
+    /// Keep image files in this S3 bucket instead of the data folder.
+    pub s3_bucket: Option<String>,
+    /// URL of an S3-compatible service (such as `http://127.0.0.1:9000`), addressed
+    /// path-style; unset: AWS S3.
+    pub s3_endpoint: Option<String>,
+    pub s3_region: String,
+    pub s3_access_key_id: Option<String>,
+    pub s3_secret_access_key: Option<Secret>,
+    /// Allow a plain-http `s3_endpoint` (a service on the same host or network).
+    pub s3_allow_http: bool,
+    /// Tests only: made-up `.test` host names the image fetcher resolves to the
+    /// given addresses, exempt from the SSRF address rules (so a test can fetch from
+    /// a server on 127.0.0.1). Not a key: no file, variable or flag can set it
+    /// (`serde(skip)`), only code that builds a `Config`; names outside `.test` are
+    /// refused; empty (the default) changes nothing.
+    #[serde(skip)]
+    pub image_fetch_test_hosts: scaleshop_media::HostOverrides,
+    /// `redis://[:password@]host:port`: the shared L2 cache and cross-process
+    /// invalidation. Unset: an in-process cache only.
+    pub redis_url: Option<Secret>,
+    /// Upper bound of one Redis call; failures fall back to the database.
+    pub redis_timeout_ms: u64,
+    pub cache_l1_ttl_secs: u64,
+    pub cache_l1_capacity: u64,
+    pub cache_l2_ttl_secs: u64,
+    /// How long a missing id is remembered as missing.
+    pub cache_negative_ttl_secs: u64,
     /// Log filter when `RUST_LOG` is unset.
     pub log_filter: String,
     /// How long SIGTERM waits for in-flight requests, in seconds.
@@ -134,6 +166,21 @@ impl Default for Config {
             email_concurrency: 5,
             order_concurrency: 8,
             order_max_attempts: 5,
+            images_concurrency: 2,
+            image_storage_timeout_ms: 10_000,
+            s3_bucket: None,
+            s3_endpoint: None,
+            s3_region: "us-east-1".to_owned(),
+            s3_access_key_id: None,
+            s3_secret_access_key: None,
+            s3_allow_http: false,
+            image_fetch_test_hosts: scaleshop_media::HostOverrides::default(),
+            redis_url: None,
+            redis_timeout_ms: 50,
+            cache_l1_ttl_secs: 300,
+            cache_l1_capacity: 100_000,
+            cache_l2_ttl_secs: 3600,
+            cache_negative_ttl_secs: 10,
             log_filter: "info".to_owned(),
             shutdown_grace_secs: 20,
         }
@@ -172,6 +219,20 @@ const ENV_KEYS: &[&str] = &[
     "email_concurrency",
     "order_concurrency",
     "order_max_attempts",
+    "images_concurrency",
+    "image_storage_timeout_ms",
+    "s3_bucket",
+    "s3_endpoint",
+    "s3_region",
+    "s3_access_key_id",
+    "s3_secret_access_key",
+    "s3_allow_http",
+    "redis_url",
+    "redis_timeout_ms",
+    "cache_l1_ttl_secs",
+    "cache_l1_capacity",
+    "cache_l2_ttl_secs",
+    "cache_negative_ttl_secs",
     "log_filter",
     "shutdown_grace_secs",
 ];
@@ -206,6 +267,23 @@ impl Config {
     /// Rules beyond types; each message names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        if let Some(url) = &self.redis_url {
+            let url = url.expose();
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return bad("redis_url", "expected redis://... or rediss://...");
+            }
+        }
+        for (key, value) in [
+            ("redis_timeout_ms", self.redis_timeout_ms),
+            ("cache_l1_ttl_secs", self.cache_l1_ttl_secs),
+            ("cache_l1_capacity", self.cache_l1_capacity),
+            ("cache_l2_ttl_secs", self.cache_l2_ttl_secs),
+            ("cache_negative_ttl_secs", self.cache_negative_ttl_secs),
+        ] {
+            if value == 0 {
+                return bad(key, "must be greater than 0");
+            }
+        }
         if self.listen_addr().is_err() {
             return bad(
                 "http_addr",
@@ -273,12 +351,73 @@ impl Config {
             ("email_concurrency", u64::from(self.email_concurrency)),
             ("order_concurrency", u64::from(self.order_concurrency)),
             ("order_max_attempts", u64::from(self.order_max_attempts)),
+            ("images_concurrency", u64::from(self.images_concurrency)),
+            ("image_storage_timeout_ms", self.image_storage_timeout_ms),
         ] {
             if value == 0 {
                 return bad(key, "must be greater than 0");
             }
         }
+        self.validate_s3()
+    }
+
+    fn validate_s3(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        let Some(bucket) = &self.s3_bucket else {
+            for (key, set) in [
+                ("s3_endpoint", self.s3_endpoint.is_some()),
+                ("s3_access_key_id", self.s3_access_key_id.is_some()),
+                ("s3_secret_access_key", self.s3_secret_access_key.is_some()),
+            ] {
+                if set {
+                    return bad(key, "is used only with s3_bucket, which is unset");
+                }
+            }
+            return Ok(());
+        };
+        if bucket.trim().is_empty() {
+            return bad("s3_bucket", "must not be empty");
+        }
+        if self.s3_region.trim().is_empty() {
+            return bad("s3_region", "must not be empty");
+        }
+        if let Some(endpoint) = &self.s3_endpoint {
+            if endpoint.starts_with("http://") {
+                if !self.s3_allow_http {
+                    return bad(
+                        "s3_endpoint",
+                        "is plain http: set s3_allow_http = true to allow it",
+                    );
+                }
+            } else if !endpoint.starts_with("https://") {
+                return bad("s3_endpoint", "expected https://... or http://...");
+            }
+        }
+        if self.s3_access_key_id.is_some() != self.s3_secret_access_key.is_some() {
+            return bad(
+                "s3_access_key_id",
+                "s3_access_key_id and s3_secret_access_key go together",
+            );
+        }
         Ok(())
+    }
+
+    /// Where image files go: the S3 bucket when set, else `data_dir/images`.
+    pub fn image_storage(&self) -> scaleshop_media::StorageSettings {
+        match &self.s3_bucket {
+            Some(bucket) => scaleshop_media::StorageSettings::S3(scaleshop_media::S3Settings {
+                bucket: bucket.clone(),
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+                access_key_id: self.s3_access_key_id.clone(),
+                secret_access_key: self
+                    .s3_secret_access_key
+                    .as_ref()
+                    .map(|s| s.expose().to_owned()),
+                allow_http: self.s3_allow_http,
+            }),
+            None => scaleshop_media::StorageSettings::Local(self.data_dir.join("images")),
+        }
     }
 
     /// The socket address to bind.
@@ -291,6 +430,16 @@ impl Config {
         };
         full.parse()
             .map_err(|_| ConfigError(format!("http_addr: cannot parse {raw:?}")))
+    }
+
+    pub fn cache_settings(&self) -> scaleshop_cache::CacheSettings {
+        scaleshop_cache::CacheSettings {
+            l1_ttl: Duration::from_secs(self.cache_l1_ttl_secs),
+            l1_capacity: self.cache_l1_capacity,
+            l2_ttl: Duration::from_secs(self.cache_l2_ttl_secs),
+            negative_ttl: Duration::from_secs(self.cache_negative_ttl_secs),
+            ..scaleshop_cache::CacheSettings::default()
+        }
     }
 
     pub fn pool_settings(&self) -> scaleshop_db::PoolSettings {
@@ -462,5 +611,84 @@ mod tests {
                 .contains("database_url")
         );
         assert_eq!(format!("{:?}", Secret::new("pw")), "\"***\"");
+    }
+
+    #[test]
+    fn image_settings() {
+        let c = Config::default();
+        assert_eq!(c.images_concurrency, 2);
+        assert!(matches!(
+            c.image_storage(),
+            scaleshop_media::StorageSettings::Local(dir) if dir.ends_with("images")
+        ));
+        let s3 = Config {
+            s3_bucket: Some("images".into()),
+            s3_endpoint: Some("http://127.0.0.1:9000".into()),
+            s3_access_key_id: Some("key".into()),
+            s3_secret_access_key: Some(Secret::new("secret-value")),
+            ..Config::default()
+        };
+        let e = s3.validate().unwrap_err().to_string();
+        assert!(e.contains("s3_allow_http"), "{e}");
+        let s3 = Config {
+            s3_allow_http: true,
+            ..s3
+        };
+        s3.validate().unwrap();
+        assert!(!format!("{s3:?}").contains("secret-value"));
+        assert!(!format!("{:?}", s3.image_storage()).contains("secret-value"));
+        let lonely = Config {
+            s3_endpoint: Some("https://s3.example.com".into()),
+            ..Config::default()
+        };
+        assert!(
+            lonely
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("s3_endpoint")
+        );
+        let half = Config {
+            s3_bucket: Some("b".into()),
+            s3_access_key_id: Some("key".into()),
+            ..Config::default()
+        };
+        assert!(
+            half.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("s3_access_key_id")
+        );
+        let zero = Config {
+            images_concurrency: 0,
+            ..Config::default()
+        };
+        assert!(
+            zero.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("images_concurrency")
+        );
+    }
+
+    #[test]
+    fn the_fetch_test_seam_is_not_a_key() {
+        let dir = std::env::temp_dir().join(format!("scaleshop-seam-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[image_fetch_test_hosts]\n\"x.test\" = \"127.0.0.1\"\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&file), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("image_fetch_test_hosts"), "{e}");
+        std::fs::write(&file, "images_concurrency = 3\n").unwrap();
+        let c = Config::load(Some(&file), &Overrides::default()).unwrap();
+        assert!(c.image_fetch_test_hosts.is_empty());
+        assert_eq!(c.images_concurrency, 3);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

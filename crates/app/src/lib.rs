@@ -6,6 +6,7 @@
 //! except through their public APIs and events.
 
 pub mod config;
+mod invalidation;
 pub mod modules;
 mod ops;
 pub mod server;

@@ -30,6 +30,8 @@ pub enum Module {
     Orders,
     /// The notification service (welcome and order emails).
     Notifications,
+    /// The images (media) service: uploads, fetches, the `images` jobs, variants.
+    Media,
 }
 
 impl Module {
@@ -44,6 +46,7 @@ impl Module {
         Module::Payments,
         Module::Orders,
         Module::Notifications,
+        Module::Media,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +61,7 @@ impl Module {
             Self::Payments => "payments",
             Self::Orders => "orders",
             Self::Notifications => "notifications",
+            Self::Media => "media",
         }
     }
 
@@ -77,6 +81,12 @@ impl Module {
                 Module::Payments,
             ],
             Self::Notifications => &[Module::Database, Module::Events, Module::Jobs],
+            Self::Media => &[
+                Module::Database,
+                Module::Events,
+                Module::Jobs,
+                Module::Catalog,
+            ],
         }
     }
 }

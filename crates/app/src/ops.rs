@@ -18,6 +18,8 @@ use utoipa_axum::routes;
 #[derive(Clone, Default)]
 pub struct Probes {
     pub db: Option<Database>,
+    /// The shared cache tier (Redis), when configured.
+    pub cache: Option<scaleshop_cache::Redis>,
     /// The event dispatcher's loop, when this process runs it.
     pub bus: Option<Heartbeat>,
     /// The job workers' loops, when this process runs them.
@@ -106,7 +108,11 @@ async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
         database,
         replicas: ComponentState::Disabled,
         shards: ComponentState::Disabled,
-        cache: ComponentState::Disabled,
+        cache: match &ops.probes.cache {
+            Some(redis) if redis.ping().await => ComponentState::Up,
+            Some(_) => ComponentState::Down,
+            None => ComponentState::Disabled,
+        },
         bus: running(&ops.probes.bus),
         jobs: running(&ops.probes.jobs),
     };

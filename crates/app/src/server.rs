@@ -27,6 +27,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::config::Config;
 use crate::modules::{Module, Target};
 use crate::ops::Probes;
+use scaleshop_cache::{Invalidate, TieredCache, dispatch_invalidation};
 use scaleshop_telemetry::Collector;
 
 /// Request bodies over this are refused with 413.
@@ -37,6 +38,8 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error("cache: {0}")]
+    Cache(String),
     #[error(transparent)]
     Database(#[from] scaleshop_db::ConnectError),
     #[error("cannot listen on {addr}: {source}")]
@@ -50,6 +53,8 @@ pub enum StartError {
     Admin(String),
     #[error("mail: {0}")]
     Mail(String),
+    #[error("images: {0}")]
+    Media(String),
     #[error("background task: {0}")]
     Background(scaleshop_db::StoreError),
     #[error("server: {0}")]
@@ -93,6 +98,7 @@ fn migrations_of(modules: &[Module]) -> Vec<Migrations> {
             Module::Catalog => Some(scaleshop_catalog::migrations()),
             Module::Payments => Some(scaleshop_payments::migrations()),
             Module::Orders => Some(scaleshop_orders::migrations()),
+            Module::Media => Some(scaleshop_media::migrations()),
             Module::Database | Module::Operations => None,
         })
         .collect()
@@ -169,6 +175,9 @@ pub struct App {
     forget_idle: Vec<Box<dyn Fn() + Send + Sync>>,
     /// Housekeeping run every so often (e.g. expired idempotency keys).
     periodic: Vec<(Duration, Collector)>,
+    redis: Option<scaleshop_cache::Redis>,
+    users_cache: Arc<TieredCache<scaleshop_users::domain::User>>,
+    products_cache: Arc<TieredCache<scaleshop_catalog::ProductView>>,
 }
 
 impl App {
@@ -190,9 +199,32 @@ impl App {
             .then(|| Workers::new(db.clone(), config.worker_settings()));
         let mut forget_idle: Vec<Box<dyn Fn() + Send + Sync>> = Vec::new();
         let mut periodic: Vec<(Duration, Collector)> = Vec::new();
+        // The shared cache tier, when configured (a lazy connection: the process
+        // starts even while Redis is down).
+        let redis = match &config.redis_url {
+            Some(url) => Some(
+                scaleshop_cache::Redis::connect(
+                    url.expose(),
+                    Duration::from_millis(config.redis_timeout_ms),
+                )
+                .map_err(|e| StartError::Cache(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let users_cache = Arc::new(TieredCache::new(
+            "users",
+            redis.clone(),
+            config.cache_settings(),
+        ));
+        let products_cache = Arc::new(TieredCache::new(
+            "products",
+            redis.clone(),
+            config.cache_settings(),
+        ));
         // In-process APIs of the services others call (cheap handles on the pool).
         let inventory = scaleshop_inventory::Inventory::new(db.clone());
-        let catalog = scaleshop_catalog::Catalog::new(db.clone(), inventory.clone());
+        let catalog = scaleshop_catalog::Catalog::new(db.clone(), inventory.clone())
+            .with_cache(products_cache.clone());
         let payments = scaleshop_payments::Payments::new(
             db.clone(),
             Arc::new(scaleshop_payments::SandboxGateway::new(db.clone())),
@@ -214,7 +246,8 @@ impl App {
                     )));
                 }
                 Module::Users => {
-                    let users = scaleshop_users::Users::new(scaleshop_users::store::store_for(&db));
+                    let users = scaleshop_users::Users::new(scaleshop_users::store::store_for(&db))
+                        .with_cache(users_cache.clone());
                     if let (Some(email), Some(password)) =
                         (&config.admin_email, &config.admin_password)
                     {
@@ -292,6 +325,20 @@ impl App {
                     let store = scaleshop_notifications::NotificationStore::new(db.clone());
                     api = api.merge(scaleshop_notifications::http::router(store));
                 }
+                Module::Media => {
+                    let media = media(config, &db, &catalog)?;
+                    // The catalog lists a product's images through the media service.
+                    catalog.set_images(Arc::new(media.clone()));
+                    if let Some(workers) = workers.as_mut() {
+                        let concurrency = usize::try_from(config.images_concurrency).unwrap_or(1);
+                        workers.register(
+                            scaleshop_media::IMAGES_QUEUE,
+                            concurrency,
+                            Arc::new(scaleshop_media::ImageJob::new(media.clone())),
+                        );
+                    }
+                    api = api.merge(scaleshop_media::http::router(media));
+                }
             }
         }
         if modules.contains(&Module::Operations) {
@@ -300,6 +347,7 @@ impl App {
             collectors.extend(workers.as_ref().map(Workers::collector));
             let probes = Probes {
                 db: Some(db.clone()),
+                cache: redis.clone(),
                 bus: dispatcher.as_ref().map(Dispatcher::heartbeat),
                 jobs: workers.as_ref().map(Workers::heartbeat),
                 collectors,
@@ -318,7 +366,12 @@ impl App {
             request_timeout: Duration::from_millis(config.request_timeout_ms),
         });
         let router = router
-            .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
+            .merge(
+                SwaggerUi::new("/docs")
+                    .url("/openapi.json", openapi)
+                    // No call to the public validator: the page works offline.
+                    .config(utoipa_swagger_ui::Config::from("/openapi.json").validator_url("none")),
+            )
             .route_layer(from_fn(record_route))
             .fallback(|| async { ApiError::not_found().detail("no such route") })
             .layer(axum::Extension(keys))
@@ -332,6 +385,9 @@ impl App {
             workers,
             forget_idle,
             periodic,
+            redis,
+            users_cache,
+            products_cache,
         })
     }
 
@@ -343,6 +399,26 @@ impl App {
     ) -> Result<Vec<JoinHandle<()>>, StartError> {
         let mut tasks = Vec::new();
         tasks.extend(self.db.spawn_commit_listener(shutdown.clone()));
+        // Cache invalidation, two paths: Redis pub/sub (fast) and the event log
+        // (heals a lost message).
+        let caches: Vec<Arc<dyn Invalidate>> =
+            vec![self.users_cache.clone(), self.products_cache.clone()];
+        if let Some(redis) = self.redis.clone() {
+            let stop = shutdown.clone();
+            let caches = caches.clone();
+            tasks.push(tokio::spawn(async move {
+                redis
+                    .subscribe(move |message| dispatch_invalidation(&caches, message), stop)
+                    .await;
+            }));
+        }
+        let (users, products) = (self.users_cache.clone(), self.products_cache.clone());
+        tasks.push(scaleshop_events::tail::spawn_tail(
+            self.db.clone(),
+            Duration::from_millis(500),
+            move |event| crate::invalidation::on_event(event, users.as_ref(), products.as_ref()),
+            shutdown.clone(),
+        ));
         if let Some(dispatcher) = self.dispatcher.take() {
             tasks.push(
                 dispatcher
@@ -392,6 +468,28 @@ fn mailer(config: &Config) -> Result<scaleshop_notifications::Mailer, StartError
         None => Mailer::files(config.data_dir.join("mail"), &config.smtp_from),
     };
     mailer.map_err(|e| StartError::Mail(e.to_string()))
+}
+
+fn media(
+    config: &Config,
+    db: &Database,
+    catalog: &scaleshop_catalog::Catalog,
+) -> Result<scaleshop_media::Media, StartError> {
+    let fail = |e: &dyn std::fmt::Display| StartError::Media(e.to_string());
+    let storage = scaleshop_media::Storage::open(
+        &config.image_storage(),
+        Duration::from_millis(config.image_storage_timeout_ms),
+    )
+    .map_err(|e| fail(&e))?;
+    // Production configuration leaves the overrides empty: every SSRF rule applies.
+    let fetcher = scaleshop_media::Fetcher::with_overrides(config.image_fetch_test_hosts.clone())
+        .map_err(|e| fail(&e))?;
+    Ok(scaleshop_media::Media::new(
+        db.clone(),
+        catalog.clone(),
+        storage,
+        fetcher,
+    ))
 }
 
 async fn ensure_admin(

@@ -14,8 +14,10 @@
 
 mod helpers;
 
+mod commerce;
 mod conventions;
 mod lifecycle;
+mod media;
 mod messaging;
 mod operations;
 mod users;

@@ -11,6 +11,7 @@
 
 mod process;
 
+mod cache;
 mod cli;
 mod crash;
 mod saga_crash;
