@@ -75,19 +75,6 @@ fn search_key(p: &Product) -> String {
     )
 }
 
-/// `%text%`, wildcards of `text` escaped.
-fn like_pattern(text: &str) -> String {
-    let mut pattern = String::from("%");
-    for c in text.to_lowercase().chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            pattern.push('\\');
-        }
-        pattern.push(c);
-    }
-    pattern.push('%');
-    pattern
-}
-
 #[derive(Debug, Clone)]
 pub struct ProductStore {
     db: Database,
@@ -148,7 +135,7 @@ impl ProductStore {
         after: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<Product>, StoreError> {
-        let pattern = text.map(like_pattern);
+        let pattern = text.map(scaleshop_db::like_contains);
         let rows: Vec<Row> = with_pool!(self.db, pool => {
             sqlx::query_as(SEARCH).bind(&pattern).bind(after).bind(limit).fetch_all(pool).await?
         });

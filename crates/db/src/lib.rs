@@ -441,6 +441,21 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// A `LIKE` pattern matching values that contain `text` (lower-cased), with the
+/// pattern characters of `text` escaped (use `ESCAPE '\\'`).
+pub fn like_contains(text: &str) -> String {
+    let mut pattern = String::with_capacity(text.len() + 2);
+    pattern.push('%');
+    for c in text.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
 /// Runs `$body` with `$pool` bound to the backend's pool. The body is compiled once
 /// per backend, so one SQL text serves both (write `$1`-style parameters).
 #[macro_export]
@@ -474,6 +489,11 @@ macro_rules! with_tx {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn like_escapes_wildcards() {
+        assert_eq!(like_contains("A_b%c\\"), "%a\\_b\\%c\\\\%");
+    }
 
     #[test]
     fn redact_hides_passwords() {

@@ -97,20 +97,6 @@ fn search_key(user: &User) -> String {
     )
 }
 
-/// `%text%` for LIKE, with the wildcards of `text` escaped.
-fn like_pattern(text: &str) -> String {
-    let mut pattern = String::with_capacity(text.len() + 2);
-    pattern.push('%');
-    for c in text.to_lowercase().chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            pattern.push('\\');
-        }
-        pattern.push(c);
-    }
-    pattern.push('%');
-    pattern
-}
-
 /// Users in the configured database (SQLite or PostgreSQL; one SQL text).
 #[derive(Debug, Clone)]
 pub struct SqlUserStore {
@@ -182,18 +168,10 @@ impl UserStore for SqlUserStore {
         after: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<UserRecord>, StoreError> {
-        let pattern = text.map(like_pattern);
+        let pattern = text.map(scaleshop_db::like_contains);
         let rows: Vec<UserRow> = with_pool!(self.db, pool => {
             sqlx::query_as(SEARCH).bind(&pattern).bind(after).bind(limit).fetch_all(pool).await?
         });
         rows.into_iter().map(UserRecord::try_from).collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn like_escapes_wildcards() {
-        assert_eq!(super::like_pattern("A_b%c\\"), "%a\\_b\\%c\\\\%");
     }
 }
