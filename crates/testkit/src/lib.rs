@@ -182,3 +182,83 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
     }
 }
+
+/// Another handle on an existing database (the same PostgreSQL database, or the
+/// same SQLite file in `dir`), migrated: what a second process would open.
+pub async fn open_database(
+    url: Option<&str>,
+    dir: &std::path::Path,
+    migrations: &[Migrations],
+) -> Database {
+    let settings = PoolSettings {
+        min_connections: 0,
+        ..PoolSettings::default()
+    };
+    let db = Database::connect(url, dir, &settings)
+        .await
+        .expect("connect");
+    for m in migrations {
+        db.migrate(m).await.expect("migrate");
+    }
+    db
+}
+
+/// A bounded wait: polls `check` until it holds, fails the test after `within`.
+pub async fn eventually_within(
+    within: std::time::Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A runtime standing for another process: [`Crashable::crash`] drops its tasks
+/// mid-flight (their shutdown paths never run), as a crash would.
+#[derive(Debug)]
+pub struct Crashable(Option<tokio::runtime::Runtime>);
+
+impl Default for Crashable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Crashable {
+    pub fn new() -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        Self(Some(runtime))
+    }
+
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        self.0.as_ref().expect("not crashed").handle().clone()
+    }
+
+    pub fn crash(mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Crashable {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one panics; this does not.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use scaleshop_db::sqlx;
-use scaleshop_db::{Database, PoolSettings, Tx, with_pool, with_tx};
+use scaleshop_db::{Database, Tx, with_pool, with_tx};
 use scaleshop_events::{
     Consumer, Dispatcher, DispatcherSettings, Event, EventLog, HandlerError, NewEvent,
 };
@@ -43,16 +43,7 @@ pub async fn fresh(backend: Backend) -> Database {
 /// Another handle on an existing database (the same PostgreSQL database, or the
 /// same SQLite file in `dir`): what a second process would open.
 pub async fn open(url: Option<&str>, dir: &Path) -> Database {
-    let settings = PoolSettings {
-        min_connections: 0,
-        ..PoolSettings::default()
-    };
-    let db = Database::connect(url, dir, &settings)
-        .await
-        .expect("connect");
-    db.migrate(&scaleshop_events::migrations())
-        .await
-        .expect("migrate");
+    let db = scaleshop_testkit::open_database(url, dir, &[scaleshop_events::migrations()]).await;
     create_effects(&db).await;
     db
 }
@@ -72,20 +63,7 @@ pub async fn exec(db: &Database, sql: &'static str) {
     });
 }
 
-/// A bounded wait: polls `check` until it holds, fails the test after `within`.
-pub async fn eventually_within(within: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+pub use scaleshop_testkit::eventually_within;
 
 pub async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
     eventually_within(WAIT, what, check).await;
@@ -394,39 +372,7 @@ pub async fn inbox_has(db: &Database, consumer: &str, event_id: Uuid) -> i64 {
     })
 }
 
-/// A runtime standing for another process: [`Crashable::crash`] drops its tasks
-/// mid-flight (their shutdown paths never run), as a crash would.
-pub struct Crashable(Option<tokio::runtime::Runtime>);
-
-impl Crashable {
-    pub fn new() -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        Self(Some(runtime))
-    }
-
-    pub fn handle(&self) -> tokio::runtime::Handle {
-        self.0.as_ref().expect("not crashed").handle().clone()
-    }
-
-    pub fn crash(mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
-impl Drop for Crashable {
-    fn drop(&mut self) {
-        // Dropping a runtime inside another one panics; this does not.
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
+pub use scaleshop_testkit::Crashable;
 
 /// Polls `check` until it holds or `within` passes; says whether it held.
 pub async fn holds_within(within: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {

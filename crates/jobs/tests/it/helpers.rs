@@ -4,12 +4,12 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use scaleshop_db::sqlx;
-use scaleshop_db::{Database, PoolSettings, StoreError, Tx, with_pool, with_tx};
+use scaleshop_db::{Database, StoreError, Tx, with_pool, with_tx};
 use scaleshop_jobs::{Job, JobError, JobHandler, JobQueue, NewJob, WorkerSettings, Workers};
 use scaleshop_testkit::Backend;
 use tokio::sync::{Mutex, watch};
@@ -40,16 +40,7 @@ pub async fn fresh(backend: Backend) -> Database {
 /// Another handle on an existing database (the same PostgreSQL database, or the
 /// same SQLite file in `dir`): what a second process would open.
 pub async fn open(url: Option<&str>, dir: &Path) -> Database {
-    let settings = PoolSettings {
-        min_connections: 0,
-        ..PoolSettings::default()
-    };
-    let db = Database::connect(url, dir, &settings)
-        .await
-        .expect("connect");
-    db.migrate(&scaleshop_jobs::migrations())
-        .await
-        .expect("migrate");
+    let db = scaleshop_testkit::open_database(url, dir, &[scaleshop_jobs::migrations()]).await;
     create_tables(&db).await;
     db
 }
@@ -67,20 +58,7 @@ async fn create_tables(db: &Database) {
     }
 }
 
-/// A bounded wait: polls `check` until it holds, fails the test after `within`.
-pub async fn eventually_within(within: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+pub use scaleshop_testkit::eventually_within;
 
 pub async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
     eventually_within(WAIT, what, check).await;
@@ -338,36 +316,4 @@ impl JobHandler for Probe {
     }
 }
 
-/// A runtime standing for another process: [`Crashable::crash`] drops its tasks
-/// mid-flight (their shutdown paths never run), as a crash would.
-pub struct Crashable(Option<tokio::runtime::Runtime>);
-
-impl Crashable {
-    pub fn new() -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        Self(Some(runtime))
-    }
-
-    pub fn handle(&self) -> tokio::runtime::Handle {
-        self.0.as_ref().expect("not crashed").handle().clone()
-    }
-
-    pub fn crash(mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
-impl Drop for Crashable {
-    fn drop(&mut self) {
-        // Dropping a runtime inside another one panics; this does not.
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
+pub use scaleshop_testkit::Crashable;
