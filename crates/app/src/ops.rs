@@ -1,5 +1,6 @@
 //! Operations routes: liveness, readiness, Prometheus metrics.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -28,7 +29,6 @@ pub struct Probes {
     pub collectors: Vec<Collector>,
 }
 
-#[derive(Clone)]
 struct Ops {
     probes: Probes,
     metrics: PrometheusHandle,
@@ -46,7 +46,7 @@ pub fn router(probes: Probes) -> OpenApiRouter {
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))
-        .with_state(state)
+        .with_state(Arc::new(state))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -93,7 +93,7 @@ struct Readiness {
         (status = 200, description = "Ready", body = Readiness),
         (status = 503, description = "A dependency is down", body = Readiness),
     ))]
-async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
+async fn readyz(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
     let database = match &ops.probes.db {
         Some(db) if db.ping(Duration::from_secs(1)).await => ComponentState::Up,
         Some(_) => ComponentState::Down,
@@ -141,7 +141,7 @@ async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
 /// Prometheus text exposition.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-async fn metrics(State(ops): State<Ops>) -> impl IntoResponse {
+async fn metrics(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
     if let Some(db) = &ops.probes.db {
         db.report_pool_metrics("primary");
     }

@@ -8,17 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
-use axum::middleware::{from_fn, from_fn_with_state};
 use scaleshop_db::{Database, Migrations};
 use scaleshop_events::Dispatcher;
 use scaleshop_jobs::Workers;
-use scaleshop_web::observe::{ObserveSettings, observe, record_route};
-use scaleshop_web::{ApiError, Keys};
+use scaleshop_web::observe::{ObserveLayer, ObserveSettings};
+use scaleshop_web::{ApiError, Keys, KeysLayer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tower_http::catch_panic::CatchPanicLayer;
+use tower::ServiceBuilder;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
@@ -29,9 +27,6 @@ use crate::modules::{Module, Target};
 use crate::ops::Probes;
 use scaleshop_cache::{Invalidate, TieredCache, dispatch_invalidation};
 use scaleshop_telemetry::Collector;
-
-/// Request bodies over this are refused with 413.
-pub const BODY_LIMIT: usize = 1024 * 1024;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +54,13 @@ pub enum StartError {
     Background(scaleshop_db::StoreError),
     #[error("server: {0}")]
     Serve(std::io::Error),
+    #[error("routes: {0}")]
+    Routes(String),
 }
+
+/// The routes of the documentation (Swagger UI at `/docs`, the document at
+/// `/openapi.json`), which the document does not list.
+const DOCS_ROUTES: [&str; 4] = ["/docs", "/docs/", "/docs/{*rest}", "/openapi.json"];
 
 #[derive(OpenApi)]
 #[openapi(
@@ -168,7 +169,9 @@ fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, StartError> {
 /// A built application: the router, and the background parts that start with
 /// [`serve`].
 pub struct App {
-    pub router: Router,
+    router: Router,
+    keys: Arc<Keys>,
+    observe: ObserveLayer,
     pub db: Database,
     dispatcher: Option<Dispatcher>,
     workers: Option<Workers>,
@@ -362,9 +365,22 @@ impl App {
         );
 
         let (router, openapi) = api.split_for_parts();
-        let settings = Arc::new(ObserveSettings {
-            request_timeout: Duration::from_millis(config.request_timeout_ms),
-        });
+        // Every route is documented (`routes!`), so the document lists every API
+        // route template; the documentation's own routes come on top.
+        let templates: Vec<String> = openapi
+            .paths
+            .paths
+            .keys()
+            .cloned()
+            .chain(DOCS_ROUTES.iter().map(|r| (*r).to_owned()))
+            .collect();
+        let observe = ObserveLayer::new(
+            ObserveSettings {
+                request_timeout: Duration::from_millis(config.request_timeout_ms),
+            },
+            templates,
+        )
+        .map_err(StartError::Routes)?;
         let router = router
             .merge(
                 SwaggerUi::new("/docs")
@@ -372,14 +388,11 @@ impl App {
                     // No call to the public validator: the page works offline.
                     .config(utoipa_swagger_ui::Config::from("/openapi.json").validator_url("none")),
             )
-            .route_layer(from_fn(record_route))
-            .fallback(|| async { ApiError::not_found().detail("no such route") })
-            .layer(axum::Extension(keys))
-            .layer(DefaultBodyLimit::max(BODY_LIMIT))
-            .layer(CatchPanicLayer::new())
-            .layer(from_fn_with_state(settings, observe));
+            .fallback(|| async { ApiError::not_found().detail("no such route") });
         Ok(Self {
             router,
+            keys,
+            observe,
             db,
             dispatcher,
             workers,
@@ -389,6 +402,28 @@ impl App {
             users_cache,
             products_cache,
         })
+    }
+
+    /// The router inside the layers every request goes through: the observe layer
+    /// (which also turns panics into 500s) and the signing keys. They wrap the
+    /// router once, outside it: a layer added with `Router::layer` is copied into
+    /// every route and called per route, which costs each request a few
+    /// allocations per layer.
+    fn http_service(
+        &self,
+    ) -> impl tower::Service<
+        axum::extract::Request,
+        Response = axum::response::Response,
+        Error = std::convert::Infallible,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
+        ServiceBuilder::new()
+            .layer(self.observe.clone())
+            .layer(KeysLayer(self.keys.clone()))
+            .service(self.router.clone())
     }
 
     /// Starts the background parts; they stop when `shutdown` turns true. The
@@ -442,6 +477,19 @@ impl App {
                 }
             }));
         }
+        // The recorder keeps histogram samples until they are folded into buckets;
+        // fold them on a timer too, so memory stays flat without scrapes.
+        let mut stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let metrics = scaleshop_telemetry::metrics_handle();
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => metrics.run_upkeep(),
+                    _ = stop.changed() => return,
+                }
+            }
+        }));
         let forget_idle = std::mem::take(&mut self.forget_idle);
         let mut stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
@@ -524,17 +572,19 @@ pub async fn serve(
     let addr = listener.local_addr().map_err(StartError::Serve)?;
     tracing::info!(%addr, "listening on http://{addr}");
     let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let server = axum::serve(
-        listener,
-        app.router
-            .into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown({
-        let mut stop_rx = stop_rx.clone();
-        async move {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-        }
-    });
+    let server =
+        axum::serve(
+            listener,
+            axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+                SocketAddr,
+            >(app.http_service()),
+        )
+        .with_graceful_shutdown({
+            let mut stop_rx = stop_rx.clone();
+            async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            }
+        });
     let server = tokio::spawn(async move { server.await });
     shutdown.await;
     tracing::info!("shutting down: draining in-flight requests and jobs");

@@ -23,10 +23,12 @@
 mod redis_tier;
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
 use moka::Expiry;
 use scaleshop_telemetry::names;
 use serde::Serialize;
@@ -60,11 +62,47 @@ impl Default for CacheSettings {
     }
 }
 
+/// A cached value, with its JSON form rendered at most once per L1 entry, so a
+/// hit answered as JSON costs no serialization. Derefs to the value.
+#[derive(Debug)]
+pub struct Cached<T> {
+    value: T,
+    json: OnceLock<Bytes>,
+}
+
+impl<T> Cached<T> {
+    fn new(value: T) -> Self {
+        Self {
+            value,
+            json: OnceLock::new(),
+        }
+    }
+}
+
+impl<T: Serialize> Cached<T> {
+    /// The value as JSON (`serde_json`'s rendering of `T`), rendered on first use.
+    pub fn json(&self) -> Result<Bytes, serde_json::Error> {
+        if let Some(json) = self.json.get() {
+            return Ok(json.clone());
+        }
+        let rendered = Bytes::from(serde_json::to_vec(&self.value)?);
+        Ok(self.json.get_or_init(|| rendered).clone())
+    }
+}
+
+impl<T> std::ops::Deref for Cached<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
 /// An L1 entry: the value (or its absence), when it was read from the database,
 /// and the local clock when its load started.
 #[derive(Debug)]
 struct Entry<T> {
-    value: Option<Arc<T>>,
+    value: Option<Arc<Cached<T>>>,
     loaded_at_micros: i64,
     started: u64,
 }
@@ -104,14 +142,41 @@ fn now_micros() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
+/// The request counters of one cache, registered once (a lookup per read would
+/// cost more than an L1 hit).
+struct Counters {
+    l1_hit: metrics::Counter,
+    l1_miss: metrics::Counter,
+    l2_hit: metrics::Counter,
+    l2_miss: metrics::Counter,
+}
+
+impl Counters {
+    fn new(cache: &'static str) -> Self {
+        // The process-wide recorder must exist before handles are taken.
+        drop(scaleshop_telemetry::metrics_handle());
+        let counter = |tier: &'static str, result: &'static str| metrics::counter!(names::CACHE_REQUESTS, "cache" => cache, "tier" => tier, "result" => result);
+        Self {
+            l1_hit: counter("l1", "hit"),
+            l1_miss: counter("l1", "miss"),
+            l2_hit: counter("l2", "hit"),
+            l2_miss: counter("l2", "miss"),
+        }
+    }
+}
+
 /// A named cache of `T` values.
 pub struct TieredCache<T> {
     name: &'static str,
+    counters: Counters,
     l1: moka::future::Cache<String, Arc<Entry<T>>>,
     /// Local clock value of the last invalidation of each key (kept as long as an
     /// L1 entry can live; an older entry has expired anyway).
     invalidated: moka::sync::Cache<String, u64>,
     clock: AtomicU64,
+    /// The local clock value of the latest invalidation of any key: an entry whose
+    /// load started at or after it is valid without looking its key up.
+    last_invalidation: AtomicU64,
     redis: Option<Redis>,
     settings: CacheSettings,
 }
@@ -150,21 +215,19 @@ where
             .build();
         Self {
             name,
+            counters: Counters::new(name),
             l1,
             invalidated,
             clock: AtomicU64::new(1),
+            last_invalidation: AtomicU64::new(0),
             redis,
             settings,
         }
     }
 
-    fn count(&self, tier: &'static str, result: &'static str) {
-        metrics::counter!(names::CACHE_REQUESTS, "cache" => self.name, "tier" => tier, "result" => result)
-            .increment(1);
-    }
-
     fn valid(&self, key: &str, entry: &Entry<T>) -> bool {
-        entry.started >= self.invalidated.get(key).unwrap_or(0)
+        entry.started >= self.last_invalidation.load(Ordering::SeqCst)
+            || entry.started >= self.invalidated.get(key).unwrap_or(0)
     }
 
     fn l2_keys(&self, key: &str) -> (String, String, String) {
@@ -183,7 +246,7 @@ where
         key: &str,
         fresh_since: Option<i64>,
         load: F,
-    ) -> Result<Option<Arc<T>>, Arc<E>>
+    ) -> Result<Option<Arc<Cached<T>>>, Arc<E>>
     where
         E: Send + Sync + 'static,
         F: FnOnce() -> Fut,
@@ -192,12 +255,12 @@ where
         if let Some(entry) = self.l1.get(key).await {
             let fresh = fresh_since.is_none_or(|t| entry.loaded_at_micros >= t);
             if self.valid(key, &entry) && fresh {
-                self.count("l1", "hit");
+                self.counters.l1_hit.increment(1);
                 return Ok(entry.value.clone());
             }
             self.l1.invalidate(key).await;
         }
-        self.count("l1", "miss");
+        self.counters.l1_miss.increment(1);
         let started = self.clock.fetch_add(1, Ordering::SeqCst);
         if fresh_since.is_some() {
             // Read-your-writes: straight to the database, then refresh the tiers.
@@ -238,7 +301,7 @@ where
         let generation = match redis.get(&l2_key, &generation_key).await {
             Ok((Some(bytes), _)) => {
                 if let Some(entry) = self.decode(&bytes, started) {
-                    self.count("l2", "hit");
+                    self.counters.l2_hit.increment(1);
                     return Ok(entry);
                 }
                 None
@@ -250,7 +313,7 @@ where
             // Redis unavailable (or garbage in it): the database answers.
             return self.load_from_database(key, started, load).await;
         };
-        self.count("l2", "miss");
+        self.counters.l2_miss.increment(1);
         let lease = redis
             .lease(&lease_key, self.settings.lease_ttl)
             .await
@@ -264,7 +327,7 @@ where
                 if let Ok((Some(bytes), _)) = redis.get(&l2_key, &generation_key).await
                     && let Some(entry) = self.decode(&bytes, started)
                 {
-                    self.count("l2", "hit");
+                    self.counters.l2_hit.increment(1);
                     return Ok(entry);
                 }
             }
@@ -272,7 +335,7 @@ where
         let entry = self.load_from_database(key, started, load).await?;
         let stored = Stored {
             loaded_at_micros: entry.loaded_at_micros,
-            value: entry.value.as_deref(),
+            value: entry.value.as_deref().map(|cached| &cached.value),
         };
         if let Ok(bytes) = serde_json::to_vec(&stored) {
             let ttl = if entry.value.is_some() {
@@ -293,7 +356,7 @@ where
     fn decode(&self, bytes: &[u8], started: u64) -> Option<Entry<T>> {
         let stored: Stored<T> = serde_json::from_slice(bytes).ok()?;
         Some(Entry {
-            value: stored.value.map(Arc::new),
+            value: stored.value.map(|v| Arc::new(Cached::new(v))),
             loaded_at_micros: stored.loaded_at_micros,
             started,
         })
@@ -315,7 +378,7 @@ where
         metrics::counter!(names::CACHE_LOADS, "cache" => self.name).increment(1);
         tracing::trace!(cache = self.name, key, "loaded from the database");
         Ok(Entry {
-            value: value.map(Arc::new),
+            value: value.map(|v| Arc::new(Cached::new(v))),
             loaded_at_micros,
             started,
         })
@@ -344,6 +407,7 @@ where
     fn invalidate_here(&self, key: &str) {
         let at = self.clock.fetch_add(1, Ordering::SeqCst) + 1;
         self.invalidated.insert(key.to_owned(), at);
+        self.last_invalidation.fetch_max(at, Ordering::SeqCst);
     }
 }
 
@@ -374,5 +438,37 @@ pub fn dispatch_invalidation(caches: &[Arc<dyn Invalidate>], message: &str) {
         for cache in caches.iter().filter(|c| c.name() == name) {
             cache.invalidate_local(key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Serialize)]
+    struct Product {
+        name: &'static str,
+        price_cents: i64,
+    }
+
+    #[test]
+    fn json_is_serde_json_and_rendered_once() {
+        let cached = Cached::new(Product {
+            name: "Tea \"green\"",
+            price_cents: 450,
+        });
+        let first = cached.json().unwrap();
+        assert_eq!(
+            first,
+            serde_json::to_vec(&Product {
+                name: "Tea \"green\"",
+                price_cents: 450
+            })
+            .unwrap()
+        );
+        let second = cached.json().unwrap();
+        // The same buffer, not a second rendering.
+        assert_eq!(first.as_ptr(), second.as_ptr());
+        assert_eq!(cached.price_cents, 450, "derefs to the value");
     }
 }

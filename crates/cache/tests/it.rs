@@ -127,7 +127,10 @@ async fn a_thousand_concurrent_cold_reads_load_once() {
         })
     });
     for r in futures::future::join_all(reads).await {
-        assert_eq!(r.unwrap().as_deref().map(String::as_str), Some("hot"));
+        assert_eq!(
+            r.unwrap().as_deref().map(|cached| cached.as_str()),
+            Some("hot")
+        );
     }
     assert_eq!(source.loads(), 1);
 }
@@ -153,7 +156,10 @@ async fn two_processes_share_l2_and_a_cold_key_costs_one_load_per_cluster() {
         })
     });
     for r in futures::future::join_all(reads).await {
-        assert_eq!(r.unwrap().as_deref().map(String::as_str), Some("shared"));
+        assert_eq!(
+            r.unwrap().as_deref().map(|cached| cached.as_str()),
+            Some("shared")
+        );
     }
     assert_eq!(source.loads(), 1, "one load for both processes");
     // A third process finds it in L2.
@@ -234,7 +240,7 @@ async fn a_slow_loader_never_writes_back_a_value_older_than_an_invalidation() {
     source.set(Some("new"));
     a.invalidate("k").await;
     assert_eq!(
-        slow.await.unwrap().as_deref().map(String::as_str),
+        slow.await.unwrap().as_deref().map(|cached| cached.as_str()),
         Some("old")
     );
     // Neither tier kept the old value.
@@ -263,7 +269,7 @@ async fn a_consistency_token_newer_than_the_entry_bypasses_it() {
         )
         .await
         .unwrap();
-    assert_eq!(fresh.as_deref().map(String::as_str), Some("v2"));
+    assert_eq!(fresh.as_deref().map(|cached| cached.as_str()), Some("v2"));
     // An older token is satisfied by the (refreshed) entry.
     let s = source.clone();
     let again = cache
@@ -272,7 +278,7 @@ async fn a_consistency_token_newer_than_the_entry_bypasses_it() {
         })
         .await
         .unwrap();
-    assert_eq!(again.as_deref().map(String::as_str), Some("v2"));
+    assert_eq!(again.as_deref().map(|cached| cached.as_str()), Some("v2"));
     assert_eq!(source.loads(), 2);
 }
 

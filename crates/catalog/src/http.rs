@@ -5,11 +5,12 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use bytes::Bytes;
 
 use scaleshop_web::page::PageParams;
 use scaleshop_web::{
-    ApiError, Caller, ConsistencyToken, Fields, Id, JsonObject, Keys, Page, Paginated, Problem,
-    ReadConsistency,
+    ApiError, Caller, ConsistencyToken, Fields, Id, JsonObject, Page, Paginated, Problem,
+    ReadConsistency, RequestKeys,
 };
 use serde::Deserialize;
 use utoipa::ToSchema;
@@ -26,7 +27,7 @@ pub fn router(catalog: Catalog) -> OpenApiRouter {
     OpenApiRouter::new()
         .routes(routes!(create_product, search_products))
         .routes(routes!(get_product, patch_product))
-        .with_state(catalog)
+        .with_state(Arc::new(catalog))
 }
 
 impl From<CatalogError> for ApiError {
@@ -73,8 +74,8 @@ struct PatchProductRequest {
     )
 )]
 async fn create_product(
-    State(catalog): State<Catalog>,
-    keys: axum::Extension<Arc<Keys>>,
+    State(catalog): State<Arc<Catalog>>,
+    keys: RequestKeys,
     caller: Caller,
     body: JsonObject,
 ) -> Result<
@@ -142,12 +143,21 @@ async fn create_product(
     )
 )]
 async fn get_product(
-    State(catalog): State<Catalog>,
+    State(catalog): State<Arc<Catalog>>,
     Id(id): Id,
     ReadConsistency(token): ReadConsistency,
-) -> Result<Json<ProductView>, ApiError> {
+) -> Result<([(HeaderName, HeaderValue); 1], Bytes), ApiError> {
     let fresh_since = token.map(|t| t.at_micros);
-    Ok(Json(catalog.get_cached(id, fresh_since).await?))
+    let product = catalog.get_cached(id, fresh_since).await?;
+    // The cached entry's JSON, rendered once per entry.
+    let json = product.json().map_err(ApiError::internal)?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        json,
+    ))
 }
 
 /// Change name, description or price (admin).
@@ -162,8 +172,8 @@ async fn get_product(
     )
 )]
 async fn patch_product(
-    State(catalog): State<Catalog>,
-    keys: axum::Extension<Arc<Keys>>,
+    State(catalog): State<Arc<Catalog>>,
+    keys: RequestKeys,
     caller: Caller,
     Id(id): Id,
     body: JsonObject,
@@ -209,7 +219,7 @@ struct SearchQuery {
     )
 )]
 async fn search_products(
-    State(catalog): State<Catalog>,
+    State(catalog): State<Arc<Catalog>>,
     page: Page,
     Query(query): Query<SearchQuery>,
 ) -> Result<Json<Paginated<ProductView>>, ApiError> {

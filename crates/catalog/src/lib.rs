@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use chrono::SubsecRound;
 use chrono::{DateTime, Utc};
-use scaleshop_cache::{CacheSettings, TieredCache};
+use scaleshop_cache::{CacheSettings, Cached, TieredCache};
 use scaleshop_db::{Database, Migrations, StoreError};
 use scaleshop_events::NewEvent;
 use scaleshop_inventory::Inventory;
@@ -151,12 +151,13 @@ impl Catalog {
         &self,
         id: Uuid,
         fresh_since: Option<i64>,
-    ) -> Result<ProductView, CatalogError> {
-        let this = self.clone();
+    ) -> Result<Arc<Cached<ProductView>>, CatalogError> {
+        let mut key = Uuid::encode_buffer();
+        let key = id.hyphenated().encode_lower(&mut key);
         let found = self
             .cache
-            .get_or_load(&id.to_string(), fresh_since, || async move {
-                match this.get(id).await {
+            .get_or_load(key, fresh_since, || async move {
+                match self.get(id).await {
                     Ok(listed) => Ok(Some(ProductView::from(listed))),
                     Err(CatalogError::NotFound) => Ok(None),
                     Err(CatalogError::Store(e)) => Err(e),
@@ -167,9 +168,7 @@ impl Catalog {
             })
             .await
             .map_err(|e| CatalogError::Store((*e).clone()))?;
-        found
-            .map(|view| (*view).clone())
-            .ok_or(CatalogError::NotFound)
+        found.ok_or(CatalogError::NotFound)
     }
 
     /// Plugs in the media service (once; later calls are ignored).

@@ -72,7 +72,7 @@ async fn adjust(
     State(inventory): State<Inventory>,
     caller: Caller,
     Id(product_id): Id,
-    keys: axum::Extension<std::sync::Arc<scaleshop_web::Keys>>,
+    keys: scaleshop_web::RequestKeys,
     body: JsonObject,
 ) -> Result<
     (

@@ -2,8 +2,6 @@
 //! 10 MiB body limit), read an image, and serve a variant's bytes (strong ETag,
 //! `If-None-Match` -> 304, immutable caching).
 
-use std::sync::Arc;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
@@ -14,7 +12,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use scaleshop_web::body::{is_json_content_type, parse_object};
 use scaleshop_web::{
-    ApiError, Caller, ConsistencyToken, ErrorCode, Fields, Id, JsonObject, Keys, Problem,
+    ApiError, Caller, ConsistencyToken, ErrorCode, Fields, Id, JsonObject, Problem, RequestKeys,
 };
 use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
@@ -99,7 +97,7 @@ async fn read_body(request: Request) -> Result<Bytes, ApiError> {
 )]
 async fn add_image(
     State(media): State<Media>,
-    keys: axum::Extension<Arc<Keys>>,
+    keys: RequestKeys,
     caller: Caller,
     Id(product_id): Id,
     request: Request,

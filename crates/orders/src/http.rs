@@ -1,7 +1,5 @@
 //! Order routes.
 
-use std::sync::Arc;
-
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
@@ -10,6 +8,7 @@ use chrono::{DateTime, Utc};
 use scaleshop_web::page::PageParams;
 use scaleshop_web::{
     ApiError, Caller, ConsistencyToken, FieldError, Id, JsonObject, Keys, Page, Paginated, Problem,
+    RequestKeys,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -248,7 +247,7 @@ fn stored_response(stored: &Stored, replayed: bool, keys: &Keys) -> Response {
 )]
 async fn create_order(
     State(orders): State<Orders>,
-    keys: axum::Extension<Arc<Keys>>,
+    keys: RequestKeys,
     caller: Caller,
     headers: HeaderMap,
     body: JsonObject,
@@ -401,7 +400,7 @@ async fn list_orders(
 )]
 async fn cancel_order(
     State(orders): State<Orders>,
-    keys: axum::Extension<Arc<Keys>>,
+    keys: RequestKeys,
     caller: Caller,
     Id(id): Id,
 ) -> Result<([(HeaderName, HeaderValue); 1], Json<OrderView>), ApiError> {

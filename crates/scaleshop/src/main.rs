@@ -7,6 +7,12 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use scaleshop_app::{Config, Overrides, Target};
 
+// mimalloc: a request allocates many small short-lived objects on one worker
+// thread and often frees them on another, which glibc's arenas handle slowly.
+// (The bare baseline uses the same allocator, so comparisons stay fair.)
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "scaleshop",

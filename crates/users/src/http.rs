@@ -12,7 +12,7 @@ use scaleshop_web::page::PageParams;
 use scaleshop_web::ratelimit::KeyedLimit;
 use scaleshop_web::{
     ApiError, Caller, ConsistencyToken, Fields, Id, JsonObject, Keys, Page, Paginated, Problem,
-    ReadConsistency,
+    ReadConsistency, RequestKeys,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -173,7 +173,7 @@ fn written(keys: &Keys) -> Headers {
 )]
 async fn create_user(
     State(http): State<UsersHttp>,
-    keys: axum::Extension<Arc<Keys>>,
+    keys: RequestKeys,
     body: JsonObject,
 ) -> Result<(StatusCode, [(HeaderName, HeaderValue); 2], Json<UserView>), ApiError> {
     let mut f = Fields::new(body);
@@ -216,7 +216,7 @@ async fn create_user(
 )]
 async fn create_session(
     State(http): State<UsersHttp>,
-    keys: axum::Extension<Arc<Keys>>,
+    keys: RequestKeys,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: JsonObject,
 ) -> Result<(StatusCode, Headers, Json<SessionView>), ApiError> {
@@ -306,7 +306,7 @@ async fn get_user(
 )]
 async fn patch_user(
     State(http): State<UsersHttp>,
-    keys: axum::Extension<Arc<Keys>>,
+    keys: RequestKeys,
     caller: Caller,
     Id(id): Id,
     body: JsonObject,

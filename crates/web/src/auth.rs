@@ -129,7 +129,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let keys = Keys::from_parts(parts)?;
+        let keys = Keys::current()?;
         let header = parts
             .headers
             .get(header::AUTHORIZATION)

@@ -9,7 +9,7 @@ use std::fmt::Display;
 
 use axum::extract::{FromRequest, Request};
 use axum::http::header;
-use bytes::Bytes;
+use http_body_util::LengthLimitError;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
@@ -19,22 +19,27 @@ use crate::error::{ApiError, ErrorCode, FieldError};
 #[derive(Debug)]
 pub struct JsonObject(pub Map<String, Value>);
 
-/// True for `application/json` and `application/*+json`, parameters allowed.
+/// True for `application/json` and `application/*+json`, parameters allowed, in
+/// any letter case.
 pub fn is_json_content_type(value: &str) -> bool {
-    let essence = value
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (subtype.eq_ignore_ascii_case("json")
+            || (subtype.len() > 5
+                && subtype.is_char_boundary(subtype.len() - 5)
+                && subtype[subtype.len() - 5..].eq_ignore_ascii_case("+json")))
 }
+
+/// JSON bodies over this are refused with 413 (read only as far as the limit).
+pub const BODY_LIMIT: usize = 1024 * 1024;
 
 impl<S: Send + Sync> FromRequest<S> for JsonObject {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         let content_type = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -44,13 +49,15 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
             return Err(ApiError::new(ErrorCode::UnsupportedMediaType)
                 .detail("send the body as application/json"));
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(ErrorCode::PayloadTooLarge).detail("the body is over the limit")
-            } else {
-                ApiError::new(ErrorCode::MalformedRequest).detail("the body could not be read")
-            }
-        })?;
+        let bytes = axum::body::to_bytes(req.into_body(), BODY_LIMIT)
+            .await
+            .map_err(|error| {
+                if error.into_inner().is::<LengthLimitError>() {
+                    ApiError::new(ErrorCode::PayloadTooLarge).detail("the body is over the limit")
+                } else {
+                    ApiError::new(ErrorCode::MalformedRequest).detail("the body could not be read")
+                }
+            })?;
         parse_object(&bytes).map(Self)
     }
 }
@@ -229,5 +236,11 @@ mod tests {
         assert!(is_json_content_type("application/merge-patch+json"));
         assert!(!is_json_content_type("text/plain"));
         assert!(!is_json_content_type(""));
+        assert!(is_json_content_type("Application/JSON"));
+        assert!(is_json_content_type(
+            "application/Problem+JSON; charset=utf-8"
+        ));
+        assert!(!is_json_content_type("application/+json"));
+        assert!(!is_json_content_type("text/json"));
     }
 }

@@ -66,7 +66,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ReadConsistency {
         let Some(value) = parts.headers.get(&CONSISTENCY_HEADER) else {
             return Ok(Self(None));
         };
-        let keys = Keys::from_parts(parts)?;
+        let keys = Keys::current()?;
         value
             .to_str()
             .ok()

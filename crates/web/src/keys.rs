@@ -2,12 +2,16 @@
 //! key and the HMAC key for cursors and consistency tokens (separated by purpose, so
 //! a cursor can never pass as a token or the reverse).
 //!
-//! Handlers and extractors find the [`Keys`] in the request extensions (the app adds
-//! them with `Extension`), so they work with any router state.
+//! Handlers and extractors find the [`Keys`] of the request they serve through
+//! [`Keys::current`] (or the [`RequestKeys`] extractor), so they work with any
+//! router state: [`KeysLayer`] around the router sets them for the request's
+//! future (a task-local scope: no per-request allocation or extension).
 
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -102,13 +106,74 @@ impl Keys {
         })
     }
 
-    /// The keys of this request.
-    pub fn from_parts(parts: &Parts) -> Result<Arc<Self>, ApiError> {
-        parts
-            .extensions
-            .get::<Arc<Self>>()
-            .cloned()
-            .ok_or_else(|| ApiError::internal("Keys extension missing from the router"))
+    /// The keys of the request being served (set by [`KeysLayer`]).
+    pub fn current() -> Result<Arc<Self>, ApiError> {
+        CURRENT
+            .try_with(Arc::clone)
+            .map_err(|_| ApiError::internal("no keys for this request: serve it through KeysLayer"))
+    }
+}
+
+tokio::task_local! {
+    static CURRENT: Arc<Keys>;
+}
+
+/// The keys of this request, as an extractor (derefs to [`Keys`]).
+#[derive(Debug, Clone)]
+pub struct RequestKeys(pub Arc<Keys>);
+
+impl std::ops::Deref for RequestKeys {
+    type Target = Keys;
+
+    fn deref(&self) -> &Keys {
+        &self.0
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestKeys {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(_parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Keys::current().map(Self)
+    }
+}
+
+/// Serves every request with these keys in scope.
+#[derive(Debug, Clone)]
+pub struct KeysLayer(pub Arc<Keys>);
+
+impl<S> tower::Layer<S> for KeysLayer {
+    type Service = WithKeys<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        WithKeys {
+            inner,
+            keys: self.0.clone(),
+        }
+    }
+}
+
+/// See [`KeysLayer`].
+#[derive(Debug, Clone)]
+pub struct WithKeys<S> {
+    inner: S,
+    keys: Arc<Keys>,
+}
+
+impl<S, R> tower::Service<R> for WithKeys<S>
+where
+    S: tower::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tokio::task::futures::TaskLocalFuture<Arc<Keys>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        CURRENT.scope(self.keys.clone(), self.inner.call(req))
     }
 }
 

@@ -27,6 +27,6 @@ pub use auth::{Caller, TokenKeys};
 pub use body::{Fields, JsonObject};
 pub use consistency::{CONSISTENCY_HEADER, ConsistencyToken, ReadConsistency};
 pub use error::{ApiError, ErrorCode, FieldError, Problem};
-pub use keys::{Keys, Signer};
+pub use keys::{Keys, KeysLayer, RequestKeys, Signer};
 pub use page::{Page, Paginated};
 pub use path::Id;

@@ -1,16 +1,21 @@
-//! The outermost middleware of every route: request ids, the request timeout, the
+//! The outermost layer, around the whole router: request ids, the request timeout, the
 //! latency histogram by route template, one log line per request (with the cause of
 //! any 5xx), and the guarantee that every error answer is a problem document, even
 //! those made outside our handlers (the router's 404 and 405, a panic's 500):
 //! any error response without a JSON body becomes one.
 
-use std::sync::Arc;
+use std::convert::Infallible;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, Method, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use metrics::Histogram;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -26,83 +31,237 @@ pub struct ObserveSettings {
     pub request_timeout: Duration,
 }
 
-/// The route template of a response, copied from the request by [`record_route`].
+/// The outermost layer, around the whole router (see the module's text).
 #[derive(Debug, Clone)]
-struct RouteTemplate(String);
-
-/// The id of the request being served (in the request's extensions).
-#[derive(Debug, Clone)]
-pub struct RequestId(pub String);
-
-/// Apply with `Router::route_layer`: runs only for matched routes and passes the
-/// template out to [`observe`], which runs before routing.
-pub async fn record_route(req: Request, next: Next) -> Response {
-    let template = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
-    let mut response = next.run(req).await;
-    if let Some(template) = template {
-        response.extensions_mut().insert(RouteTemplate(template));
-    }
-    response
+pub struct ObserveLayer {
+    shared: Arc<Shared>,
 }
 
-/// Apply with `Router::layer` (outermost).
-pub async fn observe(
-    State(settings): State<Arc<ObserveSettings>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let request_id = req
-        .headers()
-        .get(&REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| Uuid::now_v7().to_string(), str::to_owned);
-    req.extensions_mut().insert(RequestId(request_id.clone()));
-    let method = method_label(req.method());
-    let span = tracing::info_span!("request", request_id = %request_id, method, route = tracing::field::Empty);
+impl ObserveLayer {
+    /// `templates`: the route template of every route of the router inside, in
+    /// its syntax (`/v1/products/{id}`); a request that matches none is labelled
+    /// [`UNMATCHED_ROUTE`]. The layer matches them itself, before routing, so no
+    /// layer is needed inside every route to report the matched one.
+    pub fn new<I>(settings: ObserveSettings, templates: I) -> Result<Self, String>
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        let mut routes = matchit::Router::new();
+        for template in templates {
+            let template = template.into();
+            routes
+                .insert(template.clone(), RouteMetrics::new(template.clone()))
+                .map_err(|e| format!("route template {template}: {e}"))?;
+        }
+        Ok(Self {
+            shared: Arc::new(Shared {
+                settings,
+                routes,
+                unmatched: RouteMetrics::new(UNMATCHED_ROUTE.to_owned()),
+            }),
+        })
+    }
+}
 
-    let response = async {
-        match tokio::time::timeout(settings.request_timeout, next.run(req)).await {
+impl<S> tower::Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+struct Shared {
+    settings: ObserveSettings,
+    routes: matchit::Router<RouteMetrics>,
+    unmatched: RouteMetrics,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One route template and its latency histogram handles by method and status,
+/// registered on first use (the registry's own lookup builds a key per call).
+/// Bounded: methods and statuses are small finite sets.
+#[derive(Debug)]
+struct RouteMetrics {
+    template: String,
+    histograms: RwLock<Vec<(&'static str, u16, Histogram)>>,
+}
+
+impl RouteMetrics {
+    fn new(template: String) -> Self {
+        Self {
+            template,
+            histograms: RwLock::new(Vec::new()),
+        }
+    }
+
+    fn histogram(&self, method: &'static str, status: u16) -> Histogram {
+        let find = |entries: &[(&'static str, u16, Histogram)]| {
+            entries
+                .iter()
+                .find(|(m, s, _)| *m == method && *s == status)
+                .map(|(_, _, h)| h.clone())
+        };
+        if let Some(found) = self.histograms.read().ok().and_then(|e| find(&e)) {
+            return found;
+        }
+        let histogram = metrics::histogram!(
+            scaleshop_telemetry::names::HTTP_REQUEST_DURATION,
+            "method" => method,
+            "route" => self.template.clone(),
+            "status" => status.to_string(),
+        );
+        if let Ok(mut entries) = self.histograms.write()
+            && find(&entries).is_none()
+        {
+            entries.push((method, status, histogram.clone()));
+        }
+        histogram
+    }
+}
+
+/// See [`ObserveLayer`].
+#[derive(Debug, Clone)]
+pub struct Observe<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> tower::Service<Request> for Observe<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        // The clone that was driven to readiness serves this request.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        Box::pin(async move { Ok(observe(&shared, inner, req).await) })
+    }
+}
+
+/// A fresh request id: a UUIDv7 whose random part comes from the thread's
+/// generator (no system call per request).
+fn new_request_id() -> HeaderValue {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let random: [u8; 10] = rand::random();
+    let id = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
+    let mut buffer = Uuid::encode_buffer();
+    HeaderValue::from_str(id.hyphenated().encode_lower(&mut buffer))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+fn client_request_id(req: &Request) -> Option<HeaderValue> {
+    req.headers()
+        .get(&REQUEST_ID_HEADER)
+        .filter(|v| {
+            let bytes = v.as_bytes();
+            !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(u8::is_ascii_graphic)
+        })
+        .cloned()
+}
+
+async fn observe<S>(shared: &Shared, inner: S, req: Request) -> Response
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
+    let started = Instant::now();
+    let request_id = client_request_id(&req).unwrap_or_else(new_request_id);
+    let method = method_label(req.method());
+    let route = shared
+        .routes
+        .at(req.uri().path())
+        .map_or(&shared.unmatched, |found| found.value);
+    let span = tracing::info_span!(
+        "request",
+        request_id = request_id.to_str().unwrap_or("-"),
+        method,
+        route = tracing::field::Empty
+    );
+
+    let timed = async {
+        match tokio::time::timeout(shared.settings.request_timeout, caught(inner, req)).await {
             Ok(response) => response,
             Err(_) => ApiError::new(ErrorCode::Timeout)
                 .detail("the request took too long")
                 .retry_after(1)
                 .into_response(),
         }
-    }
-    .instrument(span.clone())
-    .await;
+    };
+    let response = if span.is_disabled() {
+        timed.await
+    } else {
+        timed.instrument(span.clone()).await
+    };
 
     let mut response = ensure_problem(response);
-    let route = response
-        .extensions()
-        .get::<RouteTemplate>()
-        .map_or(UNMATCHED_ROUTE.to_owned(), |t| t.0.clone());
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    metrics::histogram!(
-        scaleshop_telemetry::names::HTTP_REQUEST_DURATION,
-        "method" => method,
-        "route" => route.clone(),
-        "status" => status.to_string(),
-    )
-    .record(elapsed.as_secs_f64());
-
-    span.record("route", route.as_str());
+    route
+        .histogram(method, status)
+        .record(elapsed.as_secs_f64());
+    span.record("route", route.template.as_str());
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
     if let Some(InternalCause(cause)) = response.extensions().get::<InternalCause>() {
         tracing::error!(parent: &span, status, latency_ms, cause = %cause, "request failed");
     } else {
         tracing::info!(parent: &span, status, latency_ms, "request");
     }
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert(REQUEST_ID_HEADER, value);
-    }
+    response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
     response
+}
+
+/// Runs the request; a panic in a handler (while called or polled) becomes a 500
+/// problem document whose cause is logged, and the connection lives on.
+async fn caught<S>(mut inner: S, req: Request) -> Response
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
+    let future = match catch_unwind(AssertUnwindSafe(|| inner.call(req))) {
+        Ok(future) => future,
+        Err(panic) => return panicked(&*panic),
+    };
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(
+        |cx| match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(Ok(response))) => Poll::Ready(response),
+            Ok(Poll::Ready(Err(never))) => match never {},
+            Err(panic) => Poll::Ready(panicked(&*panic)),
+        },
+    )
+    .await
+}
+
+fn panicked(panic: &(dyn std::any::Any + Send)) -> Response {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    ApiError::internal(format!("handler panicked: {message}")).into_response()
 }
 
 /// Bounded label values for methods.
@@ -123,6 +282,9 @@ fn method_label(method: &Method) -> &'static str {
 /// headers that matter (`Allow`, `Retry-After`).
 fn ensure_problem(response: Response) -> Response {
     let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
     // A JSON body is a deliberate answer (a problem document, or a body the
     // contract defines for that status, such as `/readyz`'s 503): keep it.
     let is_json = response
@@ -130,7 +292,7 @@ fn ensure_problem(response: Response) -> Response {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(crate::body::is_json_content_type);
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
+    if is_json {
         return response;
     }
     let code = ErrorCode::from_status(status);
@@ -149,4 +311,150 @@ fn ensure_problem(response: Response) -> Response {
         }
     }
     replacement
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::Router;
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+
+    fn app(timeout: Duration) -> Observe<Router> {
+        let router = Router::new()
+            .route("/ok/{id}", get(|| async { "fine" }))
+            .route(
+                "/boom",
+                get(|| async {
+                    if std::hint::black_box(true) {
+                        panic!("the handler broke");
+                    }
+                    "unreachable"
+                }),
+            )
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    "late"
+                }),
+            );
+        ObserveLayer::new(
+            ObserveSettings {
+                request_timeout: timeout,
+            },
+            ["/ok/{id}", "/boom", "/slow"],
+        )
+        .unwrap()
+        .layer(router)
+    }
+
+    async fn call(path: &str, request_id: Option<&str>) -> Response {
+        let mut request = axum::http::Request::get(path);
+        if let Some(id) = request_id {
+            request = request.header(&REQUEST_ID_HEADER, id);
+        }
+        app(Duration::from_millis(200))
+            .oneshot(request.body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    fn content_type(response: &Response) -> &str {
+        response.headers()[header::CONTENT_TYPE].to_str().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_a_500_problem() {
+        let response = call("/boom", None).await;
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(content_type(&response), "application/problem+json");
+        assert!(response.headers().contains_key(&REQUEST_ID_HEADER));
+        let body = axum::body::to_bytes(response.into_body(), 10_000)
+            .await
+            .unwrap();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(!text.contains("the handler broke"), "cause leaked: {text}");
+    }
+
+    #[tokio::test]
+    async fn a_slow_handler_answers_a_timeout_problem() {
+        let response = call("/slow", None).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(content_type(&response), "application/problem+json");
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[tokio::test]
+    async fn request_ids_are_kept_or_made() {
+        let kept = call("/ok/1", Some("client-id-1")).await;
+        assert_eq!(kept.status(), StatusCode::OK);
+        assert_eq!(kept.headers()[&REQUEST_ID_HEADER], "client-id-1");
+        // Unusable ids (spaces, too long) are replaced by a UUIDv7.
+        for bad in ["has space", &"x".repeat(129)] {
+            let made = call("/ok/1", Some(bad)).await;
+            let id = made.headers()[&REQUEST_ID_HEADER].to_str().unwrap();
+            assert_eq!(Uuid::parse_str(id).unwrap().get_version_num(), 7, "{id}");
+        }
+        let a = call("/ok/1", None).await;
+        let b = call("/ok/1", None).await;
+        assert_ne!(
+            a.headers()[&REQUEST_ID_HEADER],
+            b.headers()[&REQUEST_ID_HEADER]
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_routes_and_methods_answer_problems() {
+        let response = call("/nowhere", None).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(content_type(&response), "application/problem+json");
+        let response = app(Duration::from_secs(1))
+            .oneshot(
+                axum::http::Request::post("/ok/1")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(content_type(&response), "application/problem+json");
+        assert!(response.headers().contains_key(header::ALLOW));
+    }
+
+    #[test]
+    fn templates_label_requests_without_their_raw_paths() {
+        let layer = ObserveLayer::new(
+            ObserveSettings {
+                request_timeout: Duration::from_secs(1),
+            },
+            ["/v1/products/{id}", "/docs/{*rest}"],
+        )
+        .unwrap();
+        let label = |path: &str| {
+            layer
+                .shared
+                .routes
+                .at(path)
+                .map_or(UNMATCHED_ROUTE, |m| m.value.template.as_str())
+                .to_owned()
+        };
+        assert_eq!(label("/v1/products/abc"), "/v1/products/{id}");
+        assert_eq!(label("/docs/swagger-ui.css"), "/docs/{*rest}");
+        assert_eq!(label("/v1/products"), UNMATCHED_ROUTE);
+        assert_eq!(label("/v1/products/abc/extra"), UNMATCHED_ROUTE);
+        assert!(
+            ObserveLayer::new(
+                ObserveSettings {
+                    request_timeout: Duration::from_secs(1),
+                },
+                ["/a/{x}", "/a/{y}"],
+            )
+            .is_err(),
+            "conflicting templates are refused"
+        );
+    }
 }

@@ -128,7 +128,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Page {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let keys = Keys::from_parts(parts)?;
+        let keys = Keys::current()?;
         parse(parts.uri.query(), &keys.signer)
     }
 }

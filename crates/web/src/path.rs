@@ -14,11 +14,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Id {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+        // Parsed straight from the matched segment (no copy of it).
+        Path::<Uuid>::from_request_parts(parts, state)
             .await
-            .map_err(|_| ApiError::not_found())?;
-        Uuid::try_parse(&raw)
-            .map(Id)
+            .map(|Path(id)| Id(id))
             .map_err(|_| ApiError::not_found())
     }
 }
