@@ -421,8 +421,8 @@ impl App {
     + Sync
     + 'static {
         ServiceBuilder::new()
-            .layer(self.observe.clone())
-            .layer(KeysLayer(self.keys.clone()))
+            .layer(self.observe)
+            .layer(KeysLayer::new(self.keys.clone()))
             .service(self.router.clone())
     }
 

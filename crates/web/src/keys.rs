@@ -107,26 +107,26 @@ impl Keys {
     }
 
     /// The keys of the request being served (set by [`KeysLayer`]).
-    pub fn current() -> Result<Arc<Self>, ApiError> {
+    pub fn current() -> Result<&'static Self, ApiError> {
         CURRENT
-            .try_with(Arc::clone)
+            .try_with(|keys| *keys)
             .map_err(|_| ApiError::internal("no keys for this request: serve it through KeysLayer"))
     }
 }
 
 tokio::task_local! {
-    static CURRENT: Arc<Keys>;
+    static CURRENT: &'static Keys;
 }
 
 /// The keys of this request, as an extractor (derefs to [`Keys`]).
 #[derive(Debug, Clone)]
-pub struct RequestKeys(pub Arc<Keys>);
+pub struct RequestKeys(pub &'static Keys);
 
 impl std::ops::Deref for RequestKeys {
     type Target = Keys;
 
     fn deref(&self) -> &Keys {
-        &self.0
+        self.0
     }
 }
 
@@ -139,8 +139,19 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestKeys {
 }
 
 /// Serves every request with these keys in scope.
-#[derive(Debug, Clone)]
-pub struct KeysLayer(pub Arc<Keys>);
+#[derive(Debug, Clone, Copy)]
+pub struct KeysLayer(&'static Keys);
+
+impl KeysLayer {
+    /// The keys are kept for the rest of the process (one small value per server
+    /// start), so scoping them costs a request no reference count: two worker
+    /// threads bumping one shared count on every request make its cache line
+    /// travel between cores.
+    pub fn new(keys: Arc<Keys>) -> Self {
+        let keys: &'static Arc<Keys> = Box::leak(Box::new(keys));
+        Self(keys)
+    }
+}
 
 impl<S> tower::Layer<S> for KeysLayer {
     type Service = WithKeys<S>;
@@ -148,7 +159,7 @@ impl<S> tower::Layer<S> for KeysLayer {
     fn layer(&self, inner: S) -> Self::Service {
         WithKeys {
             inner,
-            keys: self.0.clone(),
+            keys: self.0,
         }
     }
 }
@@ -157,7 +168,7 @@ impl<S> tower::Layer<S> for KeysLayer {
 #[derive(Debug, Clone)]
 pub struct WithKeys<S> {
     inner: S,
-    keys: Arc<Keys>,
+    keys: &'static Keys,
 }
 
 impl<S, R> tower::Service<R> for WithKeys<S>
@@ -166,14 +177,14 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = tokio::task::futures::TaskLocalFuture<Arc<Keys>, S::Future>;
+    type Future = tokio::task::futures::TaskLocalFuture<&'static Keys, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: R) -> Self::Future {
-        CURRENT.scope(self.keys.clone(), self.inner.call(req))
+        CURRENT.scope(self.keys, self.inner.call(req))
     }
 }
 

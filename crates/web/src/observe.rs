@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -32,9 +32,9 @@ pub struct ObserveSettings {
 }
 
 /// The outermost layer, around the whole router (see the module's text).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct ObserveLayer {
-    shared: Arc<Shared>,
+    shared: &'static Shared,
 }
 
 impl ObserveLayer {
@@ -54,13 +54,16 @@ impl ObserveLayer {
                 .insert(template.clone(), RouteMetrics::new(template.clone()))
                 .map_err(|e| format!("route template {template}: {e}"))?;
         }
-        Ok(Self {
-            shared: Arc::new(Shared {
-                settings,
-                routes,
-                unmatched: RouteMetrics::new(UNMATCHED_ROUTE.to_owned()),
-            }),
-        })
+        // Kept for the rest of the process (one table per server start, a few
+        // kilobytes), so a request reads it without a reference count: two worker
+        // threads bumping one shared count on every request make its cache line
+        // travel between cores.
+        let shared: &'static Shared = Box::leak(Box::new(Shared {
+            settings,
+            routes,
+            unmatched: RouteMetrics::new(UNMATCHED_ROUTE.to_owned()),
+        }));
+        Ok(Self { shared })
     }
 }
 
@@ -70,7 +73,7 @@ impl<S> tower::Layer<S> for ObserveLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Observe {
             inner,
-            shared: self.shared.clone(),
+            shared: self.shared,
         }
     }
 }
@@ -89,45 +92,77 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// Statuses this service answers; their histogram handles are found without a
+/// lock (others take the slower path).
+const COMMON_STATUSES: [u16; 18] = [
+    200, 201, 202, 204, 304, 400, 401, 403, 404, 405, 409, 413, 415, 422, 429, 500, 503, 504,
+];
+const METHODS: [&str; 8] = [
+    "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "OTHER",
+];
+
 /// One route template and its latency histogram handles by method and status,
 /// registered on first use (the registry's own lookup builds a key per call).
-/// Bounded: methods and statuses are small finite sets.
+/// Common statuses are read lock-free (one atomic load, no shared write: two
+/// worker threads writing one lock word on every request make its cache line
+/// travel between cores); the rest are behind a lock. Bounded: methods and
+/// statuses are small finite sets.
 #[derive(Debug)]
 struct RouteMetrics {
     template: String,
-    histograms: RwLock<Vec<(&'static str, u16, Histogram)>>,
+    common: Vec<OnceLock<Histogram>>,
+    other: RwLock<Vec<(&'static str, u16, Histogram)>>,
 }
 
 impl RouteMetrics {
     fn new(template: String) -> Self {
         Self {
             template,
-            histograms: RwLock::new(Vec::new()),
+            common: (0..METHODS.len() * COMMON_STATUSES.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+            other: RwLock::new(Vec::new()),
         }
     }
 
-    fn histogram(&self, method: &'static str, status: u16) -> Histogram {
+    fn register(&self, method: &'static str, status: u16) -> Histogram {
+        metrics::histogram!(
+            scaleshop_telemetry::names::HTTP_REQUEST_DURATION,
+            "method" => method,
+            "route" => self.template.clone(),
+            "status" => status.to_string(),
+        )
+    }
+
+    fn record(&self, method: &'static str, status: u16, seconds: f64) {
+        let m = METHODS.iter().position(|m| *m == method);
+        let s = COMMON_STATUSES.iter().position(|s| *s == status);
+        if let (Some(m), Some(s)) = (m, s)
+            && let Some(slot) = self.common.get(m * COMMON_STATUSES.len() + s)
+        {
+            slot.get_or_init(|| self.register(method, status))
+                .record(seconds);
+            return;
+        }
         let find = |entries: &[(&'static str, u16, Histogram)]| {
             entries
                 .iter()
                 .find(|(m, s, _)| *m == method && *s == status)
                 .map(|(_, _, h)| h.clone())
         };
-        if let Some(found) = self.histograms.read().ok().and_then(|e| find(&e)) {
-            return found;
-        }
-        let histogram = metrics::histogram!(
-            scaleshop_telemetry::names::HTTP_REQUEST_DURATION,
-            "method" => method,
-            "route" => self.template.clone(),
-            "status" => status.to_string(),
-        );
-        if let Ok(mut entries) = self.histograms.write()
-            && find(&entries).is_none()
-        {
-            entries.push((method, status, histogram.clone()));
-        }
-        histogram
+        let histogram = match self.other.read().ok().and_then(|e| find(&e)) {
+            Some(found) => found,
+            None => {
+                let histogram = self.register(method, status);
+                if let Ok(mut entries) = self.other.write()
+                    && find(&entries).is_none()
+                {
+                    entries.push((method, status, histogram.clone()));
+                }
+                histogram
+            }
+        };
+        histogram.record(seconds);
     }
 }
 
@@ -135,7 +170,7 @@ impl RouteMetrics {
 #[derive(Debug, Clone)]
 pub struct Observe<S> {
     inner: S,
-    shared: Arc<Shared>,
+    shared: &'static Shared,
 }
 
 impl<S> tower::Service<Request> for Observe<S>
@@ -152,12 +187,35 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        // The clone that was driven to readiness serves this request.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        let shared = self.shared.clone();
-        Box::pin(async move { Ok(observe(&shared, inner, req).await) })
+        let shared = self.shared;
+        let started = Instant::now();
+        let request_id = client_request_id(&req).unwrap_or_else(new_request_id);
+        let method = method_label(req.method());
+        let route = shared
+            .routes
+            .at(req.uri().path())
+            .map_or(&shared.unmatched, |found| found.value);
+        // Called here, on the service that was driven to readiness (no clone of it
+        // per request); a panic while routing is caught like one in a handler.
+        let future = catch_unwind(AssertUnwindSafe(|| self.inner.call(req)));
+        let request = Started {
+            shared,
+            started,
+            request_id,
+            method,
+            route,
+        };
+        Box::pin(async move { Ok(observe(request, future).await) })
     }
+}
+
+/// What [`Observe`] learned of a request before handing it on.
+struct Started {
+    shared: &'static Shared,
+    started: Instant,
+    request_id: HeaderValue,
+    method: &'static str,
+    route: &'static RouteMetrics,
 }
 
 /// A fresh request id: a UUIDv7 whose random part comes from the thread's
@@ -183,26 +241,26 @@ fn client_request_id(req: &Request) -> Option<HeaderValue> {
         .cloned()
 }
 
-async fn observe<S>(shared: &Shared, inner: S, req: Request) -> Response
+async fn observe<F>(request: Started, future: std::thread::Result<F>) -> Response
 where
-    S: tower::Service<Request, Response = Response, Error = Infallible>,
+    F: Future<Output = Result<Response, Infallible>>,
 {
-    let started = Instant::now();
-    let request_id = client_request_id(&req).unwrap_or_else(new_request_id);
-    let method = method_label(req.method());
-    let route = shared
-        .routes
-        .at(req.uri().path())
-        .map_or(&shared.unmatched, |found| found.value);
+    let Started {
+        shared,
+        started,
+        request_id,
+        method,
+        route,
+    } = request;
     let span = tracing::info_span!(
         "request",
         request_id = request_id.to_str().unwrap_or("-"),
         method,
-        route = tracing::field::Empty
+        route = route.template.as_str(),
     );
 
     let timed = async {
-        match tokio::time::timeout(shared.settings.request_timeout, caught(inner, req)).await {
+        match tokio::time::timeout(shared.settings.request_timeout, caught(future)).await {
             Ok(response) => response,
             Err(_) => ApiError::new(ErrorCode::Timeout)
                 .detail("the request took too long")
@@ -219,10 +277,7 @@ where
     let mut response = ensure_problem(response);
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    route
-        .histogram(method, status)
-        .record(elapsed.as_secs_f64());
-    span.record("route", route.template.as_str());
+    route.record(method, status, elapsed.as_secs_f64());
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
     if let Some(InternalCause(cause)) = response.extensions().get::<InternalCause>() {
         tracing::error!(parent: &span, status, latency_ms, cause = %cause, "request failed");
@@ -235,11 +290,11 @@ where
 
 /// Runs the request; a panic in a handler (while called or polled) becomes a 500
 /// problem document whose cause is logged, and the connection lives on.
-async fn caught<S>(mut inner: S, req: Request) -> Response
+async fn caught<F>(future: std::thread::Result<F>) -> Response
 where
-    S: tower::Service<Request, Response = Response, Error = Infallible>,
+    F: Future<Output = Result<Response, Infallible>>,
 {
-    let future = match catch_unwind(AssertUnwindSafe(|| inner.call(req))) {
+    let future = match future {
         Ok(future) => future,
         Err(panic) => return panicked(&*panic),
     };
