@@ -16,7 +16,6 @@ use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use metrics::Histogram;
-use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::{ApiError, ErrorCode, InternalCause};
@@ -175,12 +174,11 @@ pub struct Observe<S> {
 
 impl<S> tower::Service<Request> for Observe<S>
 where
-    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+    type Future = ObserveFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -195,27 +193,35 @@ where
             .routes
             .at(req.uri().path())
             .map_or(&shared.unmatched, |found| found.value);
+        let span = tracing::info_span!(
+            "request",
+            request_id = request_id.to_str().unwrap_or("-"),
+            method,
+            route = route.template.as_str(),
+        );
         // Called here, on the service that was driven to readiness (no clone of it
         // per request); a panic while routing is caught like one in a handler.
-        let future = catch_unwind(AssertUnwindSafe(|| self.inner.call(req)));
-        let request = Started {
-            shared,
-            started,
-            request_id,
-            method,
-            route,
+        let (inner, panic) = {
+            let _entered = span.enter();
+            match catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
+                Ok(future) => (Some(future), None),
+                Err(panic) => (None, Some(panic)),
+            }
         };
-        Box::pin(async move { Ok(observe(request, future).await) })
+        ObserveFuture {
+            inner,
+            timer: None,
+            panic,
+            request: Started {
+                shared,
+                started,
+                request_id: Some(request_id),
+                method,
+                route,
+                span,
+            },
+        }
     }
-}
-
-/// What [`Observe`] learned of a request before handing it on.
-struct Started {
-    shared: &'static Shared,
-    started: Instant,
-    request_id: HeaderValue,
-    method: &'static str,
-    route: &'static RouteMetrics,
 }
 
 /// A fresh request id: a UUIDv7 whose random part comes from the thread's
@@ -241,73 +247,97 @@ fn client_request_id(req: &Request) -> Option<HeaderValue> {
         .cloned()
 }
 
-async fn observe<F>(request: Started, future: std::thread::Result<F>) -> Response
-where
-    F: Future<Output = Result<Response, Infallible>>,
-{
-    let Started {
-        shared,
-        started,
-        request_id,
-        method,
-        route,
-    } = request;
-    let span = tracing::info_span!(
-        "request",
-        request_id = request_id.to_str().unwrap_or("-"),
-        method,
-        route = route.template.as_str(),
-    );
-
-    let timed = async {
-        match tokio::time::timeout(shared.settings.request_timeout, caught(future)).await {
-            Ok(response) => response,
-            Err(_) => ApiError::new(ErrorCode::Timeout)
-                .detail("the request took too long")
-                .retry_after(1)
-                .into_response(),
-        }
-    };
-    let response = if span.is_disabled() {
-        timed.await
-    } else {
-        timed.instrument(span.clone()).await
-    };
-
-    let mut response = ensure_problem(response);
-    let status = response.status().as_u16();
-    let elapsed = started.elapsed();
-    route.record(method, status, elapsed.as_secs_f64());
-    let latency_ms = elapsed.as_secs_f64() * 1000.0;
-    if let Some(InternalCause(cause)) = response.extensions().get::<InternalCause>() {
-        tracing::error!(parent: &span, status, latency_ms, cause = %cause, "request failed");
-    } else {
-        tracing::info!(parent: &span, status, latency_ms, "request");
-    }
-    response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
-    response
+/// What [`Observe`] learned of a request before handing it on.
+struct Started {
+    shared: &'static Shared,
+    started: Instant,
+    request_id: Option<HeaderValue>,
+    method: &'static str,
+    route: &'static RouteMetrics,
+    span: tracing::Span,
 }
 
-/// Runs the request; a panic in a handler (while called or polled) becomes a 500
-/// problem document whose cause is logged, and the connection lives on.
-async fn caught<F>(future: std::thread::Result<F>) -> Response
+pin_project_lite::pin_project! {
+    /// The response future of [`Observe`]: the inner future, polled inside the
+    /// request's span with panics caught, and a timer made only if the inner future
+    /// has to wait (a request answered at once never touches the timer wheel). It is
+    /// one value, not a box of nested futures, so nothing is copied between layers.
+    pub struct ObserveFuture<F> {
+        #[pin]
+        inner: Option<F>,
+        #[pin]
+        timer: Option<tokio::time::Sleep>,
+        panic: Option<Box<dyn std::any::Any + Send>>,
+        request: Started,
+    }
+}
+
+impl<F> Future for ObserveFuture<F>
 where
     F: Future<Output = Result<Response, Infallible>>,
 {
-    let future = match future {
-        Ok(future) => future,
-        Err(panic) => return panicked(&*panic),
-    };
-    let mut future = std::pin::pin!(future);
-    std::future::poll_fn(
-        |cx| match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(Ok(response))) => Poll::Ready(response),
-            Ok(Poll::Ready(Err(never))) => match never {},
-            Err(panic) => Poll::Ready(panicked(&*panic)),
-        },
-    )
-    .await
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let request = this.request;
+        let response = {
+            let _entered = request.span.enter();
+            if let Some(panic) = this.panic.take() {
+                panicked(&*panic)
+            } else if let Some(inner) = this.inner.as_mut().as_pin_mut() {
+                match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+                    Ok(Poll::Ready(Ok(response))) => response,
+                    Ok(Poll::Ready(Err(never))) => match never {},
+                    Err(panic) => panicked(&*panic),
+                    Ok(Poll::Pending) => {
+                        if this.timer.is_none() {
+                            let deadline =
+                                request.started + request.shared.settings.request_timeout;
+                            this.timer
+                                .set(Some(tokio::time::sleep_until(deadline.into())));
+                        }
+                        match this.timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
+                            Some(Poll::Ready(())) => ApiError::new(ErrorCode::Timeout)
+                                .detail("the request took too long")
+                                .retry_after(1)
+                                .into_response(),
+                            _ => return Poll::Pending,
+                        }
+                    }
+                }
+            } else {
+                ApiError::internal("the request's future was polled after it finished")
+                    .into_response()
+            }
+        };
+        // Drop the inner future (and whatever it holds) now, not with this one.
+        this.inner.set(None);
+        this.timer.set(None);
+        Poll::Ready(Ok(finish(request, response)))
+    }
+}
+
+/// The response's way out: a problem document for a bare error, the latency
+/// histogram, the log line, the request id.
+fn finish(request: &mut Started, response: Response) -> Response {
+    let mut response = ensure_problem(response);
+    let status = response.status().as_u16();
+    let elapsed = request.started.elapsed();
+    request
+        .route
+        .record(request.method, status, elapsed.as_secs_f64());
+    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    let span = &request.span;
+    if let Some(InternalCause(cause)) = response.extensions().get::<InternalCause>() {
+        tracing::error!(parent: span, status, latency_ms, cause = %cause, "request failed");
+    } else {
+        tracing::info!(parent: span, status, latency_ms, "request");
+    }
+    if let Some(request_id) = request.request_id.take() {
+        response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
+    }
+    response
 }
 
 fn panicked(panic: &(dyn std::any::Any + Send)) -> Response {

@@ -1798,11 +1798,18 @@ both_with!(
         )
         .await;
         let oid = id(&placed);
-        // The first charge attempt failed; the next one is a minute away.
-        wait_for("a first failed charge", WAIT, || async {
-            let entries = ledger(&app, &admin, &oid).await;
-            entries.iter().any(|e| e["status"] == "error").then_some(())
-        })
+        // The first charge attempt failed; the next one is a minute away. (On a
+        // loaded machine the saga's first run can fail before the charge, e.g. a
+        // pool timeout; its retry then comes after the long backoff, so wait past
+        // the longest one.)
+        wait_for(
+            "a first failed charge",
+            Duration::from_secs(150),
+            || async {
+                let entries = ledger(&app, &admin, &oid).await;
+                entries.iter().any(|e| e["status"] == "error").then_some(())
+            },
+        )
         .await;
         let pending = get_order(&app, &token, &oid).await;
         assert_eq!(pending["status"], "pending", "{pending}");
