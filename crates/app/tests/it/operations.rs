@@ -200,6 +200,14 @@ both!(metrics_use_route_templates, |app: TestApp| async move {
         .await
         .unwrap();
     assert_eq!(response.status(), 404);
+    // Routes outside the OpenAPI document (the documentation's own) keep their
+    // templates too, and a wrong method keeps the route's template.
+    for path in ["/openapi.json", "/docs/", "/docs/swagger-ui.css"] {
+        let response = app.get(path).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    let response = app.client.delete(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(response.status(), 405);
 
     let response = app.get("/metrics").send().await.unwrap();
     assert_eq!(response.status(), 200);
@@ -251,6 +259,27 @@ both!(metrics_use_route_templates, |app: TestApp| async move {
         .is_empty(),
         "{text}"
     );
+    for (route, status) in [
+        ("/openapi.json", "200"),
+        ("/docs/", "200"),
+        ("/docs/{*rest}", "200"),
+        ("/healthz", "405"),
+    ] {
+        let route_label = format!("route=\"{route}\"");
+        let status_label = format!("status=\"{status}\"");
+        assert!(
+            !series(
+                &text,
+                &[
+                    "http_request_duration_seconds_count",
+                    &route_label,
+                    &status_label
+                ]
+            )
+            .is_empty(),
+            "{route} {status}: {text}"
+        );
+    }
     // Never the raw path.
     assert!(!text.contains(&raw), "raw id in /metrics");
     assert!(!text.contains(&unmatched), "raw unmatched path in /metrics");
