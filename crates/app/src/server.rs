@@ -11,12 +11,12 @@ use axum::Router;
 use scaleshop_db::{Database, Migrations};
 use scaleshop_events::Dispatcher;
 use scaleshop_jobs::Workers;
-use scaleshop_web::observe::{ObserveLayer, ObserveSettings};
-use scaleshop_web::{ApiError, Keys, KeysLayer};
+use scaleshop_web::observe::{ObserveLayer, ObserveSettings, PerConnection};
+use scaleshop_web::{ApiError, Keys, RequestScope};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tower::ServiceBuilder;
+use tower::Layer;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
@@ -170,7 +170,6 @@ fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, StartError> {
 /// [`serve`].
 pub struct App {
     router: Router,
-    keys: Arc<Keys>,
     observe: ObserveLayer,
     pub db: Database,
     dispatcher: Option<Dispatcher>,
@@ -379,6 +378,7 @@ impl App {
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
             },
             templates,
+            RequestScope::new(keys.clone()),
         )
         .map_err(StartError::Routes)?;
         let router = router
@@ -391,7 +391,6 @@ impl App {
             .fallback(|| async { ApiError::not_found().detail("no such route") });
         Ok(Self {
             router,
-            keys,
             observe,
             db,
             dispatcher,
@@ -404,26 +403,14 @@ impl App {
         })
     }
 
-    /// The router inside the layers every request goes through: the observe layer
-    /// (which also turns panics into 500s) and the signing keys. They wrap the
-    /// router once, outside it: a layer added with `Router::layer` is copied into
-    /// every route and called per route, which costs each request a few
+    /// The service `axum::serve` makes per connection: the router inside the one
+    /// layer every request goes through, observe (which also turns panics into
+    /// 500s and sets the request's scope: signing keys, client address). It wraps
+    /// the router once, outside it: a layer added with `Router::layer` is copied
+    /// into every route and called per route, which costs each request a few
     /// allocations per layer.
-    fn http_service(
-        &self,
-    ) -> impl tower::Service<
-        axum::extract::Request,
-        Response = axum::response::Response,
-        Error = std::convert::Infallible,
-        Future = impl Send,
-    > + Clone
-    + Send
-    + Sync
-    + 'static {
-        ServiceBuilder::new()
-            .layer(self.observe)
-            .layer(KeysLayer::new(self.keys.clone()))
-            .service(self.router.clone())
+    fn http_service(&self) -> PerConnection<Router> {
+        self.observe.layer(self.router.clone()).per_connection()
     }
 
     /// Starts the background parts; they stop when `shutdown` turns true. The
@@ -572,19 +559,12 @@ pub async fn serve(
     let addr = listener.local_addr().map_err(StartError::Serve)?;
     tracing::info!(%addr, "listening on http://{addr}");
     let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let server =
-        axum::serve(
-            listener,
-            axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
-                SocketAddr,
-            >(app.http_service()),
-        )
-        .with_graceful_shutdown({
-            let mut stop_rx = stop_rx.clone();
-            async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            }
-        });
+    let server = axum::serve(listener, app.http_service()).with_graceful_shutdown({
+        let mut stop_rx = stop_rx.clone();
+        async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        }
+    });
     let server = tokio::spawn(async move { server.await });
     shutdown.await;
     tracing::info!("shutting down: draining in-flight requests and jobs");

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use scaleshop_telemetry::names;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -252,9 +253,40 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<T>, E>>,
     {
+        // The hit path, kept small: moka's lookup future is large (it may run
+        // maintenance) and almost always ready at once, so it is polled here, on
+        // the stack, not made part of this future; everything else (a lookup that
+        // has to wait, L2, the lease, the database) is boxed. A hit's future is
+        // then a few words, which every layer above moves at no cost.
+        if let Some(Some(entry)) = self.l1.get(key).now_or_never()
+            && self.servable(key, &entry, fresh_since)
+        {
+            self.counters.l1_hit.increment(1);
+            return Ok(entry.value.clone());
+        }
+        Box::pin(self.get_or_load_slowly(key, fresh_since, load)).await
+    }
+
+    /// An entry that may answer a read.
+    fn servable(&self, key: &str, entry: &Entry<T>, fresh_since: Option<i64>) -> bool {
+        let fresh = fresh_since.is_none_or(|t| entry.loaded_at_micros >= t);
+        self.valid(key, entry) && fresh && !entry.expired()
+    }
+
+    /// [`Self::get_or_load`] past the quick look at L1.
+    async fn get_or_load_slowly<E, F, Fut>(
+        &self,
+        key: &str,
+        fresh_since: Option<i64>,
+        load: F,
+    ) -> Result<Option<Arc<Cached<T>>>, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>, E>>,
+    {
         if let Some(entry) = self.l1.get(key).await {
-            let fresh = fresh_since.is_none_or(|t| entry.loaded_at_micros >= t);
-            if self.valid(key, &entry) && fresh && !entry.expired() {
+            if self.servable(key, &entry, fresh_since) {
                 self.counters.l1_hit.increment(1);
                 return Ok(entry.value.clone());
             }

@@ -1,18 +1,18 @@
 //! HTTP routes of the users service, exactly as `api.md` lists them.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use chrono::{DateTime, Utc};
 use scaleshop_web::page::PageParams;
 use scaleshop_web::ratelimit::KeyedLimit;
 use scaleshop_web::{
-    ApiError, Caller, ConsistencyToken, Fields, Id, JsonObject, Keys, Page, Paginated, Problem,
-    ReadConsistency, RequestKeys,
+    ApiError, Caller, ConsistencyToken, Fields, Id, JsonObject, Keys, Page, Paginated, Peer,
+    Problem, ReadConsistency, RequestKeys,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -217,7 +217,7 @@ async fn create_user(
 async fn create_session(
     State(http): State<UsersHttp>,
     keys: RequestKeys,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Peer(peer): Peer,
     body: JsonObject,
 ) -> Result<(StatusCode, Headers, Json<SessionView>), ApiError> {
     let mut f = Fields::new(body);

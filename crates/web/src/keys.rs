@@ -4,11 +4,10 @@
 //!
 //! Handlers and extractors find the [`Keys`] of the request they serve through
 //! [`Keys::current`] (or the [`RequestKeys`] extractor), so they work with any
-//! router state: [`KeysLayer`] around the router sets them for the request's
-//! future (a task-local scope: no per-request allocation or extension).
+//! router state: the observe layer sets them for the request's future (see
+//! [`crate::scope`]).
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::FromRequestParts;
@@ -106,16 +105,10 @@ impl Keys {
         })
     }
 
-    /// The keys of the request being served (set by [`KeysLayer`]).
+    /// The keys of the request being served (its [`crate::scope::RequestScope`]).
     pub fn current() -> Result<&'static Self, ApiError> {
-        CURRENT
-            .try_with(|keys| *keys)
-            .map_err(|_| ApiError::internal("no keys for this request: serve it through KeysLayer"))
+        crate::scope::RequestScope::current_keys()
     }
-}
-
-tokio::task_local! {
-    static CURRENT: &'static Keys;
 }
 
 /// The keys of this request, as an extractor (derefs to [`Keys`]).
@@ -139,55 +132,6 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestKeys {
 }
 
 /// Serves every request with these keys in scope.
-#[derive(Debug, Clone, Copy)]
-pub struct KeysLayer(&'static Keys);
-
-impl KeysLayer {
-    /// The keys are kept for the rest of the process (one small value per server
-    /// start), so scoping them costs a request no reference count: two worker
-    /// threads bumping one shared count on every request make its cache line
-    /// travel between cores.
-    pub fn new(keys: Arc<Keys>) -> Self {
-        let keys: &'static Arc<Keys> = Box::leak(Box::new(keys));
-        Self(keys)
-    }
-}
-
-impl<S> tower::Layer<S> for KeysLayer {
-    type Service = WithKeys<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        WithKeys {
-            inner,
-            keys: self.0,
-        }
-    }
-}
-
-/// See [`KeysLayer`].
-#[derive(Debug, Clone)]
-pub struct WithKeys<S> {
-    inner: S,
-    keys: &'static Keys,
-}
-
-impl<S, R> tower::Service<R> for WithKeys<S>
-where
-    S: tower::Service<R>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = tokio::task::futures::TaskLocalFuture<&'static Keys, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: R) -> Self::Future {
-        CURRENT.scope(self.keys, self.inner.call(req))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,8 @@
 //! - [`consistency`]: `X-Consistency-Token` for read-your-writes.
 //! - [`ratelimit`]: keyed rate limiters answering 429 with `Retry-After`.
 //! - [`observe`]: request ids, timeouts, the latency histogram, logs, and turning any
-//!   bare error response into a problem document.
+//!   bare error response into a problem document; it also sets each request's
+//!   [`scope`] (the signing keys, the client's address).
 //!
 //! This crate knows no service and no table. Services depend on it, never the reverse.
 
@@ -22,11 +23,13 @@ pub mod observe;
 pub mod page;
 pub mod path;
 pub mod ratelimit;
+pub mod scope;
 
 pub use auth::{Caller, TokenKeys};
 pub use body::{Fields, JsonObject};
 pub use consistency::{CONSISTENCY_HEADER, ConsistencyToken, ReadConsistency};
 pub use error::{ApiError, ErrorCode, FieldError, Problem};
-pub use keys::{Keys, KeysLayer, RequestKeys, Signer};
+pub use keys::{Keys, RequestKeys, Signer};
 pub use page::{Page, Paginated};
 pub use path::Id;
+pub use scope::{Peer, RequestScope};

@@ -2,7 +2,9 @@
 //! latency histogram by route template, one log line per request (with the cause of
 //! any 5xx), and the guarantee that every error answer is a problem document, even
 //! those made outside our handlers (the router's 404 and 405, a panic's 500):
-//! any error response without a JSON body becomes one.
+//! any error response without a JSON body becomes one. It also sets the request's
+//! [`RequestScope`] (the signing keys, the client's address) around every poll of
+//! the router's future.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,6 +21,7 @@ use metrics::Histogram;
 use uuid::Uuid;
 
 use crate::error::{ApiError, ErrorCode, InternalCause};
+use crate::scope::RequestScope;
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -34,14 +37,21 @@ pub struct ObserveSettings {
 #[derive(Debug, Clone, Copy)]
 pub struct ObserveLayer {
     shared: &'static Shared,
+    scope: RequestScope,
 }
 
 impl ObserveLayer {
     /// `templates`: the route template of every route of the router inside, in
     /// its syntax (`/v1/products/{id}`); a request that matches none is labelled
     /// [`UNMATCHED_ROUTE`]. The layer matches them itself, before routing, so no
-    /// layer is needed inside every route to report the matched one.
-    pub fn new<I>(settings: ObserveSettings, templates: I) -> Result<Self, String>
+    /// layer is needed inside every route to report the matched one. `scope`: what
+    /// the handlers find through [`RequestScope`] (the client's address is added
+    /// per connection by [`Observe::per_connection`]).
+    pub fn new<I>(
+        settings: ObserveSettings,
+        templates: I,
+        scope: RequestScope,
+    ) -> Result<Self, String>
     where
         I: IntoIterator,
         I::Item: Into<String>,
@@ -62,7 +72,7 @@ impl ObserveLayer {
             routes,
             unmatched: RouteMetrics::new(UNMATCHED_ROUTE.to_owned()),
         }));
-        Ok(Self { shared })
+        Ok(Self { shared, scope })
     }
 }
 
@@ -73,6 +83,7 @@ impl<S> tower::Layer<S> for ObserveLayer {
         Observe {
             inner,
             shared: self.shared,
+            scope: self.scope,
         }
     }
 }
@@ -170,6 +181,40 @@ impl RouteMetrics {
 pub struct Observe<S> {
     inner: S,
     shared: &'static Shared,
+    scope: RequestScope,
+}
+
+impl<S> Observe<S> {
+    /// The service to give `axum::serve`: for each accepted connection, this
+    /// service with the client's address in its requests' scope.
+    pub fn per_connection(self) -> PerConnection<S> {
+        PerConnection(self)
+    }
+}
+
+/// See [`Observe::per_connection`].
+#[derive(Debug, Clone)]
+pub struct PerConnection<S>(Observe<S>);
+
+impl<S: Clone> tower::Service<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for PerConnection<S>
+{
+    type Response = Observe<S>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Observe<S>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(
+        &mut self,
+        stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>,
+    ) -> Self::Future {
+        let mut service = self.0.clone();
+        service.scope = service.scope.for_peer(*stream.remote_addr());
+        std::future::ready(Ok(service))
+    }
 }
 
 impl<S> tower::Service<Request> for Observe<S>
@@ -214,6 +259,7 @@ where
             panic,
             request: Started {
                 shared,
+                scope: self.scope,
                 started,
                 request_id: Some(request_id),
                 method,
@@ -250,6 +296,7 @@ fn client_request_id(req: &Request) -> Option<HeaderValue> {
 /// What [`Observe`] learned of a request before handing it on.
 struct Started {
     shared: &'static Shared,
+    scope: RequestScope,
     started: Instant,
     request_id: Option<HeaderValue>,
     method: &'static str,
@@ -259,7 +306,7 @@ struct Started {
 
 pin_project_lite::pin_project! {
     /// The response future of [`Observe`]: the inner future, polled inside the
-    /// request's span with panics caught, and a timer made only if the inner future
+    /// request's span and scope with panics caught, and a timer made only if the inner future
     /// has to wait (a request answered at once never touches the timer wheel). It is
     /// one value, not a box of nested futures, so nothing is copied between layers.
     pub struct ObserveFuture<F> {
@@ -286,7 +333,10 @@ where
             if let Some(panic) = this.panic.take() {
                 panicked(&*panic)
             } else if let Some(inner) = this.inner.as_mut().as_pin_mut() {
-                match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+                let polled = request
+                    .scope
+                    .enter(|| catch_unwind(AssertUnwindSafe(|| inner.poll(cx))));
+                match polled {
                     Ok(Poll::Ready(Ok(response))) => response,
                     Ok(Poll::Ready(Err(never))) => match never {},
                     Err(panic) => panicked(&*panic),
@@ -408,8 +458,22 @@ mod tests {
 
     use super::*;
 
+    fn scope() -> RequestScope {
+        RequestScope::new(crate::keys::Keys::new(
+            b"0123456789abcdef0123456789abcdef",
+            Duration::from_secs(60),
+        ))
+    }
+
+    /// Answers the client address its scope holds, after checking it has keys.
+    async fn whoami(keys: crate::RequestKeys, peer: crate::Peer) -> String {
+        let token = keys.tokens.issue(Uuid::nil(), false);
+        format!("{} {}", peer.0, token.is_ok())
+    }
+
     fn app(timeout: Duration) -> Observe<Router> {
         let router = Router::new()
+            .route("/whoami", get(whoami))
             .route("/ok/{id}", get(|| async { "fine" }))
             .route(
                 "/boom",
@@ -431,7 +495,8 @@ mod tests {
             ObserveSettings {
                 request_timeout: timeout,
             },
-            ["/ok/{id}", "/boom", "/slow"],
+            ["/ok/{id}", "/boom", "/slow", "/whoami"],
+            scope(),
         )
         .unwrap()
         .layer(router)
@@ -510,6 +575,38 @@ mod tests {
         assert!(response.headers().contains_key(header::ALLOW));
     }
 
+    #[tokio::test]
+    async fn handlers_see_the_keys_and_the_client_address() {
+        use std::io::{Read, Write};
+
+        // Without a connection there is no client address: a 500, not a guess.
+        let response = call("/whoami", None).await;
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app(Duration::from_secs(5)).per_connection()).await
+        });
+        let (mine, answer) = tokio::task::spawn_blocking(move || {
+            let mut client = std::net::TcpStream::connect(addr).unwrap();
+            client
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            client
+                .write_all(b"GET /whoami HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .unwrap();
+            let mut answer = String::new();
+            client.read_to_string(&mut answer).unwrap();
+            (client.local_addr().unwrap(), answer)
+        })
+        .await
+        .unwrap();
+        server.abort();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with(&format!("{mine} true")), "{answer}");
+    }
+
     #[test]
     fn templates_label_requests_without_their_raw_paths() {
         let layer = ObserveLayer::new(
@@ -517,6 +614,7 @@ mod tests {
                 request_timeout: Duration::from_secs(1),
             },
             ["/v1/products/{id}", "/docs/{*rest}"],
+            scope(),
         )
         .unwrap();
         let label = |path: &str| {
@@ -537,6 +635,7 @@ mod tests {
                     request_timeout: Duration::from_secs(1),
                 },
                 ["/a/{x}", "/a/{y}"],
+                scope(),
             )
             .is_err(),
             "conflicting templates are refused"
