@@ -193,6 +193,8 @@ impl App {
             Duration::from_secs(config.token_ttl_secs),
         );
         let mut api = OpenApiRouter::with_openapi(ApiDoc::openapi());
+        // Every API route, also as (template, method router) for the observe layer.
+        let mut routes = Vec::new();
         let mut dispatcher = modules
             .contains(&Module::Events)
             .then(|| Dispatcher::new(db.clone(), config.dispatcher_settings()));
@@ -240,12 +242,11 @@ impl App {
                 Module::Events => {
                     let log = scaleshop_events::EventLog::new(db.clone());
                     let dead = scaleshop_events::dispatch::DeadEvents::new(db.clone());
-                    api = api.merge(scaleshop_events::http::router(log, dead));
+                    api = scaleshop_events::http::router(log, dead).merge_into(api, &mut routes);
                 }
                 Module::Jobs => {
-                    api = api.merge(scaleshop_jobs::http::router(scaleshop_jobs::JobQueue::new(
-                        db.clone(),
-                    )));
+                    api = scaleshop_jobs::http::router(scaleshop_jobs::JobQueue::new(db.clone()))
+                        .merge_into(api, &mut routes);
                 }
                 Module::Users => {
                     let users = scaleshop_users::Users::new(scaleshop_users::store::store_for(&db))
@@ -257,20 +258,23 @@ impl App {
                     }
                     let (router, forget) =
                         scaleshop_users::http::router(users, config.login_limits());
-                    api = api.merge(router);
+                    api = router.merge_into(api, &mut routes);
                     forget_idle.push(Box::new(forget));
                 }
                 Module::Inventory => {
                     if let Some(dispatcher) = dispatcher.as_mut() {
                         dispatcher.subscribe(Arc::new(scaleshop_inventory::InventoryConsumer));
                     }
-                    api = api.merge(scaleshop_inventory::http::router(inventory.clone()));
+                    api = scaleshop_inventory::http::router(inventory.clone())
+                        .merge_into(api, &mut routes);
                 }
                 Module::Catalog => {
-                    api = api.merge(scaleshop_catalog::http::router(catalog.clone()));
+                    api = scaleshop_catalog::http::router(catalog.clone())
+                        .merge_into(api, &mut routes);
                 }
                 Module::Payments => {
-                    api = api.merge(scaleshop_payments::http::router(payments.clone()));
+                    api = scaleshop_payments::http::router(payments.clone())
+                        .merge_into(api, &mut routes);
                 }
                 Module::Orders => {
                     let orders = scaleshop_orders::Orders::new(
@@ -307,7 +311,7 @@ impl App {
                             })
                         }),
                     ));
-                    api = api.merge(scaleshop_orders::http::router(orders));
+                    api = scaleshop_orders::http::router(orders).merge_into(api, &mut routes);
                 }
                 Module::Notifications => {
                     let mailer = Arc::new(mailer(config)?);
@@ -325,7 +329,7 @@ impl App {
                         );
                     }
                     let store = scaleshop_notifications::NotificationStore::new(db.clone());
-                    api = api.merge(scaleshop_notifications::http::router(store));
+                    api = scaleshop_notifications::http::router(store).merge_into(api, &mut routes);
                 }
                 Module::Media => {
                     let media = media(config, &db, &catalog)?;
@@ -339,7 +343,7 @@ impl App {
                             Arc::new(scaleshop_media::ImageJob::new(media.clone())),
                         );
                     }
-                    api = api.merge(scaleshop_media::http::router(media));
+                    api = scaleshop_media::http::router(media).merge_into(api, &mut routes);
                 }
             }
         }
@@ -354,7 +358,7 @@ impl App {
                 jobs: workers.as_ref().map(Workers::heartbeat),
                 collectors,
             };
-            api = api.merge(crate::ops::router(probes));
+            api = crate::ops::router(probes).merge_into(api, &mut routes);
         }
         tracing::info!(
             serve_target = %target,
@@ -364,20 +368,15 @@ impl App {
         );
 
         let (router, openapi) = api.split_for_parts();
-        // Every route is documented (`routes!`), so the document lists every API
-        // route template; the documentation's own routes come on top.
-        let templates: Vec<String> = openapi
-            .paths
-            .paths
-            .keys()
-            .cloned()
-            .chain(DOCS_ROUTES.iter().map(|r| (*r).to_owned()))
-            .collect();
+        // The layer knows every route: the API's (with their method routers) and
+        // the documentation's.
+        let documentation = DOCS_ROUTES.iter().map(|r| (*r).to_owned());
         let observe = ObserveLayer::new(
             ObserveSettings {
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
             },
-            templates,
+            routes,
+            documentation,
             RequestScope::new(keys.clone()),
         )
         .map_err(StartError::Routes)?;
@@ -409,7 +408,7 @@ impl App {
     /// the router once, outside it: a layer added with `Router::layer` is copied
     /// into every route and called per route, which costs each request a few
     /// allocations per layer.
-    fn http_service(&self) -> PerConnection<Router> {
+    fn http_service(&self) -> PerConnection {
         self.observe.layer(self.router.clone()).per_connection()
     }
 

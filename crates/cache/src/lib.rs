@@ -24,12 +24,12 @@ mod redis_tier;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use futures::FutureExt;
 use scaleshop_telemetry::names;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -258,7 +258,9 @@ where
         // the stack, not made part of this future; everything else (a lookup that
         // has to wait, L2, the lease, the database) is boxed. A hit's future is
         // then a few words, which every layer above moves at no cost.
-        if let Some(Some(entry)) = self.l1.get(key).now_or_never()
+        let lookup = std::pin::pin!(self.l1.get(key));
+        let found = lookup.poll(&mut Context::from_waker(Waker::noop()));
+        if let Poll::Ready(Some(entry)) = found
             && self.servable(key, &entry, fresh_since)
         {
             self.counters.l1_hit.increment(1);

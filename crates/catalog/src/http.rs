@@ -5,16 +5,16 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
-use bytes::Bytes;
+use axum::response::Response;
 
 use scaleshop_web::page::PageParams;
+use scaleshop_web::routes::{ServiceRouter, ServiceRoutes};
 use scaleshop_web::{
     ApiError, Caller, ConsistencyToken, Fields, Id, JsonObject, Page, Paginated, Problem,
     ReadConsistency, RequestKeys,
 };
 use serde::Deserialize;
 use utoipa::ToSchema;
-use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
@@ -23,8 +23,8 @@ use crate::domain::{
 };
 use crate::{Catalog, CatalogError, Listed, ProductView};
 
-pub fn router(catalog: Catalog) -> OpenApiRouter {
-    OpenApiRouter::new()
+pub fn router(catalog: Catalog) -> ServiceRoutes {
+    ServiceRouter::new()
         .routes(routes!(create_product, search_products))
         .routes(routes!(get_product, patch_product))
         .with_state(Arc::new(catalog))
@@ -146,18 +146,12 @@ async fn get_product(
     State(catalog): State<Arc<Catalog>>,
     Id(id): Id,
     ReadConsistency(token): ReadConsistency,
-) -> Result<([(HeaderName, HeaderValue); 1], Bytes), ApiError> {
+) -> Result<Response, ApiError> {
     let fresh_since = token.map(|t| t.at_micros);
     let product = catalog.get_cached(id, fresh_since).await?;
     // The cached entry's JSON, rendered once per entry.
     let json = product.json().map_err(ApiError::internal)?;
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        json,
-    ))
+    Ok(scaleshop_web::body::rendered_json(json))
 }
 
 /// Change name, description or price (admin).

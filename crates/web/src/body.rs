@@ -19,6 +19,18 @@ use crate::error::{ApiError, ErrorCode, FieldError};
 #[derive(Debug)]
 pub struct JsonObject(pub Map<String, Value>);
 
+/// A response whose body is JSON rendered earlier (a cached entry's): the bytes as
+/// they are, with their content type set once (answering `Bytes` would set
+/// `application/octet-stream` first, then replace it).
+pub fn rendered_json(json: bytes::Bytes) -> axum::response::Response {
+    let mut response = axum::response::Response::new(axum::body::Body::from(json));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
 /// True for `application/json` and `application/*+json`, parameters allowed, in
 /// any letter case.
 pub fn is_json_content_type(value: &str) -> bool {

@@ -8,6 +8,8 @@
 //! - [`page`]: signed opaque cursors and the `limit` rule.
 //! - [`consistency`]: `X-Consistency-Token` for read-your-writes.
 //! - [`ratelimit`]: keyed rate limiters answering 429 with `Retry-After`.
+//! - [`routes`]: a service's routes, documented (OpenAPI) and dispatchable by
+//!   observe.
 //! - [`observe`]: request ids, timeouts, the latency histogram, logs, and turning any
 //!   bare error response into a problem document; it also sets each request's
 //!   [`scope`] (the signing keys, the client's address).
@@ -23,6 +25,7 @@ pub mod observe;
 pub mod page;
 pub mod path;
 pub mod ratelimit;
+pub mod routes;
 pub mod scope;
 
 pub use auth::{Caller, TokenKeys};
@@ -32,4 +35,5 @@ pub use error::{ApiError, ErrorCode, FieldError, Problem};
 pub use keys::{Keys, RequestKeys, Signer};
 pub use page::{Page, Paginated};
 pub use path::Id;
+pub use routes::{ServiceRouter, ServiceRoutes};
 pub use scope::{Peer, RequestScope};

@@ -10,14 +10,18 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
-use std::sync::{OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use axum::Router;
 use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
 use metrics::Histogram;
+use parking_lot::Mutex;
+use tower::Service;
 use uuid::Uuid;
 
 use crate::error::{ApiError, ErrorCode, InternalCause};
@@ -41,26 +45,53 @@ pub struct ObserveLayer {
 }
 
 impl ObserveLayer {
-    /// `templates`: the route template of every route of the router inside, in
-    /// its syntax (`/v1/products/{id}`); a request that matches none is labelled
-    /// [`UNMATCHED_ROUTE`]. The layer matches them itself, before routing, so no
-    /// layer is needed inside every route to report the matched one. `scope`: what
-    /// the handlers find through [`RequestScope`] (the client's address is added
-    /// per connection by [`Observe::per_connection`]).
+    /// `routes`: the API's routes (template and method router, see
+    /// [`crate::routes`]); `others`: the templates of the other routes of the
+    /// router the layer wraps (the documentation's), in the router's syntax
+    /// (`/v1/products/{id}`). A request that matches none is labelled
+    /// [`UNMATCHED_ROUTE`].
+    ///
+    /// The layer matches every request's path itself, for its label, so no layer
+    /// is needed inside every route to report the matched one; and for a route
+    /// whose only path parameter is a whole `{id}` segment, or that has none, it
+    /// calls the method router itself with the parameter in the request's scope
+    /// (read by [`crate::Id`]): the path is matched once, not twice, and no
+    /// parameter map is built per request. Other requests (other parameters, the
+    /// documentation, anything unmatched) go through the wrapped router.
+    ///
+    /// `scope`: what the handlers find through [`RequestScope`] (the client's
+    /// address is added per connection by [`Observe::per_connection`]).
     pub fn new<I>(
         settings: ObserveSettings,
-        templates: I,
+        routes: Vec<(String, MethodRouter)>,
+        others: I,
         scope: RequestScope,
     ) -> Result<Self, String>
     where
         I: IntoIterator,
         I::Item: Into<String>,
     {
-        let mut routes = matchit::Router::new();
-        for template in templates {
-            let template = template.into();
-            routes
-                .insert(template.clone(), RouteMetrics::new(template.clone()))
+        let mut table = matchit::Router::new();
+        let mut direct = Vec::new();
+        let others = others.into_iter().map(|t| (t.into(), None));
+        for (template, method_router) in routes.into_iter().map(|(t, m)| (t, Some(m))).chain(others)
+        {
+            let dispatch = match (method_router, id_offset(&template)) {
+                (Some(method_router), Some(id_offset)) => {
+                    direct.push(method_router);
+                    Some(Direct {
+                        index: direct.len() - 1,
+                        id_offset,
+                    })
+                }
+                _ => None,
+            };
+            let entry = RouteEntry {
+                metrics: RouteMetrics::new(template.clone()),
+                direct: dispatch,
+            };
+            table
+                .insert(template.clone(), entry)
                 .map_err(|e| format!("route template {template}: {e}"))?;
         }
         // Kept for the rest of the process (one table per server start, a few
@@ -69,28 +100,50 @@ impl ObserveLayer {
         // travel between cores.
         let shared: &'static Shared = Box::leak(Box::new(Shared {
             settings,
-            routes,
+            routes: table,
+            direct,
             unmatched: RouteMetrics::new(UNMATCHED_ROUTE.to_owned()),
         }));
         Ok(Self { shared, scope })
     }
 }
 
-impl<S> tower::Layer<S> for ObserveLayer {
-    type Service = Observe<S>;
+/// For a template the layer may dispatch itself: `Some(None)` without path
+/// parameters, `Some(Some(offset))` when its one parameter is a whole segment
+/// called `id` (`offset`: where it starts, in the template and so in every path
+/// the template matches, since what precedes it is literal); `None` otherwise.
+fn id_offset(template: &str) -> Option<Option<u16>> {
+    if !template.contains(['{', '}']) {
+        return Some(None);
+    }
+    let offset = template.find("/{id}")? + 1;
+    let after = template.get(offset + "{id}".len()..)?;
+    let whole_segment = after.is_empty() || after.starts_with('/');
+    let only_parameter = !template[..offset].contains(['{', '}']) && !after.contains(['{', '}']);
+    (whole_segment && only_parameter).then(|| u16::try_from(offset).ok().map(Some))?
+}
 
-    fn layer(&self, inner: S) -> Self::Service {
+impl tower::Layer<Router> for ObserveLayer {
+    type Service = Observe;
+
+    fn layer(&self, router: Router) -> Self::Service {
         Observe {
-            inner,
             shared: self.shared,
             scope: self.scope,
+            connection: Arc::new(Mutex::new(Connection {
+                router,
+                routes: Vec::new(),
+            })),
         }
     }
 }
 
 struct Shared {
     settings: ObserveSettings,
-    routes: matchit::Router<RouteMetrics>,
+    routes: matchit::Router<RouteEntry>,
+    /// The method routers the layer calls itself (each connection clones those
+    /// it uses: calling one takes `&mut`).
+    direct: Vec<MethodRouter>,
     unmatched: RouteMetrics,
 }
 
@@ -100,6 +153,19 @@ impl std::fmt::Debug for Shared {
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
+}
+
+struct RouteEntry {
+    metrics: RouteMetrics,
+    direct: Option<Direct>,
+}
+
+/// A route the layer calls itself: its method router in [`Shared::direct`], and
+/// where its `{id}` starts in the path, if it has one.
+#[derive(Debug, Clone, Copy)]
+struct Direct {
+    index: usize,
+    id_offset: Option<u16>,
 }
 
 /// Statuses this service answers; their histogram handles are found without a
@@ -178,30 +244,70 @@ impl RouteMetrics {
 
 /// See [`ObserveLayer`].
 #[derive(Debug, Clone)]
-pub struct Observe<S> {
-    inner: S,
+pub struct Observe {
     shared: &'static Shared,
     scope: RequestScope,
+    /// The connection's own router and method routers (the server clones this
+    /// service for every request; the lock is never contended: a connection
+    /// sends its requests one after the other).
+    connection: Arc<Mutex<Connection>>,
 }
 
-impl<S> Observe<S> {
-    /// The service to give `axum::serve`: for each accepted connection, this
-    /// service with the client's address in its requests' scope.
-    pub fn per_connection(self) -> PerConnection<S> {
+struct Connection {
+    router: Router,
+    /// Clones of the method routers this connection has used, by index in
+    /// [`Shared::direct`].
+    routes: Vec<(usize, MethodRouter)>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("routes", &self.routes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    fn call(&mut self, shared: &Shared, direct: Option<Direct>, req: Request) -> RouteFuture {
+        let Some(direct) = direct else {
+            return self.router.call(req);
+        };
+        let position = match self.routes.iter().position(|(i, _)| *i == direct.index) {
+            Some(position) => position,
+            None => match shared.direct.get(direct.index) {
+                Some(method_router) => {
+                    self.routes.push((direct.index, method_router.clone()));
+                    self.routes.len() - 1
+                }
+                None => return self.router.call(req),
+            },
+        };
+        match self.routes.get_mut(position) {
+            Some((_, method_router)) => method_router.call(req),
+            None => self.router.call(req),
+        }
+    }
+}
+
+type RouteFuture = axum::routing::future::RouteFuture<Infallible>;
+
+impl Observe {
+    /// The service to give `axum::serve`: for each accepted connection, its own
+    /// copy of this service, with the client's address in its requests' scope.
+    pub fn per_connection(self) -> PerConnection {
         PerConnection(self)
     }
 }
 
 /// See [`Observe::per_connection`].
 #[derive(Debug, Clone)]
-pub struct PerConnection<S>(Observe<S>);
+pub struct PerConnection(Observe);
 
-impl<S: Clone> tower::Service<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
-    for PerConnection<S>
-{
-    type Response = Observe<S>;
+impl tower::Service<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for PerConnection {
+    type Response = Observe;
     type Error = Infallible;
-    type Future = std::future::Ready<Result<Observe<S>, Infallible>>;
+    type Future = std::future::Ready<Result<Observe, Infallible>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -211,22 +317,26 @@ impl<S: Clone> tower::Service<axum::serve::IncomingStream<'_, tokio::net::TcpLis
         &mut self,
         stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>,
     ) -> Self::Future {
-        let mut service = self.0.clone();
-        service.scope = service.scope.for_peer(*stream.remote_addr());
-        std::future::ready(Ok(service))
+        let router = self.0.connection.lock().router.clone();
+        std::future::ready(Ok(Observe {
+            shared: self.0.shared,
+            scope: self.0.scope.for_peer(*stream.remote_addr()),
+            connection: Arc::new(Mutex::new(Connection {
+                router,
+                routes: Vec::new(),
+            })),
+        }))
     }
 }
 
-impl<S> tower::Service<Request> for Observe<S>
-where
-    S: tower::Service<Request, Response = Response, Error = Infallible>,
-{
+impl tower::Service<Request> for Observe {
     type Response = Response;
     type Error = Infallible;
-    type Future = ObserveFuture<S::Future>;
+    type Future = ObserveFuture<RouteFuture>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Routers and method routers are always ready.
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
@@ -234,21 +344,22 @@ where
         let started = Instant::now();
         let request_id = client_request_id(&req).unwrap_or_else(new_request_id);
         let method = method_label(req.method());
-        let route = shared
-            .routes
-            .at(req.uri().path())
-            .map_or(&shared.unmatched, |found| found.value);
+        let (route, direct) = match shared.routes.at(req.uri().path()) {
+            Ok(found) => (&found.value.metrics, found.value.direct),
+            Err(_) => (&shared.unmatched, None),
+        };
         let span = tracing::info_span!(
             "request",
             request_id = request_id.to_str().unwrap_or("-"),
             method,
             route = route.template.as_str(),
         );
-        // Called here, on the service that was driven to readiness (no clone of it
-        // per request); a panic while routing is caught like one in a handler.
+        let scope = self.scope.with_id_offset(direct.and_then(|d| d.id_offset));
+        // A panic while routing is caught like one in a handler.
         let (inner, panic) = {
             let _entered = span.enter();
-            match catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
+            let mut connection = self.connection.lock();
+            match catch_unwind(AssertUnwindSafe(|| connection.call(shared, direct, req))) {
                 Ok(future) => (Some(future), None),
                 Err(panic) => (None, Some(panic)),
             }
@@ -259,7 +370,7 @@ where
             panic,
             request: Started {
                 shared,
-                scope: self.scope,
+                scope,
                 started,
                 request_id: Some(request_id),
                 method,
@@ -270,13 +381,20 @@ where
     }
 }
 
-/// A fresh request id: a UUIDv7 whose random part comes from the thread's
-/// generator (no system call per request).
+/// A fresh request id: a UUIDv7. Its random part comes from a small, fast
+/// generator per thread, seeded from the thread's secure one: a request id must be
+/// unique, not unguessable (it is printed in logs and sent back to the client).
 fn new_request_id() -> HeaderValue {
+    use rand::{Rng, SeedableRng};
+
+    thread_local! {
+        static IDS: std::cell::RefCell<rand::rngs::SmallRng> =
+            std::cell::RefCell::new(rand::rngs::SmallRng::from_rng(&mut rand::rng()));
+    }
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let random: [u8; 10] = rand::random();
+    let random: [u8; 10] = IDS.with(|ids| ids.borrow_mut().random());
     let id = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
     let mut buffer = Uuid::encode_buffer();
     HeaderValue::from_str(id.hyphenated().encode_lower(&mut buffer))
@@ -306,14 +424,14 @@ struct Started {
 
 pin_project_lite::pin_project! {
     /// The response future of [`Observe`]: the inner future, polled inside the
-    /// request's span and scope with panics caught, and a timer made only if the inner future
-    /// has to wait (a request answered at once never touches the timer wheel). It is
+    /// request's span and scope with panics caught, and a timer made only if the
+    /// inner future has to wait (a request answered at once never touches the timer
+    /// wheel). It is
     /// one value, not a box of nested futures, so nothing is copied between layers.
     pub struct ObserveFuture<F> {
         #[pin]
         inner: Option<F>,
-        #[pin]
-        timer: Option<tokio::time::Sleep>,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
         panic: Option<Box<dyn std::any::Any + Send>>,
         request: Started,
     }
@@ -341,18 +459,19 @@ where
                     Ok(Poll::Ready(Err(never))) => match never {},
                     Err(panic) => panicked(&*panic),
                     Ok(Poll::Pending) => {
-                        if this.timer.is_none() {
+                        // Boxed: most requests never wait, and they should not
+                        // carry (and move) a timer's worth of bytes.
+                        let timer = this.timer.get_or_insert_with(|| {
                             let deadline =
                                 request.started + request.shared.settings.request_timeout;
-                            this.timer
-                                .set(Some(tokio::time::sleep_until(deadline.into())));
-                        }
-                        match this.timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
-                            Some(Poll::Ready(())) => ApiError::new(ErrorCode::Timeout)
+                            Box::pin(tokio::time::sleep_until(deadline.into()))
+                        });
+                        match timer.as_mut().poll(cx) {
+                            Poll::Ready(()) => ApiError::new(ErrorCode::Timeout)
                                 .detail("the request took too long")
                                 .retry_after(1)
                                 .into_response(),
-                            _ => return Poll::Pending,
+                            Poll::Pending => return Poll::Pending,
                         }
                     }
                 }
@@ -363,7 +482,7 @@ where
         };
         // Drop the inner future (and whatever it holds) now, not with this one.
         this.inner.set(None);
-        this.timer.set(None);
+        *this.timer = None;
         Poll::Ready(Ok(finish(request, response)))
     }
 }
@@ -471,31 +590,57 @@ mod tests {
         format!("{} {}", peer.0, token.is_ok())
     }
 
-    fn app(timeout: Duration) -> Observe<Router> {
-        let router = Router::new()
-            .route("/whoami", get(whoami))
-            .route("/ok/{id}", get(|| async { "fine" }))
-            .route(
-                "/boom",
+    /// Routes the layer calls itself (given to it and to the router), and two
+    /// only the router serves: `/ok/{id}` (not given to the layer) and
+    /// `/pair/{a}/{b}` (given, but two parameters).
+    fn app(timeout: Duration) -> Observe {
+        let routes: Vec<(String, MethodRouter)> = vec![
+            ("/whoami".into(), get(whoami)),
+            (
+                "/items/{id}".into(),
+                get(|crate::Id(id): crate::Id| async move { format!("item {id}") })
+                    .post(|| async { "posted" }),
+            ),
+            (
+                "/pair/{a}/{b}".into(),
+                get(
+                    |axum::extract::Path((a, b)): axum::extract::Path<(String, String)>| async move {
+                        format!("{a}+{b}")
+                    },
+                ),
+            ),
+            (
+                "/boom".into(),
                 get(|| async {
                     if std::hint::black_box(true) {
                         panic!("the handler broke");
                     }
                     "unreachable"
                 }),
-            )
-            .route(
-                "/slow",
+            ),
+            (
+                "/slow".into(),
                 get(|| async {
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     "late"
                 }),
+            ),
+        ];
+        let router = routes
+            .iter()
+            .fold(Router::new(), |router, (template, route)| {
+                router.route(template, route.clone())
+            })
+            .route(
+                "/ok/{id}",
+                get(|crate::Id(id): crate::Id| async move { format!("ok {id}") }),
             );
         ObserveLayer::new(
             ObserveSettings {
                 request_timeout: timeout,
             },
-            ["/ok/{id}", "/boom", "/slow", "/whoami"],
+            routes,
+            ["/ok/{id}"],
             scope(),
         )
         .unwrap()
@@ -511,6 +656,81 @@ mod tests {
             .oneshot(request.body(Body::empty()).unwrap())
             .await
             .unwrap()
+    }
+
+    const ID: &str = "00000000-0000-0000-0000-00000000000a";
+    const OK: &str = "/ok/00000000-0000-0000-0000-00000000000a";
+
+    async fn text(response: Response) -> String {
+        let body = axum::body::to_bytes(response.into_body(), 10_000)
+            .await
+            .unwrap();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn routes_are_called_directly_or_through_the_router() {
+        // One service answering many requests, as on one connection.
+        let mut service = app(Duration::from_secs(5));
+        let mut send = async |method: Method, path: &str| {
+            let request = axum::http::Request::builder()
+                .method(method)
+                .uri(path)
+                .body(Body::empty())
+                .unwrap();
+            service.ready().await.unwrap().call(request).await.unwrap()
+        };
+        for _ in 0..3 {
+            let response = send(Method::GET, &format!("/items/{ID}")).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(text(response).await, format!("item {ID}"));
+        }
+        // Percent-decoded as the router decodes its parameters.
+        let encoded = format!("/items/%30{}", &ID[1..]);
+        assert_eq!(
+            text(send(Method::GET, &encoded).await).await,
+            format!("item {ID}")
+        );
+        for bad in ["/items/nope", "/items/%FF", "/ok/nope"] {
+            let response = send(Method::GET, bad).await;
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{bad}");
+            assert_eq!(content_type(&response), "application/problem+json");
+        }
+        let posted = send(Method::POST, &format!("/items/{ID}")).await;
+        assert_eq!(text(posted).await, "posted");
+        let head = send(Method::HEAD, &format!("/items/{ID}")).await;
+        assert_eq!(head.status(), StatusCode::OK);
+        let refused = send(Method::DELETE, &format!("/items/{ID}")).await;
+        assert_eq!(refused.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(content_type(&refused), "application/problem+json");
+        let allow = refused.headers()[header::ALLOW]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+        // Through the router: two parameters, and a route the layer was not given.
+        assert_eq!(text(send(Method::GET, "/pair/x/y").await).await, "x+y");
+        assert_eq!(text(send(Method::GET, OK).await).await, format!("ok {ID}"));
+        let missing = send(Method::GET, "/nowhere").await;
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn only_whole_id_segments_are_dispatched_directly() {
+        assert_eq!(id_offset("/v1/products"), Some(None));
+        assert_eq!(id_offset("/v1/products/{id}"), Some(Some(13)));
+        assert_eq!(id_offset("/v1/products/{id}/images"), Some(Some(13)));
+        for other in [
+            "/a/{x}",
+            "/a/{id}/{b}",
+            "/a/{b}/{id}",
+            "/a/{id}.json",
+            "/a/x{id}",
+            "/docs/{*rest}",
+            "/a/{{id}}",
+        ] {
+            assert_eq!(id_offset(other), None, "{other}");
+        }
     }
 
     fn content_type(response: &Response) -> &str {
@@ -540,17 +760,17 @@ mod tests {
 
     #[tokio::test]
     async fn request_ids_are_kept_or_made() {
-        let kept = call("/ok/1", Some("client-id-1")).await;
+        let kept = call(OK, Some("client-id-1")).await;
         assert_eq!(kept.status(), StatusCode::OK);
         assert_eq!(kept.headers()[&REQUEST_ID_HEADER], "client-id-1");
         // Unusable ids (spaces, too long) are replaced by a UUIDv7.
         for bad in ["has space", &"x".repeat(129)] {
-            let made = call("/ok/1", Some(bad)).await;
+            let made = call(OK, Some(bad)).await;
             let id = made.headers()[&REQUEST_ID_HEADER].to_str().unwrap();
             assert_eq!(Uuid::parse_str(id).unwrap().get_version_num(), 7, "{id}");
         }
-        let a = call("/ok/1", None).await;
-        let b = call("/ok/1", None).await;
+        let a = call(OK, None).await;
+        let b = call(OK, None).await;
         assert_ne!(
             a.headers()[&REQUEST_ID_HEADER],
             b.headers()[&REQUEST_ID_HEADER]
@@ -563,11 +783,7 @@ mod tests {
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
         assert_eq!(content_type(&response), "application/problem+json");
         let response = app(Duration::from_secs(1))
-            .oneshot(
-                axum::http::Request::post("/ok/1")
-                    .body(Body::empty())
-                    .unwrap(),
-            )
+            .oneshot(axum::http::Request::post(OK).body(Body::empty()).unwrap())
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
@@ -613,6 +829,7 @@ mod tests {
             ObserveSettings {
                 request_timeout: Duration::from_secs(1),
             },
+            vec![],
             ["/v1/products/{id}", "/docs/{*rest}"],
             scope(),
         )
@@ -622,7 +839,7 @@ mod tests {
                 .shared
                 .routes
                 .at(path)
-                .map_or(UNMATCHED_ROUTE, |m| m.value.template.as_str())
+                .map_or(UNMATCHED_ROUTE, |m| m.value.metrics.template.as_str())
                 .to_owned()
         };
         assert_eq!(label("/v1/products/abc"), "/v1/products/{id}");
@@ -634,6 +851,7 @@ mod tests {
                 ObserveSettings {
                     request_timeout: Duration::from_secs(1),
                 },
+                vec![],
                 ["/a/{x}", "/a/{y}"],
                 scope(),
             )

@@ -18,6 +18,9 @@ use crate::keys::Keys;
 pub struct RequestScope {
     keys: &'static Keys,
     peer: Option<SocketAddr>,
+    /// For a route the observe layer called itself: where the route's `{id}`
+    /// starts in the path (see [`crate::Id`]).
+    id_offset: Option<u16>,
 }
 
 tokio::task_local! {
@@ -31,7 +34,11 @@ impl RequestScope {
         // Kept for the rest of the process (one per server start), so a request
         // reads the keys without touching a shared reference count.
         let keys: &'static Arc<Keys> = Box::leak(Box::new(keys));
-        Self { keys, peer: None }
+        Self {
+            keys,
+            peer: None,
+            id_offset: None,
+        }
     }
 
     pub(crate) fn for_peer(self, peer: SocketAddr) -> Self {
@@ -39,6 +46,16 @@ impl RequestScope {
             peer: Some(peer),
             ..self
         }
+    }
+
+    pub(crate) fn with_id_offset(self, id_offset: Option<u16>) -> Self {
+        Self { id_offset, ..self }
+    }
+
+    /// Where the `{id}` of the request being served starts in its path, when the
+    /// observe layer routed it (otherwise the router's path parameters hold it).
+    pub(crate) fn current_id_offset() -> Option<u16> {
+        CURRENT.try_with(|scope| scope.id_offset).ok().flatten()
     }
 
     /// Runs `f` with this scope current.
