@@ -394,8 +394,12 @@ fn new_request_id() -> HeaderValue {
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let random: [u8; 10] = IDS.with(|ids| ids.borrow_mut().random());
-    let id = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
+    let random = IDS
+        .with(|ids| ids.borrow_mut().random::<u128>())
+        .to_le_bytes();
+    let mut bits = [0; 10];
+    bits.copy_from_slice(&random[..10]);
+    let id = uuid::Builder::from_unix_timestamp_millis(millis, &bits).into_uuid();
     let mut buffer = Uuid::encode_buffer();
     HeaderValue::from_str(id.hyphenated().encode_lower(&mut buffer))
         .unwrap_or_else(|_| HeaderValue::from_static("-"))

@@ -25,11 +25,21 @@ impl<S: Send + Sync> FromRequestParts<S> for Id {
                 .path()
                 .get(usize::from(offset)..)
                 .ok_or_else(ApiError::not_found)?;
-            let raw = match rest.bytes().position(|b| b == b'/') {
-                Some(end) => rest.get(..end).ok_or_else(ApiError::not_found)?,
-                None => rest,
-            };
-            let parsed = if raw.contains('%') {
+            // One pass: where the segment ends, and whether it is encoded.
+            let mut end = rest.len();
+            let mut encoded = false;
+            for (i, byte) in rest.bytes().enumerate() {
+                match byte {
+                    b'/' => {
+                        end = i;
+                        break;
+                    }
+                    b'%' => encoded = true,
+                    _ => {}
+                }
+            }
+            let raw = rest.get(..end).ok_or_else(ApiError::not_found)?;
+            let parsed = if encoded {
                 percent_decode_str(raw)
                     .decode_utf8()
                     .ok()
