@@ -576,7 +576,7 @@ mod tests {
     use axum::Router;
     use axum::body::Body;
     use axum::http::StatusCode;
-    use axum::routing::get;
+    use axum::routing::{any, get};
     use tower::{Layer, ServiceExt};
 
     use super::*;
@@ -594,9 +594,9 @@ mod tests {
         format!("{} {}", peer.0, token.is_ok())
     }
 
-    /// Routes the layer calls itself (given to it and to the router), and two
-    /// only the router serves: `/ok/{id}` (not given to the layer) and
-    /// `/pair/{a}/{b}` (given, but two parameters).
+    /// Routes the layer calls itself (given to it; the router has stand-ins at
+    /// their templates), and two only the router serves: `/ok/{id}` (not given to
+    /// the layer) and `/pair/{a}/{b}` (given, but two parameters).
     fn app(timeout: Duration) -> Observe {
         let routes: Vec<(String, MethodRouter)> = vec![
             ("/whoami".into(), get(whoami)),
@@ -630,10 +630,17 @@ mod tests {
                 }),
             ),
         ];
+        // The router holds the same templates, but its copies of the routes the
+        // layer should call itself answer "via the router": a response says
+        // which path served it.
         let router = routes
             .iter()
             .fold(Router::new(), |router, (template, route)| {
-                router.route(template, route.clone())
+                if id_offset(template).is_some() {
+                    router.route(template, any(|| async { "via the router" }))
+                } else {
+                    router.route(template, route.clone())
+                }
             })
             .route(
                 "/ok/{id}",
