@@ -63,6 +63,13 @@ pub struct Config {
     pub db_statement_timeout_ms: u64,
     /// Upper bound of one HTTP request.
     pub request_timeout_ms: u64,
+    /// A request head must arrive complete within this, counted from when the
+    /// server starts waiting for it.
+    pub http_header_read_timeout_ms: u64,
+    /// A connection with no bytes moving either way for this long is closed.
+    pub http_idle_timeout_ms: u64,
+    /// Connections served at once; more wait in the accept queue.
+    pub http_max_connections: u32,
     /// Sign-in attempts per client address per minute.
     pub login_rate_per_address: u32,
     /// Sign-in attempts per email per minute.
@@ -150,6 +157,9 @@ impl Default for Config {
             db_acquire_timeout_ms: 2000,
             db_statement_timeout_ms: 5000,
             request_timeout_ms: 15_000,
+            http_header_read_timeout_ms: 10_000,
+            http_idle_timeout_ms: 5_000,
+            http_max_connections: 10_000,
             login_rate_per_address: 30,
             login_rate_per_email: 10,
             smtp_from: "scaleshop <noreply@scaleshop.invalid>".to_owned(),
@@ -203,6 +213,9 @@ const ENV_KEYS: &[&str] = &[
     "db_acquire_timeout_ms",
     "db_statement_timeout_ms",
     "request_timeout_ms",
+    "http_header_read_timeout_ms",
+    "http_idle_timeout_ms",
+    "http_max_connections",
     "login_rate_per_address",
     "login_rate_per_email",
     "smtp_from",
@@ -336,6 +349,12 @@ impl Config {
             ("db_statement_timeout_ms", self.db_statement_timeout_ms),
             ("request_timeout_ms", self.request_timeout_ms),
             (
+                "http_header_read_timeout_ms",
+                self.http_header_read_timeout_ms,
+            ),
+            ("http_idle_timeout_ms", self.http_idle_timeout_ms),
+            ("http_max_connections", u64::from(self.http_max_connections)),
+            (
                 "login_rate_per_address",
                 u64::from(self.login_rate_per_address),
             ),
@@ -439,6 +458,15 @@ impl Config {
             l2_ttl: Duration::from_secs(self.cache_l2_ttl_secs),
             negative_ttl: Duration::from_secs(self.cache_negative_ttl_secs),
             ..scaleshop_cache::CacheSettings::default()
+        }
+    }
+
+    pub(crate) fn http_limits(&self) -> crate::listener::Limits {
+        crate::listener::Limits {
+            header_read_timeout: Duration::from_millis(self.http_header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(self.http_idle_timeout_ms),
+            max_connections: usize::try_from(self.http_max_connections).unwrap_or(usize::MAX),
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
         }
     }
 

@@ -7,6 +7,7 @@
 
 pub mod config;
 mod invalidation;
+mod listener;
 pub mod modules;
 mod ops;
 pub mod server;

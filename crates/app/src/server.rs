@@ -11,7 +11,7 @@ use axum::Router;
 use scaleshop_db::{Database, Migrations};
 use scaleshop_events::Dispatcher;
 use scaleshop_jobs::Workers;
-use scaleshop_web::observe::{ObserveLayer, ObserveSettings, PerConnection};
+use scaleshop_web::observe::{Observe, ObserveLayer, ObserveSettings};
 use scaleshop_web::{ApiError, Keys, RequestScope};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -402,14 +402,14 @@ impl App {
         })
     }
 
-    /// The service `axum::serve` makes per connection: the router inside the one
+    /// The service every connection gets a copy of: the router inside the one
     /// layer every request goes through, observe (which also turns panics into
     /// 500s and sets the request's scope: signing keys, client address). It wraps
     /// the router once, outside it: a layer added with `Router::layer` is copied
     /// into every route and called per route, which costs each request a few
     /// allocations per layer.
-    fn http_service(&self) -> PerConnection {
-        self.observe.layer(self.router.clone()).per_connection()
+    fn http_service(&self) -> Observe {
+        self.observe.layer(self.router.clone())
     }
 
     /// Starts the background parts; they stop when `shutdown` turns true. The
@@ -558,13 +558,13 @@ pub async fn serve(
     let addr = listener.local_addr().map_err(StartError::Serve)?;
     tracing::info!(%addr, "listening on http://{addr}");
     let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let server = axum::serve(listener, app.http_service()).with_graceful_shutdown({
-        let mut stop_rx = stop_rx.clone();
-        async move {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-        }
-    });
-    let server = tokio::spawn(async move { server.await });
+    let server = crate::listener::run(
+        listener,
+        app.http_service(),
+        config.http_limits(),
+        stop_rx.clone(),
+    );
+    let server = tokio::spawn(server);
     shutdown.await;
     tracing::info!("shutting down: draining in-flight requests and jobs");
     let _ = stop_tx.send(true);
@@ -576,7 +576,7 @@ pub async fn serve(
         served
     };
     let result = match tokio::time::timeout(grace, drained).await {
-        Ok(Ok(result)) => result.map_err(StartError::Serve),
+        Ok(Ok(())) => Ok(()),
         Ok(Err(join)) => Err(StartError::Serve(std::io::Error::other(join.to_string()))),
         Err(_) => {
             tracing::warn!(

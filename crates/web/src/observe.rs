@@ -298,6 +298,20 @@ impl Observe {
     pub fn per_connection(self) -> PerConnection {
         PerConnection(self)
     }
+
+    /// This service's copy for one accepted connection from `peer`: its own
+    /// router, and the client's address in its requests' scope.
+    pub fn for_peer(&self, peer: std::net::SocketAddr) -> Observe {
+        let router = self.connection.lock().router.clone();
+        Observe {
+            shared: self.shared,
+            scope: self.scope.for_peer(peer),
+            connection: Arc::new(Mutex::new(Connection {
+                router,
+                routes: Vec::new(),
+            })),
+        }
+    }
 }
 
 /// See [`Observe::per_connection`].
@@ -317,15 +331,7 @@ impl tower::Service<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> fo
         &mut self,
         stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>,
     ) -> Self::Future {
-        let router = self.0.connection.lock().router.clone();
-        std::future::ready(Ok(Observe {
-            shared: self.0.shared,
-            scope: self.0.scope.for_peer(*stream.remote_addr()),
-            connection: Arc::new(Mutex::new(Connection {
-                router,
-                routes: Vec::new(),
-            })),
-        }))
+        std::future::ready(Ok(self.0.for_peer(*stream.remote_addr())))
     }
 }
 

@@ -17,6 +17,7 @@ mod helpers;
 mod commerce;
 mod conventions;
 mod lifecycle;
+mod limits;
 mod media;
 mod messaging;
 mod operations;
