@@ -20,4 +20,5 @@ mod lifecycle;
 mod media;
 mod messaging;
 mod operations;
+mod sessions;
 mod users;
