@@ -557,3 +557,84 @@ both!(
         assert_eq!(renamed["name"], "\u{1F469}\u{200D}\u{1F4BB} Ada");
     }
 );
+
+// ---------------------------------------------------------------- storage
+
+scaleshop_testkit::both_backends!(
+    session_state_is_stored_and_cleaned_up,
+    |backend| async move {
+        use scaleshop_users::domain::{Email, NewUser, Password, PasswordHash, UserName};
+        use scaleshop_users::store::{SqlUserStore, UserStore};
+
+        let db = scaleshop_testkit::fresh_database(
+            backend,
+            &[
+                scaleshop_events::migrations(),
+                scaleshop_users::store::migrations(),
+            ],
+        )
+        .await;
+        let store = std::sync::Arc::new(SqlUserStore::new(db.clone()));
+        let users = scaleshop_users::Users::new(store.clone());
+        let user = users
+            .register(NewUser {
+                email: Email::parse("stored@example.com").unwrap(),
+                name: UserName::parse("Stored").unwrap(),
+                password: Password::parse(PASSWORD).unwrap(),
+            })
+            .await
+            .unwrap();
+        let now = chrono::Utc::now().timestamp();
+        assert_eq!(
+            store
+                .session_state(user.id, now)
+                .await
+                .unwrap()
+                .unwrap()
+                .epoch,
+            0
+        );
+        assert_eq!(
+            store.session_state(Uuid::now_v7(), now).await.unwrap(),
+            None
+        );
+
+        // Signed-out ids count until their token expires; the clean-up forgets
+        // them a minute after that.
+        let (expired, live) = (Uuid::now_v7(), Uuid::now_v7());
+        let event = |id: Uuid| {
+            scaleshop_events::NewEvent::new("session.ended", user.id, json!({"session_id": id}))
+        };
+        for (id, expires_at) in [(expired, now - 3600), (live, now + 3600)] {
+            assert!(
+                store
+                    .end_session(user.id, id, expires_at, &event(id))
+                    .await
+                    .unwrap()
+            );
+        }
+        assert!(
+            !store
+                .end_session(user.id, live, now + 3600, &event(live))
+                .await
+                .unwrap(),
+            "once"
+        );
+        let state = store.session_state(user.id, now).await.unwrap().unwrap();
+        assert_eq!(state.ended, vec![live]);
+        assert!(!state.admits(0, live) && state.admits(0, expired) && !state.admits(1, expired));
+        assert_eq!(users.sessions().clean_up().await.unwrap(), 1);
+        let everything = store.session_state(user.id, 0).await.unwrap().unwrap();
+        assert_eq!(everything.ended, vec![live]);
+
+        // A new hash moves the epoch on; the same hash (a name change) does not.
+        let mut record = store.get(user.id).await.unwrap().unwrap();
+        record.user.name = UserName::parse("Renamed").unwrap();
+        store.update(&record, &event(live)).await.unwrap();
+        assert_eq!(store.get(user.id).await.unwrap().unwrap().session_epoch, 0);
+        record.password_hash = PasswordHash("$argon2id$another".to_owned());
+        store.update(&record, &event(live)).await.unwrap();
+        assert_eq!(store.get(user.id).await.unwrap().unwrap().session_epoch, 1);
+        db.close().await;
+    }
+);
