@@ -121,7 +121,13 @@ impl ChangedBy<'_> {
     /// it `changes_secret` (the email or the password), unless an admin changes
     /// someone else's account.
     pub fn must_prove(&self, account: Uuid, changes_secret: bool) -> bool {
-        changes_secret && !(self.is_admin && self.user_id != account)
+        changes_secret && self.is_own(account)
+    }
+
+    /// Is the change made by the account's owner (an admin's own account
+    /// included)? Only then is a given `current_password` checked.
+    fn is_own(&self, account: Uuid) -> bool {
+        !(self.is_admin && self.user_id != account)
     }
 }
 
@@ -271,7 +277,8 @@ impl Users {
 
     /// Applies a patch; publishes `user.updated` when something changed. A change
     /// of the email or the password proves the current password (see
-    /// [`ChangedBy::must_prove`]); a new password ends every session of the user
+    /// [`ChangedBy::must_prove`]), and a current password given by the owner is
+    /// checked whatever changes; a new password ends every session of the user
     /// issued before it, the one that asked included.
     pub async fn update(
         &self,
@@ -280,14 +287,17 @@ impl Users {
         by: ChangedBy<'_>,
     ) -> Result<User, UsersError> {
         let mut record = self.store.get(id).await?.ok_or(UsersError::NotFound)?;
-        if by.must_prove(id, patch.email.is_some() || patch.password.is_some()) {
-            let given = by
-                .current_password
-                .ok_or(UsersError::CurrentPasswordRequired)?;
-            // argon2 compares its outputs in constant time.
-            if !self.hasher.verify(given, &record.password_hash).await? {
-                return Err(UsersError::WrongCurrentPassword);
-            }
+        // A given current password must be right, even when the change does not
+        // need it (an admin changing another account gives none of theirs).
+        let proof = by.current_password.filter(|_| by.is_own(id));
+        if proof.is_none() && by.must_prove(id, patch.email.is_some() || patch.password.is_some()) {
+            return Err(UsersError::CurrentPasswordRequired);
+        }
+        // argon2 compares its outputs in constant time.
+        if let Some(given) = proof
+            && !self.hasher.verify(given, &record.password_hash).await?
+        {
+            return Err(UsersError::WrongCurrentPassword);
         }
         let new_password = patch.password.is_some();
         let mut changed = Vec::new();

@@ -191,7 +191,18 @@ both!(
         )
         .await;
 
-        // The name alone needs no proof.
+        // The name alone needs no proof; one given must still be right.
+        let response = patch_as(
+            &app,
+            &id,
+            &token,
+            json!({"name": "Proof", "current_password": "wrong-password"}),
+        )
+        .await;
+        assert_eq!(
+            fields_of_422(response).await,
+            strings(&["current_password"])
+        );
         let renamed = json_body(
             patch_as(&app, &id, &token, json!({"name": "Proof"})).await,
             StatusCode::OK,
