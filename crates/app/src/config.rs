@@ -134,6 +134,10 @@ pub struct Config {
     pub cache_l2_ttl_secs: u64,
     /// How long a missing id is remembered as missing.
     pub cache_negative_ttl_secs: u64,
+    /// How long a process may keep a user's session state (epoch, signed-out
+    /// tokens) without reading it again: the bound on a revocation whose
+    /// invalidation never reached the process.
+    pub session_cache_ttl_secs: u64,
     /// Log filter when `RUST_LOG` is unset.
     pub log_filter: String,
     /// How long SIGTERM waits for in-flight requests, in seconds.
@@ -191,6 +195,7 @@ impl Default for Config {
             cache_l1_capacity: 100_000,
             cache_l2_ttl_secs: 3600,
             cache_negative_ttl_secs: 10,
+            session_cache_ttl_secs: 60,
             log_filter: "info".to_owned(),
             shutdown_grace_secs: 20,
         }
@@ -246,6 +251,7 @@ const ENV_KEYS: &[&str] = &[
     "cache_l1_capacity",
     "cache_l2_ttl_secs",
     "cache_negative_ttl_secs",
+    "session_cache_ttl_secs",
     "log_filter",
     "shutdown_grace_secs",
 ];
@@ -292,6 +298,7 @@ impl Config {
             ("cache_l1_capacity", self.cache_l1_capacity),
             ("cache_l2_ttl_secs", self.cache_l2_ttl_secs),
             ("cache_negative_ttl_secs", self.cache_negative_ttl_secs),
+            ("session_cache_ttl_secs", self.session_cache_ttl_secs),
         ] {
             if value == 0 {
                 return bad(key, "must be greater than 0");
@@ -467,6 +474,14 @@ impl Config {
             idle_timeout: Duration::from_millis(self.http_idle_timeout_ms),
             max_connections: usize::try_from(self.http_max_connections).unwrap_or(usize::MAX),
             request_timeout: Duration::from_millis(self.request_timeout_ms),
+        }
+    }
+
+    /// The sessions cache: in-process only, entries kept `session_cache_ttl_secs`.
+    pub fn session_cache_settings(&self) -> scaleshop_cache::CacheSettings {
+        scaleshop_cache::CacheSettings {
+            l1_ttl: Duration::from_secs(self.session_cache_ttl_secs),
+            ..self.cache_settings()
         }
     }
 

@@ -5,12 +5,32 @@
 use scaleshop_cache::Invalidate;
 use scaleshop_events::Event;
 
+/// The caches the event log keeps fresh.
+pub struct Caches<'a> {
+    pub users: &'a dyn Invalidate,
+    pub products: &'a dyn Invalidate,
+    /// The state of each user's sessions (keyed by user id).
+    pub sessions: &'a dyn Invalidate,
+}
+
 /// Drops the L1 entries `event` makes stale.
-pub fn on_event(event: &Event, users: &dyn Invalidate, products: &dyn Invalidate) {
+pub fn on_event(event: &Event, caches: &Caches<'_>) {
+    let Caches {
+        users,
+        products,
+        sessions,
+    } = *caches;
     let data = &event.data.0;
     let id_field = |name: &str| data.get(name).and_then(|v| v.as_str()).map(str::to_owned);
     match event.kind.as_str() {
-        "user.created" | "user.updated" => users.invalidate_local(&event.aggregate_id.to_string()),
+        "user.created" => users.invalidate_local(&event.aggregate_id.to_string()),
+        // An update may be a new password (a new session epoch).
+        "user.updated" => {
+            let user = event.aggregate_id.to_string();
+            users.invalidate_local(&user);
+            sessions.invalidate_local(&user);
+        }
+        "session.ended" => sessions.invalidate_local(&event.aggregate_id.to_string()),
         "product.created" | "product.updated" => {
             products.invalidate_local(&event.aggregate_id.to_string())
         }
@@ -72,17 +92,26 @@ mod tests {
 
     #[test]
     fn events_map_to_keys() {
-        let (users, products) = (Seen::default(), Seen::default());
-        let (u, p, o) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
-        on_event(&event("user.updated", u, json!({})), &users, &products);
+        let (users, products, sessions) = (Seen::default(), Seen::default(), Seen::default());
+        let caches = Caches {
+            users: &users,
+            products: &products,
+            sessions: &sessions,
+        };
+        let (u, p, o, v) = (
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+        );
+        on_event(&event("user.updated", u, json!({})), &caches);
         on_event(
             &event(
                 "inventory.sold",
                 o,
                 json!({"items": [{"product_id": p.to_string()}]}),
             ),
-            &users,
-            &products,
+            &caches,
         );
         on_event(
             &event(
@@ -90,11 +119,15 @@ mod tests {
                 p,
                 json!({"product_id": p.to_string()}),
             ),
-            &users,
-            &products,
+            &caches,
         );
-        on_event(&event("order.created", o, json!({})), &users, &products);
+        on_event(&event("order.created", o, json!({})), &caches);
+        on_event(&event("session.ended", v, json!({})), &caches);
         assert_eq!(users.0.read().unwrap().clone(), vec![u.to_string()]);
+        assert_eq!(
+            sessions.0.read().unwrap().clone(),
+            vec![u.to_string(), v.to_string()]
+        );
         assert_eq!(
             products.0.read().unwrap().clone(),
             vec![p.to_string(), p.to_string()]

@@ -180,6 +180,7 @@ pub struct App {
     redis: Option<scaleshop_cache::Redis>,
     users_cache: Arc<TieredCache<scaleshop_users::domain::User>>,
     products_cache: Arc<TieredCache<scaleshop_catalog::ProductView>>,
+    sessions_cache: Arc<TieredCache<scaleshop_users::domain::SessionState>>,
 }
 
 impl App {
@@ -225,6 +226,14 @@ impl App {
             redis.clone(),
             config.cache_settings(),
         ));
+        // In-process only: see `scaleshop_users::Sessions::with_cache`.
+        let sessions_cache = Arc::new(TieredCache::new(
+            scaleshop_users::sessions::CACHE_NAME,
+            None,
+            config.session_cache_settings(),
+        ));
+        // What the `Caller` extractor asks whether a token's session is live.
+        let mut session_check: Option<Arc<dyn scaleshop_web::SessionCheck>> = None;
         // In-process APIs of the services others call (cheap handles on the pool).
         let inventory = scaleshop_inventory::Inventory::new(db.clone());
         let catalog = scaleshop_catalog::Catalog::new(db.clone(), inventory.clone())
@@ -250,7 +259,17 @@ impl App {
                 }
                 Module::Users => {
                     let users = scaleshop_users::Users::new(scaleshop_users::store::store_for(&db))
-                        .with_cache(users_cache.clone());
+                        .with_cache(users_cache.clone())
+                        .with_sessions_cache(sessions_cache.clone());
+                    let sessions = users.sessions();
+                    session_check = Some(Arc::new(sessions.clone()));
+                    periodic.push((
+                        Duration::from_secs(600),
+                        clean_up("expired signed-out sessions", move || {
+                            let sessions = sessions.clone();
+                            async move { sessions.clean_up().await }
+                        }),
+                    ));
                     if let (Some(email), Some(password)) =
                         (&config.admin_email, &config.admin_password)
                     {
@@ -300,15 +319,9 @@ impl App {
                     let keys = orders.idempotency.clone();
                     periodic.push((
                         Duration::from_secs(600),
-                        Arc::new(move || {
+                        clean_up("expired idempotency keys", move || {
                             let keys = keys.clone();
-                            Box::pin(async move {
-                                match keys.clean_up().await {
-                                    Ok(0) => {}
-                                    Ok(n) => tracing::info!(deleted = n, "expired idempotency keys removed"),
-                                    Err(e) => tracing::warn!(error = %e, "idempotency key clean-up failed"),
-                                }
-                            })
+                            async move { keys.clean_up().await }
                         }),
                     ));
                     api = scaleshop_orders::http::router(orders).merge_into(api, &mut routes);
@@ -377,7 +390,10 @@ impl App {
             },
             routes,
             documentation,
-            RequestScope::new(keys.clone()),
+            match session_check {
+                Some(check) => RequestScope::new(keys.clone()).with_sessions(check),
+                None => RequestScope::new(keys.clone()),
+            },
         )
         .map_err(StartError::Routes)?;
         let router = router
@@ -399,6 +415,7 @@ impl App {
             redis,
             users_cache,
             products_cache,
+            sessions_cache,
         })
     }
 
@@ -434,10 +451,18 @@ impl App {
             }));
         }
         let (users, products) = (self.users_cache.clone(), self.products_cache.clone());
+        let sessions = self.sessions_cache.clone();
         tasks.push(scaleshop_events::tail::spawn_tail(
             self.db.clone(),
             Duration::from_millis(500),
-            move |event| crate::invalidation::on_event(event, users.as_ref(), products.as_ref()),
+            move |event| {
+                let caches = crate::invalidation::Caches {
+                    users: users.as_ref(),
+                    products: products.as_ref(),
+                    sessions: sessions.as_ref(),
+                };
+                crate::invalidation::on_event(event, &caches)
+            },
             shutdown.clone(),
         ));
         if let Some(dispatcher) = self.dispatcher.take() {
@@ -489,6 +514,25 @@ impl App {
         }));
         Ok(tasks)
     }
+}
+
+/// A periodic deletion of `what` (`delete` answers how many rows went).
+fn clean_up<F, Fut>(what: &'static str, delete: F) -> Collector
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<u64, scaleshop_db::StoreError>> + Send + 'static,
+{
+    let delete = Arc::new(delete);
+    Arc::new(move || {
+        let delete = delete.clone();
+        Box::pin(async move {
+            match delete().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "{what} removed"),
+                Err(e) => tracing::warn!(error = %e, "clean-up of {what} failed"),
+            }
+        })
+    })
 }
 
 fn mailer(config: &Config) -> Result<scaleshop_notifications::Mailer, StartError> {

@@ -71,7 +71,8 @@ impl Email {
     }
 }
 
-/// A display name: 1..=100 characters after trimming, no control characters.
+/// A display name: 1..=100 characters after trimming, no control characters, no
+/// bidi controls and no invisible characters (see [`is_hidden_char`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct UserName(String);
@@ -103,12 +104,36 @@ impl UserName {
         if name.chars().any(char::is_control) {
             return Err(Invalid("must not contain control characters"));
         }
+        if name.chars().any(is_hidden_char) {
+            return Err(Invalid(
+                "must not contain bidi controls or invisible characters",
+            ));
+        }
         Ok(Self(name.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Characters that make a name display differently from what it is: the bidi
+/// controls (U+061C, U+200E, U+200F, U+202A–U+202E, U+2066–U+2069: they can
+/// reorder the text around a name) and invisible characters (U+200B zero-width
+/// space, U+2060 word joiner, U+FEFF byte order mark: two names that look the
+/// same would differ).
+pub fn is_hidden_char(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}'
+            | '\u{200B}'
+            | '\u{200E}'
+            | '\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
 }
 
 /// A password in clear, 8..=128 characters. Never printed.
@@ -188,6 +213,32 @@ pub struct User {
 pub struct UserRecord {
     pub user: User,
     pub password_hash: PasswordHash,
+    /// Moves on with every password change; a token carries the epoch it was
+    /// issued in and is refused in any other (the store bumps it when it writes
+    /// a new hash).
+    pub session_epoch: i64,
+}
+
+/// The state of a user's sessions that decides whether a token is live: the
+/// current epoch, and the ids of the unexpired tokens that were signed out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionState {
+    pub epoch: i64,
+    /// Sorted, for a binary search.
+    pub ended: Vec<Uuid>,
+}
+
+impl SessionState {
+    pub fn new(epoch: i64, mut ended: Vec<Uuid>) -> Self {
+        ended.sort_unstable();
+        ended.dedup();
+        Self { epoch, ended }
+    }
+
+    /// Is a token of this epoch and id still live?
+    pub fn admits(&self, epoch: i64, token_id: Uuid) -> bool {
+        self.epoch == epoch && self.ended.binary_search(&token_id).is_err()
+    }
 }
 
 /// A sign-up.
@@ -245,6 +296,30 @@ mod tests {
         assert!(UserName::parse(&"é".repeat(100)).is_ok());
         assert!(UserName::parse(&"é".repeat(101)).is_err());
         assert!(UserName::parse("a\u{7}b").is_err());
+        for hidden in [
+            '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{202E}', '\u{2066}', '\u{2067}',
+            '\u{2068}', '\u{2069}', '\u{200B}', '\u{FEFF}', '\u{200E}', '\u{200F}', '\u{061C}',
+        ] {
+            for name in [
+                format!("Ada{hidden}"),
+                format!("{hidden}Ada"),
+                format!("A{hidden}da"),
+            ] {
+                assert_eq!(
+                    UserName::parse(&name),
+                    Err(Invalid(
+                        "must not contain bidi controls or invisible characters"
+                    )),
+                    "{name:?}"
+                );
+            }
+        }
+        // Joiners that scripts and emoji need stay allowed.
+        assert!(UserName::parse("\u{1F469}\u{200D}\u{1F4BB} Ada").is_ok());
+        assert!(
+            UserName::parse("\u{0645}\u{06CC}\u{200C}\u{062E}\u{0648}\u{0627}\u{0647}\u{0645}")
+                .is_ok()
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::domain::{Email, NewUser, Password, User, UserName, UserPatch};
-use crate::service::{Users, UsersError};
+use crate::service::{ChangedBy, Users, UsersError};
 
 /// Sign-in limits (brute-force protection).
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +66,7 @@ pub fn router(
         .routes(routes!(create_user, search_users))
         .routes(routes!(get_user, patch_user))
         .routes(routes!(create_session))
+        .routes(routes!(end_session))
         .routes(routes!(me))
         .with_state(state);
     (router, forget)
@@ -78,6 +79,13 @@ impl From<UsersError> for ApiError {
             UsersError::NotFound => ApiError::not_found(),
             UsersError::BadCredentials => {
                 ApiError::unauthenticated().detail("wrong email or password")
+            }
+            UsersError::CurrentPasswordRequired => ApiError::invalid(
+                CURRENT_PASSWORD,
+                "is required to change the email or the password",
+            ),
+            UsersError::WrongCurrentPassword => {
+                ApiError::invalid(CURRENT_PASSWORD, "is not the current password")
             }
             UsersError::Hashing(cause) => ApiError::internal(cause),
             UsersError::Store(error) => error.into(),
@@ -115,18 +123,28 @@ impl From<User> for UserView {
 struct CreateUserRequest {
     /// A valid address, at most 254 characters; stored lower-cased.
     email: String,
-    /// 1..=100 characters after trimming.
+    /// 1..=100 characters after trimming; no bidi controls or invisible characters.
     name: String,
     /// 8..=128 characters.
     password: String,
 }
 
+/// The body field that proves a change of the email or the password.
+const CURRENT_PASSWORD: &str = "current_password";
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[allow(dead_code, reason = "documents the body; parsing goes through Fields")]
 struct PatchUserRequest {
+    /// A valid address, at most 254 characters; stored lower-cased.
     email: Option<String>,
+    /// 1..=100 characters after trimming; no bidi controls or invisible characters.
     name: Option<String>,
+    /// 8..=128 characters. Ends every earlier session of the user (this one too).
     password: Option<String>,
+    /// The account's current password: required with `email` or `password`
+    /// (except for an admin changing another account); a wrong one is a 422 on
+    /// this field.
+    current_password: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -229,10 +247,13 @@ async fn create_session(
     };
     http.by_address.check(&peer.ip())?;
     http.by_email.check(&email.trim().to_lowercase())?;
-    let user = http.users.authenticate(&email, &password).await?;
-    let issued = keys
-        .tokens
-        .issue(user.id, user.role == crate::domain::Role::Admin)?;
+    let signed_in = http.users.authenticate(&email, &password).await?;
+    let user = signed_in.user;
+    let issued = keys.tokens.issue(
+        user.id,
+        user.role == crate::domain::Role::Admin,
+        signed_in.session_epoch,
+    )?;
     let token = ConsistencyToken::at(Utc::now()).header(&keys);
     Ok((
         StatusCode::CREATED,
@@ -244,6 +265,24 @@ async fn create_session(
             user_id: user.id,
         }),
     ))
+}
+
+/// Sign out: the token of this request is refused from now on (by every process
+/// of the deployment, within the staleness bound of the docs).
+#[utoipa::path(
+    delete, path = "/v1/sessions/current", tag = "users", security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Signed out", headers(("X-Consistency-Token" = String))),
+        (status = 401, description = "Not signed in", body = Problem),
+    )
+)]
+async fn end_session(
+    State(http): State<UsersHttp>,
+    keys: RequestKeys,
+    caller: Caller,
+) -> Result<(StatusCode, Headers), ApiError> {
+    http.users.sessions().end(&caller).await?;
+    Ok((StatusCode::NO_CONTENT, written(&keys)))
 }
 
 /// The signed-in user.
@@ -291,7 +330,9 @@ async fn get_user(
     Ok(Json(http.users.get_cached(id, fresh_since).await?.into()))
 }
 
-/// Change name, email or password (self or admin).
+/// Change name, email or password (self or admin). Changing the email or the
+/// password needs `current_password` (not for an admin changing another
+/// account); a new password ends every earlier session of the user.
 #[utoipa::path(
     patch, path = "/v1/users/{id}", tag = "users", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "User id")),
@@ -301,7 +342,7 @@ async fn get_user(
         (status = 401, description = "Not signed in", body = Problem),
         (status = 404, description = "No such user", body = Problem),
         (status = 409, description = "Email taken", body = Problem),
-        (status = 422, description = "Invalid", body = Problem),
+        (status = 422, description = "Invalid, or a missing or wrong current_password", body = Problem),
     )
 )]
 async fn patch_user(
@@ -314,24 +355,38 @@ async fn patch_user(
     if !caller.may_access(id) {
         return Err(ApiError::not_found());
     }
+    // Asked for, even when invalid: the answer then lists every broken rule.
+    let changes_secret = body.0.contains_key("email") || body.0.contains_key("password");
     let mut f = Fields::new(body);
     let email = f.optional("email", |s: String| Email::parse(&s));
     let name = f.optional("name", |s: String| UserName::parse(&s));
     let password = f.optional("password", |s: String| Password::parse(&s));
+    let current_password = f.optional(CURRENT_PASSWORD, scaleshop_web::body::any::<String>);
+    let by = |current_password| ChangedBy {
+        user_id: caller.user_id,
+        is_admin: caller.is_admin,
+        current_password,
+    };
+    if by(None).must_prove(id, changes_secret) && matches!(current_password, Some(None)) {
+        f.error(
+            CURRENT_PASSWORD,
+            "is required to change the email or the password",
+        );
+    }
     f.finish()?;
-    let (Some(email), Some(name), Some(password)) = (email, name, password) else {
+    let (Some(email), Some(name), Some(password), Some(current_password)) =
+        (email, name, password, current_password)
+    else {
         return Err(ApiError::internal("fields checked but missing"));
+    };
+    let patch = UserPatch {
+        email,
+        name,
+        password,
     };
     let user = http
         .users
-        .update(
-            id,
-            UserPatch {
-                email,
-                name,
-                password,
-            },
-        )
+        .update(id, patch, by(current_password.as_deref()))
         .await?;
     Ok((written(&keys), Json(user.into())))
 }

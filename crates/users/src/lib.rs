@@ -1,6 +1,7 @@
 //! The users service: accounts (the write side of the user model), passwords hashed
-//! with argon2id, sessions as signed tokens, and the `user.created` /
-//! `user.updated` events appended with every write.
+//! with argon2id, sessions as signed tokens that end (sign-out, a password change:
+//! [`sessions`]), and the `user.created` / `user.updated` / `session.ended`
+//! events appended with every write.
 //!
 //! Layers: [`domain`] (types that cannot hold a bad value) <- [`service`] (use
 //! cases, over the [`store::UserStore`] port) <- [`http`] (routes). Only `store`
@@ -10,6 +11,8 @@
 pub mod domain;
 pub mod http;
 pub mod service;
+pub mod sessions;
 pub mod store;
 
-pub use service::{Users, UsersError};
+pub use service::{ChangedBy, SignedIn, Users, UsersError};
+pub use sessions::Sessions;

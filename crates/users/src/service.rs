@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::domain::{
     Email, NewUser, Password, PasswordHash, Role, User, UserName, UserPatch, UserRecord,
 };
+use crate::sessions::Sessions;
 use crate::store::UserStore;
 
 /// Event types this service publishes.
@@ -31,6 +32,11 @@ pub enum UsersError {
     NotFound,
     #[error("wrong email or password")]
     BadCredentials,
+    /// Changing the email or the password needs the current password.
+    #[error("the current password is required")]
+    CurrentPasswordRequired,
+    #[error("the current password is wrong")]
+    WrongCurrentPassword,
     #[error("password hashing failed: {0}")]
     Hashing(String),
     #[error(transparent)]
@@ -92,6 +98,37 @@ pub struct Users {
     store: Arc<dyn UserStore>,
     hasher: Hasher,
     cache: Arc<TieredCache<User>>,
+    sessions: Sessions,
+}
+
+/// A user who signed in, with the session epoch their token carries.
+#[derive(Debug, Clone)]
+pub struct SignedIn {
+    pub user: User,
+    pub session_epoch: i64,
+}
+
+/// Who asks for a change of an account, and the password they gave as proof.
+#[derive(Debug, Clone, Copy)]
+pub struct ChangedBy<'a> {
+    pub user_id: Uuid,
+    pub is_admin: bool,
+    pub current_password: Option<&'a str>,
+}
+
+impl ChangedBy<'_> {
+    /// Must a change of `account` prove the account's current password? Yes when
+    /// it `changes_secret` (the email or the password), unless an admin changes
+    /// someone else's account.
+    pub fn must_prove(&self, account: Uuid, changes_secret: bool) -> bool {
+        changes_secret && self.is_own(account)
+    }
+
+    /// Is the change made by the account's owner (an admin's own account
+    /// included)? Only then is a given `current_password` checked.
+    fn is_own(&self, account: Uuid) -> bool {
+        !(self.is_admin && self.user_id != account)
+    }
 }
 
 impl std::fmt::Debug for Users {
@@ -127,11 +164,27 @@ impl Users {
     /// With an in-process cache only; see [`Users::with_cache`].
     pub fn new(store: Arc<dyn UserStore>) -> Self {
         let cache = Arc::new(TieredCache::new("users", None, CacheSettings::default()));
+        let sessions = Sessions::new(store.clone());
         Self {
             store,
             hasher: Hasher,
             cache,
+            sessions,
         }
+    }
+
+    /// Uses this cache for the state of sessions (see [`Sessions::with_cache`]).
+    pub fn with_sessions_cache(
+        mut self,
+        cache: Arc<TieredCache<crate::domain::SessionState>>,
+    ) -> Self {
+        self.sessions = Sessions::with_cache(self.store.clone(), cache);
+        self
+    }
+
+    /// The sessions: the check behind every token, sign-out, clean-up.
+    pub fn sessions(&self) -> Sessions {
+        self.sessions.clone()
     }
 
     /// Uses this cache (e.g. one with a shared Redis tier) for reads by id.
@@ -178,6 +231,7 @@ impl Users {
         let record = UserRecord {
             user,
             password_hash,
+            session_epoch: 0,
         };
         self.store
             .insert(&record, &created_event(&record.user))
@@ -186,9 +240,10 @@ impl Users {
         Ok(record.user)
     }
 
-    /// The account for these credentials. A wrong email and a wrong password are
-    /// the same error and cost the same time.
-    pub async fn authenticate(&self, email: &str, password: &str) -> Result<User, UsersError> {
+    /// The account for these credentials, with its session epoch (read with the
+    /// hash, so a password changed meanwhile ends this session too). A wrong
+    /// email and a wrong password are the same error and cost the same time.
+    pub async fn authenticate(&self, email: &str, password: &str) -> Result<SignedIn, UsersError> {
         let record = match Email::parse(email) {
             Ok(email) => self.store.get_by_email(&email).await?,
             Err(_) => None,
@@ -196,7 +251,10 @@ impl Users {
         match record {
             Some(record) => {
                 if self.hasher.verify(password, &record.password_hash).await? {
-                    Ok(record.user)
+                    Ok(SignedIn {
+                        user: record.user,
+                        session_epoch: record.session_epoch,
+                    })
                 } else {
                     Err(UsersError::BadCredentials)
                 }
@@ -217,9 +275,31 @@ impl Users {
             .ok_or(UsersError::NotFound)
     }
 
-    /// Applies a patch; publishes `user.updated` when something changed.
-    pub async fn update(&self, id: Uuid, patch: UserPatch) -> Result<User, UsersError> {
+    /// Applies a patch; publishes `user.updated` when something changed. A change
+    /// of the email or the password proves the current password (see
+    /// [`ChangedBy::must_prove`]), and a current password given by the owner is
+    /// checked whatever changes; a new password ends every session of the user
+    /// issued before it, the one that asked included.
+    pub async fn update(
+        &self,
+        id: Uuid,
+        patch: UserPatch,
+        by: ChangedBy<'_>,
+    ) -> Result<User, UsersError> {
         let mut record = self.store.get(id).await?.ok_or(UsersError::NotFound)?;
+        // A given current password must be right, even when the change does not
+        // need it (an admin changing another account gives none of theirs).
+        let proof = by.current_password.filter(|_| by.is_own(id));
+        if proof.is_none() && by.must_prove(id, patch.email.is_some() || patch.password.is_some()) {
+            return Err(UsersError::CurrentPasswordRequired);
+        }
+        // argon2 compares its outputs in constant time.
+        if let Some(given) = proof
+            && !self.hasher.verify(given, &record.password_hash).await?
+        {
+            return Err(UsersError::WrongCurrentPassword);
+        }
+        let new_password = patch.password.is_some();
         let mut changed = Vec::new();
         if let Some(email) = patch.email.filter(|e| *e != record.user.email) {
             record.user.email = email;
@@ -242,6 +322,9 @@ impl Users {
             .await
             .map_err(conflict_to_taken)?;
         self.cache.invalidate(&id.to_string()).await;
+        if new_password {
+            self.sessions.forget(id).await;
+        }
         Ok(record.user)
     }
 
@@ -302,6 +385,7 @@ impl Users {
                     .update(&record, &updated_event(&record.user, &changed))
                     .await?;
                 self.cache.invalidate(&record.user.id.to_string()).await;
+                self.sessions.forget(record.user.id).await;
                 Ok(record.user)
             }
         }

@@ -8,7 +8,7 @@ use scaleshop_db::{Database, Migrations, StoreError, with_pool, with_tx};
 use scaleshop_events::NewEvent;
 use uuid::Uuid;
 
-use crate::domain::{Email, PasswordHash, Role, User, UserName, UserRecord};
+use crate::domain::{Email, PasswordHash, Role, SessionState, User, UserName, UserRecord};
 
 /// The tables this service owns.
 pub fn migrations() -> Migrations {
@@ -27,7 +27,8 @@ pub fn migrations() -> Migrations {
 pub trait UserStore: Send + Sync {
     /// `StoreError::Conflict` when the email is taken.
     async fn insert(&self, record: &UserRecord, event: &NewEvent) -> Result<(), StoreError>;
-    /// `StoreError::Conflict` when the new email is taken.
+    /// `StoreError::Conflict` when the new email is taken. Writing another
+    /// password hash moves the session epoch on (in the same statement).
     async fn update(&self, record: &UserRecord, event: &NewEvent) -> Result<(), StoreError>;
     async fn get(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError>;
     async fn get_by_email(&self, email: &Email) -> Result<Option<UserRecord>, StoreError>;
@@ -38,6 +39,20 @@ pub trait UserStore: Send + Sync {
         after: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<UserRecord>, StoreError>;
+    /// The user's session epoch and the ids of signed-out tokens that expire
+    /// after `now` (seconds since the epoch); `None` when the user does not exist.
+    async fn session_state(&self, id: Uuid, now: i64) -> Result<Option<SessionState>, StoreError>;
+    /// Records a signed-out token until it expires, with `event`, in one
+    /// transaction. False when it was already recorded (nothing is appended).
+    async fn end_session(
+        &self,
+        user_id: Uuid,
+        token_id: Uuid,
+        expires_at: i64,
+        event: &NewEvent,
+    ) -> Result<bool, StoreError>;
+    /// Forgets signed-out tokens that expired before `cutoff`; how many.
+    async fn forget_ended_sessions(&self, cutoff: i64) -> Result<u64, StoreError>;
 }
 
 /// The store for the configured database.
@@ -54,6 +69,7 @@ struct UserRow {
     password_hash: String,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    session_epoch: i64,
 }
 
 impl TryFrom<UserRow> for UserRecord {
@@ -71,21 +87,33 @@ impl TryFrom<UserRow> for UserRecord {
                 updated_at: row.updated_at,
             },
             password_hash: PasswordHash(row.password_hash),
+            session_epoch: row.session_epoch,
         })
     }
 }
 
 const INSERT: &str = "INSERT INTO users (id, email, name, role, password_hash, created_at, updated_at, \
                       search_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+// The right-hand sides read the row as it was: a new hash ends the sessions.
 const UPDATE: &str = "UPDATE users SET email = $2, name = $3, role = $4, password_hash = $5, \
-                      created_at = $6, updated_at = $7, search_key = $8 WHERE id = $1";
-const GET: &str = "SELECT id, email, name, role, password_hash, created_at, updated_at \
-                   FROM users WHERE id = $1";
-const GET_BY_EMAIL: &str = "SELECT id, email, name, role, password_hash, created_at, updated_at \
-                            FROM users WHERE email = $1";
-const SEARCH: &str = "SELECT id, email, name, role, password_hash, created_at, updated_at FROM users \
+                      created_at = $6, updated_at = $7, search_key = $8, \
+                      session_epoch = session_epoch + CASE WHEN password_hash = $5 THEN 0 ELSE 1 END \
+                      WHERE id = $1";
+const GET: &str = "SELECT id, email, name, role, password_hash, created_at, updated_at, \
+                   session_epoch FROM users WHERE id = $1";
+const GET_BY_EMAIL: &str = "SELECT id, email, name, role, password_hash, created_at, updated_at, \
+                            session_epoch FROM users WHERE email = $1";
+const SEARCH: &str = "SELECT id, email, name, role, password_hash, created_at, updated_at, \
+                      session_epoch FROM users \
                       WHERE ($1 IS NULL OR search_key LIKE $1 ESCAPE '\\') \
                       AND ($2 IS NULL OR id > $2) ORDER BY id LIMIT $3";
+
+const SESSION_STATE: &str = "SELECT u.session_epoch, e.session_id FROM users u \
+                             LEFT JOIN ended_sessions e ON e.user_id = u.id AND e.expires_at > $2 \
+                             WHERE u.id = $1";
+const END_SESSION: &str = "INSERT INTO ended_sessions (session_id, user_id, expires_at) \
+                           VALUES ($1, $2, $3) ON CONFLICT (session_id) DO NOTHING";
+const FORGET_ENDED: &str = "DELETE FROM ended_sessions WHERE expires_at < $1";
 
 /// What searches match: name and email, lower-cased in Rust (Unicode-aware on
 /// both backends, unlike SQLite's ASCII-only `lower`).
@@ -173,5 +201,52 @@ impl UserStore for SqlUserStore {
             sqlx::query_as(SEARCH).bind(&pattern).bind(after).bind(limit).fetch_all(pool).await?
         });
         rows.into_iter().map(UserRecord::try_from).collect()
+    }
+
+    async fn session_state(&self, id: Uuid, now: i64) -> Result<Option<SessionState>, StoreError> {
+        let rows: Vec<(i64, Option<Uuid>)> = with_pool!(self.db, pool => {
+            sqlx::query_as(SESSION_STATE).bind(id).bind(now).fetch_all(pool).await?
+        });
+        let Some((epoch, _)) = rows.first() else {
+            return Ok(None);
+        };
+        let epoch = *epoch;
+        let ended = rows.into_iter().filter_map(|(_, id)| id).collect();
+        Ok(Some(SessionState::new(epoch, ended)))
+    }
+
+    async fn end_session(
+        &self,
+        user_id: Uuid,
+        token_id: Uuid,
+        expires_at: i64,
+        event: &NewEvent,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.db.begin().await?;
+        let inserted = with_tx!(&mut tx, conn => {
+            sqlx::query(END_SESSION)
+                .bind(token_id)
+                .bind(user_id)
+                .bind(expires_at)
+                .execute(conn)
+                .await?
+                .rows_affected()
+        });
+        if inserted == 0 {
+            tx.commit().await?;
+            return Ok(false);
+        }
+        scaleshop_events::append(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn forget_ended_sessions(&self, cutoff: i64) -> Result<u64, StoreError> {
+        let mut tx = self.db.begin().await?;
+        let deleted = with_tx!(&mut tx, conn => {
+            sqlx::query(FORGET_ENDED).bind(cutoff).execute(conn).await?.rows_affected()
+        });
+        tx.commit().await?;
+        Ok(deleted)
     }
 }

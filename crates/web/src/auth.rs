@@ -14,6 +14,8 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 use crate::keys::Keys;
+use crate::scope::RequestScope;
+use crate::sessions::Session;
 
 const ISSUER: &str = "scaleshop";
 const AUDIENCE: &str = "scaleshop-api";
@@ -26,6 +28,10 @@ struct Claims {
     exp: i64,
     iss: String,
     aud: String,
+    /// The token's id: signing out refuses this id until the token expires.
+    jti: Uuid,
+    /// The user's session epoch at issue: a password change moves it on.
+    sv: i64,
 }
 
 /// Issues and verifies session tokens.
@@ -66,8 +72,13 @@ impl TokenKeys {
         }
     }
 
-    /// A token for this user and role.
-    pub fn issue(&self, user_id: Uuid, admin: bool) -> Result<IssuedToken, ApiError> {
+    /// A token for this user and role, in the user's current session epoch.
+    pub fn issue(
+        &self,
+        user_id: Uuid,
+        admin: bool,
+        session_epoch: i64,
+    ) -> Result<IssuedToken, ApiError> {
         let now = Utc::now();
         let ttl = chrono::Duration::from_std(self.ttl).map_err(ApiError::internal)?;
         let expires_at = now + ttl;
@@ -78,6 +89,8 @@ impl TokenKeys {
             exp: expires_at.timestamp(),
             iss: ISSUER.to_owned(),
             aud: AUDIENCE.to_owned(),
+            jti: Uuid::now_v7(),
+            sv: session_epoch,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(ApiError::internal)?;
@@ -85,7 +98,8 @@ impl TokenKeys {
         Ok(IssuedToken { token, expires_at })
     }
 
-    /// The caller named by a valid token.
+    /// The caller named by a valid token (signature and claims only: whether its
+    /// session is still live is for [`crate::sessions::SessionCheck`]).
     pub fn verify(&self, token: &str) -> Option<Caller> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
         let is_admin = match data.claims.role.as_str() {
@@ -96,16 +110,26 @@ impl TokenKeys {
         Some(Caller {
             user_id: data.claims.sub,
             is_admin,
+            session: Session {
+                id: data.claims.jti,
+                epoch: data.claims.sv,
+                expires_at: data.claims.exp,
+            },
         })
     }
 }
 
 /// The signed-in caller of a request. As an extractor it answers 401 when the
-/// `Authorization: Bearer` token is missing, malformed, expired or forged.
+/// `Authorization: Bearer` token is missing, malformed, expired or forged, and
+/// when its session is no longer live (signed out, ended by a password change,
+/// or the account is gone), as the request scope's
+/// [`crate::sessions::SessionCheck`] decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
     pub user_id: Uuid,
     pub is_admin: bool,
+    /// The token's session.
+    pub session: Session,
 }
 
 impl Caller {
@@ -139,9 +163,16 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
             .ok_or_else(|| ApiError::unauthenticated().detail("use the Bearer scheme"))?;
-        keys.tokens
+        let caller = keys
+            .tokens
             .verify(token.trim())
-            .ok_or_else(|| ApiError::unauthenticated().detail("the token is invalid or expired"))
+            .ok_or_else(|| ApiError::unauthenticated().detail("the token is invalid or expired"))?;
+        if let Some(sessions) = RequestScope::current_sessions()?
+            && !sessions.is_live(&caller).await?
+        {
+            return Err(ApiError::unauthenticated().detail("the session has ended"));
+        }
+        Ok(caller)
     }
 }
 
@@ -153,13 +184,17 @@ mod tests {
     fn issue_and_verify() {
         let keys = TokenKeys::new(b"0123456789abcdef0123456789abcdef", Duration::from_secs(60));
         let id = Uuid::now_v7();
-        let issued = keys.issue(id, true).unwrap();
-        assert_eq!(
-            keys.verify(&issued.token),
-            Some(Caller {
-                user_id: id,
-                is_admin: true
-            })
+        let issued = keys.issue(id, true, 7).unwrap();
+        let caller = keys.verify(&issued.token).unwrap();
+        assert_eq!((caller.user_id, caller.is_admin), (id, true));
+        assert_eq!(caller.session.epoch, 7);
+        assert_eq!(caller.session.expires_at, issued.expires_at.timestamp());
+        let again = keys
+            .verify(&keys.issue(id, true, 7).unwrap().token)
+            .unwrap();
+        assert_ne!(
+            again.session.id, caller.session.id,
+            "each token has its own id"
         );
         let other = TokenKeys::new(
             b"another secret of some length ...",
@@ -180,6 +215,8 @@ mod tests {
             exp: now - 60,
             iss: ISSUER.into(),
             aud: AUDIENCE.into(),
+            jti: Uuid::now_v7(),
+            sv: 0,
         };
         let enc = EncodingKey::from_secret(secret);
         let expired = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &enc).unwrap();
@@ -190,5 +227,14 @@ mod tests {
         };
         let hs512 = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &fresh, &enc).unwrap();
         assert_eq!(keys.verify(&hs512), None, "algorithm is pinned");
+        // A token without a session id or epoch (as issued before sessions could
+        // end) is refused: it could never be signed out.
+        let mut old = serde_json::to_value(&fresh).unwrap();
+        old.as_object_mut().unwrap().remove("jti");
+        old.as_object_mut().unwrap().remove("sv");
+        let old = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &old, &enc).unwrap();
+        assert_eq!(keys.verify(&old), None, "no session claims");
+        let good = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &fresh, &enc).unwrap();
+        assert!(keys.verify(&good).is_some());
     }
 }

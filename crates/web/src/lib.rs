@@ -5,6 +5,8 @@
 //! - [`body`]: JSON bodies parsed field by field, unknown fields refused, every broken
 //!   rule reported.
 //! - [`auth`]: HS256 bearer tokens and the [`Caller`] extractor.
+//! - [`sessions`]: the port the [`Caller`] asks whether a token's session is still
+//!   live (implemented by the users service, wired by the composition root).
 //! - [`page`]: signed opaque cursors and the `limit` rule.
 //! - [`consistency`]: `X-Consistency-Token` for read-your-writes.
 //! - [`ratelimit`]: keyed rate limiters answering 429 with `Retry-After`.
@@ -27,6 +29,7 @@ pub mod path;
 pub mod ratelimit;
 pub mod routes;
 pub mod scope;
+pub mod sessions;
 
 pub use auth::{Caller, TokenKeys};
 pub use body::{Fields, JsonObject};
@@ -37,3 +40,4 @@ pub use page::{Page, Paginated};
 pub use path::Id;
 pub use routes::{ServiceRouter, ServiceRoutes};
 pub use scope::{Peer, RequestScope};
+pub use sessions::{Session, SessionCheck};

@@ -596,7 +596,7 @@ mod tests {
 
     /// Answers the client address its scope holds, after checking it has keys.
     async fn whoami(keys: crate::RequestKeys, peer: crate::Peer) -> String {
-        let token = keys.tokens.issue(Uuid::nil(), false);
+        let token = keys.tokens.issue(Uuid::nil(), false, 0);
         format!("{} {}", peer.0, token.is_ok())
     }
 

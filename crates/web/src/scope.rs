@@ -12,11 +12,15 @@ use axum::http::request::Parts;
 
 use crate::error::ApiError;
 use crate::keys::Keys;
+use crate::sessions::SessionCheck;
 
 /// The scope of one connection's requests.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestScope {
     keys: &'static Keys,
+    /// Asked by [`crate::Caller`] whether a token's session is live; none: a
+    /// valid signature is enough (a process without the users service).
+    sessions: Option<Sessions>,
     peer: Option<SocketAddr>,
     /// For a route the observe layer called itself: where the route's `{id}`
     /// starts in the path (see [`crate::Id`]).
@@ -36,8 +40,19 @@ impl RequestScope {
         let keys: &'static Arc<Keys> = Box::leak(Box::new(keys));
         Self {
             keys,
+            sessions: None,
             peer: None,
             id_offset: None,
+        }
+    }
+
+    /// Checks every token's session with `sessions` (kept for the rest of the
+    /// process, like the keys).
+    pub fn with_sessions(self, sessions: Arc<dyn SessionCheck>) -> Self {
+        let sessions: &'static Arc<dyn SessionCheck> = Box::leak(Box::new(sessions));
+        Self {
+            sessions: Some(Sessions(sessions.as_ref())),
+            ..self
         }
     }
 
@@ -71,6 +86,20 @@ impl RequestScope {
 
     pub(crate) fn current_keys() -> Result<&'static Keys, ApiError> {
         Self::current().map(|scope| scope.keys)
+    }
+
+    pub(crate) fn current_sessions() -> Result<Option<&'static dyn SessionCheck>, ApiError> {
+        Self::current().map(|scope| scope.sessions.map(|s| s.0))
+    }
+}
+
+/// The session check of a scope (printed by name only).
+#[derive(Clone, Copy)]
+struct Sessions(&'static dyn SessionCheck);
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionCheck")
     }
 }
 

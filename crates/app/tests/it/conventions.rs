@@ -514,7 +514,13 @@ both!(
             .await
             .unwrap();
         clean_problem(response, 409).await;
-        let response = patch_as(&app, &id, &token, json!({"email": ADMIN_EMAIL})).await;
+        let response = patch_as(
+            &app,
+            &id,
+            &token,
+            json!({"email": ADMIN_EMAIL, "current_password": "password-123"}),
+        )
+        .await;
         clean_problem(response, 409).await;
         clean_problem(get_as(&app, "/v1/users", &token).await, 403).await;
         clean_problem(get_as(&app, "/v1/me", "x").await, 401).await;

@@ -139,11 +139,12 @@ async fn restart_keeps_sessions(backend: Backend) {
             .unwrap()
             .to_owned()
     };
-    // The admin changes its own password; the environment's wins at the next start.
+    // The admin changes its own password (which ends its sessions); the
+    // environment's wins at the next start.
     let response = first
         .patch(&format!("/v1/users/{admin_id}"))
         .bearer_auth(&admin)
-        .json(&json!({"password": "changed-over-http"}))
+        .json(&json!({"password": "changed-over-http", "current_password": ADMIN_PASSWORD}))
         .send()
         .await
         .unwrap();
@@ -153,6 +154,8 @@ async fn restart_keeps_sessions(backend: Backend) {
     let second = TestApp::spawn_with(config.clone(), backend).await;
     let me = json_body(get_as(&second, "/v1/me", &token).await, StatusCode::OK).await;
     assert_eq!(me, user);
+    problem(get_as(&second, "/v1/me", &admin).await, 401).await;
+    let admin = second.sign_in(ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let response = get_as(
         &second,
         &format!("/v1/users?limit=1&cursor={cursor}"),
@@ -160,7 +163,6 @@ async fn restart_keeps_sessions(backend: Backend) {
     )
     .await;
     assert_eq!(response.status(), 200, "a cursor survives the restart");
-    second.sign_in(ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let response = second
         .post("/v1/sessions")
         .json(&json!({"email": ADMIN_EMAIL, "password": "changed-over-http"}))

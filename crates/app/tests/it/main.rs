@@ -21,4 +21,5 @@ mod limits;
 mod media;
 mod messaging;
 mod operations;
+mod sessions;
 mod users;

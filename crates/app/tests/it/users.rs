@@ -470,7 +470,7 @@ both!(me_requires_a_valid_token, |app: TestApp| async move {
         b"an entirely different signing secret, 32+ bytes",
         std::time::Duration::from_secs(3600),
     );
-    let foreign = other_keys.issue(id, true).unwrap().token;
+    let foreign = other_keys.issue(id, true, 0).unwrap().token;
     // Unsigned ("alg": "none") with the right claims.
     let now = Utc::now().timestamp();
     let claims = json!({"sub": id, "role": "admin", "iat": now, "exp": now + 3600,
@@ -597,7 +597,13 @@ both!(
 
         // Email, lower-cased.
         let moved = json_body(
-            patch_as(&app, &id, &token, json!({"email": "Moved@Example.COM"})).await,
+            patch_as(
+                &app,
+                &id,
+                &token,
+                json!({"email": "Moved@Example.COM", "current_password": PASSWORD}),
+            )
+            .await,
             StatusCode::OK,
         )
         .await;
@@ -605,9 +611,15 @@ both!(
         assert_eq!(moved["name"], "New Name");
         assert!(timestamp(&moved["updated_at"]) > timestamp(&renamed["updated_at"]));
 
-        // Password.
+        // Password (which ends the session that changed it).
         let repassed = json_body(
-            patch_as(&app, &id, &token, json!({"password": "brand-new-password"})).await,
+            patch_as(
+                &app,
+                &id,
+                &token,
+                json!({"password": "brand-new-password", "current_password": PASSWORD}),
+            )
+            .await,
             StatusCode::OK,
         )
         .await;
@@ -627,7 +639,8 @@ both!(
             &app,
             &id,
             &new_token,
-            json!({"name": "All Three", "email": "all@example.com", "password": "third-password"}),
+            json!({"name": "All Three", "email": "all@example.com", "password": "third-password",
+                   "current_password": "brand-new-password"}),
         )
         .await,
         StatusCode::OK,
@@ -637,11 +650,11 @@ both!(
             (all["name"].as_str(), all["email"].as_str()),
             (Some("All Three"), Some("all@example.com"))
         );
-        app.sign_in("all@example.com", "third-password").await;
+        let latest = app.sign_in("all@example.com", "third-password").await;
 
         // Reads see the change; the old email is free again.
         let read = json_body(
-            get_as(&app, &format!("/v1/users/{id}"), &new_token).await,
+            get_as(&app, &format!("/v1/users/{id}"), &latest).await,
             StatusCode::OK,
         )
         .await;
@@ -664,22 +677,43 @@ both!(
             &ADMIN_EMAIL.to_uppercase(),
         ] {
             problem(
-                patch_as(&app, &id, &token, json!({"email": email})).await,
+                patch_as(
+                    &app,
+                    &id,
+                    &token,
+                    json!({"email": email, "current_password": PASSWORD}),
+                )
+                .await,
                 409,
             )
             .await;
         }
 
         let cases: Vec<(Value, Vec<String>)> = vec![
-            (json!({"email": "nope"}), sorted(&["email"])),
-            (json!({"email": email_of_length(255)}), sorted(&["email"])),
+            (
+                json!({"email": "nope", "current_password": PASSWORD}),
+                sorted(&["email"]),
+            ),
+            (
+                json!({"email": email_of_length(255), "current_password": PASSWORD}),
+                sorted(&["email"]),
+            ),
             (json!({"name": ""}), sorted(&["name"])),
             (json!({"name": "    "}), sorted(&["name"])),
             (json!({"name": "x".repeat(101)}), sorted(&["name"])),
-            (json!({"password": "1234567"}), sorted(&["password"])),
-            (json!({"password": "x".repeat(129)}), sorted(&["password"])),
+            (
+                json!({"password": "1234567", "current_password": PASSWORD}),
+                sorted(&["password"]),
+            ),
+            (
+                json!({"password": "x".repeat(129), "current_password": PASSWORD}),
+                sorted(&["password"]),
+            ),
             (json!({"name": null}), sorted(&["name"])),
-            (json!({"name": 42, "email": []}), sorted(&["email", "name"])),
+            (
+                json!({"name": 42, "email": [], "current_password": PASSWORD}),
+                sorted(&["email", "name"]),
+            ),
             (json!({"role": "admin"}), sorted(&["role"])),
             (json!({"name": "Valid", "role": "admin"}), sorted(&["role"])),
             (
@@ -1106,7 +1140,13 @@ both!(customers_cannot_become_admin, |app: TestApp| async move {
         let response = patch_as(&app, &id_of(&me), &token, body).await;
         problem(response, 422).await;
     }
-    let response = patch_as(&app, &id_of(&me), &token, json!({"email": ADMIN_EMAIL})).await;
+    let response = patch_as(
+        &app,
+        &id_of(&me),
+        &token,
+        json!({"email": ADMIN_EMAIL, "current_password": PASSWORD}),
+    )
+    .await;
     problem(response, 409).await;
     let now = json_body(get_as(&app, "/v1/me", &token).await, StatusCode::OK).await;
     assert_eq!(now["role"], "customer");
