@@ -7,6 +7,7 @@
 
 pub mod config;
 mod invalidation;
+pub mod keys;
 pub mod modules;
 mod ops;
 pub mod server;

@@ -1,19 +1,20 @@
-//! Bearer tokens: HS256 JWTs with expiry, issuer and audience checked and the
-//! algorithm pinned, and the [`Caller`] extractor that turns a token into a caller
+//! Bearer tokens: HS256 JWTs with expiry, issuer and audience checked, the
+//! algorithm pinned and the signing key named in the `kid` header, and the [`Caller`] extractor that turns a token into a caller
 //! or a 401 with `WWW-Authenticate: Bearer`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::FromRequestParts;
 use axum::http::header;
 use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::keys::Keys;
+use crate::keys::{Keys, RingCell};
 
 const ISSUER: &str = "scaleshop";
 const AUDIENCE: &str = "scaleshop-api";
@@ -28,10 +29,9 @@ struct Claims {
     aud: String,
 }
 
-/// Issues and verifies session tokens.
+/// Issues and verifies session tokens with the keys of a ring.
 pub struct TokenKeys {
-    encoding: EncodingKey,
-    decoding: DecodingKey,
+    ring: Arc<RingCell>,
     validation: Validation,
     ttl: Duration,
 }
@@ -52,15 +52,19 @@ pub struct IssuedToken {
 }
 
 impl TokenKeys {
+    /// Tokens signed by one key from `secret` (what [`Keys::new`] makes of it).
     pub fn new(secret: &[u8], ttl: Duration) -> Self {
+        Self::with_ring(RingCell::from_secret(secret), ttl)
+    }
+
+    pub(crate) fn with_ring(ring: Arc<RingCell>, ttl: Duration) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.leeway = 5;
         Self {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
+            ring,
             validation,
             ttl,
         }
@@ -79,7 +83,10 @@ impl TokenKeys {
             iss: ISSUER.to_owned(),
             aud: AUDIENCE.to_owned(),
         };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+        let key = self.ring.signing();
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(key.kid.to_string());
+        let token = jsonwebtoken::encode(&header, &claims, &key.jwt_encoding)
             .map_err(ApiError::internal)?;
         let expires_at = DateTime::from_timestamp(claims.exp, 0).unwrap_or(expires_at);
         Ok(IssuedToken { token, expires_at })
@@ -87,14 +94,14 @@ impl TokenKeys {
 
     /// The caller named by a valid token.
     pub fn verify(&self, token: &str) -> Option<Caller> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
-        let is_admin = match data.claims.role.as_str() {
+        let claims = self.ring.decode_jwt::<Claims>(token, &self.validation)?;
+        let is_admin = match claims.role.as_str() {
             "admin" => true,
             "customer" => false,
             _ => return None,
         };
         Some(Caller {
-            user_id: data.claims.sub,
+            user_id: claims.sub,
             is_admin,
         })
     }
@@ -139,8 +146,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
             .ok_or_else(|| ApiError::unauthenticated().detail("use the Bearer scheme"))?;
+        let token = token.trim();
+        keys.ensure_token_kid(token).await;
         keys.tokens
-            .verify(token.trim())
+            .verify(token)
             .ok_or_else(|| ApiError::unauthenticated().detail("the token is invalid or expired"))
     }
 }
@@ -166,6 +175,8 @@ mod tests {
             Duration::from_secs(60),
         );
         assert_eq!(other.verify(&issued.token), None);
+        let header = jsonwebtoken::decode_header(&issued.token).unwrap();
+        assert_eq!(header.kid.as_deref(), Some(crate::keys::STATIC_KID));
     }
 
     #[test]
@@ -181,14 +192,28 @@ mod tests {
             iss: ISSUER.into(),
             aud: AUDIENCE.into(),
         };
-        let enc = EncodingKey::from_secret(secret);
-        let expired = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &enc).unwrap();
+        let enc = jsonwebtoken::EncodingKey::from_secret(&crate::keys::derive(secret, "jwt"));
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("static".into());
+        let fresh = Claims {
+            exp: now + 60,
+            ..claims
+        };
+        let valid = jsonwebtoken::encode(&header, &fresh, &enc).unwrap();
+        assert!(keys.verify(&valid).is_some(), "the same key verifies");
+        let claims = Claims {
+            exp: now - 60,
+            ..fresh
+        };
+        let expired = jsonwebtoken::encode(&header, &claims, &enc).unwrap();
         assert_eq!(keys.verify(&expired), None);
         let fresh = Claims {
             exp: now + 60,
             ..claims
         };
-        let hs512 = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &fresh, &enc).unwrap();
+        let mut hs512 = Header::new(Algorithm::HS512);
+        hs512.kid = Some("static".into());
+        let hs512 = jsonwebtoken::encode(&hs512, &fresh, &enc).unwrap();
         assert_eq!(keys.verify(&hs512), None, "algorithm is pinned");
     }
 }
