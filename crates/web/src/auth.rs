@@ -1,6 +1,7 @@
 //! Bearer tokens: HS256 JWTs with expiry, issuer and audience checked, the
-//! algorithm pinned and the signing key named in the `kid` header, and the [`Caller`] extractor that turns a token into a caller
-//! or a 401 with `WWW-Authenticate: Bearer`.
+//! algorithm pinned and the signing key named in the `kid` header, and the
+//! [`Caller`] extractor that turns a token into a caller or a 401 with
+//! `WWW-Authenticate: Bearer`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -201,6 +202,19 @@ mod tests {
         };
         let valid = jsonwebtoken::encode(&header, &fresh, &enc).unwrap();
         assert!(keys.verify(&valid).is_some(), "the same key verifies");
+        let no_kid = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &fresh, &enc).unwrap();
+        assert!(
+            keys.verify(&no_kid).is_some(),
+            "made before key ids: the legacy key"
+        );
+        let mut unknown = Header::new(Algorithm::HS256);
+        unknown.kid = Some("0123456789abcdef".into());
+        let unknown = jsonwebtoken::encode(&unknown, &fresh, &enc).unwrap();
+        assert_eq!(
+            keys.verify(&unknown),
+            None,
+            "a key id the ring does not hold"
+        );
         let claims = Claims {
             exp: now - 60,
             ..fresh
