@@ -34,7 +34,7 @@ struct Common {
     /// TOML configuration file (keys as in README's configuration table).
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Folder for embedded state: SQLite database, mail files, image files, keys.
+    /// Folder for embedded state: SQLite database, mail files, image files.
     #[arg(long, global = true, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// postgres://... to keep every service's data in PostgreSQL (default: SQLite).
