@@ -40,8 +40,8 @@ impl std::fmt::Debug for Secret {
 pub struct Config {
     /// Where the API listens; `:PORT` means every interface (`:0` picks a free port).
     pub http_addr: String,
-    /// Embedded state: the SQLite database, mail files, image files, the generated
-    /// signing secret.
+    /// Embedded state: the SQLite database, mail files, image files (and the
+    /// `signing.key` of earlier versions, imported into the key store).
     pub data_dir: PathBuf,
     /// `postgres://...` moves every service's data to PostgreSQL; unset = SQLite.
     pub database_url: Option<Secret>,
@@ -49,12 +49,15 @@ pub struct Config {
     pub admin_password: Option<Secret>,
     /// Send email over SMTP instead of writing `.eml` files.
     pub smtp_url: Option<Secret>,
-    /// Signing secret for tokens, cursors and consistency tokens (at least 32
-    /// characters). Unset: generated once and kept in the data folder. Set it when
-    /// several processes serve the same users.
+    /// One static signing secret for tokens, cursors and consistency tokens (at
+    /// least 32 characters), overriding the key store. Unset: the keys live in the
+    /// database, shared by every instance, and rotate with `scaleshop keys rotate`.
     pub jwt_secret: Option<Secret>,
     /// Lifetime of a session token, in seconds.
     pub token_ttl_secs: u64,
+    /// How often a process reloads the signing keys from the database (a rotation
+    /// elsewhere becomes its signing key within this time), in seconds.
+    pub key_refresh_secs: u64,
     pub db_max_connections: u32,
     pub db_min_connections: u32,
     pub db_idle_timeout_secs: u64,
@@ -155,6 +158,7 @@ impl Default for Config {
             smtp_url: None,
             jwt_secret: None,
             token_ttl_secs: 24 * 3600,
+            key_refresh_secs: 30,
             db_max_connections: 20,
             db_min_connections: 5,
             db_idle_timeout_secs: 30,
@@ -212,6 +216,7 @@ const ENV_KEYS: &[&str] = &[
     "smtp_url",
     "jwt_secret",
     "token_ttl_secs",
+    "key_refresh_secs",
     "db_max_connections",
     "db_min_connections",
     "db_idle_timeout_secs",
@@ -352,6 +357,7 @@ impl Config {
         }
         for (key, value) in [
             ("token_ttl_secs", self.token_ttl_secs),
+            ("key_refresh_secs", self.key_refresh_secs),
             ("db_acquire_timeout_ms", self.db_acquire_timeout_ms),
             ("db_statement_timeout_ms", self.db_statement_timeout_ms),
             ("request_timeout_ms", self.request_timeout_ms),

@@ -7,6 +7,7 @@
 
 pub mod config;
 mod invalidation;
+pub mod keys;
 mod listener;
 pub mod modules;
 mod ops;

@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,7 +99,8 @@ fn migrations_of(modules: &[Module]) -> Vec<Migrations> {
             Module::Payments => Some(scaleshop_payments::migrations()),
             Module::Orders => Some(scaleshop_orders::migrations()),
             Module::Media => Some(scaleshop_media::migrations()),
-            Module::Database | Module::Operations => None,
+            Module::Database => Some(scaleshop_keys::migrations()),
+            Module::Operations => None,
         })
         .collect()
 }
@@ -115,57 +115,6 @@ pub async fn open_database(config: &Config, target: Target) -> Result<Database, 
     Ok(db)
 }
 
-/// The signing secret: configured, or generated once and kept in the data folder.
-fn signing_secret(config: &Config) -> Result<Vec<u8>, StartError> {
-    if let Some(secret) = &config.jwt_secret {
-        return Ok(secret.expose().as_bytes().to_vec());
-    }
-    load_or_create_secret(&config.data_dir.join("signing.key"))
-}
-
-fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, StartError> {
-    use std::io::Write;
-    let fail = |e: std::io::Error| StartError::Secret(format!("{}: {e}", path.display()));
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let bytes = hex::decode(text.trim())
-                .map_err(|e| StartError::Secret(format!("{}: {e}", path.display())))?;
-            if bytes.len() < 32 {
-                return Err(StartError::Secret(format!(
-                    "{}: shorter than 32 bytes",
-                    path.display()
-                )));
-            }
-            Ok(bytes)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(fail)?;
-            }
-            let mut bytes = vec![0u8; 32];
-            rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create_new(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            match options.open(path) {
-                Ok(mut file) => {
-                    file.write_all(hex::encode(&bytes).as_bytes())
-                        .map_err(fail)?;
-                    file.sync_all().map_err(fail)?;
-                    Ok(bytes)
-                }
-                // Another process created it first: use theirs.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    load_or_create_secret(path)
-                }
-                Err(e) => Err(fail(e)),
-            }
-        }
-        Err(e) => Err(fail(e)),
-    }
-}
-
 /// A built application: the router, and the background parts that start with
 /// [`serve`].
 pub struct App {
@@ -178,6 +127,8 @@ pub struct App {
     /// Housekeeping run every so often (e.g. expired idempotency keys).
     periodic: Vec<(Duration, Collector)>,
     redis: Option<scaleshop_cache::Redis>,
+    keys: Arc<Keys>,
+    key_refresh: Duration,
     users_cache: Arc<TieredCache<scaleshop_users::domain::User>>,
     products_cache: Arc<TieredCache<scaleshop_catalog::ProductView>>,
     sessions_cache: Arc<TieredCache<scaleshop_users::domain::SessionState>>,
@@ -189,10 +140,7 @@ impl App {
         config.validate()?;
         let modules = target.resolve();
         let db = open_database(config, target).await?;
-        let keys = Keys::new(
-            &signing_secret(config)?,
-            Duration::from_secs(config.token_ttl_secs),
-        );
+        let keys = crate::keys::http_keys(config, &db).await?;
         let mut api = OpenApiRouter::with_openapi(ApiDoc::openapi());
         // Every API route, also as (template, method router) for the observe layer.
         let mut routes = Vec::new();
@@ -413,6 +361,8 @@ impl App {
             forget_idle,
             periodic,
             redis,
+            keys,
+            key_refresh: Duration::from_secs(config.key_refresh_secs),
             users_cache,
             products_cache,
             sessions_cache,
@@ -437,6 +387,7 @@ impl App {
     ) -> Result<Vec<JoinHandle<()>>, StartError> {
         let mut tasks = Vec::new();
         tasks.extend(self.db.spawn_commit_listener(shutdown.clone()));
+        tasks.extend(self.keys.spawn_refresh(self.key_refresh, shutdown.clone()));
         // Cache invalidation, two paths: Redis pub/sub (fast) and the event log
         // (heals a lost message).
         let caches: Vec<Arc<dyn Invalidate>> =

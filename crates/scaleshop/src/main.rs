@@ -34,7 +34,7 @@ struct Common {
     /// TOML configuration file (keys as in README's configuration table).
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Folder for embedded state: SQLite database, mail files, image files, keys.
+    /// Folder for embedded state: SQLite database, mail files, image files.
     #[arg(long, global = true, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// postgres://... to keep every service's data in PostgreSQL (default: SQLite).
@@ -63,6 +63,22 @@ enum Command {
         #[arg(long, default_value = "all", value_parser = parse_target)]
         target: Target,
     },
+    /// Manage the signing keys in the database (tokens, cursors, consistency
+    /// tokens), shared by every instance. Not with `jwt_secret` set.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Add a new key that signs from now on (running instances pick it up within
+    /// `key_refresh_secs`); older keys keep verifying until what they signed has
+    /// expired, then this command prunes them.
+    Rotate,
+    /// List the keys: id, generation, created, retired, active (never a secret).
+    List,
 }
 
 fn parse_target(s: &str) -> Result<Target, String> {
@@ -87,7 +103,7 @@ fn main() -> ExitCode {
     });
     let http_addr = match &command {
         Command::Serve { http_addr, .. } => http_addr.clone(),
-        Command::Migrate { .. } => None,
+        Command::Migrate { .. } | Command::Keys { .. } => None,
     };
     let config = match load(&cli.common, http_addr) {
         Ok(config) => config,
@@ -117,6 +133,31 @@ fn main() -> ExitCode {
                 let db = scaleshop_app::open_database(&config, target).await?;
                 db.close().await;
                 tracing::info!(migrate_target = %target, backend = ?db.backend(), "migrations applied");
+                Ok(())
+            }
+            Command::Keys { action: KeysAction::Rotate } => {
+                let (key, pruned) = scaleshop_app::keys::rotate(&config).await?;
+                println!("rotated: {} signs from now on", key.kid);
+                for kid in pruned {
+                    println!("pruned: {kid}");
+                }
+                Ok(())
+            }
+            Command::Keys { action: KeysAction::List } => {
+                let keys = scaleshop_app::keys::list(&config).await?;
+                println!("{:<16}  {:>10}  {:<27}  {:<27}  active", "kid", "generation", "created", "retired");
+                for key in keys {
+                    let retired = key.retired_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".to_owned());
+                    println!(
+                        "{:<16}  {:>10}  {:<27}  {:<27}  {}{}",
+                        key.kid,
+                        key.generation,
+                        key.created_at.to_rfc3339(),
+                        retired,
+                        if key.active() { "yes" } else { "no" },
+                        if key.legacy { " (imported)" } else { "" }
+                    );
+                }
                 Ok(())
             }
         }

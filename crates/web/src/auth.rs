@@ -1,19 +1,21 @@
-//! Bearer tokens: HS256 JWTs with expiry, issuer and audience checked and the
-//! algorithm pinned, and the [`Caller`] extractor that turns a token into a caller
-//! or a 401 with `WWW-Authenticate: Bearer`.
+//! Bearer tokens: HS256 JWTs with expiry, issuer and audience checked, the
+//! algorithm pinned and the signing key named in the `kid` header, and the
+//! [`Caller`] extractor that turns a token into a caller or a 401 with
+//! `WWW-Authenticate: Bearer`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::FromRequestParts;
 use axum::http::header;
 use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::keys::Keys;
+use crate::keys::{Keys, RingCell};
 use crate::scope::RequestScope;
 use crate::sessions::Session;
 
@@ -34,10 +36,9 @@ struct Claims {
     sv: i64,
 }
 
-/// Issues and verifies session tokens.
+/// Issues and verifies session tokens with the keys of a ring.
 pub struct TokenKeys {
-    encoding: EncodingKey,
-    decoding: DecodingKey,
+    ring: Arc<RingCell>,
     validation: Validation,
     ttl: Duration,
 }
@@ -58,15 +59,19 @@ pub struct IssuedToken {
 }
 
 impl TokenKeys {
+    /// Tokens signed by one key from `secret` (what [`Keys::new`] makes of it).
     pub fn new(secret: &[u8], ttl: Duration) -> Self {
+        Self::with_ring(RingCell::from_secret(secret), ttl)
+    }
+
+    pub(crate) fn with_ring(ring: Arc<RingCell>, ttl: Duration) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.leeway = 5;
         Self {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
+            ring,
             validation,
             ttl,
         }
@@ -92,7 +97,10 @@ impl TokenKeys {
             jti: Uuid::now_v7(),
             sv: session_epoch,
         };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+        let key = self.ring.signing();
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(key.kid.to_string());
+        let token = jsonwebtoken::encode(&header, &claims, &key.jwt_encoding)
             .map_err(ApiError::internal)?;
         let expires_at = DateTime::from_timestamp(claims.exp, 0).unwrap_or(expires_at);
         Ok(IssuedToken { token, expires_at })
@@ -101,19 +109,19 @@ impl TokenKeys {
     /// The caller named by a valid token (signature and claims only: whether its
     /// session is still live is for [`crate::sessions::SessionCheck`]).
     pub fn verify(&self, token: &str) -> Option<Caller> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
-        let is_admin = match data.claims.role.as_str() {
+        let claims = self.ring.decode_jwt::<Claims>(token, &self.validation)?;
+        let is_admin = match claims.role.as_str() {
             "admin" => true,
             "customer" => false,
             _ => return None,
         };
         Some(Caller {
-            user_id: data.claims.sub,
+            user_id: claims.sub,
             is_admin,
             session: Session {
-                id: data.claims.jti,
-                epoch: data.claims.sv,
-                expires_at: data.claims.exp,
+                id: claims.jti,
+                epoch: claims.sv,
+                expires_at: claims.exp,
             },
         })
     }
@@ -163,9 +171,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
             .ok_or_else(|| ApiError::unauthenticated().detail("use the Bearer scheme"))?;
+        let token = token.trim();
+        keys.ensure_token_kid(token).await;
         let caller = keys
             .tokens
-            .verify(token.trim())
+            .verify(token)
             .ok_or_else(|| ApiError::unauthenticated().detail("the token is invalid or expired"))?;
         if let Some(sessions) = RequestScope::current_sessions()?
             && !sessions.is_live(&caller).await?
@@ -201,6 +211,8 @@ mod tests {
             Duration::from_secs(60),
         );
         assert_eq!(other.verify(&issued.token), None);
+        let header = jsonwebtoken::decode_header(&issued.token).unwrap();
+        assert_eq!(header.kid.as_deref(), Some(crate::keys::STATIC_KID));
     }
 
     #[test]
@@ -218,14 +230,41 @@ mod tests {
             jti: Uuid::now_v7(),
             sv: 0,
         };
-        let enc = EncodingKey::from_secret(secret);
-        let expired = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &enc).unwrap();
+        let enc = jsonwebtoken::EncodingKey::from_secret(&crate::keys::derive(secret, "jwt"));
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("static".into());
+        let fresh = Claims {
+            exp: now + 60,
+            ..claims
+        };
+        let valid = jsonwebtoken::encode(&header, &fresh, &enc).unwrap();
+        assert!(keys.verify(&valid).is_some(), "the same key verifies");
+        let no_kid = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &fresh, &enc).unwrap();
+        assert!(
+            keys.verify(&no_kid).is_some(),
+            "made before key ids: the legacy key"
+        );
+        let mut unknown = Header::new(Algorithm::HS256);
+        unknown.kid = Some("0123456789abcdef".into());
+        let unknown = jsonwebtoken::encode(&unknown, &fresh, &enc).unwrap();
+        assert_eq!(
+            keys.verify(&unknown),
+            None,
+            "a key id the ring does not hold"
+        );
+        let claims = Claims {
+            exp: now - 60,
+            ..fresh
+        };
+        let expired = jsonwebtoken::encode(&header, &claims, &enc).unwrap();
         assert_eq!(keys.verify(&expired), None);
         let fresh = Claims {
             exp: now + 60,
             ..claims
         };
-        let hs512 = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &fresh, &enc).unwrap();
+        let mut hs512 = Header::new(Algorithm::HS512);
+        hs512.kid = Some("static".into());
+        let hs512 = jsonwebtoken::encode(&hs512, &fresh, &enc).unwrap();
         assert_eq!(keys.verify(&hs512), None, "algorithm is pinned");
         // A token without a session id or epoch (as issued before sessions could
         // end) is refused: it could never be signed out.

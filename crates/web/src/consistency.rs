@@ -67,10 +67,12 @@ impl<S: Send + Sync> FromRequestParts<S> for ReadConsistency {
             return Ok(Self(None));
         };
         let keys = Keys::current()?;
+        let value = value.to_str().ok().map(str::trim);
+        if let Some(value) = value {
+            keys.ensure_value_kid(value).await;
+        }
         value
-            .to_str()
-            .ok()
-            .and_then(|v| ConsistencyToken::decode(v.trim(), &keys.signer))
+            .and_then(|v| ConsistencyToken::decode(v, &keys.signer))
             .map(|token| Self(Some(token)))
             .ok_or_else(|| {
                 ApiError::new(ErrorCode::InvalidCursor)

@@ -35,7 +35,7 @@ pub use auth::{Caller, TokenKeys};
 pub use body::{Fields, JsonObject};
 pub use consistency::{CONSISTENCY_HEADER, ConsistencyToken, ReadConsistency};
 pub use error::{ApiError, ErrorCode, FieldError, Problem};
-pub use keys::{Keys, RequestKeys, Signer};
+pub use keys::{KeyMaterial, KeySource, Keys, RequestKeys, Signer};
 pub use page::{Page, Paginated};
 pub use path::Id;
 pub use routes::{ServiceRouter, ServiceRoutes};

@@ -129,7 +129,17 @@ impl<S: Send + Sync> FromRequestParts<S> for Page {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let keys = Keys::current()?;
-        parse(parts.uri.query(), &keys.signer)
+        let query = parts.uri.query();
+        // A cursor signed by a key this process does not know yet (a rotation
+        // elsewhere): learn the key first.
+        if let Some(query) = query.filter(|q| q.contains("cursor=")) {
+            for (name, value) in form_pairs(query) {
+                if name == "cursor" {
+                    keys.ensure_value_kid(&value).await;
+                }
+            }
+        }
+        parse(query, &keys.signer)
     }
 }
 

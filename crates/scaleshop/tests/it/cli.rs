@@ -20,6 +20,7 @@ fn help_explains_each_command() {
     for needle in [
         "serve",
         "migrate",
+        "keys",
         "--config",
         "--data-dir",
         "--database-url",

@@ -20,6 +20,8 @@ pub struct Deployment {
     pub data_dir: PathBuf,
     pub database_url: Option<String>,
     pub extra: HashMap<String, String>,
+    /// `None`: no `jwt_secret`, so the keys come from the database.
+    pub jwt_secret: Option<String>,
 }
 
 impl Deployment {
@@ -29,6 +31,7 @@ impl Deployment {
             data_dir,
             database_url,
             extra: HashMap::new(),
+            jwt_secret: Some("a-test-secret-that-is-long-enough-000000".to_owned()),
         }
     }
 
@@ -48,15 +51,14 @@ impl Deployment {
             .env("SCALESHOP_DATA_DIR", &self.data_dir)
             .env("SCALESHOP_ADMIN_EMAIL", ADMIN_EMAIL)
             .env("SCALESHOP_ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env(
-                "SCALESHOP_JWT_SECRET",
-                "a-test-secret-that-is-long-enough-000000",
-            )
             .env("SCALESHOP_LOG_FILTER", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(url) = &self.database_url {
             command.env("SCALESHOP_DATABASE_URL", url);
+        }
+        if let Some(secret) = &self.jwt_secret {
+            command.env("SCALESHOP_JWT_SECRET", secret);
         }
         for (key, value) in &self.extra {
             command.env(key, value);
