@@ -296,18 +296,24 @@ both_backends!(
 struct Seen {
     placed: Vec<Placed>,
     unavailable: usize,
-    /// Anything but 202, or 503 with `Retry-After`.
+    /// 409s: the key's earlier request still counted as in flight.
+    conflicts: usize,
+    /// The longest run of 409s for one key.
+    longest_conflict: Duration,
+    /// Anything but 202, 409, or 503 with `Retry-After`.
     wrong: Vec<String>,
 }
 
-/// Customers placing orders until `stop` (at most 5 000 each), each with a new
-/// `Idempotency-Key`; counts the 202s in `accepted`.
+/// Customers placing orders until `stop` (at most 5 000 requests each), counting
+/// their 202s in `accepted[client]`. Like a careful client, each keeps a request's
+/// `Idempotency-Key` until it is acknowledged: after a 503 or a 409 it sends the
+/// same request again.
 fn order_load(
     base: &str,
     tokens: &[String],
     product: &str,
     stop: &Arc<AtomicBool>,
-    accepted: &Arc<AtomicUsize>,
+    accepted: &Arc<Vec<AtomicUsize>>,
 ) -> Vec<tokio::task::JoinHandle<Seen>> {
     tokens
         .iter()
@@ -318,37 +324,56 @@ fn order_load(
             tokio::spawn(async move {
                 let http = client();
                 let mut seen = Seen::default();
-                for i in 0..5000 {
+                let mut n = 0;
+                let mut conflict_since: Option<Instant> = None;
+                for _ in 0..5000 {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    match place(&http, &base, &token, &product, &format!("o{c}-{i}"), i).await {
-                        Ok(r) if r.status().as_u16() == 202 => {
+                    let response =
+                        place(&http, &base, &token, &product, &format!("o{c}-{n}"), n).await;
+                    let status = response.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
+                    if status != 409
+                        && let Some(since) = conflict_since.take()
+                    {
+                        seen.longest_conflict = seen.longest_conflict.max(since.elapsed());
+                    }
+                    match response {
+                        Ok(r) if status == 202 => {
                             let order: Value = r.json().await.expect("order");
                             let id = order["id"].as_str().expect("id").to_owned();
                             seen.placed.push(Placed {
                                 id,
                                 token: token.clone(),
-                                method: method(i),
+                                method: method(n),
                             });
-                            accepted.fetch_add(1, Ordering::Relaxed);
+                            accepted[c].fetch_add(1, Ordering::Relaxed);
+                            n += 1;
                         }
-                        Ok(r)
-                            if r.status().as_u16() == 503
-                                && r.headers().contains_key("retry-after") =>
-                        {
+                        Ok(r) if status == 503 && r.headers().contains_key("retry-after") => {
                             seen.unavailable += 1;
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
+                        Ok(_) if status == 409 => {
+                            seen.conflicts += 1;
+                            conflict_since.get_or_insert_with(Instant::now);
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
                         Ok(r) => {
-                            let status = r.status();
                             let retry_after = r.headers().get("retry-after").cloned();
                             let body = r.text().await.unwrap_or_default();
                             seen.wrong
                                 .push(format!("{status} (Retry-After {retry_after:?}): {body}"));
+                            n += 1;
                         }
-                        Err(e) => seen.wrong.push(format!("no answer: {e}")),
+                        Err(e) => {
+                            seen.wrong.push(format!("no answer: {e}"));
+                            n += 1;
+                        }
                     }
+                }
+                if let Some(since) = conflict_since {
+                    seen.longest_conflict = seen.longest_conflict.max(since.elapsed());
                 }
                 seen
             })
@@ -412,10 +437,12 @@ async fn postgres_outage_answers_503_and_loses_nothing() {
     .await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let accepted = Arc::new(AtomicUsize::new(0));
+    let accepted: Arc<Vec<AtomicUsize>> =
+        Arc::new(tokens.iter().map(|_| AtomicUsize::new(0)).collect());
+    let counts = || -> Vec<usize> { accepted.iter().map(|n| n.load(Ordering::Relaxed)).collect() };
     let clients = order_load(&server.base, &tokens, &product, &stop, &accepted);
     eventually(Duration::from_secs(60), || async {
-        (accepted.load(Ordering::Relaxed) >= 40).then_some(())
+        (counts().iter().sum::<usize>() >= 40).then_some(())
     })
     .await;
 
@@ -427,7 +454,7 @@ async fn postgres_outage_answers_503_and_loses_nothing() {
         pending += orders.iter().filter(|o| o["status"] == "pending").count();
     }
     tokio::task::block_in_place(|| pg.stop_immediate());
-    let before_outage = accepted.load(Ordering::Relaxed);
+    let before_outage: usize = counts().iter().sum();
     // While it is down: a new order, a read, readiness. A generous client timeout
     // bounds the wait; the server must answer before it.
     let probe = Client::builder()
@@ -468,7 +495,7 @@ async fn postgres_outage_answers_503_and_loses_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let during = accepted.load(Ordering::Relaxed) - before_outage;
+    let during = counts().iter().sum::<usize>() - before_outage;
     eprintln!(
         "outage: {pending} orders pending at the stop; probed for {:?}; {during} orders accepted meanwhile",
         down.elapsed()
@@ -485,9 +512,13 @@ async fn postgres_outage_answers_503_and_loses_nothing() {
         r.status().is_success().then_some(())
     })
     .await;
-    let after_restart = accepted.load(Ordering::Relaxed);
-    eventually(Duration::from_secs(60), || async {
-        (accepted.load(Ordering::Relaxed) >= after_restart + 20).then_some(())
+    // Every client gets on: its request refused during the outage, sent again with
+    // the same key, goes through.
+    let after_restart = counts();
+    eventually(Duration::from_secs(90), || async {
+        let now = counts();
+        let all = now.iter().zip(&after_restart).all(|(n, at)| *n >= at + 5);
+        all.then_some(())
     })
     .await;
     eprintln!(
@@ -500,14 +531,23 @@ async fn postgres_outage_answers_503_and_loses_nothing() {
         let s = c.await.expect("client");
         seen.placed.extend(s.placed);
         seen.unavailable += s.unavailable;
+        seen.conflicts += s.conflicts;
+        seen.longest_conflict = seen.longest_conflict.max(s.longest_conflict);
         seen.wrong.extend(s.wrong);
     }
     assert!(
         seen.wrong.is_empty(),
-        "answers other than 202 or 503 + Retry-After: {:?}",
+        "answers other than 202, 409 or 503 + Retry-After: {:?}",
         seen.wrong
     );
     assert!(seen.unavailable > 0, "no client met the outage");
+    // A key whose request failed during the outage is released once the database
+    // is back, not held as "in flight" until it counts as abandoned (a minute).
+    assert!(
+        seen.longest_conflict < Duration::from_secs(20),
+        "a retried key was refused as in flight for {:?}",
+        seen.longest_conflict
+    );
     eventually(Duration::from_secs(30), || async {
         listening(&pg.url()).await.then_some(())
     })
@@ -517,9 +557,11 @@ async fn postgres_outage_answers_503_and_loses_nothing() {
     let total = settle_and_check(&server, &admin, &tokens, &seen.placed).await;
     assert!(total >= seen.placed.len());
     eprintln!(
-        "outage: {} orders acknowledged ({} answered 503 meanwhile), {total} in the database",
+        "outage: {} orders acknowledged ({} answered 503 meanwhile; {} 409s, the longest run {:?}), {total} in the database",
         seen.placed.len(),
-        seen.unavailable
+        seen.unavailable,
+        seen.conflicts,
+        seen.longest_conflict
     );
     drop(server);
     let _ = std::fs::remove_dir_all(&deployment.data_dir);
