@@ -91,12 +91,12 @@ impl PgServer {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        // TCP only (a socket path under a deep temporary folder can be too long).
         // Durable commits (synchronous_commit stays on): an immediate stop must not
         // lose an acknowledged transaction. No fsync: the machine does not crash.
         let settings = format!(
-            "\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
-             max_connections = 200\nfsync = off\nfull_page_writes = off\n",
-            base.display()
+            "\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n\
+             max_connections = 200\nfsync = off\nfull_page_writes = off\n"
         );
         let conf = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf).expect("read postgresql.conf");
