@@ -105,6 +105,10 @@ pub struct Config {
     /// Attempts of one order's saga (a payment provider error is retried until the
     /// last one, then the order fails with `payment_error`).
     pub order_max_attempts: u32,
+    /// Tests only (default 0 = off): this share of the charges the sandbox payment
+    /// gateway makes lose their answer (the charge is made; the caller sees a
+    /// provider timeout and must ask again with the same key). 0..=100.
+    pub payments_sandbox_lost_answer_percent: u8,
     /// Image jobs (`images` queue) running at once in one process (decoding is
     /// CPU-bound: about one per core).
     pub images_concurrency: u32,
@@ -184,6 +188,7 @@ impl Default for Config {
             email_concurrency: 5,
             order_concurrency: 8,
             order_max_attempts: 5,
+            payments_sandbox_lost_answer_percent: 0,
             images_concurrency: 2,
             image_storage_timeout_ms: 10_000,
             s3_bucket: None,
@@ -242,6 +247,7 @@ const ENV_KEYS: &[&str] = &[
     "email_concurrency",
     "order_concurrency",
     "order_max_attempts",
+    "payments_sandbox_lost_answer_percent",
     "images_concurrency",
     "image_storage_timeout_ms",
     "s3_bucket",
@@ -348,6 +354,9 @@ impl Config {
             .is_some_and(|s| s.expose().len() < 32)
         {
             return bad("jwt_secret", "must be at least 32 characters");
+        }
+        if self.payments_sandbox_lost_answer_percent > 100 {
+            return bad("payments_sandbox_lost_answer_percent", "must be 0..=100");
         }
         if self.db_max_connections == 0 {
             return bad("db_max_connections", "must be at least 1");
@@ -649,6 +658,16 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("jwt_secret"));
+        let c = Config {
+            payments_sandbox_lost_answer_percent: 101,
+            ..Config::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("payments_sandbox_lost_answer_percent")
+        );
         let c = Config {
             database_url: Some(Secret::new("mysql://x")),
             ..Config::default()

@@ -188,7 +188,10 @@ impl App {
             .with_cache(products_cache.clone());
         let payments = scaleshop_payments::Payments::new(
             db.clone(),
-            Arc::new(scaleshop_payments::SandboxGateway::new(db.clone())),
+            Arc::new(
+                scaleshop_payments::SandboxGateway::new(db.clone())
+                    .with_lost_answers(config.payments_sandbox_lost_answer_percent),
+            ),
         );
 
         for module in &modules {

@@ -270,10 +270,11 @@ async fn create_order(
         }
     };
     let JsonObject(map) = body;
+    let mut claimed = None;
     if let Some(key) = &key {
         let hash = hex::encode(Sha256::digest(serde_json::to_vec(&map).unwrap_or_default()));
         match orders.idempotency.claim(key, &hash).await? {
-            Claim::Proceed => {}
+            Claim::Proceed(claim) => claimed = Some(claim),
             Claim::Replay(stored) => return Ok(stored_response(&stored, true, &keys)),
             Claim::InFlight => {
                 return Err(ApiError::conflict(
@@ -314,8 +315,8 @@ async fn create_order(
             Err(error)
         }
         (Err(error), Some(key)) => {
-            if let Err(e) = orders.idempotency.abandon(key).await {
-                tracing::warn!(error = %e, "idempotency key not released");
+            if let Some(claimed) = claimed {
+                orders.idempotency.abandon(key, claimed).await;
             }
             Err(error)
         }

@@ -1,7 +1,10 @@
 //! `Idempotency-Key` (IETF httpapi draft): the first response to a (user, key) is
 //! kept and replayed for the same body; another body with the same key is a 422;
 //! the same key while the first request runs is a 409. Keys are kept 24 hours.
-//! A key whose request died in flight (a crash) is taken over after a minute.
+//! A key whose request died in flight (a crash) is taken over after a minute; a
+//! request that failed with a 5xx releases its key at once, or, when the database
+//! cannot be reached, as soon as it can (so a client retrying after a 503 is not
+//! told 409 for a request that is over).
 
 use chrono::{DateTime, Utc};
 use scaleshop_db::clock::now;
@@ -25,11 +28,16 @@ pub struct Stored {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// First use: go ahead, then complete or abandon.
-    Proceed,
+    Proceed(Claimed),
     Replay(Stored),
     InFlight,
     Mismatch,
 }
+
+/// One request's hold on a key (the claim's time), so that releasing it late never
+/// drops the claim of a later request with the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claimed(DateTime<Utc>);
 
 /// A key being used by one request.
 #[derive(Debug, Clone)]
@@ -74,7 +82,7 @@ impl Idempotency {
             });
             tx.commit().await?;
             if inserted == 1 {
-                return Ok(Claim::Proceed);
+                return Ok(Claim::Proceed(Claimed(at)));
             }
             let existing: Option<Existing> = with_pool!(self.db, pool => {
                 sqlx::query_as(SELECT).bind(key.user_id).bind(&key.key).fetch_optional(pool).await?
@@ -93,7 +101,7 @@ impl Idempotency {
                 });
                 tx.commit().await?;
                 if taken == 1 {
-                    return Ok(Claim::Proceed);
+                    return Ok(Claim::Proceed(Claimed(at)));
                 }
                 continue;
             }
@@ -136,13 +144,32 @@ impl Idempotency {
         tx.commit().await
     }
 
-    /// Forgets a key whose request failed for a reason worth retrying (a 5xx).
-    pub async fn abandon(&self, key: &KeyRef) -> Result<(), StoreError> {
-        const Q: &str =
-            "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 AND state = 'in_flight'";
+    /// Forgets a key whose request failed for a reason worth retrying (a 5xx), so a
+    /// retry with it goes ahead. When the database cannot be reached (the likely
+    /// reason for the 5xx), keeps trying in the background, once a second, until the
+    /// claim would count as abandoned anyway.
+    pub async fn abandon(&self, key: &KeyRef, claimed: Claimed) {
+        let Err(e) = self.release(key, claimed).await else {
+            return;
+        };
+        tracing::warn!(error = %e, "idempotency key not released yet; retrying in the background");
+        let (this, key) = (self.clone(), key.clone());
+        tokio::spawn(async move {
+            for _ in 0..ABANDONED_SECS {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                if this.release(&key, claimed).await.is_ok() {
+                    return;
+                }
+            }
+        });
+    }
+
+    async fn release(&self, key: &KeyRef, claimed: Claimed) -> Result<(), StoreError> {
+        const Q: &str = "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 \
+                         AND state = 'in_flight' AND created_at = $3";
         let mut tx = self.db.begin().await?;
         with_tx!(&mut tx, conn => {
-            sqlx::query(Q).bind(key.user_id).bind(&key.key).execute(conn).await?;
+            sqlx::query(Q).bind(key.user_id).bind(&key.key).bind(claimed.0).execute(conn).await?;
         });
         tx.commit().await
     }

@@ -210,6 +210,11 @@ impl JobHandler for OrderSaga {
                     .await?;
                 Err(JobError::retry(format!("payment provider: {e}")))
             }
+            // The charge may have been made: the order stays `charging` (no cancel)
+            // until a later attempt learns the outcome under the same key.
+            Err(PaymentsError::Unknown(e)) => {
+                Err(JobError::retry(format!("payment provider: {e}")))
+            }
             Err(PaymentsError::Store(e)) => Err(retry(e)),
         }
     }

@@ -6,7 +6,13 @@
 //!
 //! [`Payments::charge`] records the outcome for the order once and publishes
 //! `payment.succeeded` or `payment.failed` with it.
+//!
+//! A provider error comes in two kinds: the provider said it charged nothing
+//! ([`GatewayError::Transient`]), or the answer never came ([`GatewayError::Unknown`],
+//! a timeout): the charge may have been made, and only asking again with the same
+//! idempotency key tells. The sandbox can be made to lose answers ([`faults`]).
 
+pub mod faults;
 pub mod http;
 
 use std::sync::Arc;
@@ -20,6 +26,8 @@ use scaleshop_events::NewEvent;
 use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
+
+use crate::faults::LostAnswers;
 
 pub mod events {
     pub const SUCCEEDED: &str = "payment.succeeded";
@@ -55,9 +63,13 @@ pub enum ChargeOutcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    /// Worth retrying (the provider failed).
+    /// Worth retrying (the provider failed and charged nothing).
     #[error("provider error: {0}")]
     Transient(String),
+    /// The answer was lost (a timeout): the charge may have been made. Ask again
+    /// with the same idempotency key to learn its outcome.
+    #[error("no answer from the provider: {0}")]
+    Unknown(String),
     /// Never worth retrying (an unknown payment method).
     #[error("invalid charge: {0}")]
     Invalid(String),
@@ -88,10 +100,12 @@ pub struct LedgerEntry {
 
 /// The sandbox: `pm_card_visa` and `pm_card_mastercard` succeed,
 /// `pm_card_chargeDeclined` is declined, `pm_card_processingError` fails as a
-/// provider error (every time).
+/// provider error (every time). With [`SandboxGateway::with_lost_answers`] (tests
+/// only) a share of the charges it makes lose their answer.
 #[derive(Debug, Clone)]
 pub struct SandboxGateway {
     db: Database,
+    lost_answers: Arc<LostAnswers>,
 }
 
 pub const SANDBOX_METHODS: [&str; 4] = [
@@ -103,7 +117,24 @@ pub const SANDBOX_METHODS: [&str; 4] = [
 
 impl SandboxGateway {
     pub fn new(db: Database) -> Self {
-        Self { db }
+        Self {
+            db,
+            lost_answers: Arc::new(LostAnswers::default()),
+        }
+    }
+
+    /// Tests only: `percent` % of the charges this gateway makes (a new final
+    /// answer in the ledger) answer [`GatewayError::Unknown`] instead of their
+    /// outcome. Asking again with the same key answers from the ledger, never lost.
+    pub fn with_lost_answers(mut self, percent: u8) -> Self {
+        self.lost_answers = Arc::new(LostAnswers::new(percent));
+        if self.lost_answers.enabled() {
+            tracing::warn!(
+                percent,
+                "the sandbox payment gateway loses answers (a test-only fault mode)"
+            );
+        }
+        self
     }
 
     async fn final_answer(&self, key: &str) -> Result<Option<ChargeOutcome>, StoreError> {
@@ -164,6 +195,10 @@ impl PaymentGateway for SandboxGateway {
             }
         };
         match self.record(request, status).await {
+            Ok(()) if self.lost_answers.lose_next() => Err(GatewayError::Unknown(format!(
+                "the answer to charge {:?} was lost (sandbox fault mode)",
+                request.idempotency_key
+            ))),
             Ok(()) => Ok(outcome),
             // A concurrent charge with the same key answered first: its answer stands.
             Err(StoreError::Conflict(_)) => self
@@ -209,9 +244,13 @@ impl PaymentResult {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PaymentsError {
-    /// Try again later.
+    /// Nothing was charged; try again later.
     #[error("{0}")]
     Transient(String),
+    /// The charge may have been made; try again later with the same key, and do not
+    /// undo what it paid for meanwhile.
+    #[error("{0}")]
+    Unknown(String),
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
@@ -242,7 +281,10 @@ impl Payments {
 
     /// Charges an order, once: the gateway key is derived from the order, and the
     /// outcome is recorded (with its event) the first time only. A provider error is
-    /// `Transient` unless `last_attempt`, when it becomes the final `Error`.
+    /// `Transient` (or `Unknown` when the answer was lost) unless `last_attempt`,
+    /// when it becomes the final `Error`; a lost answer on the last attempt is asked
+    /// for once more first (same key), so a charge that was made is not recorded as
+    /// failed when the provider can still say so.
     pub async fn charge(
         &self,
         order_id: Uuid,
@@ -263,13 +305,20 @@ impl Payments {
             currency: currency.to_owned(),
             method: method.to_owned(),
         };
-        let result = match self.gateway.charge(&request).await {
+        let mut answer = self.gateway.charge(&request).await;
+        if last_attempt && matches!(answer, Err(GatewayError::Unknown(_))) {
+            answer = self.gateway.charge(&request).await;
+        }
+        let result = match answer {
             Ok(ChargeOutcome::Succeeded) => PaymentResult::Succeeded,
             Ok(ChargeOutcome::Declined) => PaymentResult::Declined,
             Err(GatewayError::Transient(e)) if !last_attempt => {
                 return Err(PaymentsError::Transient(e));
             }
-            Err(GatewayError::Transient(_)) => PaymentResult::Error,
+            Err(GatewayError::Unknown(e)) if !last_attempt => {
+                return Err(PaymentsError::Unknown(e));
+            }
+            Err(GatewayError::Transient(_) | GatewayError::Unknown(_)) => PaymentResult::Error,
             Err(GatewayError::Invalid(e)) => return Err(PaymentsError::Invalid(e)),
             Err(GatewayError::Store(e)) => return Err(e.into()),
         };

@@ -12,6 +12,9 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+mod pg_server;
+pub use pg_server::PgServer;
+
 use scaleshop_db::sqlx::{self, Connection};
 use scaleshop_db::{Database, Migrations, PoolSettings};
 
