@@ -250,7 +250,10 @@ impl App {
                 }
                 Module::Users => {
                     let users = scaleshop_users::Users::new(scaleshop_users::store::store_for(&db))
-                        .with_cache(users_cache.clone());
+                        .with_cache(users_cache.clone())
+                        .with_hasher(scaleshop_users::hashing::Hasher::new(
+                            config.password_hashing(),
+                        ));
                     if let (Some(email), Some(password)) =
                         (&config.admin_email, &config.admin_password)
                     {

@@ -53,6 +53,8 @@ impl Deployment {
                 "a-test-secret-that-is-long-enough-000000",
             )
             .env("SCALESHOP_LOG_FILTER", "info")
+            // Tests sign many users up from 127.0.0.1 within a minute.
+            .env("SCALESHOP_SIGNUP_RATE_PER_ADDRESS", "100000")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(url) = &self.database_url {
