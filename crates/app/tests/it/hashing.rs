@@ -47,7 +47,8 @@ async fn a_saturated_hasher_answers_503_with_retry_after() {
     config.password_hash_concurrency = Some(1);
     config.password_hash_queue_ms = 1;
     let app = TestApp::spawn_with(config, Backend::Sqlite).await;
-    let requests = (0..16).map(|i| sign_up(&app, &format!("crowd{i}@example.com")));
+    let emails: Vec<String> = (0..16).map(|i| format!("crowd{i}@example.com")).collect();
+    let requests = emails.iter().map(|email| sign_up(&app, email));
     let responses = futures::future::join_all(requests).await;
     let (mut created, mut busy) = (0, 0);
     for response in responses {
