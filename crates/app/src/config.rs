@@ -583,6 +583,44 @@ mod tests {
     }
 
     #[test]
+    fn password_hashing_keys() {
+        let c = Config {
+            login_rate_per_address: 7,
+            ..Config::default()
+        };
+        assert_eq!(c.login_limits().signup_per_address_per_minute.get(), 7);
+        let hashing = c.password_hashing();
+        assert_eq!(
+            hashing.concurrency,
+            std::thread::available_parallelism().unwrap()
+        );
+        assert_eq!(hashing.queue_wait, Duration::from_secs(2));
+        let c = Config {
+            signup_rate_per_address: Some(3),
+            password_hash_concurrency: Some(5),
+            ..Config::default()
+        };
+        assert_eq!(c.login_limits().signup_per_address_per_minute.get(), 3);
+        assert_eq!(c.password_hashing().concurrency.get(), 5);
+        for bad in [
+            Config {
+                password_hash_queue_ms: 15_000,
+                ..Config::default()
+            },
+            Config {
+                password_hash_concurrency: Some(0),
+                ..Config::default()
+            },
+            Config {
+                signup_rate_per_address: Some(0),
+                ..Config::default()
+            },
+        ] {
+            assert!(bad.validate().is_err());
+        }
+    }
+
+    #[test]
     fn colon_port_means_every_interface() {
         let c = Config {
             http_addr: ":0".into(),
