@@ -77,6 +77,14 @@ pub struct Config {
     pub login_rate_per_address: u32,
     /// Sign-in attempts per email per minute.
     pub login_rate_per_email: u32,
+    /// Sign-ups per client address per minute. Unset: `login_rate_per_address`.
+    pub signup_rate_per_address: Option<u32>,
+    /// Password hashes (argon2id, 19 MiB each) running at once in one process.
+    /// Unset: the number of cores.
+    pub password_hash_concurrency: Option<u32>,
+    /// How long a sign-up, sign-in or password change waits for a hashing slot
+    /// before a 503 with `Retry-After` (less than `request_timeout_ms`).
+    pub password_hash_queue_ms: u64,
     /// Sender of every email.
     pub smtp_from: String,
     /// Upper bound of one SMTP exchange.
@@ -174,6 +182,9 @@ impl Default for Config {
             http_max_connections: 10_000,
             login_rate_per_address: 30,
             login_rate_per_email: 10,
+            signup_rate_per_address: None,
+            password_hash_concurrency: None,
+            password_hash_queue_ms: 2000,
             smtp_from: "scaleshop <noreply@scaleshop.invalid>".to_owned(),
             smtp_timeout_ms: 10_000,
             event_max_attempts: 8,
@@ -233,6 +244,9 @@ const ENV_KEYS: &[&str] = &[
     "http_max_connections",
     "login_rate_per_address",
     "login_rate_per_email",
+    "signup_rate_per_address",
+    "password_hash_concurrency",
+    "password_hash_queue_ms",
     "smtp_from",
     "smtp_timeout_ms",
     "event_max_attempts",
@@ -381,6 +395,15 @@ impl Config {
                 u64::from(self.login_rate_per_address),
             ),
             ("login_rate_per_email", u64::from(self.login_rate_per_email)),
+            (
+                "signup_rate_per_address",
+                u64::from(self.signup_rate_per_address.unwrap_or(1)),
+            ),
+            (
+                "password_hash_concurrency",
+                u64::from(self.password_hash_concurrency.unwrap_or(1)),
+            ),
+            ("password_hash_queue_ms", self.password_hash_queue_ms),
             ("smtp_timeout_ms", self.smtp_timeout_ms),
             ("event_max_attempts", u64::from(self.event_max_attempts)),
             ("event_min_backoff_ms", self.event_min_backoff_ms),
@@ -398,6 +421,12 @@ impl Config {
             if value == 0 {
                 return bad(key, "must be greater than 0");
             }
+        }
+        if self.password_hash_queue_ms >= self.request_timeout_ms {
+            return bad(
+                "password_hash_queue_ms",
+                "must be less than request_timeout_ms",
+            );
         }
         self.validate_s3()
     }
@@ -540,6 +569,22 @@ impl Config {
         scaleshop_users::http::LoginLimits {
             per_address_per_minute: nz(self.login_rate_per_address),
             per_email_per_minute: nz(self.login_rate_per_email),
+            signup_per_address_per_minute: nz(self
+                .signup_rate_per_address
+                .unwrap_or(self.login_rate_per_address)),
+        }
+    }
+
+    /// Password hashing: slots from `password_hash_concurrency` (else the cores),
+    /// and the queue wait.
+    pub fn password_hashing(&self) -> scaleshop_users::hashing::HashSettings {
+        let cores = scaleshop_users::hashing::HashSettings::from_cores();
+        scaleshop_users::hashing::HashSettings {
+            concurrency: self
+                .password_hash_concurrency
+                .and_then(|n| std::num::NonZeroUsize::new(usize::try_from(n).ok()?))
+                .unwrap_or(cores.concurrency),
+            queue_wait: Duration::from_millis(self.password_hash_queue_ms),
         }
     }
 }
@@ -593,6 +638,44 @@ mod tests {
         assert_eq!((p.max_connections, p.min_connections), (20, 5));
         assert_eq!(p.idle_timeout, Duration::from_secs(30));
         assert_eq!(p.acquire_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn password_hashing_keys() {
+        let c = Config {
+            login_rate_per_address: 7,
+            ..Config::default()
+        };
+        assert_eq!(c.login_limits().signup_per_address_per_minute.get(), 7);
+        let hashing = c.password_hashing();
+        assert_eq!(
+            hashing.concurrency,
+            std::thread::available_parallelism().unwrap()
+        );
+        assert_eq!(hashing.queue_wait, Duration::from_secs(2));
+        let c = Config {
+            signup_rate_per_address: Some(3),
+            password_hash_concurrency: Some(5),
+            ..Config::default()
+        };
+        assert_eq!(c.login_limits().signup_per_address_per_minute.get(), 3);
+        assert_eq!(c.password_hashing().concurrency.get(), 5);
+        for bad in [
+            Config {
+                password_hash_queue_ms: 15_000,
+                ..Config::default()
+            },
+            Config {
+                password_hash_concurrency: Some(0),
+                ..Config::default()
+            },
+            Config {
+                signup_rate_per_address: Some(0),
+                ..Config::default()
+            },
+        ] {
+            assert!(bad.validate().is_err());
+        }
     }
 
     #[test]

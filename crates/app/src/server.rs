@@ -211,7 +211,10 @@ impl App {
                 Module::Users => {
                     let users = scaleshop_users::Users::new(scaleshop_users::store::store_for(&db))
                         .with_cache(users_cache.clone())
-                        .with_sessions_cache(sessions_cache.clone());
+                        .with_sessions_cache(sessions_cache.clone())
+                        .with_hasher(scaleshop_users::hashing::Hasher::new(
+                            config.password_hashing(),
+                        ));
                     let sessions = users.sessions();
                     session_check = Some(Arc::new(sessions.clone()));
                     periodic.push((

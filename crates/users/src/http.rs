@@ -12,8 +12,8 @@ use scaleshop_web::page::PageParams;
 use scaleshop_web::ratelimit::KeyedLimit;
 use scaleshop_web::routes::{ServiceRouter, ServiceRoutes};
 use scaleshop_web::{
-    ApiError, Caller, ConsistencyToken, Fields, Id, JsonObject, Keys, Page, Paginated, Peer,
-    Problem, ReadConsistency, RequestKeys,
+    ApiError, Caller, ConsistencyToken, ErrorCode, Fields, Id, JsonObject, Keys, Page, Paginated,
+    Peer, Problem, ReadConsistency, RequestKeys,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -23,11 +23,12 @@ use uuid::Uuid;
 use crate::domain::{Email, NewUser, Password, User, UserName, UserPatch};
 use crate::service::{ChangedBy, Users, UsersError};
 
-/// Sign-in limits (brute-force protection).
+/// Sign-in limits (brute-force protection) and the sign-up limit per address.
 #[derive(Debug, Clone, Copy)]
 pub struct LoginLimits {
     pub per_address_per_minute: NonZeroU32,
     pub per_email_per_minute: NonZeroU32,
+    pub signup_per_address_per_minute: NonZeroU32,
 }
 
 #[derive(Clone)]
@@ -35,6 +36,7 @@ struct UsersHttp {
     users: Users,
     by_address: Arc<KeyedLimit<IpAddr>>,
     by_email: Arc<KeyedLimit<String>>,
+    signup_by_address: Arc<KeyedLimit<IpAddr>>,
 }
 
 /// The routes, and a handle that forgets idle rate-limit keys (call it now and then).
@@ -50,17 +52,27 @@ pub fn router(
         "login_email",
         limits.per_email_per_minute,
     ));
+    let signup_by_address = Arc::new(KeyedLimit::per_minute(
+        "signup_address",
+        limits.signup_per_address_per_minute,
+    ));
     let forget = {
-        let (a, e) = (by_address.clone(), by_email.clone());
+        let (a, e, s) = (
+            by_address.clone(),
+            by_email.clone(),
+            signup_by_address.clone(),
+        );
         move || {
             a.forget_idle();
             e.forget_idle();
+            s.forget_idle();
         }
     };
     let state = UsersHttp {
         users,
         by_address,
         by_email,
+        signup_by_address,
     };
     let router = ServiceRouter::new()
         .routes(routes!(create_user, search_users))
@@ -88,6 +100,9 @@ impl From<UsersError> for ApiError {
                 ApiError::invalid(CURRENT_PASSWORD, "is not the current password")
             }
             UsersError::Hashing(cause) => ApiError::internal(cause),
+            UsersError::Busy => ApiError::new(ErrorCode::Unavailable)
+                .detail("password hashing is busy; try again shortly")
+                .retry_after(1),
             UsersError::Store(error) => error.into(),
         }
     }
@@ -178,7 +193,7 @@ fn written(keys: &Keys) -> Headers {
     [ConsistencyToken::after_commit().header(keys)]
 }
 
-/// Sign up.
+/// Sign up. Rate limited per client address.
 #[utoipa::path(
     post, path = "/v1/users", tag = "users",
     request_body = CreateUserRequest,
@@ -187,11 +202,14 @@ fn written(keys: &Keys) -> Headers {
          headers(("Location" = String), ("X-Consistency-Token" = String))),
         (status = 409, description = "Email taken", body = Problem),
         (status = 422, description = "Invalid", body = Problem),
+        (status = 429, description = "Too many sign-ups", body = Problem, headers(("Retry-After" = u64))),
+        (status = 503, description = "Busy", body = Problem, headers(("Retry-After" = u64))),
     )
 )]
 async fn create_user(
     State(http): State<UsersHttp>,
     keys: RequestKeys,
+    Peer(peer): Peer,
     body: JsonObject,
 ) -> Result<(StatusCode, [(HeaderName, HeaderValue); 2], Json<UserView>), ApiError> {
     let mut f = Fields::new(body);
@@ -202,6 +220,7 @@ async fn create_user(
     let (Some(email), Some(name), Some(password)) = (email, name, password) else {
         return Err(ApiError::internal("fields checked but missing"));
     };
+    http.signup_by_address.check(&peer.ip())?;
     let user = http
         .users
         .register(NewUser {
@@ -230,6 +249,7 @@ async fn create_user(
         (status = 401, description = "Wrong email or password", body = Problem),
         (status = 422, description = "Invalid", body = Problem),
         (status = 429, description = "Too many attempts", body = Problem, headers(("Retry-After" = u64))),
+        (status = 503, description = "Busy", body = Problem, headers(("Retry-After" = u64))),
     )
 )]
 async fn create_session(

@@ -9,6 +9,7 @@
 //! tables.
 
 pub mod domain;
+pub mod hashing;
 pub mod http;
 pub mod service;
 pub mod sessions;

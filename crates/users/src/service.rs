@@ -1,10 +1,8 @@
 //! Use cases of the users service: sign-up, sign-in, read, update, search, and the
 //! admin account ensured at start. Knows the store port and the hasher, no HTTP.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use argon2::password_hash::{PasswordHasher, PasswordVerifier};
-use argon2::{Algorithm, Argon2, Params, Version};
 use chrono::{SubsecRound, Utc};
 use scaleshop_cache::{CacheSettings, TieredCache};
 use scaleshop_db::StoreError;
@@ -16,6 +14,7 @@ use crate::domain::{
     Email, NewUser, Password, PasswordHash, Role, User, UserName, UserPatch, UserRecord,
 };
 use crate::sessions::Sessions;
+pub use crate::hashing::Hasher;
 use crate::store::UserStore;
 
 /// Event types this service publishes.
@@ -39,57 +38,11 @@ pub enum UsersError {
     WrongCurrentPassword,
     #[error("password hashing failed: {0}")]
     Hashing(String),
+    /// Every password hashing slot stayed busy for the whole queue wait.
+    #[error("password hashing is busy")]
+    Busy,
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// argon2id with the OWASP parameters: m = 19456 KiB, t = 2, p = 1. Runs on the
-/// blocking pool, never on the async threads.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Hasher;
-
-fn argon2() -> Result<Argon2<'static>, UsersError> {
-    let params = Params::new(19_456, 2, 1, None).map_err(|e| UsersError::Hashing(e.to_string()))?;
-    Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
-}
-
-impl Hasher {
-    pub async fn hash(&self, password: &Password) -> Result<PasswordHash, UsersError> {
-        let password = password.clone();
-        tokio::task::spawn_blocking(move || {
-            argon2()?
-                .hash_password(password.expose().as_bytes())
-                .map(|hash| PasswordHash(hash.to_string()))
-                .map_err(|e| UsersError::Hashing(e.to_string()))
-        })
-        .await
-        .map_err(|e| UsersError::Hashing(e.to_string()))?
-    }
-
-    pub async fn verify(&self, password: &str, hash: &PasswordHash) -> Result<bool, UsersError> {
-        let password = password.to_owned();
-        let hash = hash.0.clone();
-        tokio::task::spawn_blocking(move || {
-            Ok(argon2()?
-                .verify_password(password.as_bytes(), hash.as_str())
-                .is_ok())
-        })
-        .await
-        .map_err(|e| UsersError::Hashing(e.to_string()))?
-    }
-
-    /// A hash to verify against when the email is unknown, so that a wrong email
-    /// costs the same time as a wrong password (no account enumeration by timing).
-    async fn decoy(&self) -> Result<PasswordHash, UsersError> {
-        static DECOY: OnceLock<PasswordHash> = OnceLock::new();
-        if let Some(hash) = DECOY.get() {
-            return Ok(hash.clone());
-        }
-        let password = Password::parse("decoy password for unknown accounts")
-            .map_err(|e| UsersError::Hashing(e.to_string()))?;
-        let hash = self.hash(&password).await?;
-        Ok(DECOY.get_or_init(|| hash).clone())
-    }
 }
 
 /// The users service.
@@ -167,7 +120,7 @@ impl Users {
         let sessions = Sessions::new(store.clone());
         Self {
             store,
-            hasher: Hasher,
+            hasher: Hasher::default(),
             cache,
             sessions,
         }
@@ -190,6 +143,12 @@ impl Users {
     /// Uses this cache (e.g. one with a shared Redis tier) for reads by id.
     pub fn with_cache(mut self, cache: Arc<TieredCache<User>>) -> Self {
         self.cache = cache;
+        self
+    }
+
+    /// Hashes passwords with this hasher (its concurrency and queue wait).
+    pub fn with_hasher(mut self, hasher: Hasher) -> Self {
+        self.hasher = hasher;
         self
     }
 

@@ -536,7 +536,7 @@ async fn wrong_sign_in(app: &TestApp, email: &str) -> Response {
         .unwrap()
 }
 
-fn retry_after(response: &Response) -> u64 {
+pub(crate) fn retry_after(response: &Response) -> u64 {
     let value = response
         .headers()
         .get("retry-after")

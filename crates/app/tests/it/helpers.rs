@@ -94,6 +94,8 @@ pub async fn test_config(backend: Backend) -> Config {
         admin_email: Some(ADMIN_EMAIL.into()),
         admin_password: Some(Secret::new(ADMIN_PASSWORD)),
         db_min_connections: 1,
+        // Tests sign many users up from 127.0.0.1 within a minute.
+        signup_rate_per_address: Some(1000),
         log_filter: "warn".into(),
         ..Config::default()
     }

@@ -16,6 +16,7 @@ mod helpers;
 
 mod commerce;
 mod conventions;
+mod hashing;
 mod lifecycle;
 mod limits;
 mod media;

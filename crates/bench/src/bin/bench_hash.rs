@@ -1,92 +1,196 @@
-//! `bench-hash [--runs N]`: times argon2id password hashing through the product's
-//! own code path, `scaleshop_users::service::Hasher` (which runs on tokio's
-//! blocking pool with the product's parameters), as sign-up (hash) and sign-in
-//! (verify) pay it. A few untimed warm-up pairs, then N timed hash + verify pairs; prints
-//! the median and p90 of each, in milliseconds, as a markdown table.
+//! `bench-hash [--runs N] [--warmup N] [--argon2-cli PATH]`: times argon2id
+//! (m = 19456 KiB, t = 2, p = 1) four ways, interleaved run by run so that the
+//! machine's noise falls on all of them alike:
+//!
+//! - `Hasher`: the product's own path (`scaleshop_users::hashing::Hasher`: a
+//!   hashing slot, the blocking pool, a reused working buffer), hash and verify;
+//! - `argon2 crate, fresh memory`: `Argon2::hash_password` on this thread, which
+//!   allocates (and zeroes) 19 MiB per call, as the product did before;
+//! - `argon2 crate, reused memory`: `hash_password_into_with_memory` on this
+//!   thread with one buffer, the floor of the crate;
+//! - the `argon2` command (Debian package `argon2`, the reference C
+//!   implementation) as it reports its own time, when installed.
+//!
+//! Prints the median, p90 and min of each, in milliseconds, as a markdown table.
 
-use std::process::ExitCode;
+use std::io::Write;
+use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 
+use argon2::{Algorithm, Argon2, Block, Params, PasswordHasher, Version};
 use clap::Parser;
 use scaleshop_bench::{median, percentile, show};
 use scaleshop_users::domain::Password;
-use scaleshop_users::service::Hasher;
+use scaleshop_users::hashing::Hasher;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "bench-hash",
-    about = "Median and p90 of argon2id hash and verify through scaleshop_users::service::Hasher."
+    about = "Median, p90 and min of argon2id through the product's Hasher, the argon2 crate and the argon2 command."
 )]
 struct Args {
-    /// Timed hash + verify pairs.
+    /// Timed runs of each way.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     runs: u32,
-    /// Untimed hash + verify pairs first. The first pairs of a process are slower
+    /// Untimed runs of each way first. The first hashes of a process are slower
     /// (fresh memory for the 19 MiB each hash fills); a running server is past them.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=1000))]
     warmup: u32,
+    /// The reference implementation's command line; skipped when it cannot run.
+    #[arg(long, default_value = "argon2")]
+    argon2_cli: String,
 }
+
+// The server's allocator, so "fresh memory" costs what it costs there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const PASSWORD: &str = "correct horse battery staple";
+const SALT: &[u8; 16] = b"bench-hash-salt!";
 
 fn ms(start: Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1000.0
 }
 
+fn crate_argon2() -> Result<Argon2<'static>, String> {
+    let params = Params::new(19_456, 2, 1, Some(32)).map_err(|e| e.to_string())?;
+    Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+}
+
+/// One run of the `argon2` command, in ms as it reports (`N.NNN seconds`).
+fn cli_run(cli: &str) -> Result<f64, String> {
+    let mut child = Command::new(cli)
+        .args([
+            "bench-hash-salt!",
+            "-id",
+            "-t",
+            "2",
+            "-k",
+            "19456",
+            "-p",
+            "1",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{cli}: {e}"))?;
+    child
+        .stdin
+        .take()
+        .ok_or("no stdin")?
+        .write_all(PASSWORD.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let output = child.wait_with_output().map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find_map(|line| line.strip_suffix(" seconds"))
+        .and_then(|seconds| seconds.trim().parse::<f64>().ok())
+        .map(|seconds| seconds * 1000.0)
+        .ok_or_else(|| format!("{cli}: no time in its output"))
+}
+
+#[derive(Default)]
+struct Samples {
+    hasher_hash: Vec<f64>,
+    hasher_verify: Vec<f64>,
+    fresh: Vec<f64>,
+    reused: Vec<f64>,
+    cli: Vec<f64>,
+}
+
+async fn round(
+    hasher: &Hasher,
+    password: &Password,
+    memory: &mut [Block],
+    cli: Option<&str>,
+    samples: &mut Samples,
+) -> Result<(), String> {
+    let argon2 = crate_argon2()?;
+    let start = Instant::now();
+    let hash = hasher.hash(password).await.map_err(|e| e.to_string())?;
+    samples.hasher_hash.push(ms(start));
+    let start = Instant::now();
+    let ok = hasher
+        .verify(password.expose(), &hash)
+        .await
+        .map_err(|e| e.to_string())?;
+    samples.hasher_verify.push(ms(start));
+    if !ok {
+        return Err("verify refused the password it had just hashed".to_owned());
+    }
+    let start = Instant::now();
+    argon2
+        .hash_password(PASSWORD.as_bytes())
+        .map_err(|e| e.to_string())?;
+    samples.fresh.push(ms(start));
+    let mut out = [0u8; 32];
+    let start = Instant::now();
+    argon2
+        .hash_password_into_with_memory(PASSWORD.as_bytes(), SALT, &mut out, &mut *memory)
+        .map_err(|e| e.to_string())?;
+    samples.reused.push(ms(start));
+    if let Some(cli) = cli {
+        samples.cli.push(cli_run(cli)?);
+    }
+    Ok(())
+}
+
 async fn run(args: Args) -> Result<(), String> {
-    let hasher = Hasher;
-    let password = Password::parse("correct horse battery staple").map_err(|e| e.to_string())?;
+    let hasher = Hasher::default();
+    let password = Password::parse(PASSWORD).map_err(|e| e.to_string())?;
     let warm = hasher.hash(&password).await.map_err(|e| e.to_string())?;
+    let cli = match cli_run(&args.argon2_cli) {
+        Ok(_) => Some(args.argon2_cli.as_str()),
+        Err(e) => {
+            eprintln!("bench-hash: skipping the argon2 command ({e})");
+            None
+        }
+    };
+    let blocks = crate_argon2()?.params().block_count();
+    let mut memory = vec![Block::new(); blocks];
+    let mut discard = Samples::default();
     for _ in 0..args.warmup {
-        let hash = hasher.hash(&password).await.map_err(|e| e.to_string())?;
-        hasher
-            .verify(password.expose(), &hash)
-            .await
-            .map_err(|e| e.to_string())?;
+        round(&hasher, &password, &mut memory, cli, &mut discard).await?;
+    }
+    let mut samples = Samples::default();
+    for _ in 0..args.runs {
+        round(&hasher, &password, &mut memory, cli, &mut samples).await?;
     }
     // The PHC prefix names the algorithm and parameters actually used.
     let params: String = warm.0.split('$').take(4).collect::<Vec<_>>().join("$");
-    let (mut hash_ms, mut verify_ms, mut both_ms) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..args.runs {
-        let start = Instant::now();
-        let hash = hasher.hash(&password).await.map_err(|e| e.to_string())?;
-        let hashed = ms(start);
-        let start = Instant::now();
-        let ok = hasher
-            .verify(password.expose(), &hash)
-            .await
-            .map_err(|e| e.to_string())?;
-        let verified = ms(start);
-        if !ok {
-            return Err("verify refused the password it had just hashed".to_owned());
-        }
-        hash_ms.push(hashed);
-        verify_ms.push(verified);
-        both_ms.push(hashed + verified);
-    }
     println!(
-        "### argon2id through scaleshop_users::service::Hasher ({} runs after {} untimed, parameters `{params}`)",
+        "### argon2id, parameters `{params}` ({} interleaved runs of each after {} untimed)",
         args.runs, args.warmup
     );
     println!();
-    println!("| operation | median ms | p90 ms | min ms | max ms |");
-    println!("|---|---:|---:|---:|---:|");
-    for (name, values) in [
-        ("hash (sign-up)", &hash_ms),
-        ("verify (sign-in)", &verify_ms),
-        ("hash + verify", &both_ms),
-    ] {
+    println!("| way | median ms | p90 ms | min ms |");
+    println!("|---|---:|---:|---:|");
+    let both: Vec<f64> = samples
+        .hasher_hash
+        .iter()
+        .zip(&samples.hasher_verify)
+        .map(|(h, v)| h + v)
+        .collect();
+    let mut rows = vec![
+        ("Hasher: hash (sign-up)", &samples.hasher_hash),
+        ("Hasher: verify (sign-in)", &samples.hasher_verify),
+        ("Hasher: hash + verify", &both),
+        ("argon2 crate, fresh memory per hash", &samples.fresh),
+        ("argon2 crate, reused memory", &samples.reused),
+    ];
+    if cli.is_some() {
+        rows.push(("argon2 command (reference C, its own timer)", &samples.cli));
+    }
+    for (name, values) in rows {
         let min = values.iter().copied().reduce(f64::min);
-        let max = values.iter().copied().reduce(f64::max);
         println!(
-            "| {name} | {} | {} | {} | {} |",
-            show(median(values), 1),
-            show(percentile(values, 90.0), 1),
-            show(min, 1),
-            show(max, 1)
+            "| {name} | {} | {} | {} |",
+            show(median(values), 2),
+            show(percentile(values, 90.0), 2),
+            show(min, 2),
         );
     }
-    let per_run: Vec<String> = both_ms.iter().map(|v| format!("{v:.1}")).collect();
-    println!();
-    println!("hash + verify per run (ms): {}", per_run.join(", "));
     Ok(())
 }
 

@@ -15,6 +15,7 @@ mod cache;
 mod cli;
 mod crash;
 mod faults;
+mod hashing;
 mod keys;
 mod saga_crash;
 mod signals;

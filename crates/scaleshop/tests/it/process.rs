@@ -52,6 +52,8 @@ impl Deployment {
             .env("SCALESHOP_ADMIN_EMAIL", ADMIN_EMAIL)
             .env("SCALESHOP_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env("SCALESHOP_LOG_FILTER", "info")
+            // Tests sign many users up from 127.0.0.1 within a minute.
+            .env("SCALESHOP_SIGNUP_RATE_PER_ADDRESS", "100000")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(url) = &self.database_url {
