@@ -37,6 +37,8 @@ pub enum StartError {
     Cache(String),
     #[error(transparent)]
     Database(#[from] scaleshop_db::ConnectError),
+    #[error(transparent)]
+    DataDir(#[from] crate::lock::LockError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -180,6 +182,8 @@ pub struct App {
     redis: Option<scaleshop_cache::Redis>,
     users_cache: Arc<TieredCache<scaleshop_users::domain::User>>,
     products_cache: Arc<TieredCache<scaleshop_catalog::ProductView>>,
+    /// The data folder's lock (SQLite), held as long as the application lives.
+    _data_dir_lock: Option<crate::lock::DataDirLock>,
 }
 
 impl App {
@@ -187,7 +191,13 @@ impl App {
     pub async fn build(config: &Config, target: Target) -> Result<Self, StartError> {
         config.validate()?;
         let modules = target.resolve();
+        let data_dir_lock = crate::lock::DataDirLock::for_config(config)?;
         let db = open_database(config, target).await?;
+        if data_dir_lock.is_some() {
+            crate::recovery::take_back(&db, &modules)
+                .await
+                .map_err(StartError::Background)?;
+        }
         let keys = Keys::new(
             &signing_secret(config)?,
             Duration::from_secs(config.token_ttl_secs),
@@ -277,10 +287,15 @@ impl App {
                         .merge_into(api, &mut routes);
                 }
                 Module::Orders => {
-                    let orders = scaleshop_orders::Orders::new(
+                    let mut orders = scaleshop_orders::Orders::new(
                         db.clone(),
                         catalog.clone(),
                         payments.clone(),
+                    );
+                    // A key whose request died is taken over once that request
+                    // cannot be running any more.
+                    orders.idempotency = orders.idempotency.abandoned_after(
+                        Duration::from_millis(config.request_timeout_ms) + Duration::from_secs(2),
                     );
                     if let Some(dispatcher) = dispatcher.as_mut() {
                         let processor = scaleshop_orders::OrderProcessor {
@@ -399,6 +414,7 @@ impl App {
             redis,
             users_cache,
             products_cache,
+            _data_dir_lock: data_dir_lock,
         })
     }
 

@@ -1,7 +1,10 @@
 //! `Idempotency-Key` (IETF httpapi draft): the first response to a (user, key) is
 //! kept and replayed for the same body; another body with the same key is a 422;
 //! the same key while the first request runs is a 409. Keys are kept 24 hours.
-//! A key whose request died in flight (a crash) is taken over after a minute.
+//! A key whose request died in flight (a crash) is taken over once that request
+//! cannot be running any more (the request timeout, plus a margin; a minute unless
+//! told), and at once by a process that knows it is alone
+//! ([`Idempotency::forget_in_flight`]).
 
 use chrono::{DateTime, Utc};
 use scaleshop_db::clock::now;
@@ -11,7 +14,8 @@ use uuid::Uuid;
 
 /// How long keys are kept.
 pub const RETENTION_HOURS: i64 = 24;
-/// After this long without completing, an in-flight key is considered abandoned.
+/// After this long without completing, an in-flight key is considered abandoned
+/// (unless [`Idempotency::abandoned_after`] says otherwise).
 const ABANDONED_SECS: i64 = 60;
 
 /// A stored first response.
@@ -41,6 +45,7 @@ pub struct KeyRef {
 #[derive(Debug, Clone)]
 pub struct Idempotency {
     db: Database,
+    abandoned_after: chrono::Duration,
 }
 
 type Existing = (
@@ -54,7 +59,34 @@ type Existing = (
 
 impl Idempotency {
     pub fn new(db: Database) -> Self {
-        Self { db }
+        Self {
+            db,
+            abandoned_after: chrono::Duration::seconds(ABANDONED_SECS),
+        }
+    }
+
+    /// An in-flight key is taken over after `after`: set it past the longest a
+    /// request can run (the request timeout, which drops the request and its
+    /// transaction), so a live request's key is never taken.
+    #[must_use]
+    pub fn abandoned_after(mut self, after: std::time::Duration) -> Self {
+        self.abandoned_after =
+            chrono::Duration::from_std(after).unwrap_or(chrono::Duration::seconds(ABANDONED_SECS));
+        self
+    }
+
+    /// Forgets every in-flight key at once. Only for a process that knows no other
+    /// process serves requests (the embedded data folder's lock): those requests
+    /// died with their process, and nothing they did committed (an order and its
+    /// key's answer commit together). Returns how many.
+    pub async fn forget_in_flight(&self) -> Result<u64, StoreError> {
+        const Q: &str = "DELETE FROM idempotency_keys WHERE state = 'in_flight'";
+        let mut tx = self.db.begin().await?;
+        let deleted = with_tx!(&mut tx, conn => {
+            sqlx::query(Q).execute(conn).await?.rows_affected()
+        });
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     pub async fn claim(&self, key: &KeyRef, request_hash: &str) -> Result<Claim, StoreError> {
@@ -83,8 +115,7 @@ impl Idempotency {
                 continue; // deleted in between: try again
             };
             let expired = created_at < at - chrono::Duration::hours(RETENTION_HOURS);
-            let abandoned =
-                state == "in_flight" && created_at < at - chrono::Duration::seconds(ABANDONED_SECS);
+            let abandoned = state == "in_flight" && created_at < at - self.abandoned_after;
             if expired || abandoned {
                 let mut tx = self.db.begin().await?;
                 let taken = with_tx!(&mut tx, conn => {

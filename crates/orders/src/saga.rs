@@ -169,6 +169,8 @@ impl JobHandler for OrderSaga {
                         "no stock record for {product} yet"
                     )));
                 }
+                // A database that cannot be reached is not an attempt (see the jobs crate).
+                Err(InventoryError::Store(e)) => return Err(e.into()),
                 Err(e) => return Err(retry(e)),
             }
         }
@@ -210,7 +212,7 @@ impl JobHandler for OrderSaga {
                     .await?;
                 Err(JobError::retry(format!("payment provider: {e}")))
             }
-            Err(PaymentsError::Store(e)) => Err(retry(e)),
+            Err(PaymentsError::Store(e)) => Err(e.into()),
         }
     }
 

@@ -14,6 +14,7 @@ mod process;
 mod cache;
 mod cli;
 mod crash;
+mod recovery;
 mod saga_crash;
 mod signals;
 mod takeover;

@@ -13,14 +13,14 @@ use serde_json::{Value, json};
 
 use crate::process::{Deployment, Server, client, eventually, gauge};
 
-const METHODS: [&str; 4] = [
+pub const METHODS: [&str; 4] = [
     "pm_card_visa",
     "pm_card_mastercard",
     "pm_card_chargeDeclined",
     "pm_card_processingError",
 ];
 
-async fn product(server: &Server, admin: &str, sku: &str, stock: i64) -> String {
+pub async fn product(server: &Server, admin: &str, sku: &str, stock: i64) -> String {
     let body: Value = server
         .client
         .post(server.url("/v1/products"))
@@ -35,7 +35,7 @@ async fn product(server: &Server, admin: &str, sku: &str, stock: i64) -> String 
     body["id"].as_str().expect("id").to_owned()
 }
 
-async fn customer(server: &Server, email: &str) -> String {
+pub async fn customer(server: &Server, email: &str) -> String {
     let r = server
         .client
         .post(server.url("/v1/users"))
