@@ -312,6 +312,23 @@ impl App {
                         let concurrency = usize::try_from(config.order_concurrency).unwrap_or(1);
                         workers.register(scaleshop_orders::SAGA_QUEUE, concurrency, Arc::new(saga));
                     }
+                    if db.backend() == scaleshop_db::Backend::Postgres {
+                        // Other processes take this one's in-flight keys over as soon
+                        // as it stops renewing (like its consumer leases).
+                        let (keys, events) =
+                            (orders.idempotency.clone(), config.dispatcher_settings());
+                        periodic.push((
+                            events.renew,
+                            Arc::new(move || {
+                                let keys = keys.clone();
+                                Box::pin(async move {
+                                    if let Err(e) = keys.heartbeat(events.lease).await {
+                                        tracing::warn!(error = %e, "idempotency heartbeat failed");
+                                    }
+                                })
+                            }),
+                        ));
+                    }
                     let keys = orders.idempotency.clone();
                     periodic.push((
                         Duration::from_secs(600),

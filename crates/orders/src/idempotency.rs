@@ -1,9 +1,10 @@
 //! `Idempotency-Key` (IETF httpapi draft): the first response to a (user, key) is
 //! kept and replayed for the same body; another body with the same key is a 422;
 //! the same key while the first request runs is a 409. Keys are kept 24 hours.
-//! A key whose request died in flight (a crash) is taken over once that request
-//! cannot be running any more (the request timeout, plus a margin; a minute unless
-//! told), and at once by a process that knows it is alone
+//! A key whose request died in flight (a crash) is taken over once its process is
+//! known dead (each process renews an `alive_until` with [`Idempotency::heartbeat`]),
+//! or once that request cannot be running any more (the request timeout, plus a
+//! margin; a minute unless told), and at once by a process that knows it is alone
 //! ([`Idempotency::forget_in_flight`]).
 
 use chrono::{DateTime, Utc};
@@ -46,6 +47,8 @@ pub struct KeyRef {
 pub struct Idempotency {
     db: Database,
     abandoned_after: chrono::Duration,
+    /// This process, as the claims it makes name it.
+    owner: std::sync::Arc<str>,
 }
 
 type Existing = (
@@ -55,6 +58,7 @@ type Existing = (
     Option<String>,
     Option<String>,
     DateTime<Utc>,
+    Option<DateTime<Utc>>,
 );
 
 impl Idempotency {
@@ -62,7 +66,22 @@ impl Idempotency {
         Self {
             db,
             abandoned_after: chrono::Duration::seconds(ABANDONED_SECS),
+            owner: format!("{}-{}", std::process::id(), Uuid::now_v7().simple()).into(),
         }
+    }
+
+    /// Says this process is alive for `lease` more: its in-flight keys are not
+    /// taken over before then. Run it well inside `lease`, for as long as the
+    /// process serves requests (a key whose owner never beat falls back to the
+    /// time rule).
+    pub async fn heartbeat(&self, lease: std::time::Duration) -> Result<(), StoreError> {
+        const Q: &str = "INSERT INTO idempotency_owners (owner, alive_until) VALUES ($1, $2) \
+                         ON CONFLICT (owner) DO UPDATE SET alive_until = excluded.alive_until";
+        let mut tx = self.db.begin().await?;
+        with_tx!(&mut tx, conn => {
+            sqlx::query(Q).bind(&*self.owner).bind(scaleshop_db::clock::after(lease)).execute(conn).await?;
+        });
+        tx.commit().await
     }
 
     /// An in-flight key is taken over after `after`: set it past the longest a
@@ -90,19 +109,21 @@ impl Idempotency {
     }
 
     pub async fn claim(&self, key: &KeyRef, request_hash: &str) -> Result<Claim, StoreError> {
-        const INSERT: &str = "INSERT INTO idempotency_keys (user_id, key, request_hash, state, created_at) \
-                              VALUES ($1, $2, $3, 'in_flight', $4) ON CONFLICT (user_id, key) DO NOTHING";
-        const SELECT: &str = "SELECT request_hash, state, status_code, location, response, created_at \
-                              FROM idempotency_keys WHERE user_id = $1 AND key = $2";
+        const INSERT: &str = "INSERT INTO idempotency_keys (user_id, key, request_hash, state, created_at, owner) \
+                              VALUES ($1, $2, $3, 'in_flight', $4, $5) ON CONFLICT (user_id, key) DO NOTHING";
+        const SELECT: &str = "SELECT k.request_hash, k.state, k.status_code, k.location, k.response, k.created_at, \
+                              o.alive_until FROM idempotency_keys k \
+                              LEFT JOIN idempotency_owners o ON o.owner = k.owner \
+                              WHERE k.user_id = $1 AND k.key = $2";
         const TAKE_OVER: &str = "UPDATE idempotency_keys SET request_hash = $3, state = 'in_flight', status_code = NULL, \
-                                 location = NULL, response = NULL, created_at = $4 \
+                                 location = NULL, response = NULL, created_at = $4, owner = $6 \
                                  WHERE user_id = $1 AND key = $2 AND created_at = $5";
         for _ in 0..3 {
             let at = now();
             let mut tx = self.db.begin().await?;
             let inserted = with_tx!(&mut tx, conn => {
                 sqlx::query(INSERT).bind(key.user_id).bind(&key.key).bind(request_hash).bind(at)
-                    .execute(conn).await?.rows_affected()
+                    .bind(&*self.owner).execute(conn).await?.rows_affected()
             });
             tx.commit().await?;
             if inserted == 1 {
@@ -111,16 +132,21 @@ impl Idempotency {
             let existing: Option<Existing> = with_pool!(self.db, pool => {
                 sqlx::query_as(SELECT).bind(key.user_id).bind(&key.key).fetch_optional(pool).await?
             });
-            let Some((hash, state, status, location, response, created_at)) = existing else {
+            let Some((hash, state, status, location, response, created_at, alive_until)) = existing
+            else {
                 continue; // deleted in between: try again
             };
             let expired = created_at < at - chrono::Duration::hours(RETENTION_HOURS);
-            let abandoned = state == "in_flight" && created_at < at - self.abandoned_after;
+            // In flight, and its request cannot be running: its process stopped
+            // renewing, or the request is older than any request can be.
+            let abandoned = state == "in_flight"
+                && (alive_until.is_some_and(|until| until < at)
+                    || created_at < at - self.abandoned_after);
             if expired || abandoned {
                 let mut tx = self.db.begin().await?;
                 let taken = with_tx!(&mut tx, conn => {
                     sqlx::query(TAKE_OVER).bind(key.user_id).bind(&key.key).bind(request_hash).bind(at)
-                        .bind(created_at).execute(conn).await?.rows_affected()
+                        .bind(created_at).bind(&*self.owner).execute(conn).await?.rows_affected()
                 });
                 tx.commit().await?;
                 if taken == 1 {
@@ -181,9 +207,11 @@ impl Idempotency {
     /// Deletes keys older than the retention; returns how many.
     pub async fn clean_up(&self) -> Result<u64, StoreError> {
         const Q: &str = "DELETE FROM idempotency_keys WHERE created_at < $1";
+        const OWNERS: &str = "DELETE FROM idempotency_owners WHERE alive_until < $1";
         let cutoff = now() - chrono::Duration::hours(RETENTION_HOURS);
         let mut tx = self.db.begin().await?;
         let deleted = with_tx!(&mut tx, conn => {
+            sqlx::query(OWNERS).bind(cutoff).execute(&mut *conn).await?;
             sqlx::query(Q).bind(cutoff).execute(conn).await?.rows_affected()
         });
         tx.commit().await?;
