@@ -94,13 +94,20 @@ pub struct Config {
     /// First retry delay of a failing event handler (doubles each attempt, with jitter).
     pub event_min_backoff_ms: u64,
     pub event_max_backoff_ms: u64,
-    /// How long a process holds a consumer of the event log without renewing.
+    /// How long a process holds a consumer of the event log without renewing (a
+    /// dead process's consumers move after this).
     pub event_lease_ms: u64,
+    /// How often a heartbeat renews the consumer leases (unset: a quarter of
+    /// `event_lease_ms`); must be less than the lease.
+    pub event_lease_renew_ms: Option<u64>,
     /// Safety-net poll of the event log (commits wake dispatchers at once).
     pub event_poll_ms: u64,
     /// How long a worker holds a job without renewing (a dead worker's job runs
     /// again after this).
     pub job_lease_ms: u64,
+    /// How often a running job's lease is renewed (unset: a quarter of
+    /// `job_lease_ms`); must be less than the lease.
+    pub job_lease_renew_ms: Option<u64>,
     /// Safety-net poll of the job queue.
     pub job_poll_ms: u64,
     /// First retry delay of a failed job (doubles each attempt, with jitter).
@@ -190,11 +197,13 @@ impl Default for Config {
             event_max_attempts: 8,
             event_min_backoff_ms: 100,
             event_max_backoff_ms: 30_000,
-            event_lease_ms: 10_000,
+            event_lease_ms: 4000,
+            event_lease_renew_ms: None,
             event_poll_ms: 500,
-            job_lease_ms: 30_000,
+            job_lease_ms: 4000,
+            job_lease_renew_ms: None,
             job_poll_ms: 1000,
-            job_min_backoff_ms: 1000,
+            job_min_backoff_ms: 500,
             job_max_backoff_ms: 300_000,
             email_concurrency: 5,
             order_concurrency: 8,
@@ -253,8 +262,10 @@ const ENV_KEYS: &[&str] = &[
     "event_min_backoff_ms",
     "event_max_backoff_ms",
     "event_lease_ms",
+    "event_lease_renew_ms",
     "event_poll_ms",
     "job_lease_ms",
+    "job_lease_renew_ms",
     "job_poll_ms",
     "job_min_backoff_ms",
     "job_max_backoff_ms",
@@ -428,7 +439,34 @@ impl Config {
                 "must be less than request_timeout_ms",
             );
         }
+        for (key, renew, lease, lease_key) in [
+            (
+                "event_lease_renew_ms",
+                self.event_lease_renew_ms,
+                self.event_lease_ms,
+                "event_lease_ms",
+            ),
+            (
+                "job_lease_renew_ms",
+                self.job_lease_renew_ms,
+                self.job_lease_ms,
+                "job_lease_ms",
+            ),
+        ] {
+            match renew {
+                Some(0) => return bad(key, "must be greater than 0"),
+                Some(renew) if renew >= lease => {
+                    return bad(key, &format!("must be less than {lease_key} ({lease})"));
+                }
+                _ => {}
+            }
+        }
         self.validate_s3()
+    }
+
+    /// A lease's renewal interval: as configured, or a quarter of the lease.
+    fn renew_every(renew_ms: Option<u64>, lease_ms: u64) -> Duration {
+        Duration::from_millis(renew_ms.unwrap_or(lease_ms / 4).max(1))
     }
 
     fn validate_s3(&self) -> Result<(), ConfigError> {
@@ -547,6 +585,7 @@ impl Config {
                 self.event_max_backoff_ms.max(self.event_min_backoff_ms),
             ),
             lease: Duration::from_millis(self.event_lease_ms),
+            renew: Self::renew_every(self.event_lease_renew_ms, self.event_lease_ms),
             poll: Duration::from_millis(self.event_poll_ms),
             ..scaleshop_events::DispatcherSettings::default()
         }
@@ -555,6 +594,7 @@ impl Config {
     pub fn worker_settings(&self) -> scaleshop_jobs::WorkerSettings {
         scaleshop_jobs::WorkerSettings {
             lease: Duration::from_millis(self.job_lease_ms),
+            renew: Self::renew_every(self.job_lease_renew_ms, self.job_lease_ms),
             poll: Duration::from_millis(self.job_poll_ms),
             min_backoff: Duration::from_millis(self.job_min_backoff_ms),
             max_backoff: Duration::from_millis(
@@ -676,6 +716,34 @@ mod tests {
         ] {
             assert!(bad.validate().is_err());
         }
+    }
+
+    #[test]
+    fn lease_renewal_must_be_inside_the_lease() {
+        let c = Config::default();
+        assert_eq!(c.dispatcher_settings().renew, Duration::from_secs(1));
+        assert_eq!(c.worker_settings().renew, Duration::from_secs(1));
+        let c = Config {
+            job_lease_renew_ms: Some(4000),
+            ..Config::default()
+        };
+        let error = c.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("job_lease_renew_ms: must be less than job_lease_ms"),
+            "{error}"
+        );
+        let c = Config {
+            event_lease_ms: 1500,
+            event_lease_renew_ms: Some(500),
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        assert_eq!(c.dispatcher_settings().renew, Duration::from_millis(500));
+        let c = Config {
+            event_lease_renew_ms: Some(0),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -9,10 +9,13 @@ pub mod config;
 mod invalidation;
 pub mod keys;
 mod listener;
+pub mod lock;
 pub mod modules;
 mod ops;
+mod recovery;
 pub mod server;
 
 pub use config::{Config, Overrides};
+pub use lock::DataDirLock;
 pub use modules::{Module, Target};
 pub use server::{App, StartError, bind, open_database, serve, shutdown_signal};

@@ -36,6 +36,8 @@ pub enum StartError {
     Cache(String),
     #[error(transparent)]
     Database(#[from] scaleshop_db::ConnectError),
+    #[error(transparent)]
+    DataDir(#[from] crate::lock::LockError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -132,6 +134,8 @@ pub struct App {
     users_cache: Arc<TieredCache<scaleshop_users::domain::User>>,
     products_cache: Arc<TieredCache<scaleshop_catalog::ProductView>>,
     sessions_cache: Arc<TieredCache<scaleshop_users::domain::SessionState>>,
+    /// The data folder's lock (SQLite), held as long as the application lives.
+    _data_dir_lock: Option<crate::lock::DataDirLock>,
 }
 
 impl App {
@@ -139,7 +143,13 @@ impl App {
     pub async fn build(config: &Config, target: Target) -> Result<Self, StartError> {
         config.validate()?;
         let modules = target.resolve();
+        let data_dir_lock = crate::lock::DataDirLock::for_config(config)?;
         let db = open_database(config, target).await?;
+        if data_dir_lock.is_some() {
+            crate::recovery::take_back(&db, &modules)
+                .await
+                .map_err(StartError::Background)?;
+        }
         let keys = crate::keys::http_keys(config, &db).await?;
         let mut api = OpenApiRouter::with_openapi(ApiDoc::openapi());
         // Every API route, also as (template, method router) for the observe layer.
@@ -250,10 +260,15 @@ impl App {
                         .merge_into(api, &mut routes);
                 }
                 Module::Orders => {
-                    let orders = scaleshop_orders::Orders::new(
+                    let mut orders = scaleshop_orders::Orders::new(
                         db.clone(),
                         catalog.clone(),
                         payments.clone(),
+                    );
+                    // A key whose request died is taken over once that request
+                    // cannot be running any more.
+                    orders.idempotency = orders.idempotency.abandoned_after(
+                        Duration::from_millis(config.request_timeout_ms) + Duration::from_secs(2),
                     );
                     if let Some(dispatcher) = dispatcher.as_mut() {
                         let processor = scaleshop_orders::OrderProcessor {
@@ -269,6 +284,23 @@ impl App {
                         );
                         let concurrency = usize::try_from(config.order_concurrency).unwrap_or(1);
                         workers.register(scaleshop_orders::SAGA_QUEUE, concurrency, Arc::new(saga));
+                    }
+                    if db.backend() == scaleshop_db::Backend::Postgres {
+                        // Other processes take this one's in-flight keys over as soon
+                        // as it stops renewing (like its consumer leases).
+                        let (keys, events) =
+                            (orders.idempotency.clone(), config.dispatcher_settings());
+                        periodic.push((
+                            events.renew,
+                            Arc::new(move || {
+                                let keys = keys.clone();
+                                Box::pin(async move {
+                                    if let Err(e) = keys.heartbeat(events.lease).await {
+                                        tracing::warn!(error = %e, "idempotency heartbeat failed");
+                                    }
+                                })
+                            }),
+                        ));
                     }
                     let keys = orders.idempotency.clone();
                     periodic.push((
@@ -372,6 +404,7 @@ impl App {
             users_cache,
             products_cache,
             sessions_cache,
+            _data_dir_lock: data_dir_lock,
         })
     }
 

@@ -10,7 +10,10 @@
 //! can ask for a dead event to be redelivered.
 //!
 //! Several processes may share the log (PostgreSQL): each consumer is served by one
-//! process at a time under a lease, taken over when the lease expires. Dispatchers
+//! process at a time under a short lease that a heartbeat renews, taken over when
+//! the lease expires (a few seconds after its holder died). A process that knows it
+//! is alone (the embedded data folder's lock) frees every lease at start
+//! ([`release_all_leases`]). Dispatchers
 //! wake on commit: in-process through [`Database::commit_signal`], across processes
 //! through PostgreSQL's `LISTEN` ([`Database::spawn_commit_listener`]), with a short
 //! poll as the safety net.
@@ -67,6 +70,9 @@ pub struct DispatcherSettings {
     pub max_backoff: Duration,
     /// How long a process holds a consumer without renewing.
     pub lease: Duration,
+    /// How often the heartbeat renews this process's consumer leases (well inside
+    /// `lease`).
+    pub renew: Duration,
     /// Safety-net poll when no commit signal arrives.
     pub poll: Duration,
     pub batch: i64,
@@ -78,7 +84,8 @@ impl Default for DispatcherSettings {
             max_attempts: 8,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),
-            lease: Duration::from_secs(10),
+            lease: Duration::from_secs(4),
+            renew: Duration::from_secs(1),
             poll: Duration::from_millis(500),
             batch: 100,
         }
@@ -246,6 +253,12 @@ impl Dispatcher {
             });
         }
         let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(heartbeat(
+            self.db.clone(),
+            self.owner.clone(),
+            self.settings.clone(),
+            shutdown.clone(),
+        )));
         for consumer in self.consumers {
             let runner = Runner {
                 db: self.db.clone(),
@@ -263,6 +276,47 @@ impl Dispatcher {
             }
         }))
     }
+}
+
+/// Renews every consumer lease this process holds, every `renew`, until shutdown:
+/// a live process keeps its consumers even while one delivery takes long, and a
+/// dead one's leases run out `lease` after its last beat.
+async fn heartbeat(
+    db: Database,
+    owner: String,
+    settings: DispatcherSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    const Q: &str = "UPDATE event_consumers SET lease_until = $2 WHERE lease_owner = $1";
+    let every = settings.renew.min(settings.lease / 2);
+    while !*shutdown.borrow() {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let renewed = with_pool!(db, pool => {
+            sqlx::query(Q).bind(&owner).bind(after(settings.lease)).execute(pool).await.map(|r| r.rows_affected())
+        });
+        if let Err(e) = renewed {
+            tracing::warn!(error = %e, "consumer lease renewal failed");
+        }
+    }
+}
+
+/// Frees every consumer lease at once. Only for a process that knows no other
+/// process serves the log (the embedded data folder's lock): the holders are dead,
+/// so waiting for their leases to run out would only delay delivery. Returns how
+/// many leases were held.
+pub async fn release_all_leases(db: &Database) -> Result<u64, StoreError> {
+    const Q: &str = "UPDATE event_consumers SET lease_owner = NULL, lease_until = NULL \
+                     WHERE lease_owner IS NOT NULL";
+    let mut tx = db.begin().await?;
+    tx.wake_on_commit();
+    let released = with_tx!(&mut tx, conn => {
+        sqlx::query(Q).execute(conn).await?.rows_affected()
+    });
+    tx.commit().await?;
+    Ok(released)
 }
 
 async fn report_lag(db: &Database) -> Result<(), StoreError> {
@@ -408,7 +462,7 @@ impl Runner {
             }
             passed_over = false;
             // A long batch must not outlive the lease: renew it as we go.
-            if renewed.elapsed() > self.settings.lease / 3 {
+            if renewed.elapsed() > self.settings.renew.min(self.settings.lease / 3) {
                 if !self.acquire_lease().await? {
                     return Ok(Step::NotLeader);
                 }

@@ -2,6 +2,13 @@
 //! runs each under a renewed lease, and records the outcome. Wakes on enqueue (the
 //! commit signal), when a job finishes, when the next delayed job is due, and on a
 //! short poll (which also finds jobs whose worker died: their lease expired).
+//!
+//! What counts as an attempt: every run that was started (a claim), including one
+//! cut short by the death of its worker (so a job that kills its process every
+//! time still ends `dead`). A failure's backoff grows with the failures the job
+//! itself reported, not with interrupted runs. A failure because the database could
+//! not be reached ([`JobError::unavailable`]) says nothing about the job: it is not
+//! counted, and the job runs again after the shortest backoff.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +31,8 @@ use crate::{Job, STATES};
 pub struct JobError {
     pub message: String,
     pub permanent: bool,
+    /// The database could not be reached: not the job's fault, not an attempt.
+    pub unavailable: bool,
 }
 
 impl JobError {
@@ -31,6 +40,7 @@ impl JobError {
         Self {
             message: message.into(),
             permanent: false,
+            unavailable: false,
         }
     }
 
@@ -38,13 +48,27 @@ impl JobError {
         Self {
             message: message.into(),
             permanent: true,
+            unavailable: false,
+        }
+    }
+
+    /// The database (or another part of the platform) could not be reached: run
+    /// again soon, without counting the attempt.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            permanent: false,
+            unavailable: true,
         }
     }
 }
 
 impl From<StoreError> for JobError {
     fn from(error: StoreError) -> Self {
-        Self::retry(error.to_string())
+        match error {
+            StoreError::Unavailable => Self::unavailable(error.to_string()),
+            other => Self::retry(other.to_string()),
+        }
     }
 }
 
@@ -63,8 +87,11 @@ pub trait JobHandler: Send + Sync + 'static {
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
-    /// How long a claim holds a job without renewal; renewed every third of it.
+    /// How long a claim holds a job without renewal: a dead worker's job runs
+    /// again this long after its last renewal.
     pub lease: Duration,
+    /// How often a running job's lease is renewed (well inside `lease`).
+    pub renew: Duration,
     pub poll: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
@@ -75,7 +102,8 @@ pub struct WorkerSettings {
 impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
-            lease: Duration::from_secs(30),
+            lease: Duration::from_secs(4),
+            renew: Duration::from_secs(1),
             poll: Duration::from_secs(1),
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
@@ -204,14 +232,16 @@ struct QueueRunner {
     heartbeat: Heartbeat,
 }
 
-const CLAIM_POSTGRES: &str = "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = $2, \
+const CLAIM_POSTGRES: &str = "UPDATE jobs SET state = 'running', attempts = attempts + 1, \
+    interrupted = interrupted + CASE WHEN state = 'running' THEN 1 ELSE 0 END, lease_owner = $2, \
     lease_until = $3, updated_at = $4 WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND \
     ((state IN ('scheduled', 'failed') AND run_at <= $4) OR (state = 'running' AND lease_until < $4)) \
     ORDER BY run_at LIMIT $5 FOR UPDATE SKIP LOCKED) \
     RETURNING id, queue, payload, state, attempts, max_attempts, last_error, run_at, created_at, updated_at";
 
 // One statement: SQLite takes the write lock for it, so claims never overlap.
-const CLAIM_SQLITE: &str = "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = $2, \
+const CLAIM_SQLITE: &str = "UPDATE jobs SET state = 'running', attempts = attempts + 1, \
+    interrupted = interrupted + CASE WHEN state = 'running' THEN 1 ELSE 0 END, lease_owner = $2, \
     lease_until = $3, updated_at = $4 WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND \
     ((state IN ('scheduled', 'failed') AND run_at <= $4) OR (state = 'running' AND lease_until < $4)) \
     ORDER BY run_at LIMIT $5) \
@@ -350,7 +380,7 @@ impl QueueRunner {
 
     async fn renew_lease(self: Arc<Self>, id: Uuid) {
         const Q: &str = "UPDATE jobs SET lease_until = $3 WHERE id = $1 AND lease_owner = $2 AND state = 'running'";
-        let every = self.settings.lease / 3;
+        let every = self.settings.renew.min(self.settings.lease / 2);
         loop {
             tokio::time::sleep(every).await;
             let renewed = with_pool!(self.db, pool => {
@@ -379,6 +409,9 @@ impl QueueRunner {
     }
 
     async fn failed(&self, job: &Job, error: &JobError) -> Result<(), StoreError> {
+        if error.unavailable {
+            return self.not_counted(job, error).await;
+        }
         if error.permanent || job.attempts >= job.max_attempts {
             const DEAD: &str = "UPDATE jobs SET state = 'dead', last_error = $3, lease_owner = NULL, \
                                 lease_until = NULL, updated_at = $4 \
@@ -399,7 +432,16 @@ impl QueueRunner {
             tracing::warn!(queue = self.name, job_id = %job.id, attempts = job.attempts, error = %error, "job is dead");
             return Ok(());
         }
-        let attempt = u32::try_from(job.attempts).unwrap_or(1);
+        // The backoff follows the job's own failures, not the runs its workers'
+        // deaths cut short.
+        const INTERRUPTED: &str = "SELECT interrupted FROM jobs WHERE id = $1";
+        let interrupted: i32 = with_pool!(self.db, pool => {
+            sqlx::query_scalar(INTERRUPTED).bind(job.id).fetch_optional(pool).await?
+        })
+        .unwrap_or(0);
+        let attempt = u32::try_from(job.attempts - interrupted)
+            .unwrap_or(1)
+            .max(1);
         let retry_at = after(backoff(
             self.settings.min_backoff,
             self.settings.max_backoff,
@@ -416,4 +458,41 @@ impl QueueRunner {
         tracing::info!(queue = self.name, job_id = %job.id, attempts = job.attempts, error = %error, %retry_at, "job failed; will retry");
         Ok(())
     }
+
+    /// A run that failed because the database could not be reached: given back (not
+    /// an attempt) and run again after the shortest backoff.
+    async fn not_counted(&self, job: &Job, error: &JobError) -> Result<(), StoreError> {
+        let retry_at = after(backoff(
+            self.settings.min_backoff,
+            self.settings.max_backoff,
+            1,
+        ));
+        const RETRY: &str = "UPDATE jobs SET state = 'failed', attempts = attempts - 1, run_at = $3, \
+                             last_error = $4, lease_owner = NULL, lease_until = NULL, updated_at = $5 \
+                             WHERE id = $1 AND lease_owner = $2 AND state = 'running'";
+        with_pool!(self.db, pool => {
+            sqlx::query(RETRY).bind(job.id).bind(&self.owner).bind(retry_at).bind(&error.message).bind(now())
+                .execute(pool).await?;
+        });
+        metrics::counter!(names::JOB_RUNS, "queue" => self.name, "outcome" => "retried")
+            .increment(1);
+        tracing::info!(queue = self.name, job_id = %job.id, error = %error, %retry_at, "job could not reach the database; will run again (not counted)");
+        Ok(())
+    }
+}
+
+/// Makes every running job claimable at once, as if its lease had run out. Only
+/// for a process that knows no other worker is alive (the embedded data folder's
+/// lock): their workers died with the previous process. The next claim counts the
+/// interrupted run as an attempt, as a lease expiry would. Returns how many.
+pub async fn expire_all_leases(db: &Database) -> Result<u64, StoreError> {
+    const Q: &str = "UPDATE jobs SET lease_until = $1 WHERE state = 'running'";
+    let past = now() - chrono::Duration::seconds(1);
+    let mut tx = db.begin().await?;
+    tx.wake_on_commit();
+    let expired = with_tx!(&mut tx, conn => {
+        sqlx::query(Q).bind(past).execute(conn).await?.rows_affected()
+    });
+    tx.commit().await?;
+    Ok(expired)
 }

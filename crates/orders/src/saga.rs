@@ -169,6 +169,8 @@ impl JobHandler for OrderSaga {
                         "no stock record for {product} yet"
                     )));
                 }
+                // A database that cannot be reached is not an attempt (see the jobs crate).
+                Err(InventoryError::Store(e)) => return Err(e.into()),
                 Err(e) => return Err(retry(e)),
             }
         }
@@ -215,7 +217,7 @@ impl JobHandler for OrderSaga {
             Err(PaymentsError::Unknown(e)) => {
                 Err(JobError::retry(format!("payment provider: {e}")))
             }
-            Err(PaymentsError::Store(e)) => Err(retry(e)),
+            Err(PaymentsError::Store(e)) => Err(e.into()),
         }
     }
 

@@ -130,6 +130,8 @@ fn main() -> ExitCode {
                 scaleshop_app::serve(&config, target, listener, scaleshop_app::shutdown_signal()).await
             }
             Command::Migrate { target } => {
+                let _lock = scaleshop_app::DataDirLock::for_config(&config)
+                    .map_err(scaleshop_app::StartError::from)?;
                 let db = scaleshop_app::open_database(&config, target).await?;
                 db.close().await;
                 tracing::info!(migrate_target = %target, backend = ?db.backend(), "migrations applied");

@@ -26,6 +26,7 @@ pub fn settings() -> WorkerSettings {
         min_backoff: Duration::from_millis(20),
         max_backoff: Duration::from_millis(200),
         lease: Duration::from_secs(1),
+        renew: Duration::from_millis(250),
         drain: Duration::from_secs(5),
     }
 }
@@ -169,6 +170,8 @@ pub enum Plan {
     AfterGate(Arc<AtomicBool>, Duration),
     Retry(String),
     Permanent(String),
+    /// Fails as if the database could not be reached.
+    Unavailable(String),
     /// Never returns.
     Hang,
     Panic,
@@ -297,6 +300,7 @@ impl JobHandler for Probe {
             }
             Plan::Retry(message) => Err(JobError::retry(message)),
             Plan::Permanent(message) => Err(JobError::permanent(message)),
+            Plan::Unavailable(message) => Err(JobError::unavailable(message)),
             Plan::Hang => std::future::pending().await,
             Plan::Panic => panic!("test handler panics on job {}", job.id),
         }
@@ -317,3 +321,31 @@ impl JobHandler for Probe {
 }
 
 pub use scaleshop_testkit::Crashable;
+
+/// Starts workers for `queue` on a runtime standing for another process (with its
+/// own database handle) whose handler never returns: crash the runtime and their
+/// jobs are left `running` under their lease. Returns the runtime and the handler.
+pub async fn start_hung_workers(
+    db: &Database,
+    (url, dir): (Option<String>, std::path::PathBuf),
+    settings: WorkerSettings,
+    (queue, concurrency): (&'static str, usize),
+) -> (Crashable, Arc<Probe>) {
+    let crashing = Crashable::new();
+    let hung = Probe::new(db, "crashed").script(|_, _| Plan::Hang).build();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let handler = hung.clone();
+    crashing
+        .handle()
+        .spawn(async move {
+            let db = open(url.as_deref(), &dir).await;
+            let mut workers = Workers::new(db, settings);
+            workers.register(queue, concurrency, handler);
+            // The handle is dropped: the loops run on until the runtime is dropped.
+            drop(workers.start(shutdown));
+            std::mem::forget(stop);
+        })
+        .await
+        .expect("hung workers started");
+    (crashing, hung)
+}

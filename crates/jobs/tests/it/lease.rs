@@ -31,26 +31,13 @@ scaleshop_testkit::both_backends!(
         .await;
 
         // First workers: the handler never returns.
-        let crashing = Crashable::new();
-        let hung = Probe::new(&db, "crashed").script(|_, _| Plan::Hang).build();
-        let (_first_stop, first_shutdown) = tokio::sync::watch::channel(false);
-        crashing
-            .handle()
-            .spawn({
-                let hung = hung.clone();
-                let settings = settings.clone();
-                let url = url.clone();
-                let dir = dir.clone();
-                async move {
-                    let db = open(url.as_deref(), &dir).await;
-                    let mut workers = scaleshop_jobs::Workers::new(db, settings);
-                    workers.register(QUEUE, 2, hung);
-                    // The handle is dropped: the loops run on.
-                    drop(workers.start(first_shutdown));
-                }
-            })
-            .await
-            .expect("first workers started");
+        let (crashing, hung) = start_hung_workers(
+            &db,
+            (url.clone(), dir.clone()),
+            settings.clone(),
+            (QUEUE, 2),
+        )
+        .await;
         eventually("both jobs running", async || hung.runs().await.len() == 2).await;
         let (first_owner, _) = job_lease(&db, job).await;
         let first_owner = first_owner.expect("a lease owner");

@@ -19,4 +19,5 @@ mod delays;
 mod enqueue;
 mod failures;
 mod lease;
+mod recovery;
 mod shutdown;

@@ -17,6 +17,7 @@ mod crash;
 mod faults;
 mod hashing;
 mod keys;
+mod recovery;
 mod saga_crash;
 mod signals;
 mod takeover;

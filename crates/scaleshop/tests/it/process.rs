@@ -40,8 +40,8 @@ impl Deployment {
         self
     }
 
-    /// Starts `scaleshop serve` on a free port and waits until it answers.
-    pub async fn start(&self) -> Server {
+    /// `scaleshop serve` on a free port with this deployment's environment.
+    fn command(&self) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_scaleshop"));
         command
             .arg("serve")
@@ -65,7 +65,42 @@ impl Deployment {
         for (key, value) in &self.extra {
             command.env(key, value);
         }
-        let mut child = command.spawn().expect("start scaleshop");
+        command
+    }
+
+    /// Runs `scaleshop serve` expecting it to stop by itself (within 30 s); its exit
+    /// status and what it wrote to stderr.
+    pub fn run_to_exit(&self) -> (std::process::ExitStatus, String) {
+        let mut child = self
+            .command()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start scaleshop");
+        let mut stderr = child.stderr.take().expect("stderr");
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+            text
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("scaleshop was expected to stop by itself within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status, reader.join().unwrap_or_default())
+    }
+
+    /// Starts `scaleshop serve` on a free port and waits until it answers.
+    pub async fn start(&self) -> Server {
+        let mut child = self.command().spawn().expect("start scaleshop");
         let stdout = child.stdout.take().expect("stdout");
         let (lines_tx, lines_rx) = mpsc::channel::<String>();
         std::thread::spawn(move || {
@@ -175,6 +210,16 @@ impl Server {
             .await
             .expect("session");
         body["token"].as_str().expect("token").to_owned()
+    }
+
+    /// A GET answered with JSON (as `token` when given); `None` if there was no
+    /// such answer.
+    pub async fn get_json(&self, path: &str, token: Option<&str>) -> Option<Value> {
+        let mut request = self.client.get(self.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.ok()?.json().await.ok()
     }
 
     /// Every item of a paged admin list.

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::process::{Deployment, Server, client, eventually, gauge};
 
-const METHODS: [&str; 4] = [
+pub const METHODS: [&str; 4] = [
     "pm_card_visa",
     "pm_card_mastercard",
     "pm_card_chargeDeclined",
