@@ -366,7 +366,8 @@ impl App {
             "modules built"
         );
 
-        let (router, openapi) = api.split_for_parts();
+        let (router, mut openapi) = api.split_for_parts();
+        scaleshop_web::openapi::apply_conventions(&mut openapi);
         // The layer knows every route: the API's (with their method routers) and
         // the documentation's.
         let documentation = DOCS_ROUTES.iter().map(|r| (*r).to_owned());

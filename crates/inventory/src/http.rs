@@ -52,8 +52,10 @@ async fn get_stock(
 #[allow(dead_code, reason = "documents the body; parsing goes through Fields")]
 struct AdjustmentRequest {
     /// Added to `available` (negative removes); the result may not be negative.
+    #[schema(minimum = -1_000_000_000, maximum = 1_000_000_000)]
     delta: i64,
     /// 1..=200 characters.
+    #[schema(min_length = 1, max_length = 200)]
     reason: String,
 }
 
@@ -86,7 +88,7 @@ async fn adjust(
     let delta = f.required("delta", |d: i64| {
         if d == 0 {
             Err("must not be 0")
-        } else if d.abs() > 1_000_000_000 {
+        } else if d.unsigned_abs() > 1_000_000_000 {
             Err("must be between -1000000000 and 1000000000")
         } else {
             Ok(d)

@@ -218,6 +218,7 @@ mod tests {
 
     use super::*;
     use image::{ImageBuffer, Rgb, Rgba};
+    use scaleshop_testkit::images::bomb_png;
 
     fn encoded(width: u32, height: u32, format: ImageFormat, alpha: bool) -> Vec<u8> {
         let image = if alpha {
@@ -292,39 +293,5 @@ mod tests {
         // Within the side limit but over the pixel count.
         let e = render(&bomb_png(10_000, 10_000)).unwrap_err();
         assert!(e.0.contains("over the limit"), "{e}");
-    }
-
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut crc = 0xFFFF_FFFFu32;
-        for &byte in bytes {
-            crc ^= u32::from(byte);
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
-
-    fn bomb_png(width: u32, height: u32) -> Vec<u8> {
-        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-        let mut chunk = |kind: &[u8], data: &[u8]| {
-            out.extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
-            let mut body = kind.to_vec();
-            body.extend_from_slice(data);
-            out.extend_from_slice(&body);
-            out.extend_from_slice(&crc32(&body).to_be_bytes());
-        };
-        let mut ihdr = Vec::new();
-        ihdr.extend_from_slice(&width.to_be_bytes());
-        ihdr.extend_from_slice(&height.to_be_bytes());
-        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-        chunk(b"IHDR", &ihdr);
-        chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
-        chunk(b"IEND", &[]);
-        out
     }
 }

@@ -9,6 +9,8 @@
     reason = "test support: a failed set-up is a failed test"
 )]
 
+pub mod images;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 

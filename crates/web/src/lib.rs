@@ -10,6 +10,7 @@
 //! - [`page`]: signed opaque cursors and the `limit` rule.
 //! - [`consistency`]: `X-Consistency-Token` for read-your-writes.
 //! - [`ratelimit`]: keyed rate limiters answering 429 with `Retry-After`.
+//! - [`openapi`]: the answers every route shares, added to the OpenAPI document.
 //! - [`routes`]: a service's routes, documented (OpenAPI) and dispatchable by
 //!   observe.
 //! - [`observe`]: request ids, timeouts, the latency histogram, logs, and turning any
@@ -24,6 +25,7 @@ pub mod consistency;
 pub mod error;
 pub mod keys;
 pub mod observe;
+pub mod openapi;
 pub mod page;
 pub mod path;
 pub mod ratelimit;

@@ -191,6 +191,7 @@ mod tests {
 #[into_params(parameter_in = Query)]
 pub struct PageParams {
     /// Page size, 1..=100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,

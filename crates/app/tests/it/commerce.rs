@@ -713,6 +713,9 @@ both!(inventory_stock_and_adjustments, |app: TestApp| async move {
             vec!["reason"],
         ),
         (json!({"delta": "1", "reason": "text"}), vec!["delta"]),
+        // The most negative i64 has no absolute value in i64.
+        (json!({"delta": i64::MIN, "reason": "min"}), vec!["delta"]),
+        (json!({"delta": i64::MAX, "reason": "max"}), vec!["delta"]),
         (json!({"delta": 1, "reason": "x", "sold": 5}), vec!["sold"]),
         (json!({}), vec!["delta", "reason"]),
     ];
