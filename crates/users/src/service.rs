@@ -10,11 +10,9 @@ use scaleshop_events::NewEvent;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::domain::{
-    Email, NewUser, Password, PasswordHash, Role, User, UserName, UserPatch, UserRecord,
-};
-use crate::sessions::Sessions;
+use crate::domain::{Email, NewUser, Password, Role, User, UserName, UserPatch, UserRecord};
 pub use crate::hashing::Hasher;
+use crate::sessions::Sessions;
 use crate::store::UserStore;
 
 /// Event types this service publishes.

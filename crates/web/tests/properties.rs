@@ -250,7 +250,7 @@ proptest! {
     fn tokens_round_trip(id in any::<u128>(), admin in any::<bool>()) {
         let keys = token_keys();
         let user = Uuid::from_u128(id);
-        let issued = keys.issue(user, admin).expect("issued");
+        let issued = keys.issue(user, admin, 0).expect("issued");
         let caller = keys.verify(&issued.token).expect("verifies");
         prop_assert_eq!(caller.user_id, user);
         prop_assert_eq!(caller.is_admin, admin);
@@ -260,7 +260,7 @@ proptest! {
     #[test]
     fn edited_tokens_are_refused(id in any::<u128>(), admin in any::<bool>(), edits in edits()) {
         let keys = token_keys();
-        let token = keys.issue(Uuid::from_u128(id), admin).expect("issued").token;
+        let token = keys.issue(Uuid::from_u128(id), admin, 0).expect("issued").token;
         let forged = apply(&token, &edits);
         prop_assume!(forged != token);
         prop_assert!(keys.verify(&forged).is_none(), "{forged} verified");

@@ -419,6 +419,8 @@ async fn postgres_outage_answers_503_and_loses_nothing() {
         data_dir: scaleshop_testkit::temp_dir("scaleshop-outage"),
         database_url: Some(pg.url()),
         extra: Default::default(),
+        // The keys come from the database, as in a deployment with no secret.
+        jwt_secret: None,
     };
     fast(&mut deployment);
     deployment
