@@ -2,6 +2,8 @@
 //! headers and decoding limits, and the SSRF rules of `source_url`. Each runs a
 //! bounded number of generated cases (proptest).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
 use std::io::Cursor;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

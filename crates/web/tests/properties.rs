@@ -2,6 +2,8 @@
 //! cursors and consistency tokens, and bearer tokens. Each runs a bounded number of
 //! generated cases (proptest), so the suite stays fast.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 
