@@ -13,6 +13,7 @@ mod process;
 
 mod cache;
 mod cli;
+mod cluster;
 mod crash;
 mod faults;
 mod hashing;

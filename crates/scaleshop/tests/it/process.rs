@@ -128,8 +128,7 @@ impl Deployment {
         std::thread::spawn(move || while lines_rx.recv().is_ok() {});
         let server = Server {
             child,
-            base: format!("http://{addr}"),
-            client: client(),
+            api: Api::new(format!("http://{addr}")),
         };
         server.wait_ready().await;
         server
@@ -143,33 +142,29 @@ pub fn client() -> Client {
         .expect("client")
 }
 
-/// A running `scaleshop` process.
-pub struct Server {
-    pub child: Child,
+/// Where the API answers: one process, or a gateway in front of several.
+pub struct Api {
     pub base: String,
     pub client: Client,
+}
+
+/// A running `scaleshop` process; its API through `Deref`.
+pub struct Server {
+    pub child: Child,
+    api: Api,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Api;
+
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 impl Server {
     pub fn pid(&self) -> u32 {
         self.child.id()
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = self.client.get(self.url("/readyz")).send().await
-                && r.status().is_success()
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "scaleshop not ready in 30 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     /// SIGKILL: no cleanup at all.
@@ -197,12 +192,43 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
 
+impl Api {
+    pub fn new(base: String) -> Self {
+        Self {
+            base,
+            client: client(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.client.get(self.url("/readyz")).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "scaleshop not ready in 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A session token of the admin the tests configure.
     pub async fn admin_token(&self) -> String {
+        self.sign_in(ADMIN_EMAIL, ADMIN_PASSWORD).await
+    }
+
+    pub async fn sign_in(&self, email: &str, password: &str) -> String {
         let body: Value = self
             .client
             .post(self.url("/v1/sessions"))
-            .json(&json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}))
+            .json(&json!({"email": email, "password": password}))
             .send()
             .await
             .expect("sign in")
@@ -280,7 +306,7 @@ where
 }
 
 /// A series' value from the server's `/metrics`.
-pub async fn gauge(server: &Server, series: &str) -> Option<f64> {
+pub async fn gauge(server: &Api, series: &str) -> Option<f64> {
     let text = server
         .client
         .get(server.url("/metrics"))

@@ -14,23 +14,31 @@ use std::time::{Duration, Instant};
 use scaleshop_testkit::{Backend, both_backends};
 use serde_json::{Value, json};
 
-use crate::process::{Deployment, Server, client};
+use crate::process::{Api, Deployment, Server, client};
 use crate::saga_crash::{METHODS, customer, product};
 
-const CLIENTS: usize = 5;
+pub(crate) const CLIENTS: usize = 5;
 const ORDERS_PER_CLIENT: usize = 80;
-const STOCK: [i64; 2] = [400, 30];
+pub(crate) const STOCK: [i64; 2] = [400, 30];
 /// Every accepted order must be final this long after the last restart.
 const FINAL_WITHIN: Duration = Duration::from_secs(30);
 
 /// What the clients and the test share: where the server is now.
-struct Shared {
+pub(crate) struct Shared {
     base: RwLock<String>,
-    stop: AtomicBool,
-    in_flight_answers: AtomicUsize,
+    pub(crate) stop: AtomicBool,
+    pub(crate) in_flight_answers: AtomicUsize,
 }
 
 impl Shared {
+    pub(crate) fn new(base: String) -> Arc<Self> {
+        Arc::new(Self {
+            base: RwLock::new(base),
+            stop: AtomicBool::new(false),
+            in_flight_answers: AtomicUsize::new(0),
+        })
+    }
+
     fn base(&self) -> String {
         self.base.read().expect("base").clone()
     }
@@ -43,7 +51,7 @@ impl Shared {
 /// Places orders one after another; each is sent again with the same key until it
 /// gets a final answer (a 2xx). Returns the accepted orders' ids with their
 /// payment methods.
-async fn orders(
+pub(crate) async fn orders(
     c: usize,
     token: String,
     products: [String; 2],
@@ -105,7 +113,7 @@ async fn orders(
 }
 
 /// Watches the stock while the load runs: sold + reserved never exceeds what was put in.
-async fn watch_stock(products: [String; 2], shared: Arc<Shared>) -> usize {
+pub(crate) async fn watch_stock(products: [String; 2], shared: Arc<Shared>) -> usize {
     let http = client();
     let mut samples = 0;
     for _ in 0..100_000 {
@@ -135,7 +143,7 @@ async fn watch_stock(products: [String; 2], shared: Arc<Shared>) -> usize {
 }
 
 /// Every order of every customer (as its owner sees them).
-async fn all_orders(server: &Server, tokens: &[String]) -> Vec<Value> {
+pub(crate) async fn all_orders(server: &Api, tokens: &[String]) -> Vec<Value> {
     let mut all = Vec::new();
     for token in tokens {
         all.extend(server.all(token, "/v1/orders").await);
@@ -143,8 +151,74 @@ async fn all_orders(server: &Server, tokens: &[String]) -> Vec<Value> {
     all
 }
 
-fn is_final(order: &Value) -> bool {
+pub(crate) fn is_final(order: &Value) -> bool {
     order["status"] == "completed" || order["status"] == "failed"
+}
+
+/// Every accepted order is among `orders` (all final); the payment ledger holds
+/// exactly one success per completed order and none for a failed one; the stock
+/// sold is what the completed orders took, and nothing stays reserved.
+pub(crate) async fn accepted_orders_charged_once_and_stock_adds_up(
+    server: &Api,
+    admin: &str,
+    orders: &[Value],
+    accepted: &[(String, &'static str)],
+    products: &[String; 2],
+) {
+    let by_id: HashMap<&str, &Value> = orders
+        .iter()
+        .map(|o| (o["id"].as_str().unwrap(), o))
+        .collect();
+    for (id, _) in accepted {
+        assert!(
+            by_id.contains_key(id.as_str()),
+            "accepted order {id} was lost"
+        );
+    }
+    let mut sold: HashMap<&str, i64> = HashMap::new();
+    for order in orders {
+        let id = order["id"].as_str().unwrap();
+        let ledger = server
+            .get_json(&format!("/v1/payments?order_id={id}"), Some(admin))
+            .await
+            .expect("ledger");
+        let succeeded = ledger["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["status"] == "succeeded")
+            .count();
+        if order["status"] == "completed" {
+            assert_eq!(succeeded, 1, "completed order {id} has {succeeded} charges");
+            for line in order["items"].as_array().unwrap() {
+                *sold
+                    .entry(line["product_id"].as_str().unwrap())
+                    .or_default() += line["quantity"].as_i64().unwrap();
+            }
+        } else {
+            assert_eq!(succeeded, 0, "failed order {id} was charged");
+        }
+    }
+    // The inventory hears of the last endings through the log: wait for it.
+    for (product, initial) in products.iter().zip(STOCK) {
+        let expected_sold = sold.get(product.as_str()).copied().unwrap_or(0);
+        crate::process::eventually(Duration::from_secs(20), || async {
+            let stock = server
+                .get_json(&format!("/v1/inventory/{product}"), None)
+                .await?;
+            (stock["reserved"] == 0 && stock["sold"] == expected_sold).then_some(())
+        })
+        .await;
+        let stock = server
+            .get_json(&format!("/v1/inventory/{product}"), None)
+            .await
+            .expect("stock");
+        assert_eq!(
+            stock["available"].as_i64().unwrap() + expected_sold,
+            initial,
+            "{stock}"
+        );
+    }
 }
 
 both_backends!(
@@ -161,11 +235,7 @@ both_backends!(
         for c in 0..CLIENTS {
             tokens.push(customer(&server, &format!("recovery{c}@example.com")).await);
         }
-        let shared = Arc::new(Shared {
-            base: RwLock::new(server.base.clone()),
-            stop: AtomicBool::new(false),
-            in_flight_answers: AtomicUsize::new(0),
-        });
+        let shared = Shared::new(server.base.clone());
         let clients: Vec<_> = tokens
             .iter()
             .enumerate()
@@ -257,60 +327,10 @@ both_backends!(
             }
         }
 
-        let by_id: HashMap<&str, &Value> = orders
-            .iter()
-            .map(|o| (o["id"].as_str().unwrap(), o))
-            .collect();
-        for (id, _) in &accepted {
-            assert!(
-                by_id.contains_key(id.as_str()),
-                "accepted order {id} was lost"
-            );
-        }
-        let mut sold: HashMap<&str, i64> = HashMap::new();
-        for order in &orders {
-            let id = order["id"].as_str().unwrap();
-            let ledger = server
-                .get_json(&format!("/v1/payments?order_id={id}"), Some(&admin))
-                .await
-                .expect("ledger");
-            let succeeded = ledger["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|e| e["status"] == "succeeded")
-                .count();
-            if order["status"] == "completed" {
-                assert_eq!(succeeded, 1, "completed order {id} has {succeeded} charges");
-                for line in order["items"].as_array().unwrap() {
-                    *sold
-                        .entry(line["product_id"].as_str().unwrap())
-                        .or_default() += line["quantity"].as_i64().unwrap();
-                }
-            } else {
-                assert_eq!(succeeded, 0, "failed order {id} was charged");
-            }
-        }
-        // The inventory hears of the last endings through the log: wait for it.
-        for (product, initial) in products.iter().zip(STOCK) {
-            let expected_sold = sold.get(product.as_str()).copied().unwrap_or(0);
-            crate::process::eventually(Duration::from_secs(20), || async {
-                let stock = server
-                    .get_json(&format!("/v1/inventory/{product}"), None)
-                    .await?;
-                (stock["reserved"] == 0 && stock["sold"] == expected_sold).then_some(())
-            })
-            .await;
-            let stock = server
-                .get_json(&format!("/v1/inventory/{product}"), None)
-                .await
-                .expect("stock");
-            assert_eq!(
-                stock["available"].as_i64().unwrap() + expected_sold,
-                initial,
-                "{stock}"
-            );
-        }
+        accepted_orders_charged_once_and_stock_adds_up(
+            &server, &admin, &orders, &accepted, &products,
+        )
+        .await;
         drop(server);
         let _ = std::fs::remove_dir_all(&deployment.data_dir);
     }

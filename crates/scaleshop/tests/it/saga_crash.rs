@@ -11,7 +11,7 @@ use std::time::Duration;
 use scaleshop_testkit::{Backend, both_backends};
 use serde_json::{Value, json};
 
-use crate::process::{Deployment, Server, client, eventually, gauge};
+use crate::process::{Api, Deployment, client, eventually, gauge};
 
 pub const METHODS: [&str; 4] = [
     "pm_card_visa",
@@ -20,7 +20,7 @@ pub const METHODS: [&str; 4] = [
     "pm_card_processingError",
 ];
 
-pub(crate) async fn product(server: &Server, admin: &str, sku: &str, stock: i64) -> String {
+pub(crate) async fn product(server: &Api, admin: &str, sku: &str, stock: i64) -> String {
     let body: Value = server
         .client
         .post(server.url("/v1/products"))
@@ -35,7 +35,7 @@ pub(crate) async fn product(server: &Server, admin: &str, sku: &str, stock: i64)
     body["id"].as_str().expect("id").to_owned()
 }
 
-pub(crate) async fn customer(server: &Server, email: &str) -> String {
+pub(crate) async fn customer(server: &Api, email: &str) -> String {
     let r = server
         .client
         .post(server.url("/v1/users"))
