@@ -3,15 +3,20 @@
 //! under load from several clients, one instance killed with SIGKILL mid-load.
 //! Then every accepted order exists and is final, none is charged twice, the
 //! gateway marked the dead instance down and kept answering; `down` leaves none
-//! of the recorded processes running.
+//! of the recorded processes running. And the gateway's retry rule, against two
+//! stand-in servers, one of which reads each request and closes without answering:
+//! only a request safe to repeat is sent again.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Mutex;
 
 use crate::process::{Api, client};
 use crate::recovery::{
@@ -360,5 +365,245 @@ async fn cluster_of_two_behind_haproxy_survives_a_killed_instance() {
     assert!(ok, "scripts/cluster down failed:\n{text}");
     let left: Vec<&Part> = recorded.iter().filter(|p| still_runs(p)).collect();
     assert!(left.is_empty(), "still running after down: {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A stand-in server for the gateway: `/readyz` answers 200; any other request is
+/// recorded ("METHOD PATH key") and then answered 200, or, with `answer` false,
+/// read in full and left without an answer (the connection closed), as a process
+/// that dies mid-request.
+async fn stand_in(answer: bool) -> (u16, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let line = text.lines().next().unwrap_or_default().to_owned();
+                // The body too: the request was read in full.
+                let length: usize = text
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .and_then(|n| n.trim().parse().ok())
+                    })
+                    .unwrap_or(0);
+                let head_len = head
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map_or(head.len(), |at| at + 4);
+                let mut body = head.len() - head_len;
+                while body < length {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => body += n,
+                    }
+                }
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+                if line.starts_with("GET /readyz ") {
+                    let _ = conn.write_all(ok).await;
+                    return;
+                }
+                let key = text
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("idempotency-key: ")
+                            .map(str::to_owned)
+                    })
+                    .unwrap_or_default();
+                let mut words = line.split(' ');
+                let entry = format!(
+                    "{} {} {key}",
+                    words.next().unwrap_or_default(),
+                    words.next().unwrap_or_default()
+                );
+                record.lock().await.push(entry);
+                if answer {
+                    let _ = conn.write_all(ok).await;
+                }
+                // Dropped: the connection closes, answered or not.
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// A `haproxy -db` child, killed when dropped.
+struct Haproxy(std::process::Child);
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_sends_again_only_requests_safe_to_repeat() {
+    // Installs haproxy when missing and root, as `up` does.
+    let installed = Command::new("bash")
+        .args(["-c", ". \"$1\" && need_packages", "bash"])
+        .arg(script())
+        .output()
+        .expect("bash");
+    if !has_haproxy() {
+        eprintln!(
+            "SKIPPED gateway_sends_again_only_requests_safe_to_repeat: haproxy is not installed \
+             and cannot be: {}",
+            String::from_utf8_lossy(&installed.stderr)
+        );
+        return;
+    }
+    let (dying, dying_seen) = stand_in(false).await;
+    let (answering, answering_seen) = stand_in(true).await;
+    let dir = scaleshop_testkit::temp_dir("scaleshop-gateway");
+    let cfg = dir.join("haproxy.cfg");
+    let (gateway_port, stats_port) = (free_port(), free_port());
+    // The configuration exactly as `scripts/cluster up` renders it.
+    let rendered = Command::new("bash")
+        .args([
+            "-c",
+            ". \"$1\" && PLAN=(\"dying all $2\" \"answering all $3\") && render_gateway \"$4\" \"$5\" \"$6\"",
+            "bash",
+        ])
+        .arg(script())
+        .arg(dying.to_string())
+        .arg(answering.to_string())
+        .arg(gateway_port.to_string())
+        .arg(stats_port.to_string())
+        .arg(&cfg)
+        .output()
+        .expect("render");
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let _haproxy = Haproxy(
+        Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdout(std::fs::File::create(dir.join("haproxy.log")).expect("log"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start haproxy"),
+    );
+    let stats = format!("http://127.0.0.1:{stats_port}/stats");
+    crate::process::eventually(Duration::from_secs(10), || async {
+        let servers = gateway_servers(&stats).await;
+        (is_up(&servers, "dying") && is_up(&servers, "answering")).then_some(())
+    })
+    .await;
+
+    // A new connection per request. On a kept-alive connection, HAProxy answers a
+    // later request whose server closed without answering by closing the client's
+    // connection instead of a 502 (what an HTTP client does then is up to it: a
+    // POST must not be sent again unless it carries an Idempotency-Key).
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let base = format!("http://127.0.0.1:{gateway_port}");
+    const EACH: usize = 6;
+    let mut unkeyed = Vec::new();
+    for i in 0..EACH {
+        let r = http
+            .post(format!("{base}/v1/users"))
+            .json(&json!({"email": format!("u{i}@example.com")}))
+            .send()
+            .await
+            .expect("through the gateway");
+        unkeyed.push(r.status().as_u16());
+    }
+    let mut keyed = Vec::new();
+    let mut reads = Vec::new();
+    for i in 0..EACH {
+        let r = http
+            .post(format!("{base}/v1/orders"))
+            .header("Idempotency-Key", format!("k{i}"))
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("through the gateway");
+        keyed.push(r.status().as_u16());
+        let r = http
+            .get(format!("{base}/v1/products/{i}"))
+            .send()
+            .await
+            .expect("through the gateway");
+        reads.push(r.status().as_u16());
+    }
+    let dying_seen = dying_seen.lock().await.clone();
+    let answering_seen = answering_seen.lock().await.clone();
+    eprintln!(
+        "gateway retries: sign-ups {unkeyed:?}, keyed orders {keyed:?}, reads {reads:?}; \
+         the dying server saw {dying_seen:?}; the answering one {answering_seen:?}"
+    );
+    let count =
+        |seen: &[String], prefix: &str| seen.iter().filter(|s| s.starts_with(prefix)).count();
+
+    // A request without a key that reached the dying server is not sent again: the
+    // client gets the error, and no sign-up arrives twice.
+    let failed = unkeyed.iter().filter(|s| **s == 502).count();
+    assert_eq!(failed, count(&dying_seen, "POST /v1/users"), "{unkeyed:?}");
+    assert!(
+        failed > 0,
+        "round robin sent no sign-up to the dying server"
+    );
+    assert_eq!(
+        count(&dying_seen, "POST /v1/users") + count(&answering_seen, "POST /v1/users"),
+        EACH,
+        "a sign-up was sent twice"
+    );
+    assert!(
+        unkeyed.iter().all(|s| *s == 200 || *s == 502),
+        "{unkeyed:?}"
+    );
+    // With an Idempotency-Key, and a GET, it is sent to the other server: every
+    // client got its answer, and each reached the answering server exactly once.
+    assert!(keyed.iter().all(|s| *s == 200), "{keyed:?}");
+    assert!(reads.iter().all(|s| *s == 200), "{reads:?}");
+    assert!(count(&dying_seen, "POST /v1/orders") > 0, "{dying_seen:?}");
+    for i in 0..EACH {
+        let entry = format!("POST /v1/orders k{i}");
+        assert_eq!(
+            answering_seen.iter().filter(|s| **s == entry).count(),
+            1,
+            "{answering_seen:?}"
+        );
+        let read = format!("GET /v1/products/{i} ");
+        assert_eq!(
+            answering_seen.iter().filter(|s| **s == read).count(),
+            1,
+            "{answering_seen:?}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
