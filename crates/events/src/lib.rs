@@ -62,11 +62,6 @@ impl NewEvent {
         Ok(Self::raw(C::NAME, C::VERSION, aggregate_id, data))
     }
 
-    /// A version 1 event from its parts (being replaced by [`NewEvent::typed`]).
-    pub fn new(kind: &'static str, aggregate_id: Uuid, data: serde_json::Value) -> Self {
-        Self::raw(kind, 1, aggregate_id, data)
-    }
-
     /// An event from its parts, with no contract behind it: for tests and
     /// benchmarks of the log itself, which carry made-up events.
     pub fn raw(
