@@ -20,10 +20,10 @@ pub mod store;
 
 use chrono::{SubsecRound, Utc};
 use scaleshop_catalog::Catalog;
+use scaleshop_contracts::{OrderCancelled, OrderCreated, OrderItem};
 use scaleshop_db::{Database, Migrations, StoreError};
 use scaleshop_events::NewEvent;
 use scaleshop_payments::Payments;
-use serde_json::json;
 use uuid::Uuid;
 
 pub use saga::{OrderProcessor, OrderSaga, SAGA_QUEUE};
@@ -31,13 +31,6 @@ pub use saga::{OrderProcessor, OrderSaga, SAGA_QUEUE};
 use crate::domain::{Order, OrderLine, Status, Step, WantedLine};
 use crate::idempotency::{Idempotency, KeyRef, Stored};
 use crate::store::OrderStore;
-
-pub mod events {
-    pub const CREATED: &str = "order.created";
-    pub const PROCESSED: &str = "order.processed";
-    pub const FAILED: &str = "order.failed";
-    pub const CANCELLED: &str = "order.cancelled";
-}
 
 pub fn migrations() -> Migrations {
     store::migrations()
@@ -77,14 +70,17 @@ pub struct Orders {
     pub idempotency: Idempotency,
 }
 
-pub(crate) fn event_data(order: &Order) -> serde_json::Value {
-    json!({
-        "order_id": order.id,
-        "user_id": order.user_id,
-        "items": order.items,
-        "total_cents": order.total_cents,
-        "currency": order.currency,
-    })
+/// The lines of an order as its events carry them.
+pub(crate) fn event_items(order: &Order) -> Vec<OrderItem> {
+    order
+        .items
+        .iter()
+        .map(|line| OrderItem {
+            product_id: line.product_id,
+            quantity: line.quantity,
+            unit_price_cents: line.unit_price_cents,
+        })
+        .collect()
 }
 
 impl Orders {
@@ -165,11 +161,17 @@ impl Orders {
         if let Some(key) = key {
             Idempotency::complete_in(&mut tx, key, &stored).await?;
         }
-        scaleshop_events::append(
-            &mut tx,
-            &NewEvent::new(events::CREATED, order.id, event_data(order)),
-        )
-        .await?;
+        let event = NewEvent::typed(
+            order.id,
+            &OrderCreated {
+                order_id: order.id,
+                user_id: order.user_id,
+                items: event_items(order),
+                total_cents: order.total_cents,
+                currency: order.currency.clone(),
+            },
+        )?;
+        scaleshop_events::append(&mut tx, &event).await?;
         tx.commit().await?;
         Ok(stored)
     }
@@ -191,11 +193,13 @@ impl Orders {
     /// (the inventory service releases any reservation).
     pub async fn cancel(&self, id: Uuid) -> Result<Order, OrdersError> {
         let order = self.get(id).await?;
-        let event = NewEvent::new(
-            events::CANCELLED,
+        let event = NewEvent::typed(
             order.id,
-            json!({"order_id": order.id, "user_id": order.user_id}),
-        );
+            &OrderCancelled {
+                order_id: order.id,
+                user_id: order.user_id,
+            },
+        )?;
         let mut tx = self.store.db().begin().await?;
         let cancelled = self
             .store
