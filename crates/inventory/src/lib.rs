@@ -217,12 +217,22 @@ impl Inventory {
             let (taken, exists): (u64, i64) = with_tx!(&mut tx, conn => {
                 let taken = sqlx::query(TAKE).bind(line.product_id).bind(line.quantity).bind(at)
                     .execute(&mut *conn).await?.rows_affected();
-                let exists: i64 = if taken == 0 {
-                    sqlx::query_scalar(EXISTS).bind(line.product_id).fetch_one(conn).await?
+                if taken == 0 {
+                    let exists: i64 = sqlx::query_scalar(EXISTS).bind(line.product_id).fetch_one(&mut *conn).await?;
+                    // Each statement reads its own snapshot (PostgreSQL, read
+                    // committed): a stock record committed after the first take
+                    // began is seen here. Take again, so that only a record that
+                    // existed before the take counts as short.
+                    let taken = if exists == 0 {
+                        0
+                    } else {
+                        sqlx::query(TAKE).bind(line.product_id).bind(line.quantity).bind(at)
+                            .execute(conn).await?.rows_affected()
+                    };
+                    (taken, exists)
                 } else {
-                    1
-                };
-                (taken, exists)
+                    (taken, 1)
+                }
             });
             if taken == 0 {
                 tx.rollback().await?;
