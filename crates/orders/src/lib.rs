@@ -15,16 +15,19 @@
 pub mod domain;
 pub mod http;
 pub mod idempotency;
+pub mod ports;
 mod saga;
 pub mod store;
 
+use std::sync::Arc;
+
 use chrono::{SubsecRound, Utc};
-use scaleshop_catalog::Catalog;
 use scaleshop_contracts::{OrderCancelled, OrderCreated, OrderItem};
 use scaleshop_db::{Database, Migrations, StoreError};
 use scaleshop_events::NewEvent;
-use scaleshop_payments::Payments;
 use uuid::Uuid;
+
+pub use ports::{CatalogPort, InventoryPort, PaymentsPort, PortError, Priced, UsersPort};
 
 pub use saga::{OrderProcessor, OrderSaga, SAGA_QUEUE};
 
@@ -49,8 +52,33 @@ pub enum OrdersError {
     UnknownPaymentMethod,
     #[error("the order can no longer be cancelled")]
     NotCancellable,
+    /// The caller's account is gone.
+    #[error("no such user")]
+    UnknownUser,
+    /// A service the order needs did not answer.
+    #[error("{service} unavailable")]
+    Unavailable {
+        service: &'static str,
+        retry_after_secs: u64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<PortError> for OrdersError {
+    fn from(error: PortError) -> Self {
+        match error {
+            PortError::Unavailable {
+                service,
+                retry_after_secs,
+                ..
+            } => Self::Unavailable {
+                service,
+                retry_after_secs,
+            },
+            failed @ PortError::Failed { .. } => Self::Store(StoreError::Other(failed.to_string())),
+        }
+    }
 }
 
 /// An order as asked for.
@@ -65,8 +93,9 @@ pub struct PlaceOrder {
 #[derive(Debug, Clone)]
 pub struct Orders {
     store: OrderStore,
-    catalog: Catalog,
-    payments: Payments,
+    users: Arc<dyn UsersPort>,
+    catalog: Arc<dyn CatalogPort>,
+    payments: Arc<dyn PaymentsPort>,
     pub idempotency: Idempotency,
 }
 
@@ -84,9 +113,15 @@ pub(crate) fn event_items(order: &Order) -> Vec<OrderItem> {
 }
 
 impl Orders {
-    pub fn new(db: Database, catalog: Catalog, payments: Payments) -> Self {
+    pub fn new(
+        db: Database,
+        users: Arc<dyn UsersPort>,
+        catalog: Arc<dyn CatalogPort>,
+        payments: Arc<dyn PaymentsPort>,
+    ) -> Self {
         Self {
             store: OrderStore::new(db.clone()),
+            users,
             catalog,
             payments,
             idempotency: Idempotency::new(db),
@@ -95,14 +130,14 @@ impl Orders {
 
     /// Checks and prices an order; nothing is written.
     pub async fn price(&self, request: &PlaceOrder) -> Result<Order, OrdersError> {
-        if !self.payments.accepts(&request.payment_method) {
+        if !self.payments.accepts(&request.payment_method).await? {
             return Err(OrdersError::UnknownPaymentMethod);
         }
+        if !self.users.user_exists(request.user_id).await? {
+            return Err(OrdersError::UnknownUser);
+        }
         let ids: Vec<Uuid> = request.lines.iter().map(|l| l.product_id).collect();
-        let products = self.catalog.products(&ids).await.map_err(|e| match e {
-            scaleshop_catalog::CatalogError::Store(e) => OrdersError::Store(e),
-            other => OrdersError::Store(StoreError::Other(other.to_string())),
-        })?;
+        let products = self.catalog.prices(&ids).await?;
         let mut unknown = Vec::new();
         let mut items = Vec::with_capacity(request.lines.len());
         let mut currency: Option<String> = None;
@@ -113,13 +148,13 @@ impl Orders {
                 continue;
             };
             match &currency {
-                None => currency = Some(product.currency.as_str().to_owned()),
-                Some(c) if c != product.currency.as_str() => {
+                None => currency = Some(product.currency.clone()),
+                Some(c) if *c != product.currency => {
                     return Err(OrdersError::MixedCurrencies);
                 }
                 Some(_) => {}
             }
-            let unit = product.price_cents.get();
+            let unit = product.price_cents;
             // At most 50 lines x 1000 units x 10^8: far inside i64.
             total += unit * line.quantity.get();
             items.push(OrderLine {

@@ -4,15 +4,18 @@ use async_trait::async_trait;
 use scaleshop_contracts::{OrderCreated, OrderFailed, OrderProcessed};
 use scaleshop_db::{StoreError, Tx};
 use scaleshop_events::{Consumer, Contract, Event, HandlerError, NewEvent};
-use scaleshop_inventory::{Inventory, InventoryError, Line, Reservation};
+use std::sync::Arc;
+
+use scaleshop_inventory::{InventoryError, Line, Reservation};
 use scaleshop_jobs::{Job, JobError, JobHandler, NewJob};
-use scaleshop_payments::{PaymentResult, Payments, PaymentsError};
+use scaleshop_payments::{PaymentResult, PaymentsError};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::domain::{FailureReason, Order, Status, Step};
 use crate::event_items;
+use crate::ports::{InventoryPort, PaymentsPort};
 use crate::store::OrderStore;
 
 /// The queue of saga runs.
@@ -56,8 +59,8 @@ impl Consumer for OrderProcessor {
 #[derive(Debug, Clone)]
 pub struct OrderSaga {
     store: OrderStore,
-    inventory: Inventory,
-    payments: Payments,
+    inventory: Arc<dyn InventoryPort>,
+    payments: Arc<dyn PaymentsPort>,
 }
 
 fn retry(error: impl std::fmt::Display) -> JobError {
@@ -65,7 +68,11 @@ fn retry(error: impl std::fmt::Display) -> JobError {
 }
 
 impl OrderSaga {
-    pub fn new(db: scaleshop_db::Database, inventory: Inventory, payments: Payments) -> Self {
+    pub fn new(
+        db: scaleshop_db::Database,
+        inventory: Arc<dyn InventoryPort>,
+        payments: Arc<dyn PaymentsPort>,
+    ) -> Self {
         Self {
             store: OrderStore::new(db),
             inventory,
@@ -142,7 +149,11 @@ impl OrderSaga {
             .await?
             .ok_or_else(|| JobError::permanent("the order vanished"))?;
         if order.status == Status::Cancelled {
-            self.inventory.release(id).await?;
+            match self.inventory.release(id).await {
+                Ok(_) => {}
+                Err(InventoryError::Store(e)) => return Err(e.into()),
+                Err(e) => return Err(retry(e)),
+            }
         }
         Ok(())
     }
