@@ -55,13 +55,7 @@ pub enum StartError {
     Background(scaleshop_db::StoreError),
     #[error("server: {0}")]
     Serve(std::io::Error),
-    #[error("routes: {0}")]
-    Routes(String),
 }
-
-/// The routes of the documentation (Swagger UI at `/docs`, the document at
-/// `/openapi.json`), which the document does not list.
-const DOCS_ROUTES: [&str; 4] = ["/docs", "/docs/", "/docs/{*rest}", "/openapi.json"];
 
 #[derive(OpenApi)]
 #[openapi(
@@ -152,8 +146,6 @@ impl App {
         }
         let keys = crate::keys::http_keys(config, &db).await?;
         let mut api = OpenApiRouter::with_openapi(ApiDoc::openapi());
-        // Every API route, also as (template, method router) for the observe layer.
-        let mut routes = Vec::new();
         let mut dispatcher = modules
             .contains(&Module::Events)
             .then(|| Dispatcher::new(db.clone(), config.dispatcher_settings()));
@@ -212,11 +204,12 @@ impl App {
                 Module::Events => {
                     let log = scaleshop_events::EventLog::new(db.clone());
                     let dead = scaleshop_events::dispatch::DeadEvents::new(db.clone());
-                    api = scaleshop_events::http::router(log, dead).merge_into(api, &mut routes);
+                    api = api.merge(scaleshop_events::http::router(log, dead));
                 }
                 Module::Jobs => {
-                    api = scaleshop_jobs::http::router(scaleshop_jobs::JobQueue::new(db.clone()))
-                        .merge_into(api, &mut routes);
+                    api = api.merge(scaleshop_jobs::http::router(scaleshop_jobs::JobQueue::new(
+                        db.clone(),
+                    )));
                 }
                 Module::Users => {
                     let users = scaleshop_users::Users::new(scaleshop_users::store::store_for(&db))
@@ -241,23 +234,20 @@ impl App {
                     }
                     let (router, forget) =
                         scaleshop_users::http::router(users, config.login_limits());
-                    api = router.merge_into(api, &mut routes);
+                    api = api.merge(router);
                     forget_idle.push(Box::new(forget));
                 }
                 Module::Inventory => {
                     if let Some(dispatcher) = dispatcher.as_mut() {
                         dispatcher.subscribe(Arc::new(scaleshop_inventory::InventoryConsumer));
                     }
-                    api = scaleshop_inventory::http::router(inventory.clone())
-                        .merge_into(api, &mut routes);
+                    api = api.merge(scaleshop_inventory::http::router(inventory.clone()));
                 }
                 Module::Catalog => {
-                    api = scaleshop_catalog::http::router(catalog.clone())
-                        .merge_into(api, &mut routes);
+                    api = api.merge(scaleshop_catalog::http::router(catalog.clone()));
                 }
                 Module::Payments => {
-                    api = scaleshop_payments::http::router(payments.clone())
-                        .merge_into(api, &mut routes);
+                    api = api.merge(scaleshop_payments::http::router(payments.clone()));
                 }
                 Module::Orders => {
                     let mut orders = scaleshop_orders::Orders::new(
@@ -310,7 +300,7 @@ impl App {
                             async move { keys.clean_up().await }
                         }),
                     ));
-                    api = scaleshop_orders::http::router(orders).merge_into(api, &mut routes);
+                    api = api.merge(scaleshop_orders::http::router(orders));
                 }
                 Module::Notifications => {
                     let mailer = Arc::new(mailer(config)?);
@@ -328,7 +318,7 @@ impl App {
                         );
                     }
                     let store = scaleshop_notifications::NotificationStore::new(db.clone());
-                    api = scaleshop_notifications::http::router(store).merge_into(api, &mut routes);
+                    api = api.merge(scaleshop_notifications::http::router(store));
                 }
                 Module::Media => {
                     let media = media(config, &db, &catalog)?;
@@ -342,7 +332,7 @@ impl App {
                             Arc::new(scaleshop_media::ImageJob::new(media.clone())),
                         );
                     }
-                    api = scaleshop_media::http::router(media).merge_into(api, &mut routes);
+                    api = api.merge(scaleshop_media::http::router(media));
                 }
             }
         }
@@ -357,7 +347,7 @@ impl App {
                 jobs: workers.as_ref().map(Workers::heartbeat),
                 collectors,
             };
-            api = crate::ops::router(probes).merge_into(api, &mut routes);
+            api = api.merge(crate::ops::router(probes));
         }
         tracing::info!(
             serve_target = %target,
@@ -368,21 +358,15 @@ impl App {
 
         let (router, mut openapi) = api.split_for_parts();
         scaleshop_web::openapi::apply_conventions(&mut openapi);
-        // The layer knows every route: the API's (with their method routers) and
-        // the documentation's.
-        let documentation = DOCS_ROUTES.iter().map(|r| (*r).to_owned());
         let observe = ObserveLayer::new(
             ObserveSettings {
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
             },
-            routes,
-            documentation,
             match session_check {
                 Some(check) => RequestScope::new(keys.clone()).with_sessions(check),
                 None => RequestScope::new(keys.clone()),
             },
-        )
-        .map_err(StartError::Routes)?;
+        );
         let router = router
             .merge(
                 SwaggerUi::new("/docs")
@@ -414,7 +398,9 @@ impl App {
     /// 500s and sets the request's scope: signing keys, client address). It wraps
     /// the router once, outside it: a layer added with `Router::layer` is copied
     /// into every route and called per route, which costs each request a few
-    /// allocations per layer.
+    /// allocations per layer. Inside, every route gets only the small layer that
+    /// tells observe the route's template (`MatchedPath`); the fallback gets none,
+    /// so what reaches it is labelled `unmatched`.
     fn http_service(&self) -> Observe {
         self.observe.layer(self.router.clone())
     }
