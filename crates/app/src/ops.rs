@@ -10,9 +10,9 @@ use axum::response::IntoResponse;
 use metrics_exporter_prometheus::PrometheusHandle;
 use scaleshop_db::Database;
 use scaleshop_telemetry::{Collector, Heartbeat};
-use scaleshop_web::routes::{ServiceRouter, ServiceRoutes};
 use serde::Serialize;
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 /// What readiness and metrics look at.
@@ -37,12 +37,12 @@ struct Ops {
 /// A background loop that has not turned for this long is down.
 const LOOP_WINDOW: Duration = Duration::from_secs(10);
 
-pub fn router(probes: Probes) -> ServiceRoutes {
+pub fn router(probes: Probes) -> OpenApiRouter {
     let state = Ops {
         probes,
         metrics: scaleshop_telemetry::metrics_handle(),
     };
-    ServiceRouter::new()
+    OpenApiRouter::new()
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))

@@ -14,7 +14,7 @@ use scaleshop_db::Database;
 use scaleshop_events::Consumer;
 use scaleshop_jobs::JobHandler;
 use scaleshop_telemetry::Collector;
-use scaleshop_web::routes::ServiceRoutes;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::config::Config;
 use crate::modules::{Service, Target};
@@ -144,7 +144,7 @@ pub struct JobQueueSpec {
 /// Everything a service brings to a process.
 #[derive(Default)]
 pub struct Registration {
-    pub routes: Vec<ServiceRoutes>,
+    pub routes: Vec<OpenApiRouter>,
     pub consumers: Vec<Arc<dyn Consumer>>,
     pub jobs: Vec<JobQueueSpec>,
     pub periodic: Vec<(Duration, Collector)>,

@@ -55,15 +55,9 @@ pub enum StartError {
     Background(scaleshop_db::StoreError),
     #[error("server: {0}")]
     Serve(std::io::Error),
-    #[error("routes: {0}")]
-    Routes(String),
     #[error("{0}")]
     Target(String),
 }
-
-/// The routes of the documentation (Swagger UI at `/docs`, the document at
-/// `/openapi.json`), which the document does not list.
-const DOCS_ROUTES: [&str; 4] = ["/docs", "/docs/", "/docs/{*rest}", "/openapi.json"];
 
 #[derive(OpenApi)]
 #[openapi(
@@ -156,8 +150,6 @@ impl App {
         }
         let keys = crate::keys::http_keys(config, &db).await?;
         let mut api = OpenApiRouter::with_openapi(ApiDoc::openapi());
-        // Every API route, also as (template, method router) for the observe layer.
-        let mut routes = Vec::new();
         let mut dispatcher = modules
             .contains(&Module::Events)
             .then(|| Dispatcher::new(db.clone(), config.dispatcher_settings()));
@@ -167,11 +159,12 @@ impl App {
         if modules.contains(&Module::Events) {
             let log = scaleshop_events::EventLog::new(db.clone());
             let dead = scaleshop_events::dispatch::DeadEvents::new(db.clone());
-            api = scaleshop_events::http::router(log, dead).merge_into(api, &mut routes);
+            api = api.merge(scaleshop_events::http::router(log, dead));
         }
         if modules.contains(&Module::Jobs) {
-            api = scaleshop_jobs::http::router(scaleshop_jobs::JobQueue::new(db.clone()))
-                .merge_into(api, &mut routes);
+            api = api.merge(scaleshop_jobs::http::router(scaleshop_jobs::JobQueue::new(
+                db.clone(),
+            )));
         }
         let mut forget_idle: Vec<Box<dyn Fn() + Send + Sync>> = Vec::new();
         let mut periodic: Vec<(Duration, Collector)> = Vec::new();
@@ -221,7 +214,7 @@ impl App {
         for service in target.services() {
             let registration = crate::registry::register(service, &mut cx).await?;
             for router in registration.routes {
-                api = router.merge_into(api, &mut routes);
+                api = api.merge(router);
             }
             if let Some(dispatcher) = dispatcher.as_mut() {
                 for consumer in registration.consumers {
@@ -248,7 +241,7 @@ impl App {
                 jobs: workers.as_ref().map(Workers::heartbeat),
                 collectors,
             };
-            api = crate::ops::router(probes).merge_into(api, &mut routes);
+            api = api.merge(crate::ops::router(probes));
         }
         tracing::info!(
             serve_target = %target,
@@ -259,21 +252,15 @@ impl App {
 
         let (router, mut openapi) = api.split_for_parts();
         scaleshop_web::openapi::apply_conventions(&mut openapi);
-        // The layer knows every route: the API's (with their method routers) and
-        // the documentation's.
-        let documentation = DOCS_ROUTES.iter().map(|r| (*r).to_owned());
         let observe = ObserveLayer::new(
             ObserveSettings {
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
             },
-            routes,
-            documentation,
             match session_check {
                 Some(check) => RequestScope::new(keys.clone()).with_sessions(check),
                 None => RequestScope::new(keys.clone()),
             },
-        )
-        .map_err(StartError::Routes)?;
+        );
         let router = router
             .merge(
                 SwaggerUi::new("/docs")
@@ -305,7 +292,9 @@ impl App {
     /// 500s and sets the request's scope: signing keys, client address). It wraps
     /// the router once, outside it: a layer added with `Router::layer` is copied
     /// into every route and called per route, which costs each request a few
-    /// allocations per layer.
+    /// allocations per layer. Inside, every route gets only the small layer that
+    /// tells observe the route's template (`MatchedPath`); the fallback gets none,
+    /// so what reaches it is labelled `unmatched`.
     fn http_service(&self) -> Observe {
         self.observe.layer(self.router.clone())
     }

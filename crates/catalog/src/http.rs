@@ -8,13 +8,13 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 
 use scaleshop_web::page::PageParams;
-use scaleshop_web::routes::{ServiceRouter, ServiceRoutes};
 use scaleshop_web::{
     ApiError, Caller, ConsistencyToken, Fields, Id, JsonObject, Page, Paginated, Problem,
     ReadConsistency, RequestKeys,
 };
 use serde::Deserialize;
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
@@ -23,8 +23,8 @@ use crate::domain::{
 };
 use crate::{Catalog, CatalogError, Listed, ProductView};
 
-pub fn router(catalog: Catalog) -> ServiceRoutes {
-    ServiceRouter::new()
+pub fn router(catalog: Catalog) -> OpenApiRouter {
+    OpenApiRouter::new()
         .routes(routes!(create_product, search_products))
         .routes(routes!(get_product, patch_product))
         .with_state(Arc::new(catalog))

@@ -4,9 +4,9 @@
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use scaleshop_web::page::PageParams;
-use scaleshop_web::routes::{ServiceRouter, ServiceRoutes};
 use scaleshop_web::{ApiError, Caller, Page, Paginated, Problem};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
@@ -19,8 +19,8 @@ struct EventsHttp {
     dead: DeadEvents,
 }
 
-pub fn router(log: EventLog, dead: DeadEvents) -> ServiceRoutes {
-    ServiceRouter::new()
+pub fn router(log: EventLog, dead: DeadEvents) -> OpenApiRouter {
+    OpenApiRouter::new()
         .routes(routes!(list_events))
         .routes(routes!(list_dead))
         .routes(routes!(redeliver))

@@ -2,15 +2,15 @@
 
 use axum::Json;
 use axum::extract::State;
-use scaleshop_web::routes::{ServiceRouter, ServiceRoutes};
 use scaleshop_web::{ApiError, Caller, Fields, Id, JsonObject, Problem};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::{Inventory, InventoryError, Stock};
 
-pub fn router(inventory: Inventory) -> ServiceRoutes {
-    ServiceRouter::new()
+pub fn router(inventory: Inventory) -> OpenApiRouter {
+    OpenApiRouter::new()
         .routes(routes!(get_stock))
         .routes(routes!(adjust))
         .with_state(inventory)
@@ -112,8 +112,8 @@ async fn adjust(
 }
 
 /// The routes other services of the deployment call (service token only).
-pub fn internal_router(inventory: Inventory) -> ServiceRoutes {
-    ServiceRouter::new()
+pub fn internal_router(inventory: Inventory) -> OpenApiRouter {
+    OpenApiRouter::new()
         .routes(routes!(reserve))
         .routes(routes!(release))
         .with_state(inventory)

@@ -3,16 +3,16 @@
 use axum::Json;
 use axum::extract::{Query, State};
 use scaleshop_web::page::PageParams;
-use scaleshop_web::routes::{ServiceRouter, ServiceRoutes};
 use scaleshop_web::{ApiError, Caller, Id, Page, Paginated, Problem};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::{JobQueue, JobView, Redrive, STATES};
 
-pub fn router(queue: JobQueue) -> ServiceRoutes {
-    ServiceRouter::new()
+pub fn router(queue: JobQueue) -> OpenApiRouter {
+    OpenApiRouter::new()
         .routes(routes!(list_jobs))
         .routes(routes!(get_job))
         .routes(routes!(retry_job))

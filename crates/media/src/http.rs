@@ -11,11 +11,11 @@ use axum::http::header::{
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use scaleshop_web::body::{is_json_content_type, parse_object};
-use scaleshop_web::routes::{ServiceRouter, ServiceRoutes};
 use scaleshop_web::{
     ApiError, Caller, ConsistencyToken, ErrorCode, Fields, Id, JsonObject, Problem, RequestKeys,
 };
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
@@ -31,8 +31,8 @@ const JSON_LIMIT: usize = 1024 * 1024;
 /// Variants never change once written (a new upload is a new image).
 pub const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
-pub fn router(media: Media) -> ServiceRoutes {
-    ServiceRouter::new()
+pub fn router(media: Media) -> OpenApiRouter {
+    OpenApiRouter::new()
         .routes(routes!(add_image))
         // Only the routes above: the rest of the API keeps the 1 MiB limit.
         .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))

@@ -3,16 +3,16 @@
 use axum::Json;
 use axum::extract::{Query, State};
 use scaleshop_web::page::PageParams;
-use scaleshop_web::routes::{ServiceRouter, ServiceRoutes};
 use scaleshop_web::{ApiError, Caller, Page, Paginated, Problem};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::store::{Notification, NotificationStore};
 
-pub fn router(store: NotificationStore) -> ServiceRoutes {
-    ServiceRouter::new()
+pub fn router(store: NotificationStore) -> OpenApiRouter {
+    OpenApiRouter::new()
         .routes(routes!(list_notifications))
         .with_state(store)
 }

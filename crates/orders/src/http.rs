@@ -6,7 +6,6 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use scaleshop_web::page::PageParams;
-use scaleshop_web::routes::{ServiceRouter, ServiceRoutes};
 use scaleshop_web::{
     ApiError, Caller, ConsistencyToken, FieldError, Id, JsonObject, Keys, Page, Paginated, Problem,
     RequestKeys,
@@ -15,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
@@ -22,8 +22,8 @@ use crate::domain::{Order, OrderLine, Quantity, WantedLine};
 use crate::idempotency::{Claim, KeyRef, Stored};
 use crate::{Orders, OrdersError, PlaceOrder};
 
-pub fn router(orders: Orders) -> ServiceRoutes {
-    ServiceRouter::new()
+pub fn router(orders: Orders) -> OpenApiRouter {
+    OpenApiRouter::new()
         .routes(routes!(create_order, list_orders))
         .routes(routes!(get_order))
         .routes(routes!(cancel_order))

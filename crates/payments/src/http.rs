@@ -2,16 +2,16 @@
 
 use axum::Json;
 use axum::extract::{Query, State};
-use scaleshop_web::routes::{ServiceRouter, ServiceRoutes};
 use scaleshop_web::{ApiError, Caller, Paginated, Problem};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::{LedgerEntry, Payments};
 
-pub fn router(payments: Payments) -> ServiceRoutes {
-    ServiceRouter::new()
+pub fn router(payments: Payments) -> OpenApiRouter {
+    OpenApiRouter::new()
         .routes(routes!(list_payments))
         .with_state(payments)
 }
@@ -53,8 +53,8 @@ async fn list_payments(
 }
 
 /// The routes other services of the deployment call (service token only).
-pub fn internal_router(payments: Payments) -> ServiceRoutes {
-    ServiceRouter::new()
+pub fn internal_router(payments: Payments) -> OpenApiRouter {
+    OpenApiRouter::new()
         .routes(routes!(accepts))
         .routes(routes!(charge))
         .with_state(payments)

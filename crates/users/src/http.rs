@@ -10,13 +10,13 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use chrono::{DateTime, Utc};
 use scaleshop_web::page::PageParams;
 use scaleshop_web::ratelimit::KeyedLimit;
-use scaleshop_web::routes::{ServiceRouter, ServiceRoutes};
 use scaleshop_web::{
     ApiError, Caller, ConsistencyToken, ErrorCode, Fields, Id, JsonObject, Keys, Page, Paginated,
     Peer, Problem, ReadConsistency, RequestKeys,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
@@ -43,7 +43,7 @@ struct UsersHttp {
 pub fn router(
     users: Users,
     limits: LoginLimits,
-) -> (ServiceRoutes, impl Fn() + Send + Sync + 'static) {
+) -> (OpenApiRouter, impl Fn() + Send + Sync + 'static) {
     let by_address = Arc::new(KeyedLimit::per_minute(
         "login_address",
         limits.per_address_per_minute,
@@ -74,7 +74,7 @@ pub fn router(
         by_email,
         signup_by_address,
     };
-    let router = ServiceRouter::new()
+    let router = OpenApiRouter::new()
         .routes(routes!(create_user, search_users))
         .routes(routes!(get_user, patch_user))
         .routes(routes!(create_session))
@@ -452,8 +452,8 @@ async fn search_users(
 }
 
 /// The routes other services of the deployment call (service token only).
-pub fn internal_router(users: Users) -> ServiceRoutes {
-    ServiceRouter::new()
+pub fn internal_router(users: Users) -> OpenApiRouter {
+    OpenApiRouter::new()
         .routes(routes!(user_exists))
         .with_state(users)
 }

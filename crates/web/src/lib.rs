@@ -11,11 +11,10 @@
 //! - [`consistency`]: `X-Consistency-Token` for read-your-writes.
 //! - [`ratelimit`]: keyed rate limiters answering 429 with `Retry-After`.
 //! - [`openapi`]: the answers every route shares, added to the OpenAPI document.
-//! - [`routes`]: a service's routes, documented (OpenAPI) and dispatchable by
-//!   observe.
 //! - [`observe`]: request ids, timeouts, the latency histogram, logs, and turning any
 //!   bare error response into a problem document; it also sets each request's
-//!   [`scope`] (the signing keys, the client's address).
+//!   [`scope`] (the signing keys, the client's address). Routing is axum's router's
+//!   alone; observe learns the matched route's template from it.
 //!
 //! This crate knows no service and no table. Services depend on it, never the reverse.
 
@@ -29,7 +28,6 @@ pub mod openapi;
 pub mod page;
 pub mod path;
 pub mod ratelimit;
-pub mod routes;
 pub mod scope;
 pub mod sessions;
 
@@ -40,6 +38,5 @@ pub use error::{ApiError, ErrorCode, FieldError, Problem};
 pub use keys::{KeyMaterial, KeySource, Keys, RequestKeys, Signer};
 pub use page::{Page, Paginated};
 pub use path::Id;
-pub use routes::{ServiceRouter, ServiceRoutes};
 pub use scope::{Peer, RequestScope};
 pub use sessions::{Session, SessionCheck};

@@ -22,9 +22,6 @@ pub struct RequestScope {
     /// valid signature is enough (a process without the users service).
     sessions: Option<Sessions>,
     peer: Option<SocketAddr>,
-    /// For a route the observe layer called itself: where the route's `{id}`
-    /// starts in the path (see [`crate::Id`]).
-    id_offset: Option<u16>,
 }
 
 tokio::task_local! {
@@ -42,7 +39,6 @@ impl RequestScope {
             keys,
             sessions: None,
             peer: None,
-            id_offset: None,
         }
     }
 
@@ -61,16 +57,6 @@ impl RequestScope {
             peer: Some(peer),
             ..self
         }
-    }
-
-    pub(crate) fn with_id_offset(self, id_offset: Option<u16>) -> Self {
-        Self { id_offset, ..self }
-    }
-
-    /// Where the `{id}` of the request being served starts in its path, when the
-    /// observe layer routed it (otherwise the router's path parameters hold it).
-    pub(crate) fn current_id_offset() -> Option<u16> {
-        CURRENT.try_with(|scope| scope.id_offset).ok().flatten()
     }
 
     /// Runs `f` with this scope current.
