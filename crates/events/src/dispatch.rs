@@ -291,6 +291,7 @@ impl Dispatcher {
             self.db.clone(),
             self.owner.clone(),
             self.settings.clone(),
+            self.heartbeat.clone(),
             shutdown.clone(),
         )));
         for consumer in self.consumers {
@@ -314,11 +315,15 @@ impl Dispatcher {
 
 /// Renews every consumer lease this process holds, every `renew`, until shutdown:
 /// a live process keeps its consumers even while one delivery takes long, and a
-/// dead one's leases run out `lease` after its last beat.
+/// dead one's leases run out `lease` after its last beat. Each renewal that
+/// reached the database is a beat of the dispatcher's liveness too: a process
+/// with no consumers of its own (one that only writes to the log) is live as long
+/// as this loop turns.
 async fn heartbeat(
     db: Database,
     owner: String,
     settings: DispatcherSettings,
+    alive: Heartbeat,
     mut shutdown: watch::Receiver<bool>,
 ) {
     const Q: &str = "UPDATE event_consumers SET lease_until = $2 WHERE lease_owner = $1";
@@ -331,8 +336,9 @@ async fn heartbeat(
         let renewed = with_pool!(db, pool => {
             sqlx::query(Q).bind(&owner).bind(after(settings.lease)).execute(pool).await.map(|r| r.rows_affected())
         });
-        if let Err(e) = renewed {
-            tracing::warn!(error = %e, "consumer lease renewal failed");
+        match renewed {
+            Ok(_) => alive.beat(),
+            Err(e) => tracing::warn!(error = %e, "consumer lease renewal failed"),
         }
     }
 }

@@ -197,3 +197,35 @@ scaleshop_testkit::both_backends!(
         );
     }
 );
+
+// A process whose services only write to the log (no consumer of its own) still
+// runs the dispatcher's lease loop; `/readyz` reads its liveness from the beats.
+// Each renewal that reaches the database beats, so such a process stays live
+// long after its start, and is not once stopped.
+scaleshop_testkit::both_backends!(
+    a_dispatcher_without_consumers_beats_while_it_runs,
+    |backend| async move {
+        let db = fresh(backend).await;
+        let settings = scaleshop_events::DispatcherSettings {
+            renew: std::time::Duration::from_millis(50),
+            ..settings()
+        };
+        let dispatcher = scaleshop_events::Dispatcher::new(db, settings);
+        let alive = dispatcher.heartbeat();
+        let (stop, shutdown) = watch::channel(false);
+        let handle = dispatcher.start(shutdown).await.expect("start");
+        let window = std::time::Duration::from_millis(400);
+        tokio::time::sleep(window * 3).await;
+        assert!(
+            alive.alive(window),
+            "no beat within {window:?}, long after start"
+        );
+        let _ = stop.send(true);
+        tokio::time::timeout(WAIT, handle)
+            .await
+            .expect("stops in time")
+            .expect("joined");
+        tokio::time::sleep(window * 2).await;
+        assert!(!alive.alive(window), "beats after it stopped");
+    }
+);

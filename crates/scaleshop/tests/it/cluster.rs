@@ -1,9 +1,10 @@
-//! The local cluster (`scripts/cluster`): PostgreSQL, Redis, two instances of the
-//! built binary and HAProxy in front. Driven through the gateway only: orders
-//! under load from several clients, one instance killed with SIGKILL mid-load.
-//! Then every accepted order exists and is final, none is charged twice, the
-//! gateway marked the dead instance down and kept answering; `down` leaves none
-//! of the recorded processes running. And the gateway's retry rule, against two
+//! The local cluster (`scripts/cluster`): PostgreSQL, Redis, instances of the
+//! built binary and HAProxy in front; two instances of target `all`, or
+//! (`--split`) two of each service group. Driven through the gateway only: orders
+//! under load from several clients, one instance (split: one orders instance)
+//! killed with SIGKILL mid-load. Then every accepted order exists and is final,
+//! none is charged twice, the gateway marked the dead instance down and kept
+//! answering; `down` leaves none of the recorded processes running. And the gateway's retry rule, against two
 //! stand-in servers, one of which reads each request and closes without answering:
 //! only a request safe to repeat is sent again.
 
@@ -20,8 +21,8 @@ use tokio::sync::Mutex;
 
 use crate::process::{Api, client};
 use crate::recovery::{
-    CLIENTS, STOCK, Shared, accepted_orders_charged_once_and_stock_adds_up, all_orders, is_final,
-    orders, watch_stock,
+    CLIENTS, STOCK, Shared, accepted_orders_charged_once_and_stock_adds_up, is_final, orders,
+    watch_stock,
 };
 use crate::saga_crash::{customer, product};
 
@@ -140,8 +141,9 @@ fn still_runs(part: &Part) -> bool {
     fields.first() != Some(&"Z") && fields.get(19) == Some(&part.start.as_str())
 }
 
-/// HAProxy's status of each server of the `all` backend, from its statistics CSV.
-async fn gateway_servers(stats_url: &str) -> HashMap<String, String> {
+/// HAProxy's status and total sessions of each server of `backend`, from its
+/// statistics CSV (fields `svname`, `stot` and `status`).
+async fn gateway_stats(stats_url: &str, backend: &str) -> HashMap<String, (String, u64)> {
     let Ok(response) = client()
         .get(format!("{stats_url};csv"))
         .timeout(Duration::from_secs(2))
@@ -155,11 +157,23 @@ async fn gateway_servers(stats_url: &str) -> HashMap<String, String> {
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(',').collect();
             (fields.len() > 17
-                && fields[0] == "all"
+                && fields[0] == backend
                 && fields[1] != "FRONTEND"
                 && fields[1] != "BACKEND")
-                .then(|| (fields[1].to_owned(), fields[17].to_owned()))
+                .then(|| {
+                    let sessions = fields[7].parse().unwrap_or(0);
+                    (fields[1].to_owned(), (fields[17].to_owned(), sessions))
+                })
         })
+        .collect()
+}
+
+/// HAProxy's status of each server of `backend`.
+async fn gateway_servers(stats_url: &str, backend: &str) -> HashMap<String, String> {
+    gateway_stats(stats_url, backend)
+        .await
+        .into_iter()
+        .map(|(name, (status, _))| (name, status))
         .collect()
 }
 
@@ -174,34 +188,37 @@ fn is_down(servers: &HashMap<String, String>, name: &str) -> bool {
     servers.get(name).is_some_and(|s| s.starts_with("DOWN"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn cluster_of_two_behind_haproxy_survives_a_killed_instance() {
+fn skip_without_haproxy(test: &str) -> bool {
     if !has_haproxy() && !is_root() {
         eprintln!(
-            "SKIPPED cluster_of_two_behind_haproxy_survives_a_killed_instance: haproxy is \
-             not installed and cannot be (not root): apt-get install haproxy"
+            "SKIPPED {test}: haproxy is not installed and cannot be (not root): apt-get install \
+             haproxy"
         );
-        return;
+        return true;
     }
-    let dir = scaleshop_testkit::temp_dir("scaleshop-cluster");
-    // Before `up`: a failed start stops what it started by itself, `down` then
-    // finds nothing to stop.
-    let _down = Down(dir.clone());
+    false
+}
+
+/// `scripts/cluster up DIR ARGS...`: every expected part recorded and running,
+/// `status` clean, `cluster.env` complete. The recorded parts and the environment.
+fn up(dir: &Path, args: &[&str], expected: &[&str]) -> (Vec<Part>, HashMap<String, String>) {
     let started = Instant::now();
-    let (ok, text) = cluster("up", &dir, &["--instances", "2"]);
+    let (ok, text) = cluster("up", dir, args);
     assert!(ok, "scripts/cluster up failed:\n{text}");
-    eprintln!("cluster up in {:?}", started.elapsed());
-    let recorded = parts(&dir);
+    eprintln!("cluster up {args:?} in {:?}", started.elapsed());
+    let recorded = parts(dir);
     // Instances are recorded in the order they came up (one may be started again
     // on a new port if another process took its port first).
     let mut names: Vec<&str> = recorded.iter().map(|p| p.name.as_str()).collect();
     names.sort_unstable();
-    assert_eq!(names, ["all-1", "all-2", "gateway", "postgres", "redis"]);
+    let mut expected = expected.to_vec();
+    expected.sort_unstable();
+    assert_eq!(names, expected);
     assert!(recorded.iter().all(still_runs), "{recorded:?}");
-    let (ok, status) = cluster("status", &dir, &[]);
+    let (ok, status) = cluster("status", dir, &[]);
     assert!(ok, "status after up: {status}");
 
-    let env = sourced_env(&dir);
+    let env = sourced_env(dir);
     for key in [
         "SCALESHOP_URL",
         "SCALESHOP_ADMIN_EMAIL",
@@ -215,15 +232,64 @@ async fn cluster_of_two_behind_haproxy_survives_a_killed_instance() {
             "{key} missing from cluster.env: {env:?}"
         );
     }
+    (recorded, env)
+}
+
+/// Every order of every customer, or None when the gateway did not answer a page
+/// with one (a 5xx while an instance is out).
+async fn try_all_orders(api: &Api, tokens: &[String]) -> Option<Vec<Value>> {
+    let mut all = Vec::new();
+    for token in tokens {
+        let mut cursor: Option<String> = None;
+        for _ in 0..100 {
+            let mut url = api.url("/v1/orders?limit=100");
+            if let Some(c) = &cursor {
+                url.push_str(&format!("&cursor={c}"));
+            }
+            let r = api.client.get(url).bearer_auth(token).send().await.ok()?;
+            if !r.status().is_success() {
+                return None;
+            }
+            let page: Value = r.json().await.ok()?;
+            all.extend(page["items"].as_array().cloned().unwrap_or_default());
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+    }
+    Some(all)
+}
+
+/// Which instance dies, and where the gateway sees it.
+struct Kill<'a> {
+    /// The test's name, for its report.
+    test: &'a str,
+    /// The backend that serves `/v1/orders`.
+    backend: &'a str,
+    victim: &'a str,
+    survivor: &'a str,
+}
+
+/// Through the gateway only: customers and products, then orders from several
+/// clients, each with an Idempotency-Key; mid-load `kill.victim` is killed with
+/// SIGKILL. The gateway marks it down and keeps answering; every accepted order
+/// exists and becomes final, none is charged twice, the stock adds up. Then
+/// `status` names the dead instance and `down` stops every recorded process.
+async fn orders_survive_a_killed_instance(
+    dir: &Path,
+    recorded: &[Part],
+    env: &HashMap<String, String>,
+    kill: Kill<'_>,
+) {
     let gateway = Api::new(env["SCALESHOP_URL"].clone());
     let stats = env["SCALESHOP_GATEWAY_STATS_URL"].clone();
-    let servers = gateway_servers(&stats).await;
+    let servers = gateway_servers(&stats, kill.backend).await;
     assert!(
-        is_up(&servers, "all-1") && is_up(&servers, "all-2"),
+        is_up(&servers, kill.victim) && is_up(&servers, kill.survivor),
         "{servers:?}"
     );
 
-    // Everything below goes through the gateway.
     let admin = gateway
         .sign_in(
             &env["SCALESHOP_ADMIN_EMAIL"],
@@ -238,7 +304,7 @@ async fn cluster_of_two_behind_haproxy_survives_a_killed_instance() {
     for c in 0..CLIENTS {
         tokens.push(customer(&gateway, &format!("cluster{c}@example.com")).await);
     }
-    // Both instances serve: a sign-in on one, its token on the other (keys shared
+    // Every instance serves: a sign-in on one, its token on the other (keys shared
     // through the database), over several requests spread by round robin.
     for _ in 0..4 {
         let me = gateway
@@ -256,12 +322,19 @@ async fn cluster_of_two_behind_haproxy_survives_a_killed_instance() {
         .collect();
     let watcher = tokio::spawn(watch_stock(products.clone(), shared.clone()));
 
-    // Mid-load, SIGKILL one instance by its recorded pid.
+    // Mid-load, SIGKILL one instance by its recorded pid; both it and the other
+    // one have taken orders by then (round robin).
     tokio::time::sleep(Duration::from_millis(2000)).await;
+    let before = gateway_stats(&stats, kill.backend).await;
+    let sessions = |name: &str| before.get(name).map_or(0, |(_, sessions)| *sessions);
+    assert!(
+        sessions(kill.victim) > 0 && sessions(kill.survivor) > 0,
+        "the load did not reach both instances: {before:?}"
+    );
     let victim = recorded
         .iter()
-        .find(|p| p.name == "all-1")
-        .expect("all-1")
+        .find(|p| p.name == kill.victim)
+        .expect("the victim is recorded")
         .clone();
     assert_eq!(victim.kind, "instance");
     let status = Command::new("kill")
@@ -273,12 +346,13 @@ async fn cluster_of_two_behind_haproxy_survives_a_killed_instance() {
 
     // HAProxy marks it down (health checks every 500 ms, down after 2 failures).
     let marked_down = crate::process::eventually(Duration::from_secs(10), || async {
-        let servers = gateway_servers(&stats).await;
-        (is_down(&servers, "all-1") && is_up(&servers, "all-2")).then(|| killed.elapsed())
+        let servers = gateway_servers(&stats, kill.backend).await;
+        (is_down(&servers, kill.victim) && is_up(&servers, kill.survivor)).then(|| killed.elapsed())
     })
     .await;
 
-    // The gateway keeps answering: reads and a new order, each on the first try.
+    // The gateway keeps answering: reads of products and of orders, and a new
+    // order, each on the first try.
     for i in 0..20 {
         let r = gateway
             .client
@@ -286,7 +360,15 @@ async fn cluster_of_two_behind_haproxy_survives_a_killed_instance() {
             .send()
             .await
             .expect("read through the gateway");
-        assert_eq!(r.status().as_u16(), 200, "read {i} after the kill");
+        assert_eq!(r.status().as_u16(), 200, "product read {i} after the kill");
+        let r = gateway
+            .client
+            .get(gateway.url("/v1/orders"))
+            .bearer_auth(&tokens[i % CLIENTS])
+            .send()
+            .await
+            .expect("read through the gateway");
+        assert_eq!(r.status().as_u16(), 200, "orders read {i} after the kill");
     }
     let r = gateway
         .client
@@ -322,8 +404,16 @@ async fn cluster_of_two_behind_haproxy_survives_a_killed_instance() {
     // to the survivor once their leases expire).
     let mut final_after = None;
     let mut all = Vec::new();
+    // Lists the gateway could not answer while polling (none expected; counted
+    // and reported rather than fatal here: the bound on finality decides).
+    let mut unanswered = 0;
     while killed.elapsed() < FINAL_WITHIN {
-        all = all_orders(&gateway, &tokens).await;
+        let Some(listed) = try_all_orders(&gateway, &tokens).await else {
+            unanswered += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        all = listed;
         if all.iter().all(is_final) {
             final_after = Some(killed.elapsed());
             break;
@@ -338,10 +428,13 @@ async fn cluster_of_two_behind_haproxy_survives_a_killed_instance() {
             m
         });
     eprintln!(
-        "cluster test: {} accepted, {} orders; all-1 marked down {marked_down:?} after the kill; \
-         every order final {final_after:?} after it; {} in-flight (409) answers; {statuses:?}",
+        "{}: {} accepted, {} orders; {} marked down {marked_down:?} after the kill; every \
+         order final {final_after:?} after it; {} in-flight (409) answers; {unanswered} \
+         order lists unanswered while polling; {statuses:?}",
+        kill.test,
         accepted.len(),
         all.len(),
+        kill.victim,
         shared.in_flight_answers.load(Ordering::Relaxed),
     );
     assert!(
@@ -353,18 +446,126 @@ async fn cluster_of_two_behind_haproxy_survives_a_killed_instance() {
         .await;
 
     // `status` tells the dead instance apart; `down` stops every recorded process.
-    let (ok, status) = cluster("status", &dir, &[]);
+    let (ok, status) = cluster("status", dir, &[]);
     assert!(!ok, "status with a dead instance: {status}");
     assert!(
         status
             .lines()
-            .any(|l| l.starts_with("all-1 ") && l.contains(" down ")),
+            .any(|l| l.starts_with(&format!("{} ", kill.victim)) && l.contains(" down ")),
         "{status}"
     );
-    let (ok, text) = cluster("down", &dir, &[]);
+    let (ok, text) = cluster("down", dir, &[]);
     assert!(ok, "scripts/cluster down failed:\n{text}");
     let left: Vec<&Part> = recorded.iter().filter(|p| still_runs(p)).collect();
     assert!(left.is_empty(), "still running after down: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_of_two_behind_haproxy_survives_a_killed_instance() {
+    const TEST: &str = "cluster_of_two_behind_haproxy_survives_a_killed_instance";
+    if skip_without_haproxy(TEST) {
+        return;
+    }
+    let dir = scaleshop_testkit::temp_dir("scaleshop-cluster");
+    // Before `up`: a failed start stops what it started by itself, `down` then
+    // finds nothing to stop.
+    let _down = Down(dir.clone());
+    let (recorded, env) = up(
+        &dir,
+        &["--instances", "2"],
+        &["all-1", "all-2", "gateway", "postgres", "redis"],
+    );
+    let kill = Kill {
+        test: TEST,
+        backend: "all",
+        victim: "all-1",
+        survivor: "all-2",
+    };
+    orders_survive_a_killed_instance(&dir, &recorded, &env, kill).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The split groups of `scripts/cluster up --split`, as their instances are named
+/// and the targets they run.
+const SPLIT: [(&str, &str); 5] = [
+    ("users", "users"),
+    ("catalog", "catalog,inventory,media"),
+    ("payments", "payments"),
+    ("orders", "orders"),
+    ("notifications", "notifications"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn split_cluster_survives_a_killed_orders_instance() {
+    const TEST: &str = "split_cluster_survives_a_killed_orders_instance";
+    if skip_without_haproxy(TEST) {
+        return;
+    }
+    let started = Instant::now();
+    let dir = scaleshop_testkit::temp_dir("scaleshop-split-cluster");
+    let _down = Down(dir.clone());
+    let mut expected: Vec<String> = SPLIT
+        .iter()
+        .flat_map(|(name, _)| [format!("{name}-1"), format!("{name}-2")])
+        .collect();
+    expected.extend(["gateway", "postgres", "redis"].map(str::to_owned));
+    let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+    let (recorded, env) = up(&dir, &["--split", "--instances", "2"], &expected);
+
+    // Each instance runs its group's target, and the gateway checks each one in
+    // its group's backend.
+    let targets: HashMap<String, String> = std::fs::read_to_string(dir.join("parts"))
+        .expect("DIR/parts")
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split('\t').collect();
+            (fields[0].to_owned(), fields[2].to_owned())
+        })
+        .collect();
+    let stats = env["SCALESHOP_GATEWAY_STATS_URL"].clone();
+    for (name, target) in SPLIT {
+        let backend = target.replace(',', "-");
+        let servers = gateway_servers(&stats, &backend).await;
+        for i in 1..=2 {
+            let instance = format!("{name}-{i}");
+            assert_eq!(targets[&instance], target, "{instance}");
+            assert!(is_up(&servers, &instance), "{backend}: {servers:?}");
+        }
+        assert_eq!(servers.len(), 2, "{backend}: {servers:?}");
+    }
+
+    // The routes between services pass only on the gateway's address for them,
+    // and there they still want a service token.
+    let http = client();
+    let internal = "/internal/payments/methods?method=pm_card_visa";
+    let r = http
+        .get(format!("{}{internal}", env["SCALESHOP_URL"]))
+        .send()
+        .await
+        .expect("public gateway");
+    assert_eq!(r.status().as_u16(), 404);
+    assert_eq!(
+        r.headers()["content-type"].to_str().expect("type"),
+        "application/problem+json"
+    );
+    let services = env
+        .get("SCALESHOP_GATEWAY_SERVICES_URL")
+        .expect("SCALESHOP_GATEWAY_SERVICES_URL in cluster.env");
+    let r = http
+        .get(format!("{services}{internal}"))
+        .send()
+        .await
+        .expect("services gateway");
+    assert_eq!(r.status().as_u16(), 401);
+
+    let kill = Kill {
+        test: TEST,
+        backend: "orders",
+        victim: "orders-1",
+        survivor: "orders-2",
+    };
+    orders_survive_a_killed_instance(&dir, &recorded, &env, kill).await;
+    eprintln!("{TEST}: {:?} in all", started.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -516,7 +717,7 @@ async fn gateway_sends_again_only_requests_safe_to_repeat() {
     );
     let stats = format!("http://127.0.0.1:{stats_port}/stats");
     crate::process::eventually(Duration::from_secs(10), || async {
-        let servers = gateway_servers(&stats).await;
+        let servers = gateway_servers(&stats, "all").await;
         (is_up(&servers, "dying") && is_up(&servers, "answering")).then_some(())
     })
     .await;
