@@ -18,7 +18,8 @@ use crate::error::PROBLEM_JSON;
 /// Rewrites `doc` in place (see the module's documentation).
 pub fn apply_conventions(doc: &mut OpenApi) {
     for (path, item) in doc.paths.paths.iter_mut() {
-        let api = path.starts_with("/v1/");
+        // The public API and the routes services call each other on.
+        let api = path.starts_with("/v1/") || path.starts_with("/internal/");
         let path_level_params = item.parameters.clone().unwrap_or_default();
         let operations = [
             &mut item.get,
