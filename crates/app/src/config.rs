@@ -169,6 +169,23 @@ pub struct Config {
     /// tokens) without reading it again: the bound on a revocation whose
     /// invalidation never reached the process.
     pub session_cache_ttl_secs: u64,
+    /// Where each service answers when another process runs it (`http://host:port`):
+    /// a target that calls a service it does not run needs its address.
+    pub service_url_users: Option<String>,
+    pub service_url_inventory: Option<String>,
+    pub service_url_catalog: Option<String>,
+    pub service_url_payments: Option<String>,
+    pub service_url_orders: Option<String>,
+    pub service_url_notifications: Option<String>,
+    pub service_url_media: Option<String>,
+    /// Upper bound of one call to another service over HTTP (one try).
+    pub service_timeout_ms: u64,
+    /// Further tries of a call to another service that is safe to repeat.
+    pub service_retries: u32,
+    /// Failures in a row after which calls to a service fail fast (the breaker opens).
+    pub service_breaker_failures: u32,
+    /// How long an open breaker fails calls fast before one trial call goes through.
+    pub service_breaker_open_ms: u64,
     /// Log filter when `RUST_LOG` is unset.
     pub log_filter: String,
     /// How long SIGTERM waits for in-flight requests, in seconds.
@@ -237,6 +254,17 @@ impl Default for Config {
             cache_l2_ttl_secs: 3600,
             cache_negative_ttl_secs: 10,
             session_cache_ttl_secs: 60,
+            service_url_users: None,
+            service_url_inventory: None,
+            service_url_catalog: None,
+            service_url_payments: None,
+            service_url_orders: None,
+            service_url_notifications: None,
+            service_url_media: None,
+            service_timeout_ms: 2000,
+            service_retries: 2,
+            service_breaker_failures: 5,
+            service_breaker_open_ms: 2000,
             log_filter: "info".to_owned(),
             shutdown_grace_secs: 20,
         }
@@ -303,6 +331,17 @@ const ENV_KEYS: &[&str] = &[
     "cache_l2_ttl_secs",
     "cache_negative_ttl_secs",
     "session_cache_ttl_secs",
+    "service_url_users",
+    "service_url_inventory",
+    "service_url_catalog",
+    "service_url_payments",
+    "service_url_orders",
+    "service_url_notifications",
+    "service_url_media",
+    "service_timeout_ms",
+    "service_retries",
+    "service_breaker_failures",
+    "service_breaker_open_ms",
     "log_filter",
     "shutdown_grace_secs",
 ];
@@ -334,6 +373,20 @@ impl Config {
         Ok(config)
     }
 
+    /// The configured address of `service` (`service_url_<name>`), if any.
+    pub fn service_url(&self, service: crate::modules::Service) -> Option<&str> {
+        use crate::modules::Service;
+        match service {
+            Service::Users => self.service_url_users.as_deref(),
+            Service::Inventory => self.service_url_inventory.as_deref(),
+            Service::Catalog => self.service_url_catalog.as_deref(),
+            Service::Payments => self.service_url_payments.as_deref(),
+            Service::Orders => self.service_url_orders.as_deref(),
+            Service::Notifications => self.service_url_notifications.as_deref(),
+            Service::Media => self.service_url_media.as_deref(),
+        }
+    }
+
     /// Rules beyond types; each message names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
@@ -350,6 +403,28 @@ impl Config {
             ("cache_l2_ttl_secs", self.cache_l2_ttl_secs),
             ("cache_negative_ttl_secs", self.cache_negative_ttl_secs),
             ("session_cache_ttl_secs", self.session_cache_ttl_secs),
+        ] {
+            if value == 0 {
+                return bad(key, "must be greater than 0");
+            }
+        }
+        for service in crate::modules::Service::ALL {
+            if let Some(url) = self.service_url(service)
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                return bad(
+                    service.url_key(),
+                    "expected http://host:port or https://...",
+                );
+            }
+        }
+        for (key, value) in [
+            ("service_timeout_ms", self.service_timeout_ms),
+            ("service_breaker_open_ms", self.service_breaker_open_ms),
+            (
+                "service_breaker_failures",
+                u64::from(self.service_breaker_failures),
+            ),
         ] {
             if value == 0 {
                 return bad(key, "must be greater than 0");

@@ -3,7 +3,12 @@
 //! whose broadcast was lost is still dropped.
 
 use scaleshop_cache::Invalidate;
-use scaleshop_events::Event;
+use scaleshop_contracts::{
+    ImageProcessed, InventoryAdjusted, InventoryReleased, InventoryReserved, InventorySold,
+    ProductCreated, ProductUpdated, SessionEnded, StockLine, UserCreated, UserUpdated,
+};
+use scaleshop_events::{Contract, DecodeError, Event};
+use uuid::Uuid;
 
 /// The caches the event log keeps fresh.
 pub struct Caches<'a> {
@@ -13,41 +18,57 @@ pub struct Caches<'a> {
     pub sessions: &'a dyn Invalidate,
 }
 
-/// Drops the L1 entries `event` makes stale.
+fn lines(items: &[StockLine]) -> Vec<Uuid> {
+    items.iter().map(|i| i.product_id).collect()
+}
+
+/// Drops the L1 entries `event` makes stale. Events keyed by their aggregate
+/// need only their name; the others are read through their contracts. One this
+/// build cannot read (a newer version) is logged and drops nothing: the entry
+/// lives until its TTL.
 pub fn on_event(event: &Event, caches: &Caches<'_>) {
     let Caches {
         users,
         products,
         sessions,
     } = *caches;
-    let data = &event.data.0;
-    let id_field = |name: &str| data.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+    let aggregate = || event.aggregate_id.to_string();
+    let products_of = |ids: Result<Vec<Uuid>, DecodeError>| match ids {
+        Ok(ids) => {
+            for id in ids {
+                products.invalidate_local(&id.to_string());
+            }
+        }
+        Err(error) => {
+            tracing::warn!(event_id = %event.id, %error, "cache invalidation cannot read the event");
+        }
+    };
     match event.kind.as_str() {
-        "user.created" => users.invalidate_local(&event.aggregate_id.to_string()),
+        UserCreated::NAME => users.invalidate_local(&aggregate()),
         // An update may be a new password (a new session epoch).
-        "user.updated" => {
-            let user = event.aggregate_id.to_string();
+        UserUpdated::NAME => {
+            let user = aggregate();
             users.invalidate_local(&user);
             sessions.invalidate_local(&user);
         }
-        "session.ended" => sessions.invalidate_local(&event.aggregate_id.to_string()),
-        "product.created" | "product.updated" => {
-            products.invalidate_local(&event.aggregate_id.to_string())
+        SessionEnded::NAME => sessions.invalidate_local(&aggregate()),
+        ProductCreated::NAME | ProductUpdated::NAME => products.invalidate_local(&aggregate()),
+        InventoryAdjusted::NAME => products_of(
+            event
+                .decode::<InventoryAdjusted>()
+                .map(|e| vec![e.product_id]),
+        ),
+        ImageProcessed::NAME => {
+            products_of(event.decode::<ImageProcessed>().map(|e| vec![e.product_id]))
         }
-        "inventory.adjusted" | "image.processed" => {
-            if let Some(product) = id_field("product_id") {
-                products.invalidate_local(&product);
-            }
+        InventoryReserved::NAME => {
+            products_of(event.decode::<InventoryReserved>().map(|e| lines(&e.items)))
         }
-        "inventory.reserved" | "inventory.released" | "inventory.sold" => {
-            let items = data.get("items").and_then(|v| v.as_array());
-            for product in items
-                .into_iter()
-                .flatten()
-                .filter_map(|i| i.get("product_id")?.as_str())
-            {
-                products.invalidate_local(product);
-            }
+        InventoryReleased::NAME => {
+            products_of(event.decode::<InventoryReleased>().map(|e| lines(&e.items)))
+        }
+        InventorySold::NAME => {
+            products_of(event.decode::<InventorySold>().map(|e| lines(&e.items)))
         }
         _ => {}
     }
@@ -58,8 +79,6 @@ mod tests {
     use std::sync::RwLock;
 
     use scaleshop_db::sqlx::types::Json;
-    use serde_json::json;
-    use uuid::Uuid;
 
     use super::*;
 
@@ -78,15 +97,15 @@ mod tests {
         }
     }
 
-    fn event(kind: &str, aggregate: Uuid, data: serde_json::Value) -> Event {
+    fn event<C: Contract>(aggregate: Uuid, payload: &C) -> Event {
         Event {
             id: Uuid::now_v7(),
             sequence: 1,
-            kind: kind.to_owned(),
+            kind: C::NAME.to_owned(),
             version: 1,
             aggregate_id: aggregate,
             occurred_at: chrono::Utc::now(),
-            data: Json(data),
+            data: Json(payload.encode().unwrap()),
         }
     }
 
@@ -104,29 +123,54 @@ mod tests {
             Uuid::now_v7(),
             Uuid::now_v7(),
         );
-        on_event(&event("user.updated", u, json!({})), &caches);
-        on_event(
-            &event(
-                "inventory.sold",
-                o,
-                json!({"items": [{"product_id": p.to_string()}]}),
-            ),
-            &caches,
+        let user = UserUpdated {
+            user_id: u,
+            email: "a@example.com".into(),
+            name: "A".into(),
+            role: "customer".into(),
+            changed: vec!["password".into()],
+        };
+        on_event(&event(u, &user), &caches);
+        let items = vec![StockLine {
+            product_id: p,
+            quantity: 1,
+        }];
+        on_event(&event(o, &InventorySold { order_id: o, items }), &caches);
+        let adjusted = InventoryAdjusted {
+            product_id: p,
+            delta: 3,
+            reason: "count".into(),
+            available: 3,
+        };
+        on_event(&event(p, &adjusted), &caches);
+        let created = scaleshop_contracts::OrderCancelled {
+            order_id: o,
+            user_id: u,
+        };
+        on_event(&event(o, &created), &caches);
+        let ended = SessionEnded {
+            user_id: v,
+            session_id: Uuid::now_v7(),
+        };
+        on_event(&event(v, &ended), &caches);
+        // A version this build cannot read: nothing for a payload-keyed event,
+        // the aggregate's entry for a name-keyed one.
+        let mut newer = event(
+            o,
+            &InventorySold {
+                order_id: o,
+                items: vec![],
+            },
         );
-        on_event(
-            &event(
-                "inventory.adjusted",
-                p,
-                json!({"product_id": p.to_string()}),
-            ),
-            &caches,
-        );
-        on_event(&event("order.created", o, json!({})), &caches);
-        on_event(&event("session.ended", v, json!({})), &caches);
+        newer.version = 2;
+        on_event(&newer, &caches);
+        let mut newer = event(v, &ended);
+        newer.version = 2;
+        on_event(&newer, &caches);
         assert_eq!(users.0.read().unwrap().clone(), vec![u.to_string()]);
         assert_eq!(
             sessions.0.read().unwrap().clone(),
-            vec![u.to_string(), v.to_string()]
+            vec![u.to_string(), v.to_string(), v.to_string()]
         );
         assert_eq!(
             products.0.read().unwrap().clone(),

@@ -5,17 +5,22 @@
 //! This is the only crate that knows every service; services never know each other
 //! except through their public APIs and events.
 
+mod breaker;
+mod clients;
 pub mod config;
 mod invalidation;
 pub mod keys;
 mod listener;
+mod local;
 pub mod lock;
 pub mod modules;
 mod ops;
 mod recovery;
+pub mod registry;
 pub mod server;
+pub mod service_client;
 
 pub use config::{Config, Overrides};
 pub use lock::DataDirLock;
-pub use modules::{Module, Target};
+pub use modules::{Module, Service, Target};
 pub use server::{App, StartError, bind, open_database, serve, shutdown_signal};

@@ -57,6 +57,8 @@ pub enum StartError {
     Serve(std::io::Error),
     #[error("routes: {0}")]
     Routes(String),
+    #[error("{0}")]
+    Target(String),
 }
 
 /// The routes of the documentation (Swagger UI at `/docs`, the document at
@@ -145,9 +147,11 @@ pub struct App {
 }
 
 impl App {
-    /// Builds every module of `target`.
+    /// Builds the modules of `target`: the platform parts, then each service's
+    /// registration (`crate::registry`), in order.
     pub async fn build(config: &Config, target: Target) -> Result<Self, StartError> {
         config.validate()?;
+        crate::registry::check(target, config)?;
         let modules = target.resolve();
         let data_dir_lock = crate::lock::DataDirLock::for_config(config)?;
         let db = open_database(config, target).await?;
@@ -166,6 +170,15 @@ impl App {
         let mut workers = modules
             .contains(&Module::Jobs)
             .then(|| Workers::new(db.clone(), config.worker_settings()));
+        if modules.contains(&Module::Events) {
+            let log = scaleshop_events::EventLog::new(db.clone());
+            let dead = scaleshop_events::dispatch::DeadEvents::new(db.clone());
+            api = scaleshop_events::http::router(log, dead).merge_into(api, &mut routes);
+        }
+        if modules.contains(&Module::Jobs) {
+            api = scaleshop_jobs::http::router(scaleshop_jobs::JobQueue::new(db.clone()))
+                .merge_into(api, &mut routes);
+        }
         let mut forget_idle: Vec<Box<dyn Fn() + Send + Sync>> = Vec::new();
         let mut periodic: Vec<(Duration, Collector)> = Vec::new();
         // The shared cache tier, when configured (a lazy connection: the process
@@ -198,159 +211,37 @@ impl App {
         ));
         // What the `Caller` extractor asks whether a token's session is live.
         let mut session_check: Option<Arc<dyn scaleshop_web::SessionCheck>> = None;
-        // In-process APIs of the services others call (cheap handles on the pool).
-        let inventory = scaleshop_inventory::Inventory::new(db.clone());
-        let catalog = scaleshop_catalog::Catalog::new(db.clone(), inventory.clone())
-            .with_cache(products_cache.clone());
-        let payments = scaleshop_payments::Payments::new(
-            db.clone(),
-            Arc::new(
-                scaleshop_payments::SandboxGateway::new(db.clone())
-                    .with_lost_answers(config.payments_sandbox_lost_answer_percent),
-            ),
-        );
-
-        for module in &modules {
-            match module {
-                Module::Database => {}
-                // Built last, once every module has registered its consumers and queues.
-                Module::Operations => {}
-                Module::Events => {
-                    let log = scaleshop_events::EventLog::new(db.clone());
-                    let dead = scaleshop_events::dispatch::DeadEvents::new(db.clone());
-                    api = scaleshop_events::http::router(log, dead).merge_into(api, &mut routes);
-                }
-                Module::Jobs => {
-                    api = scaleshop_jobs::http::router(scaleshop_jobs::JobQueue::new(db.clone()))
-                        .merge_into(api, &mut routes);
-                }
-                Module::Users => {
-                    let users = scaleshop_users::Users::new(scaleshop_users::store::store_for(&db))
-                        .with_cache(users_cache.clone())
-                        .with_sessions_cache(sessions_cache.clone())
-                        .with_hasher(scaleshop_users::hashing::Hasher::new(
-                            config.password_hashing(),
-                        ));
-                    let sessions = users.sessions();
-                    session_check = Some(Arc::new(sessions.clone()));
-                    periodic.push((
-                        Duration::from_secs(600),
-                        clean_up("expired signed-out sessions", move || {
-                            let sessions = sessions.clone();
-                            async move { sessions.clean_up().await }
-                        }),
-                    ));
-                    if let (Some(email), Some(password)) =
-                        (&config.admin_email, &config.admin_password)
-                    {
-                        ensure_admin(&users, email, password.expose()).await?;
-                    }
-                    let (router, forget) =
-                        scaleshop_users::http::router(users, config.login_limits());
-                    api = router.merge_into(api, &mut routes);
-                    forget_idle.push(Box::new(forget));
-                }
-                Module::Inventory => {
-                    if let Some(dispatcher) = dispatcher.as_mut() {
-                        dispatcher.subscribe(Arc::new(scaleshop_inventory::InventoryConsumer));
-                    }
-                    api = scaleshop_inventory::http::router(inventory.clone())
-                        .merge_into(api, &mut routes);
-                }
-                Module::Catalog => {
-                    api = scaleshop_catalog::http::router(catalog.clone())
-                        .merge_into(api, &mut routes);
-                }
-                Module::Payments => {
-                    api = scaleshop_payments::http::router(payments.clone())
-                        .merge_into(api, &mut routes);
-                }
-                Module::Orders => {
-                    let mut orders = scaleshop_orders::Orders::new(
-                        db.clone(),
-                        catalog.clone(),
-                        payments.clone(),
-                    );
-                    // A key whose request died is taken over once that request
-                    // cannot be running any more.
-                    orders.idempotency = orders.idempotency.abandoned_after(
-                        Duration::from_millis(config.request_timeout_ms) + Duration::from_secs(2),
-                    );
-                    if let Some(dispatcher) = dispatcher.as_mut() {
-                        let processor = scaleshop_orders::OrderProcessor {
-                            max_attempts: config.order_max_attempts,
-                        };
-                        dispatcher.subscribe(Arc::new(processor));
-                    }
-                    if let Some(workers) = workers.as_mut() {
-                        let saga = scaleshop_orders::OrderSaga::new(
-                            db.clone(),
-                            inventory.clone(),
-                            payments.clone(),
-                        );
-                        let concurrency = usize::try_from(config.order_concurrency).unwrap_or(1);
-                        workers.register(scaleshop_orders::SAGA_QUEUE, concurrency, Arc::new(saga));
-                    }
-                    if db.backend() == scaleshop_db::Backend::Postgres {
-                        // Other processes take this one's in-flight keys over as soon
-                        // as it stops renewing (like its consumer leases).
-                        let (keys, events) =
-                            (orders.idempotency.clone(), config.dispatcher_settings());
-                        periodic.push((
-                            events.renew,
-                            Arc::new(move || {
-                                let keys = keys.clone();
-                                Box::pin(async move {
-                                    if let Err(e) = keys.heartbeat(events.lease).await {
-                                        tracing::warn!(error = %e, "idempotency heartbeat failed");
-                                    }
-                                })
-                            }),
-                        ));
-                    }
-                    let keys = orders.idempotency.clone();
-                    periodic.push((
-                        Duration::from_secs(600),
-                        clean_up("expired idempotency keys", move || {
-                            let keys = keys.clone();
-                            async move { keys.clean_up().await }
-                        }),
-                    ));
-                    api = scaleshop_orders::http::router(orders).merge_into(api, &mut routes);
-                }
-                Module::Notifications => {
-                    let mailer = Arc::new(mailer(config)?);
-                    if let Some(dispatcher) = dispatcher.as_mut() {
-                        dispatcher
-                            .subscribe(Arc::new(scaleshop_notifications::NotificationConsumer));
-                    }
-                    if let Some(workers) = workers.as_mut() {
-                        let handler = scaleshop_notifications::EmailJob::new(db.clone(), mailer);
-                        let concurrency = usize::try_from(config.email_concurrency).unwrap_or(1);
-                        workers.register(
-                            scaleshop_notifications::EMAIL_QUEUE,
-                            concurrency,
-                            Arc::new(handler),
-                        );
-                    }
-                    let store = scaleshop_notifications::NotificationStore::new(db.clone());
-                    api = scaleshop_notifications::http::router(store).merge_into(api, &mut routes);
-                }
-                Module::Media => {
-                    let media = media(config, &db, &catalog)?;
-                    // The catalog lists a product's images through the media service.
-                    catalog.set_images(Arc::new(media.clone()));
-                    if let Some(workers) = workers.as_mut() {
-                        let concurrency = usize::try_from(config.images_concurrency).unwrap_or(1);
-                        workers.register(
-                            scaleshop_media::IMAGES_QUEUE,
-                            concurrency,
-                            Arc::new(scaleshop_media::ImageJob::new(media.clone())),
-                        );
-                    }
-                    api = scaleshop_media::http::router(media).merge_into(api, &mut routes);
+        let mut cx = crate::registry::Context {
+            config,
+            target,
+            db: db.clone(),
+            users_cache: users_cache.clone(),
+            products_cache: products_cache.clone(),
+            sessions_cache: sessions_cache.clone(),
+            clients: crate::clients::Clients::new(config, keys.clone()),
+            users: None,
+            inventory: None,
+            catalog: None,
+            payments: None,
+        };
+        for service in target.services() {
+            let registration = crate::registry::register(service, &mut cx).await?;
+            for router in registration.routes {
+                api = router.merge_into(api, &mut routes);
+            }
+            if let Some(dispatcher) = dispatcher.as_mut() {
+                for consumer in registration.consumers {
+                    dispatcher.subscribe(consumer);
                 }
             }
+            if let Some(workers) = workers.as_mut() {
+                for job in registration.jobs {
+                    workers.register(job.queue, job.concurrency, job.handler);
+                }
+            }
+            periodic.extend(registration.periodic);
+            forget_idle.extend(registration.forget_idle);
+            session_check = session_check.or(registration.session_check);
         }
         if modules.contains(&Module::Operations) {
             let mut collectors = Vec::new();
@@ -514,77 +405,6 @@ impl App {
         }));
         Ok(tasks)
     }
-}
-
-/// A periodic deletion of `what` (`delete` answers how many rows went).
-fn clean_up<F, Fut>(what: &'static str, delete: F) -> Collector
-where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<u64, scaleshop_db::StoreError>> + Send + 'static,
-{
-    let delete = Arc::new(delete);
-    Arc::new(move || {
-        let delete = delete.clone();
-        Box::pin(async move {
-            match delete().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(deleted = n, "{what} removed"),
-                Err(e) => tracing::warn!(error = %e, "clean-up of {what} failed"),
-            }
-        })
-    })
-}
-
-fn mailer(config: &Config) -> Result<scaleshop_notifications::Mailer, StartError> {
-    use scaleshop_notifications::Mailer;
-    let mailer = match &config.smtp_url {
-        Some(url) => Mailer::smtp(
-            url.expose(),
-            &config.smtp_from,
-            Duration::from_millis(config.smtp_timeout_ms),
-        ),
-        None => Mailer::files(config.data_dir.join("mail"), &config.smtp_from),
-    };
-    mailer.map_err(|e| StartError::Mail(e.to_string()))
-}
-
-fn media(
-    config: &Config,
-    db: &Database,
-    catalog: &scaleshop_catalog::Catalog,
-) -> Result<scaleshop_media::Media, StartError> {
-    let fail = |e: &dyn std::fmt::Display| StartError::Media(e.to_string());
-    let storage = scaleshop_media::Storage::open(
-        &config.image_storage(),
-        Duration::from_millis(config.image_storage_timeout_ms),
-    )
-    .map_err(|e| fail(&e))?;
-    // Production configuration leaves the overrides empty: every SSRF rule applies.
-    let fetcher = scaleshop_media::Fetcher::with_overrides(config.image_fetch_test_hosts.clone())
-        .map_err(|e| fail(&e))?;
-    Ok(scaleshop_media::Media::new(
-        db.clone(),
-        catalog.clone(),
-        storage,
-        fetcher,
-    ))
-}
-
-async fn ensure_admin(
-    users: &scaleshop_users::Users,
-    email: &str,
-    password: &str,
-) -> Result<(), StartError> {
-    use scaleshop_users::domain::{Email, Password};
-    let email = Email::parse(email).map_err(|e| StartError::Admin(format!("admin_email {e}")))?;
-    let password =
-        Password::parse(password).map_err(|e| StartError::Admin(format!("admin_password {e}")))?;
-    let admin = users
-        .ensure_admin(email, password)
-        .await
-        .map_err(|e| StartError::Admin(e.to_string()))?;
-    tracing::info!(user_id = %admin.id, "admin account ensured");
-    Ok(())
 }
 
 /// Serves until `shutdown` resolves, then drains: stops accepting, lets in-flight

@@ -13,19 +13,14 @@ use std::sync::{Arc, OnceLock};
 use chrono::SubsecRound;
 use chrono::{DateTime, Utc};
 use scaleshop_cache::{CacheSettings, Cached, Loaded, TieredCache};
+use scaleshop_contracts::{ProductCreated, ProductUpdated};
 use scaleshop_db::{Consistency, Database, Migrations, StoreError};
 use scaleshop_events::NewEvent;
 use scaleshop_inventory::Inventory;
-use serde_json::json;
 use uuid::Uuid;
 
 use crate::domain::{NewProduct, Product, ProductPatch};
 use crate::store::ProductStore;
-
-pub mod events {
-    pub const PRODUCT_CREATED: &str = "product.created";
-    pub const PRODUCT_UPDATED: &str = "product.updated";
-}
 
 pub fn migrations() -> Migrations {
     store::migrations()
@@ -113,15 +108,33 @@ impl std::fmt::Debug for Catalog {
     }
 }
 
-fn product_data(product: &Product) -> serde_json::Value {
-    json!({
-        "product_id": product.id,
-        "sku": product.sku.as_str(),
-        "name": product.name.as_str(),
-        "price_cents": product.price_cents.get(),
-        "currency": product.currency.as_str(),
-        "initial_stock": product.initial_stock.get(),
-    })
+fn created_event(product: &Product) -> Result<NewEvent, StoreError> {
+    NewEvent::typed(
+        product.id,
+        &ProductCreated {
+            product_id: product.id,
+            sku: product.sku.as_str().to_owned(),
+            name: product.name.as_str().to_owned(),
+            price_cents: product.price_cents.get(),
+            currency: product.currency.as_str().to_owned(),
+            initial_stock: product.initial_stock.get(),
+        },
+    )
+}
+
+fn updated_event(product: &Product, changed: &[&str]) -> Result<NewEvent, StoreError> {
+    NewEvent::typed(
+        product.id,
+        &ProductUpdated {
+            product_id: product.id,
+            sku: product.sku.as_str().to_owned(),
+            name: product.name.as_str().to_owned(),
+            price_cents: product.price_cents.get(),
+            currency: product.currency.as_str().to_owned(),
+            initial_stock: product.initial_stock.get(),
+            changed: changed.iter().map(|c| (*c).to_owned()).collect(),
+        },
+    )
 }
 
 impl Catalog {
@@ -206,7 +219,7 @@ impl Catalog {
             created_at: now,
             updated_at: now,
         };
-        let event = NewEvent::new(events::PRODUCT_CREATED, product.id, product_data(&product));
+        let event = created_event(&product)?;
         match self.store.insert(&product, &event).await {
             Ok(()) => Ok(product),
             Err(StoreError::Conflict(_)) => Err(CatalogError::SkuTaken),
@@ -233,9 +246,7 @@ impl Catalog {
             return Ok(product);
         }
         product.updated_at = Utc::now().trunc_subsecs(6).max(product.updated_at);
-        let mut data = product_data(&product);
-        data["changed"] = json!(changed);
-        let event = NewEvent::new(events::PRODUCT_UPDATED, product.id, data);
+        let event = updated_event(&product, &changed)?;
         self.store.update(&product, &event).await?;
         self.cache.invalidate(&product.id.to_string()).await;
         Ok(product)

@@ -36,18 +36,52 @@ use crate::{Event, EventLog};
 
 /// Why a handler failed; the message is kept as the event's `last_error`.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct HandlerError(pub String);
+#[error("{message}")]
+pub struct HandlerError {
+    message: String,
+    permanent: bool,
+}
 
 impl HandlerError {
+    /// A failure that may pass: the event is retried with backoff, and parked as
+    /// dead after the last attempt.
     pub fn new(message: impl Into<String>) -> Self {
-        Self(message.into())
+        Self {
+            message: message.into(),
+            permanent: false,
+        }
+    }
+
+    /// A failure that no retry can cure (the event cannot be read by this build):
+    /// the event is parked as dead for the consumer at once, and delivery goes on.
+    /// An admin redelivers it once a consumer that can handle it runs.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            permanent: true,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
     }
 }
 
 impl From<StoreError> for HandlerError {
     fn from(error: StoreError) -> Self {
-        Self(error.to_string())
+        Self::new(error.to_string())
+    }
+}
+
+/// An event this consumer cannot read (another version, a bad payload) reads the
+/// same on every retry: it is parked at once.
+impl From<scaleshop_contracts::DecodeError> for HandlerError {
+    fn from(error: scaleshop_contracts::DecodeError) -> Self {
+        Self::permanent(error.to_string())
     }
 }
 
@@ -529,7 +563,7 @@ impl Runner {
             }
             Err(error) => {
                 tx.rollback().await?;
-                self.failed(event, prior_attempts + 1, &error.0).await
+                self.failed(event, prior_attempts + 1, &error).await
             }
         }
     }
@@ -538,10 +572,12 @@ impl Runner {
         &self,
         event: &Event,
         attempts: i32,
-        error: &str,
+        error: &HandlerError,
     ) -> Result<Delivery, StoreError> {
         let max = i32::try_from(self.settings.max_attempts).unwrap_or(i32::MAX);
-        if attempts >= max {
+        let permanent = error.is_permanent();
+        let error = error.message();
+        if permanent || attempts >= max {
             const PARK: &str = "INSERT INTO event_dead (consumer, event_id, sequence, attempts, last_error, state, died_at) \
                                 VALUES ($1, $2, $3, $4, $5, 'dead', $6) \
                                 ON CONFLICT (consumer, event_id) DO UPDATE SET attempts = excluded.attempts, \
@@ -561,7 +597,7 @@ impl Runner {
             }
             tx.commit().await?;
             metrics::counter!(names::EVENT_DELIVERIES, "consumer" => self.name(), "outcome" => "dead").increment(1);
-            tracing::warn!(consumer = self.name(), event_id = %event.id, sequence = event.sequence, attempts, error, "event parked as dead");
+            tracing::warn!(consumer = self.name(), event_id = %event.id, sequence = event.sequence, attempts, permanent, error, "event parked as dead");
             return Ok(Delivery::Done);
         }
         let attempt = u32::try_from(attempts).unwrap_or(1);
@@ -625,7 +661,7 @@ impl Runner {
                 tx.rollback().await?;
                 let mut tx = self.db.begin().await?;
                 with_tx!(&mut tx, conn => {
-                    sqlx::query(AGAIN).bind(self.name()).bind(event_id).bind(&error.0).bind(now())
+                    sqlx::query(AGAIN).bind(self.name()).bind(event_id).bind(error.message()).bind(now())
                         .execute(conn).await?;
                 });
                 tx.commit().await?;

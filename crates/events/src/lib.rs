@@ -9,7 +9,11 @@
 //! makes the effect exactly once.
 //!
 //! This crate knows the envelope, never the meaning of an event: it depends on no
-//! service.
+//! service. Payloads are the typed contracts of `scaleshop-contracts`: a producer
+//! builds its event with [`NewEvent::typed`], a consumer reads one with
+//! [`Event::decode`] or an [`EventSet`]; the envelope carries the payload's
+//! version, and an event a consumer cannot read (a newer version, a bad shape) is
+//! parked as dead for it at once (see [`HandlerError::permanent`]).
 
 use chrono::{DateTime, SubsecRound, Utc};
 use scaleshop_db::sqlx::types::Json;
@@ -23,9 +27,7 @@ pub mod http;
 pub mod tail;
 
 pub use dispatch::{Consumer, DeadEvent, Dispatcher, DispatcherSettings, HandlerError};
-
-/// Version of the envelope and of every payload shape published today.
-pub const VERSION: i32 = 1;
+pub use scaleshop_contracts::{Contract, DecodeError, Envelope, EventSet};
 
 /// The tables this crate owns.
 pub fn migrations() -> Migrations {
@@ -43,16 +45,35 @@ pub fn migrations() -> Migrations {
 pub struct NewEvent {
     pub id: Uuid,
     pub kind: &'static str,
+    /// The version of the payload's contract.
+    pub version: u32,
     pub aggregate_id: Uuid,
     pub occurred_at: DateTime<Utc>,
     pub data: serde_json::Value,
 }
 
 impl NewEvent {
-    pub fn new(kind: &'static str, aggregate_id: Uuid, data: serde_json::Value) -> Self {
+    /// The event of a contract: its name and version from the contract's type, its
+    /// data the payload's JSON. How every service builds its events.
+    pub fn typed<C: Contract>(aggregate_id: Uuid, payload: &C) -> Result<Self, StoreError> {
+        let data = payload
+            .encode()
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        Ok(Self::raw(C::NAME, C::VERSION, aggregate_id, data))
+    }
+
+    /// An event from its parts, with no contract behind it: for tests and
+    /// benchmarks of the log itself, which carry made-up events.
+    pub fn raw(
+        kind: &'static str,
+        version: u32,
+        aggregate_id: Uuid,
+        data: serde_json::Value,
+    ) -> Self {
         Self {
             id: Uuid::now_v7(),
             kind,
+            version,
             aggregate_id,
             occurred_at: Utc::now().trunc_subsecs(6),
             data,
@@ -75,6 +96,28 @@ pub struct Event {
     pub data: Json<serde_json::Value>,
 }
 
+impl Envelope for Event {
+    fn name(&self) -> &str {
+        &self.kind
+    }
+
+    fn version(&self) -> i64 {
+        i64::from(self.version)
+    }
+
+    fn data(&self) -> &serde_json::Value {
+        &self.data.0
+    }
+}
+
+impl Event {
+    /// Reads this event as the contract `C` (see [`Contract::decode`]). A
+    /// consumer returns the error as is: it becomes a permanent [`HandlerError`].
+    pub fn decode<C: Contract>(&self) -> Result<C, DecodeError> {
+        C::decode(self)
+    }
+}
+
 const INSERT: &str = "INSERT INTO events (id, type, version, aggregate_id, occurred_at, data) \
                       VALUES ($1, $2, $3, $4, $5, $6) RETURNING sequence";
 
@@ -87,6 +130,9 @@ const INSERT: &str = "INSERT INTO events (id, type, version, aggregate_id, occur
 /// dispatchers in every process. Append last,
 /// just before commit, to hold the lock briefly.
 pub async fn append(tx: &mut Tx, event: &NewEvent) -> Result<i64, StoreError> {
+    let version = i32::try_from(event.version).map_err(|_| {
+        StoreError::Other(format!("event version {} is out of range", event.version))
+    })?;
     tx.wake_on_commit();
     if let Tx::Postgres(tx, _) = tx {
         sqlx::query("SELECT pg_advisory_xact_lock(727001), pg_notify('scaleshop_commits', '')")
@@ -97,7 +143,7 @@ pub async fn append(tx: &mut Tx, event: &NewEvent) -> Result<i64, StoreError> {
         sqlx::query_scalar(INSERT)
             .bind(event.id)
             .bind(event.kind)
-            .bind(VERSION)
+            .bind(version)
             .bind(event.aggregate_id)
             .bind(event.occurred_at)
             .bind(Json(&event.data))

@@ -112,3 +112,77 @@ async fn adjust(
         .header(&keys);
     Ok(([token], Json(stock)))
 }
+
+/// The routes other services of the deployment call (service token only).
+pub fn internal_router(inventory: Inventory) -> ServiceRoutes {
+    ServiceRouter::new()
+        .routes(routes!(reserve))
+        .routes(routes!(release))
+        .with_state(inventory)
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+struct ReserveRequest {
+    order_id: uuid::Uuid,
+    #[schema(value_type = Vec<Object>)]
+    lines: Vec<crate::Line>,
+}
+
+/// What a reservation came to.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct ReserveAnswer {
+    /// `reserved`, `out_of_stock`, `released` or `unknown_product`.
+    outcome: &'static str,
+    /// The product short of stock, or without a stock record.
+    product_id: Option<uuid::Uuid>,
+}
+
+/// Reserve an order's lines, all or none; idempotent per order. (Internal.)
+#[utoipa::path(
+    post, path = "/internal/inventory/reservations", tag = "internal",
+    request_body = ReserveRequest, security(("bearer" = [])),
+    responses((status = 200, description = "The reservation's outcome", body = ReserveAnswer))
+)]
+async fn reserve(
+    State(inventory): State<Inventory>,
+    _caller: scaleshop_web::ServiceCaller,
+    Json(request): Json<ReserveRequest>,
+) -> Result<Json<ReserveAnswer>, ApiError> {
+    use crate::Reservation;
+    let (outcome, product_id) = match inventory.reserve(request.order_id, &request.lines).await {
+        Ok(Reservation::Reserved) => ("reserved", None),
+        Ok(Reservation::OutOfStock { product_id }) => ("out_of_stock", Some(product_id)),
+        Ok(Reservation::Released) => ("released", None),
+        Err(InventoryError::UnknownProduct(product_id)) => ("unknown_product", Some(product_id)),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Json(ReserveAnswer {
+        outcome,
+        product_id,
+    }))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+struct ReleaseRequest {
+    order_id: uuid::Uuid,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct ReleaseAnswer {
+    released: bool,
+}
+
+/// Release an order's reservation, if any; idempotent. (Internal.)
+#[utoipa::path(
+    post, path = "/internal/inventory/releases", tag = "internal",
+    request_body = ReleaseRequest, security(("bearer" = [])),
+    responses((status = 200, description = "Whether something was released", body = ReleaseAnswer))
+)]
+async fn release(
+    State(inventory): State<Inventory>,
+    _caller: scaleshop_web::ServiceCaller,
+    Json(request): Json<ReleaseRequest>,
+) -> Result<Json<ReleaseAnswer>, ApiError> {
+    let released = inventory.release(request.order_id).await?;
+    Ok(Json(ReleaseAnswer { released }))
+}

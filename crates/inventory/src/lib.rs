@@ -16,23 +16,19 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use scaleshop_contracts::{
+    InventoryAdjusted, InventoryReleased, InventoryReserved, InventorySold, OrderCancelled,
+    OrderFailed, OrderProcessed, ProductCreated, StockLine,
+};
 use scaleshop_db::clock::now;
 use scaleshop_db::sqlx::{self, FromRow, types::Json};
 use scaleshop_db::{Database, Migrations, StoreError, Tx, with_pool, with_tx};
-use scaleshop_events::{Consumer, Event, HandlerError, NewEvent};
+use scaleshop_events::{Consumer, Event, EventSet, HandlerError, NewEvent};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use uuid::Uuid;
 
 /// The name of this service's event consumer.
 pub const CONSUMER: &str = "inventory";
-
-pub mod events {
-    pub const RESERVED: &str = "inventory.reserved";
-    pub const RELEASED: &str = "inventory.released";
-    pub const SOLD: &str = "inventory.sold";
-    pub const ADJUSTED: &str = "inventory.adjusted";
-}
 
 pub fn migrations() -> Migrations {
     static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -180,11 +176,15 @@ impl Inventory {
             tx.rollback().await?;
             return Err(InventoryError::WouldGoNegative);
         };
-        let event = NewEvent::new(
-            events::ADJUSTED,
+        let event = NewEvent::typed(
             product_id,
-            json!({"product_id": product_id, "delta": delta, "reason": reason, "available": stock.available}),
-        );
+            &InventoryAdjusted {
+                product_id,
+                delta,
+                reason: reason.to_owned(),
+                available: stock.available,
+            },
+        )?;
         scaleshop_events::append(&mut tx, &event).await?;
         tx.commit().await?;
         Ok(stock)
@@ -217,12 +217,22 @@ impl Inventory {
             let (taken, exists): (u64, i64) = with_tx!(&mut tx, conn => {
                 let taken = sqlx::query(TAKE).bind(line.product_id).bind(line.quantity).bind(at)
                     .execute(&mut *conn).await?.rows_affected();
-                let exists: i64 = if taken == 0 {
-                    sqlx::query_scalar(EXISTS).bind(line.product_id).fetch_one(conn).await?
+                if taken == 0 {
+                    let exists: i64 = sqlx::query_scalar(EXISTS).bind(line.product_id).fetch_one(&mut *conn).await?;
+                    // Each statement reads its own snapshot (PostgreSQL, read
+                    // committed): a stock record committed after the first take
+                    // began is seen here. Take again, so that only a record that
+                    // existed before the take counts as short.
+                    let taken = if exists == 0 {
+                        0
+                    } else {
+                        sqlx::query(TAKE).bind(line.product_id).bind(line.quantity).bind(at)
+                            .execute(conn).await?.rows_affected()
+                    };
+                    (taken, exists)
                 } else {
-                    1
-                };
-                (taken, exists)
+                    (taken, 1)
+                }
             });
             if taken == 0 {
                 tx.rollback().await?;
@@ -232,11 +242,13 @@ impl Inventory {
                 return self.reject(order_id, &lines, line.product_id).await;
             }
         }
-        let event = NewEvent::new(
-            events::RESERVED,
+        let event = NewEvent::typed(
             order_id,
-            json!({"order_id": order_id, "items": lines}),
-        );
+            &InventoryReserved {
+                order_id,
+                items: stock_lines(&lines),
+            },
+        )?;
         scaleshop_events::append(&mut tx, &event).await?;
         tx.commit().await?;
         Ok(Reservation::Reserved)
@@ -315,38 +327,40 @@ async fn settle(tx: &mut Tx, order_id: Uuid, to: &'static str) -> Result<bool, S
             )));
         }
     }
-    let kind = if to == "sold" {
-        events::SOLD
+    let items = stock_lines(&lines);
+    let event = if to == "sold" {
+        NewEvent::typed(order_id, &InventorySold { order_id, items })?
     } else {
-        events::RELEASED
+        NewEvent::typed(order_id, &InventoryReleased { order_id, items })?
     };
-    let event = NewEvent::new(
-        kind,
-        order_id,
-        json!({"order_id": order_id, "items": lines}),
-    );
     scaleshop_events::append(tx, &event).await?;
     Ok(true)
+}
+
+/// The lines of a reservation as its events carry them.
+fn stock_lines(lines: &[Line]) -> Vec<StockLine> {
+    lines
+        .iter()
+        .map(|l| StockLine {
+            product_id: l.product_id,
+            quantity: l.quantity,
+        })
+        .collect()
 }
 
 /// The inventory service's reactions to other services' events.
 #[derive(Debug, Clone, Copy)]
 pub struct InventoryConsumer;
 
-#[derive(Debug, Deserialize)]
-struct ProductCreated {
-    product_id: Uuid,
-    initial_stock: i64,
-}
-
-#[derive(Debug, Deserialize)]
-struct OrderRef {
-    order_id: Uuid,
-}
-
-fn parse<T: serde::de::DeserializeOwned>(event: &Event) -> Result<T, HandlerError> {
-    serde_json::from_value(event.data.0.clone())
-        .map_err(|e| HandlerError::new(format!("bad {} payload: {e}", event.kind)))
+scaleshop_contracts::event_set! {
+    /// The events the inventory consumer reacts to.
+    #[derive(Debug)]
+    enum Reaction {
+        ProductCreated(ProductCreated),
+        OrderProcessed(OrderProcessed),
+        OrderFailed(OrderFailed),
+        OrderCancelled(OrderCancelled),
+    }
 }
 
 #[async_trait]
@@ -356,30 +370,29 @@ impl Consumer for InventoryConsumer {
     }
 
     fn wants(&self, event_type: &str) -> bool {
-        matches!(
-            event_type,
-            "product.created" | "order.processed" | "order.failed" | "order.cancelled"
-        )
+        Reaction::wants(event_type)
     }
 
     async fn handle(&self, event: &Event, tx: &mut Tx) -> Result<(), HandlerError> {
-        match event.kind.as_str() {
-            "product.created" => {
+        let Some(reaction) = Reaction::decode(event)? else {
+            return Ok(());
+        };
+        match reaction {
+            Reaction::ProductCreated(created) => {
                 const Q: &str = "INSERT INTO stock (product_id, available, reserved, sold, updated_at) \
                                  VALUES ($1, $2, 0, 0, $3) ON CONFLICT (product_id) DO NOTHING";
-                let created: ProductCreated = parse(event)?;
                 with_tx!(tx, conn => {
                     sqlx::query(Q).bind(created.product_id).bind(created.initial_stock).bind(now())
                         .execute(conn).await.map_err(StoreError::from)?;
                 });
             }
-            "order.processed" => {
-                settle(tx, parse::<OrderRef>(event)?.order_id, "sold").await?;
+            Reaction::OrderProcessed(order) => {
+                settle(tx, order.order_id, "sold").await?;
             }
-            "order.failed" | "order.cancelled" => {
-                settle(tx, parse::<OrderRef>(event)?.order_id, "released").await?;
+            Reaction::OrderFailed(OrderFailed { order_id, .. })
+            | Reaction::OrderCancelled(OrderCancelled { order_id, .. }) => {
+                settle(tx, order_id, "released").await?;
             }
-            _ => {}
         }
         Ok(())
     }

@@ -23,6 +23,7 @@ pub mod store;
 use async_trait::async_trait;
 use bytes::Bytes;
 use scaleshop_catalog::{Catalog, CatalogError, ProductImages};
+use scaleshop_contracts::{ImageProcessed, ImageVariant};
 use scaleshop_db::clock::now;
 use scaleshop_db::{Database, StoreError, Tx};
 use scaleshop_events::NewEvent;
@@ -39,8 +40,6 @@ pub use store::MediaStore;
 
 /// The queue that processes images.
 pub const IMAGES_QUEUE: &str = "images";
-/// Published when an image is settled (`ready` or `failed`).
-pub const IMAGE_PROCESSED: &str = "image.processed";
 /// The largest upload (and fetched source).
 pub const MAX_UPLOAD_BYTES: usize = fetch::MAX_BYTES;
 /// Attempts of an image job (storage or database trouble is retried; a bad image
@@ -153,35 +152,32 @@ fn processed_event(
     status: ImageStatus,
     variants: &[Variant],
     error: Option<&str>,
-) -> NewEvent {
-    let variants: Vec<_> = variants
+) -> Result<NewEvent, StoreError> {
+    let variants = variants
         .iter()
-        .map(|v| {
-            json!({
-                "name": v.name,
-                "width": v.width,
-                "height": v.height,
-                "content_type": v.content_type,
-            })
+        .map(|v| ImageVariant {
+            name: v.name.clone(),
+            width: v.width,
+            height: v.height,
+            content_type: v.content_type.clone(),
         })
         .collect();
-    NewEvent::new(
-        IMAGE_PROCESSED,
+    NewEvent::typed(
         id,
-        json!({
-            "image_id": id,
-            "product_id": product_id,
-            "status": status.as_str(),
-            "variants": variants,
-            "error": error,
-        }),
+        &ImageProcessed {
+            image_id: id,
+            product_id,
+            status: status.as_str().to_owned(),
+            variants,
+            error: error.map(str::to_owned),
+        },
     )
 }
 
 /// `processing` -> `failed` with the event, in the caller's transaction.
 async fn fail_in(tx: &mut Tx, id: Uuid, reason: &str) -> Result<(), StoreError> {
     if let Some(product_id) = store::mark_failed(tx, id, reason, now()).await? {
-        let event = processed_event(id, product_id, ImageStatus::Failed, &[], Some(reason));
+        let event = processed_event(id, product_id, ImageStatus::Failed, &[], Some(reason))?;
         scaleshop_events::append(tx, &event).await?;
     }
     Ok(())
@@ -356,7 +352,7 @@ impl Media {
         }
         let mut tx = self.store.begin().await?;
         if let Some(product_id) = store::mark_ready(&mut tx, id, &variants, now()).await? {
-            let event = processed_event(id, product_id, ImageStatus::Ready, &variants, None);
+            let event = processed_event(id, product_id, ImageStatus::Ready, &variants, None)?;
             scaleshop_events::append(&mut tx, &event).await?;
         }
         tx.commit().await?;

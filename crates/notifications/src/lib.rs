@@ -17,8 +17,9 @@ pub mod store;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use scaleshop_contracts::{OrderFailed, OrderProcessed, UserCreated, UserUpdated};
 use scaleshop_db::{Database, Tx};
-use scaleshop_events::{Consumer, Event, HandlerError};
+use scaleshop_events::{Consumer, Event, EventSet, HandlerError};
 use scaleshop_jobs::{Job, JobError, JobHandler};
 use serde::Deserialize;
 use uuid::Uuid;
@@ -29,32 +30,29 @@ pub use store::{Notification, NotificationStore};
 /// The queue that sends email.
 pub const EMAIL_QUEUE: &str = "email";
 
-/// Events this service publishes.
-pub const NOTIFICATION_SENT: &str = "notification.sent";
-
 /// The dispatcher consumer: events -> notification records + email jobs.
 #[derive(Debug, Clone)]
 pub struct NotificationConsumer;
 
-#[derive(Debug, Deserialize)]
-struct UserChanged {
-    user_id: Uuid,
-    email: String,
-    name: String,
+scaleshop_contracts::event_set! {
+    /// The events the notification service reacts to.
+    #[derive(Debug)]
+    enum Reaction {
+        UserCreated(UserCreated),
+        UserUpdated(UserUpdated),
+        OrderProcessed(OrderProcessed),
+        OrderFailed(OrderFailed),
+    }
 }
 
-#[derive(Debug, Deserialize)]
+/// What a notification about an order's end needs.
 struct OrderEnded {
     order_id: Uuid,
     user_id: Uuid,
     total_cents: i64,
     currency: String,
-    reason: Option<String>,
-}
-
-fn parse<T: serde::de::DeserializeOwned>(event: &Event) -> Result<T, HandlerError> {
-    serde_json::from_value(event.data.0.clone())
-        .map_err(|e| HandlerError::new(format!("bad {} payload: {e}", event.kind)))
+    /// `None` when the order was processed; why it failed otherwise.
+    failure: Option<String>,
 }
 
 fn money(cents: i64, currency: &str) -> String {
@@ -68,79 +66,92 @@ impl Consumer for NotificationConsumer {
     }
 
     fn wants(&self, event_type: &str) -> bool {
-        matches!(
-            event_type,
-            "user.created" | "user.updated" | "order.processed" | "order.failed"
-        )
+        Reaction::wants(event_type)
     }
 
     async fn handle(&self, event: &Event, tx: &mut Tx) -> Result<(), HandlerError> {
-        match event.kind.as_str() {
-            "user.created" | "user.updated" => {
-                let user: UserChanged = parse(event)?;
+        let Some(reaction) = Reaction::decode(event)? else {
+            return Ok(());
+        };
+        let order = match reaction {
+            Reaction::UserCreated(user) => {
                 store::upsert_recipient(tx, user.user_id, &user.email, &user.name).await?;
-                if event.kind == "user.created" {
-                    let draft = store::Draft {
-                        user_id: user.user_id,
-                        kind: "welcome",
-                        to: user.email,
-                        subject: "Welcome to scaleshop".to_owned(),
-                        body: format!(
-                            "Hello {},\n\nyour scaleshop account is ready. Sign in with this address to start shopping.\n\n-- scaleshop\n",
-                            user.name
-                        ),
-                        order_id: None,
-                        dedup_key: format!("welcome:{}", user.user_id),
-                    };
-                    store::create_with_email_job(tx, &draft).await?;
-                }
-            }
-            "order.processed" | "order.failed" => {
-                let order: OrderEnded = parse(event)?;
-                let Some((email, name)) = store::recipient(tx, order.user_id).await? else {
-                    return Err(HandlerError::new(format!(
-                        "no address known for user {}",
-                        order.user_id
-                    )));
-                };
-                let total = money(order.total_cents, &order.currency);
-                let (kind, subject, body) = if event.kind == "order.processed" {
-                    (
-                        "order_confirmation",
-                        format!("Your order {} is confirmed", order.order_id),
-                        format!(
-                            "Hello {name},\n\nthank you: order {} ({total}) is paid and on its way.\n\n-- scaleshop\n",
-                            order.order_id
-                        ),
-                    )
-                } else {
-                    let why = match order.reason.as_deref() {
-                        Some("out_of_stock") => "an item is out of stock",
-                        Some("payment_declined") => "the payment was declined",
-                        _ => "the payment could not be processed",
-                    };
-                    (
-                        "order_failed",
-                        format!("Your order {} could not be completed", order.order_id),
-                        format!(
-                            "Hello {name},\n\norder {} ({total}) could not be completed: {why}. Nothing was charged.\n\n-- scaleshop\n",
-                            order.order_id
-                        ),
-                    )
-                };
                 let draft = store::Draft {
-                    user_id: order.user_id,
-                    kind,
-                    to: email,
-                    subject,
-                    body,
-                    order_id: Some(order.order_id),
-                    dedup_key: format!("order:{}", order.order_id),
+                    user_id: user.user_id,
+                    kind: "welcome",
+                    to: user.email,
+                    subject: "Welcome to scaleshop".to_owned(),
+                    body: format!(
+                        "Hello {},\n\nyour scaleshop account is ready. Sign in with this address to start shopping.\n\n-- scaleshop\n",
+                        user.name
+                    ),
+                    order_id: None,
+                    dedup_key: format!("welcome:{}", user.user_id),
                 };
                 store::create_with_email_job(tx, &draft).await?;
+                return Ok(());
             }
-            _ => {}
-        }
+            Reaction::UserUpdated(user) => {
+                store::upsert_recipient(tx, user.user_id, &user.email, &user.name).await?;
+                return Ok(());
+            }
+            Reaction::OrderProcessed(order) => OrderEnded {
+                order_id: order.order_id,
+                user_id: order.user_id,
+                total_cents: order.total_cents,
+                currency: order.currency,
+                failure: None,
+            },
+            Reaction::OrderFailed(order) => OrderEnded {
+                order_id: order.order_id,
+                user_id: order.user_id,
+                total_cents: order.total_cents,
+                currency: order.currency,
+                failure: Some(order.reason),
+            },
+        };
+        let Some((email, name)) = store::recipient(tx, order.user_id).await? else {
+            return Err(HandlerError::new(format!(
+                "no address known for user {}",
+                order.user_id
+            )));
+        };
+        let total = money(order.total_cents, &order.currency);
+        let (kind, subject, body) = match order.failure.as_deref() {
+            None => (
+                "order_confirmation",
+                format!("Your order {} is confirmed", order.order_id),
+                format!(
+                    "Hello {name},\n\nthank you: order {} ({total}) is paid and on its way.\n\n-- scaleshop\n",
+                    order.order_id
+                ),
+            ),
+            Some(reason) => {
+                let why = match reason {
+                    "out_of_stock" => "an item is out of stock",
+                    "payment_declined" => "the payment was declined",
+                    _ => "the payment could not be processed",
+                };
+                (
+                    "order_failed",
+                    format!("Your order {} could not be completed", order.order_id),
+                    format!(
+                        "Hello {name},\n\norder {} ({total}) could not be completed: {why}. Nothing was charged.\n\n-- scaleshop\n",
+                        order.order_id
+                    ),
+                )
+            }
+        };
+        let draft = store::Draft {
+            user_id: order.user_id,
+            kind,
+            to: email,
+            subject,
+            body,
+            order_id: Some(order.order_id),
+            dedup_key: format!("order:{}", order.order_id),
+        };
+        store::create_with_email_job(tx, &draft).await?;
         Ok(())
     }
 }

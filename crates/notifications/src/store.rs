@@ -12,7 +12,8 @@ use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::{EMAIL_QUEUE, NOTIFICATION_SENT};
+use crate::EMAIL_QUEUE;
+use scaleshop_contracts::NotificationSent;
 
 pub fn migrations() -> Migrations {
     static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -169,18 +170,17 @@ impl NotificationStore {
             sqlx::query(Q).bind(notification.id).bind(sent_at).execute(conn).await?.rows_affected()
         });
         if updated == 1 {
-            let event = NewEvent::new(
-                NOTIFICATION_SENT,
+            let event = NewEvent::typed(
                 notification.id,
-                json!({
-                    "notification_id": notification.id,
-                    "user_id": notification.user_id,
-                    "kind": notification.kind,
-                    "channel": notification.channel,
-                    "order_id": notification.order_id,
-                    "sent_at": sent_at,
-                }),
-            );
+                &NotificationSent {
+                    notification_id: notification.id,
+                    user_id: notification.user_id,
+                    kind: notification.kind.clone(),
+                    channel: notification.channel.clone(),
+                    order_id: notification.order_id,
+                    sent_at,
+                },
+            )?;
             scaleshop_events::append(&mut tx, &event).await?;
         }
         tx.commit().await

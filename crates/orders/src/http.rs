@@ -57,6 +57,17 @@ impl From<OrdersError> for ApiError {
             OrdersError::NotCancellable => ApiError::conflict(
                 "only a pending order whose payment has not started can be cancelled",
             ),
+            OrdersError::UnknownUser => {
+                ApiError::unauthenticated().detail("the account no longer exists")
+            }
+            OrdersError::Unavailable {
+                service,
+                retry_after_secs,
+            } => ApiError::unavailable()
+                .detail(format!(
+                    "the {service} service is unavailable; try again shortly"
+                ))
+                .retry_after(retry_after_secs),
             OrdersError::Store(e) => e.into(),
         }
     }

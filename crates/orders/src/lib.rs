@@ -15,29 +15,25 @@
 pub mod domain;
 pub mod http;
 pub mod idempotency;
+pub mod ports;
 mod saga;
 pub mod store;
 
+use std::sync::Arc;
+
 use chrono::{SubsecRound, Utc};
-use scaleshop_catalog::Catalog;
+use scaleshop_contracts::{OrderCancelled, OrderCreated, OrderItem};
 use scaleshop_db::{Consistency, Database, Migrations, StoreError};
 use scaleshop_events::NewEvent;
-use scaleshop_payments::Payments;
-use serde_json::json;
 use uuid::Uuid;
+
+pub use ports::{CatalogPort, InventoryPort, PaymentsPort, PortError, Priced, UsersPort};
 
 pub use saga::{OrderProcessor, OrderSaga, SAGA_QUEUE};
 
 use crate::domain::{Order, OrderLine, Status, Step, WantedLine};
 use crate::idempotency::{Idempotency, KeyRef, Stored};
 use crate::store::OrderStore;
-
-pub mod events {
-    pub const CREATED: &str = "order.created";
-    pub const PROCESSED: &str = "order.processed";
-    pub const FAILED: &str = "order.failed";
-    pub const CANCELLED: &str = "order.cancelled";
-}
 
 pub fn migrations() -> Migrations {
     store::migrations()
@@ -56,8 +52,33 @@ pub enum OrdersError {
     UnknownPaymentMethod,
     #[error("the order can no longer be cancelled")]
     NotCancellable,
+    /// The caller's account is gone.
+    #[error("no such user")]
+    UnknownUser,
+    /// A service the order needs did not answer.
+    #[error("{service} unavailable")]
+    Unavailable {
+        service: &'static str,
+        retry_after_secs: u64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<PortError> for OrdersError {
+    fn from(error: PortError) -> Self {
+        match error {
+            PortError::Unavailable {
+                service,
+                retry_after_secs,
+                ..
+            } => Self::Unavailable {
+                service,
+                retry_after_secs,
+            },
+            failed @ PortError::Failed { .. } => Self::Store(StoreError::Other(failed.to_string())),
+        }
+    }
 }
 
 /// An order as asked for.
@@ -72,25 +93,35 @@ pub struct PlaceOrder {
 #[derive(Debug, Clone)]
 pub struct Orders {
     store: OrderStore,
-    catalog: Catalog,
-    payments: Payments,
+    users: Arc<dyn UsersPort>,
+    catalog: Arc<dyn CatalogPort>,
+    payments: Arc<dyn PaymentsPort>,
     pub idempotency: Idempotency,
 }
 
-pub(crate) fn event_data(order: &Order) -> serde_json::Value {
-    json!({
-        "order_id": order.id,
-        "user_id": order.user_id,
-        "items": order.items,
-        "total_cents": order.total_cents,
-        "currency": order.currency,
-    })
+/// The lines of an order as its events carry them.
+pub(crate) fn event_items(order: &Order) -> Vec<OrderItem> {
+    order
+        .items
+        .iter()
+        .map(|line| OrderItem {
+            product_id: line.product_id,
+            quantity: line.quantity,
+            unit_price_cents: line.unit_price_cents,
+        })
+        .collect()
 }
 
 impl Orders {
-    pub fn new(db: Database, catalog: Catalog, payments: Payments) -> Self {
+    pub fn new(
+        db: Database,
+        users: Arc<dyn UsersPort>,
+        catalog: Arc<dyn CatalogPort>,
+        payments: Arc<dyn PaymentsPort>,
+    ) -> Self {
         Self {
             store: OrderStore::new(db.clone()),
+            users,
             catalog,
             payments,
             idempotency: Idempotency::new(db),
@@ -99,14 +130,14 @@ impl Orders {
 
     /// Checks and prices an order; nothing is written.
     pub async fn price(&self, request: &PlaceOrder) -> Result<Order, OrdersError> {
-        if !self.payments.accepts(&request.payment_method) {
+        if !self.payments.accepts(&request.payment_method).await? {
             return Err(OrdersError::UnknownPaymentMethod);
         }
+        if !self.users.user_exists(request.user_id).await? {
+            return Err(OrdersError::UnknownUser);
+        }
         let ids: Vec<Uuid> = request.lines.iter().map(|l| l.product_id).collect();
-        let products = self.catalog.products(&ids).await.map_err(|e| match e {
-            scaleshop_catalog::CatalogError::Store(e) => OrdersError::Store(e),
-            other => OrdersError::Store(StoreError::Other(other.to_string())),
-        })?;
+        let products = self.catalog.prices(&ids).await?;
         let mut unknown = Vec::new();
         let mut items = Vec::with_capacity(request.lines.len());
         let mut currency: Option<String> = None;
@@ -117,13 +148,13 @@ impl Orders {
                 continue;
             };
             match &currency {
-                None => currency = Some(product.currency.as_str().to_owned()),
-                Some(c) if c != product.currency.as_str() => {
+                None => currency = Some(product.currency.clone()),
+                Some(c) if *c != product.currency => {
                     return Err(OrdersError::MixedCurrencies);
                 }
                 Some(_) => {}
             }
-            let unit = product.price_cents.get();
+            let unit = product.price_cents;
             // At most 50 lines x 1000 units x 10^8: far inside i64.
             total += unit * line.quantity.get();
             items.push(OrderLine {
@@ -165,11 +196,17 @@ impl Orders {
         if let Some(key) = key {
             Idempotency::complete_in(&mut tx, key, &stored).await?;
         }
-        scaleshop_events::append(
-            &mut tx,
-            &NewEvent::new(events::CREATED, order.id, event_data(order)),
-        )
-        .await?;
+        let event = NewEvent::typed(
+            order.id,
+            &OrderCreated {
+                order_id: order.id,
+                user_id: order.user_id,
+                items: event_items(order),
+                total_cents: order.total_cents,
+                currency: order.currency.clone(),
+            },
+        )?;
+        scaleshop_events::append(&mut tx, &event).await?;
         tx.commit().await?;
         Ok(stored)
     }
@@ -201,11 +238,13 @@ impl Orders {
     /// (the inventory service releases any reservation).
     pub async fn cancel(&self, id: Uuid) -> Result<Order, OrdersError> {
         let order = self.get(id).await?;
-        let event = NewEvent::new(
-            events::CANCELLED,
+        let event = NewEvent::typed(
             order.id,
-            json!({"order_id": order.id, "user_id": order.user_id}),
-        );
+            &OrderCancelled {
+                order_id: order.id,
+                user_id: order.user_id,
+            },
+        )?;
         let mut tx = self.store.db().begin().await?;
         let cancelled = self
             .store

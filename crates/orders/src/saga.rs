@@ -1,18 +1,22 @@
 //! The order processor: the `order-processor` consumer and the `orders` saga job.
 
 use async_trait::async_trait;
+use scaleshop_contracts::{OrderCreated, OrderFailed, OrderProcessed};
 use scaleshop_db::{StoreError, Tx};
-use scaleshop_events::{Consumer, Event, HandlerError, NewEvent};
-use scaleshop_inventory::{Inventory, InventoryError, Line, Reservation};
+use scaleshop_events::{Consumer, Contract, Event, HandlerError, NewEvent};
+use std::sync::Arc;
+
+use scaleshop_inventory::{InventoryError, Line, Reservation};
 use scaleshop_jobs::{Job, JobError, JobHandler, NewJob};
-use scaleshop_payments::{PaymentResult, Payments, PaymentsError};
+use scaleshop_payments::{PaymentResult, PaymentsError};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::domain::{FailureReason, Order, Status, Step};
+use crate::event_items;
+use crate::ports::{InventoryPort, PaymentsPort};
 use crate::store::OrderStore;
-use crate::{event_data, events};
 
 /// The queue of saga runs.
 pub const SAGA_QUEUE: &str = "orders";
@@ -36,12 +40,11 @@ impl Consumer for OrderProcessor {
     }
 
     fn wants(&self, event_type: &str) -> bool {
-        event_type == events::CREATED
+        event_type == OrderCreated::NAME
     }
 
     async fn handle(&self, event: &Event, tx: &mut Tx) -> Result<(), HandlerError> {
-        let order: OrderRef = serde_json::from_value(event.data.0.clone())
-            .map_err(|e| HandlerError::new(format!("bad order.created payload: {e}")))?;
+        let order: OrderCreated = event.decode()?;
         let job = NewJob {
             max_attempts: Some(self.max_attempts),
             ..NewJob::new(SAGA_QUEUE, json!({"order_id": order.order_id}))
@@ -56,8 +59,8 @@ impl Consumer for OrderProcessor {
 #[derive(Debug, Clone)]
 pub struct OrderSaga {
     store: OrderStore,
-    inventory: Inventory,
-    payments: Payments,
+    inventory: Arc<dyn InventoryPort>,
+    payments: Arc<dyn PaymentsPort>,
 }
 
 fn retry(error: impl std::fmt::Display) -> JobError {
@@ -65,7 +68,11 @@ fn retry(error: impl std::fmt::Display) -> JobError {
 }
 
 impl OrderSaga {
-    pub fn new(db: scaleshop_db::Database, inventory: Inventory, payments: Payments) -> Self {
+    pub fn new(
+        db: scaleshop_db::Database,
+        inventory: Arc<dyn InventoryPort>,
+        payments: Arc<dyn PaymentsPort>,
+    ) -> Self {
         Self {
             store: OrderStore::new(db),
             inventory,
@@ -87,15 +94,41 @@ impl OrderSaga {
         order: &Order,
         reason: Option<FailureReason>,
     ) -> Result<bool, StoreError> {
-        let mut data = event_data(order);
-        let (status, kind) = match reason {
-            None => (Status::Completed, events::PROCESSED),
-            Some(reason) => {
-                data["reason"] = json!(reason.as_str());
-                (Status::Failed, events::FAILED)
-            }
+        let (order_id, user_id) = (order.id, order.user_id);
+        let (items, total_cents, currency) = (
+            event_items(order),
+            order.total_cents,
+            order.currency.clone(),
+        );
+        let (status, event) = match reason {
+            None => (
+                Status::Completed,
+                NewEvent::typed(
+                    order_id,
+                    &OrderProcessed {
+                        order_id,
+                        user_id,
+                        items,
+                        total_cents,
+                        currency,
+                    },
+                )?,
+            ),
+            Some(reason) => (
+                Status::Failed,
+                NewEvent::typed(
+                    order_id,
+                    &OrderFailed {
+                        order_id,
+                        user_id,
+                        items,
+                        total_cents,
+                        currency,
+                        reason: reason.as_str().to_owned(),
+                    },
+                )?,
+            ),
         };
-        let event = NewEvent::new(kind, order.id, data);
         self.store
             .finish(
                 tx,
@@ -116,7 +149,11 @@ impl OrderSaga {
             .await?
             .ok_or_else(|| JobError::permanent("the order vanished"))?;
         if order.status == Status::Cancelled {
-            self.inventory.release(id).await?;
+            match self.inventory.release(id).await {
+                Ok(_) => {}
+                Err(InventoryError::Store(e)) => return Err(e.into()),
+                Err(e) => return Err(retry(e)),
+            }
         }
         Ok(())
     }

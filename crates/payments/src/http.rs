@@ -52,3 +52,89 @@ async fn list_payments(
         next_cursor: None,
     }))
 }
+
+/// The routes other services of the deployment call (service token only).
+pub fn internal_router(payments: Payments) -> ServiceRoutes {
+    ServiceRouter::new()
+        .routes(routes!(accepts))
+        .routes(routes!(charge))
+        .with_state(payments)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct MethodQuery {
+    method: String,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct Accepted {
+    accepted: bool,
+}
+
+/// Is this a payment method the gateway takes? (Internal.)
+#[utoipa::path(
+    get, path = "/internal/payments/methods", tag = "internal", params(MethodQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "Whether the method is taken", body = Accepted))
+)]
+async fn accepts(
+    State(payments): State<Payments>,
+    _caller: scaleshop_web::ServiceCaller,
+    Query(query): Query<MethodQuery>,
+) -> Json<Accepted> {
+    Json(Accepted {
+        accepted: payments.accepts(&query.method),
+    })
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+struct ChargeBody {
+    order_id: Uuid,
+    amount_cents: i64,
+    currency: String,
+    method: String,
+    last_attempt: bool,
+}
+
+/// What a charge came to.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct ChargeAnswer {
+    /// `succeeded`, `declined`, `error` (final), `transient` (nothing charged; try
+    /// again), `unknown` (the provider's answer was lost; try again with the same
+    /// order) or `invalid`.
+    outcome: &'static str,
+    detail: Option<String>,
+}
+
+/// Charge an order, once per order whatever the number of calls. (Internal.)
+#[utoipa::path(
+    post, path = "/internal/payments/charges", tag = "internal",
+    request_body = ChargeBody, security(("bearer" = [])),
+    responses((status = 200, description = "The charge's outcome", body = ChargeAnswer))
+)]
+async fn charge(
+    State(payments): State<Payments>,
+    _caller: scaleshop_web::ServiceCaller,
+    Json(body): Json<ChargeBody>,
+) -> Result<Json<ChargeAnswer>, ApiError> {
+    use crate::{PaymentResult, PaymentsError};
+    let result = payments
+        .charge(
+            body.order_id,
+            body.amount_cents,
+            &body.currency,
+            &body.method,
+            body.last_attempt,
+        )
+        .await;
+    let (outcome, detail) = match result {
+        Ok(PaymentResult::Succeeded) => ("succeeded", None),
+        Ok(PaymentResult::Declined) => ("declined", None),
+        Ok(PaymentResult::Error) => ("error", None),
+        Err(PaymentsError::Transient(e)) => ("transient", Some(e)),
+        Err(PaymentsError::Unknown(e)) => ("unknown", Some(e)),
+        Err(PaymentsError::Invalid(e)) => ("invalid", Some(e)),
+        Err(PaymentsError::Store(e)) => return Err(e.into()),
+    };
+    Ok(Json(ChargeAnswer { outcome, detail }))
+}

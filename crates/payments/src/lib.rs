@@ -19,20 +19,15 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use scaleshop_contracts::{PaymentFailed, PaymentSucceeded};
 use scaleshop_db::clock::now;
 use scaleshop_db::sqlx::{self, FromRow};
 use scaleshop_db::{Consistency, Database, Migrations, StoreError, read_with, with_pool, with_tx};
 use scaleshop_events::NewEvent;
 use serde::Serialize;
-use serde_json::json;
 use uuid::Uuid;
 
 use crate::faults::LostAnswers;
-
-pub mod events {
-    pub const SUCCEEDED: &str = "payment.succeeded";
-    pub const FAILED: &str = "payment.failed";
-}
 
 pub fn migrations() -> Migrations {
     static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -348,23 +343,33 @@ impl Payments {
                 .and_then(PaymentResult::parse)
                 .unwrap_or(result));
         }
-        let data = json!({
-            "order_id": request.order_id,
-            "amount_cents": request.amount_cents,
-            "currency": request.currency,
-            "idempotency_key": request.idempotency_key,
-            "reason": match result {
-                PaymentResult::Succeeded => serde_json::Value::Null,
-                PaymentResult::Declined => json!("payment_declined"),
-                PaymentResult::Error => json!("payment_error"),
-            },
-        });
-        let kind = if result == PaymentResult::Succeeded {
-            events::SUCCEEDED
-        } else {
-            events::FAILED
+        let failed = |reason: &str| {
+            NewEvent::typed(
+                request.order_id,
+                &PaymentFailed {
+                    order_id: request.order_id,
+                    amount_cents: request.amount_cents,
+                    currency: request.currency.clone(),
+                    idempotency_key: request.idempotency_key.clone(),
+                    reason: reason.to_owned(),
+                },
+            )
         };
-        scaleshop_events::append(&mut tx, &NewEvent::new(kind, request.order_id, data)).await?;
+        let event = match result {
+            PaymentResult::Succeeded => NewEvent::typed(
+                request.order_id,
+                &PaymentSucceeded {
+                    order_id: request.order_id,
+                    amount_cents: request.amount_cents,
+                    currency: request.currency.clone(),
+                    idempotency_key: request.idempotency_key.clone(),
+                    reason: None,
+                },
+            ),
+            PaymentResult::Declined => failed("payment_declined"),
+            PaymentResult::Error => failed("payment_error"),
+        }?;
+        scaleshop_events::append(&mut tx, &event).await?;
         tx.commit().await?;
         Ok(result)
     }

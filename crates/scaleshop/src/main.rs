@@ -50,7 +50,10 @@ enum Command {
     /// Serve the HTTP API (the default): start the modules of a target, listen, and
     /// drain in-flight requests on SIGTERM/SIGINT before exiting 0.
     Serve {
-        /// Which modules this process runs: `all` (every module).
+        /// Which services this process runs: `all`, one service (users, inventory,
+        /// catalog, payments, orders, notifications, media) or a comma list of them.
+        /// A service it calls but does not run needs its address
+        /// (SCALESHOP_SERVICE_URL_<SERVICE>).
         #[arg(long, default_value = "all", value_parser = parse_target)]
         target: Target,
         /// Listen address, HOST:PORT or :PORT (`:0` picks a free port and logs it).
@@ -59,7 +62,7 @@ enum Command {
     },
     /// Apply the database migrations of every module, then exit.
     Migrate {
-        /// Whose tables to migrate: `all` (every module).
+        /// Whose tables to migrate: `all`, a service or a comma list of services.
         #[arg(long, default_value = "all", value_parser = parse_target)]
         target: Target,
     },
@@ -98,7 +101,7 @@ fn load(common: &Common, http_addr: Option<String>) -> Result<Config, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve {
-        target: Target::All,
+        target: Target::ALL,
         http_addr: None,
     });
     let http_addr = match &command {

@@ -14,6 +14,11 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub mod names {
     /// Histogram: `method`, `route` (template), `status`.
     pub const HTTP_REQUEST_DURATION: &str = "http_request_duration_seconds";
+    /// Calls to another service over HTTP, by `target` (service) and `outcome`
+    /// (`ok`, `error`, `timeout`, `open_circuit`).
+    pub const SERVICE_CLIENT_REQUESTS: &str = "service_client_requests_total";
+    /// Latency of one try of a call to another service, by `target`.
+    pub const SERVICE_CLIENT_DURATION: &str = "service_client_request_duration_seconds";
     /// Gauge: `pool`, `state` (`idle`, `in_use`).
     pub const DB_POOL_CONNECTIONS: &str = "db_pool_connections";
     /// Counter: `pool`; acquire attempts that timed out (answered 503).
@@ -86,6 +91,12 @@ pub fn metrics_handle() -> PrometheusHandle {
                     Matcher::Full(names::HTTP_REQUEST_DURATION.to_owned()),
                     LATENCY_BUCKETS,
                 )
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
+                        Matcher::Full(names::SERVICE_CLIENT_DURATION.to_owned()),
+                        LATENCY_BUCKETS,
+                    )
+                })
                 .map(PrometheusBuilder::build_recorder);
             match recorder {
                 Ok(recorder) => {
@@ -108,6 +119,15 @@ fn describe() {
         names::HTTP_REQUEST_DURATION,
         Unit::Seconds,
         "HTTP request latency by method, route template and status."
+    );
+    metrics::describe_counter!(
+        names::SERVICE_CLIENT_REQUESTS,
+        "Calls to another service over HTTP by target service and outcome."
+    );
+    metrics::describe_histogram!(
+        names::SERVICE_CLIENT_DURATION,
+        Unit::Seconds,
+        "Latency of one try of a call to another service, by target service."
     );
     metrics::describe_gauge!(
         names::DB_POOL_CONNECTIONS,

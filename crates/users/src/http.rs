@@ -457,3 +457,39 @@ async fn search_users(
         next_cursor: page.next_cursor,
     }))
 }
+
+/// The routes other services of the deployment call (service token only).
+pub fn internal_router(users: Users) -> ServiceRoutes {
+    ServiceRouter::new()
+        .routes(routes!(user_exists))
+        .with_state(users)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+struct ExistsQuery {
+    /// The user's id.
+    id: Uuid,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct Exists {
+    exists: bool,
+}
+
+/// Does the account exist? (Internal: for the order service in another process.)
+#[utoipa::path(
+    get, path = "/internal/users/exists", tag = "internal", params(ExistsQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "Whether the account exists", body = Exists))
+)]
+async fn user_exists(
+    State(users): State<Users>,
+    _caller: scaleshop_web::ServiceCaller,
+    Query(query): Query<ExistsQuery>,
+) -> Result<Json<Exists>, ApiError> {
+    match users.get(query.id).await {
+        Ok(_) => Ok(Json(Exists { exists: true })),
+        Err(UsersError::NotFound) => Ok(Json(Exists { exists: false })),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -5,21 +5,15 @@ use std::sync::Arc;
 
 use chrono::{SubsecRound, Utc};
 use scaleshop_cache::{CacheSettings, Loaded, TieredCache};
+use scaleshop_contracts::{UserCreated, UserUpdated};
 use scaleshop_db::{Consistency, StoreError};
 use scaleshop_events::NewEvent;
-use serde_json::json;
 use uuid::Uuid;
 
 use crate::domain::{Email, NewUser, Password, Role, User, UserName, UserPatch, UserRecord};
 pub use crate::hashing::Hasher;
 use crate::sessions::Sessions;
 use crate::store::UserStore;
-
-/// Event types this service publishes.
-pub mod events {
-    pub const USER_CREATED: &str = "user.created";
-    pub const USER_UPDATED: &str = "user.updated";
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UsersError {
@@ -88,19 +82,28 @@ impl std::fmt::Debug for Users {
     }
 }
 
-fn created_event(user: &User) -> NewEvent {
-    NewEvent::new(
-        events::USER_CREATED,
+fn created_event(user: &User) -> Result<NewEvent, StoreError> {
+    NewEvent::typed(
         user.id,
-        json!({"user_id": user.id, "email": user.email.as_str(), "name": user.name.as_str(), "role": user.role.as_str()}),
+        &UserCreated {
+            user_id: user.id,
+            email: user.email.as_str().to_owned(),
+            name: user.name.as_str().to_owned(),
+            role: user.role.as_str().to_owned(),
+        },
     )
 }
 
-fn updated_event(user: &User, changed: &[&str]) -> NewEvent {
-    NewEvent::new(
-        events::USER_UPDATED,
+fn updated_event(user: &User, changed: &[&str]) -> Result<NewEvent, StoreError> {
+    NewEvent::typed(
         user.id,
-        json!({"user_id": user.id, "email": user.email.as_str(), "name": user.name.as_str(), "role": user.role.as_str(), "changed": changed}),
+        &UserUpdated {
+            user_id: user.id,
+            email: user.email.as_str().to_owned(),
+            name: user.name.as_str().to_owned(),
+            role: user.role.as_str().to_owned(),
+            changed: changed.iter().map(|c| (*c).to_owned()).collect(),
+        },
     )
 }
 
@@ -200,8 +203,9 @@ impl Users {
             password_hash,
             session_epoch: 0,
         };
+        let event = created_event(&record.user)?;
         self.store
-            .insert(&record, &created_event(&record.user))
+            .insert(&record, &event)
             .await
             .map_err(conflict_to_taken)?;
         Ok(record.user)
@@ -284,8 +288,9 @@ impl Users {
             return Ok(record.user);
         }
         record.user.updated_at = Utc::now().trunc_subsecs(6).max(record.user.updated_at);
+        let event = updated_event(&record.user, &changed)?;
         self.store
-            .update(&record, &updated_event(&record.user, &changed))
+            .update(&record, &event)
             .await
             .map_err(conflict_to_taken)?;
         self.cache.invalidate(&id.to_string()).await;
@@ -348,9 +353,8 @@ impl Users {
                     changed.push("password");
                 }
                 record.user.updated_at = Utc::now().trunc_subsecs(6).max(record.user.updated_at);
-                self.store
-                    .update(&record, &updated_event(&record.user, &changed))
-                    .await?;
+                let event = updated_event(&record.user, &changed)?;
+                self.store.update(&record, &event).await?;
                 self.cache.invalidate(&record.user.id.to_string()).await;
                 self.sessions.forget(record.user.id).await;
                 Ok(record.user)

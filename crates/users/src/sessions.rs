@@ -11,18 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scaleshop_cache::{CacheSettings, TieredCache};
+use scaleshop_contracts::SessionEnded;
 use scaleshop_db::StoreError;
 use scaleshop_events::NewEvent;
 use scaleshop_web::sessions::{SessionCheck, SessionFuture};
 use scaleshop_web::{ApiError, Caller};
-use serde_json::json;
 use uuid::Uuid;
 
 use crate::domain::SessionState;
 use crate::store::UserStore;
-
-/// The event a sign-out appends (aggregate: the user).
-pub const SESSION_ENDED: &str = "session.ended";
 
 /// The name of the sessions cache (its metrics' `cache` label).
 pub const CACHE_NAME: &str = "sessions";
@@ -90,11 +87,13 @@ impl Sessions {
     /// Signs out the caller's token: it is refused from now on (here at once,
     /// elsewhere once the `session.ended` event reaches the process).
     pub async fn end(&self, caller: &Caller) -> Result<(), StoreError> {
-        let event = NewEvent::new(
-            SESSION_ENDED,
+        let event = NewEvent::typed(
             caller.user_id,
-            json!({"user_id": caller.user_id, "session_id": caller.session.id}),
-        );
+            &SessionEnded {
+                user_id: caller.user_id,
+                session_id: caller.session.id,
+            },
+        )?;
         self.store
             .end_session(
                 caller.user_id,

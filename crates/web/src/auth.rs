@@ -21,6 +21,21 @@ use crate::sessions::Session;
 
 const ISSUER: &str = "scaleshop";
 const AUDIENCE: &str = "scaleshop-api";
+/// The audience of service tokens: a user token is never one, and a service token
+/// is never a user's.
+const SERVICE_AUDIENCE: &str = "scaleshop-internal";
+const SERVICE_ROLE: &str = "service";
+
+/// The claims of a service token: which service calls.
+#[derive(Debug, Serialize, Deserialize)]
+struct ServiceClaims {
+    sub: String,
+    role: String,
+    iat: i64,
+    exp: i64,
+    iss: String,
+    aud: String,
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
@@ -40,6 +55,7 @@ struct Claims {
 pub struct TokenKeys {
     ring: Arc<RingCell>,
     validation: Validation,
+    service_validation: Validation,
     ttl: Duration,
 }
 
@@ -70,11 +86,43 @@ impl TokenKeys {
         validation.set_audience(&[AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.leeway = 5;
+        let mut service_validation = validation.clone();
+        service_validation.set_audience(&[SERVICE_AUDIENCE]);
         Self {
             ring,
             validation,
+            service_validation,
             ttl,
         }
+    }
+
+    /// A token with which `service` calls another service's internal routes,
+    /// signed by the deployment's current key, valid for `ttl`.
+    pub fn issue_service(&self, service: &str, ttl: Duration) -> Result<String, ApiError> {
+        let now = Utc::now().timestamp();
+        let ttl = i64::try_from(ttl.as_secs()).map_err(ApiError::internal)?;
+        let claims = ServiceClaims {
+            sub: service.to_owned(),
+            role: SERVICE_ROLE.to_owned(),
+            iat: now,
+            exp: now + ttl,
+            iss: ISSUER.to_owned(),
+            aud: SERVICE_AUDIENCE.to_owned(),
+        };
+        let key = self.ring.signing();
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(key.kid.to_string());
+        jsonwebtoken::encode(&header, &claims, &key.jwt_encoding).map_err(ApiError::internal)
+    }
+
+    /// The calling service named by a valid service token.
+    pub fn verify_service(&self, token: &str) -> Option<ServiceCaller> {
+        let claims = self
+            .ring
+            .decode_jwt::<ServiceClaims>(token, &self.service_validation)?;
+        (claims.role == SERVICE_ROLE).then_some(ServiceCaller {
+            service: claims.sub,
+        })
     }
 
     /// A token for this user and role, in the user's current session epoch.
@@ -186,9 +234,53 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
+/// Another service of the deployment calling an internal route. As an extractor it
+/// answers 401 unless the request carries a valid service token (a user's token,
+/// even an admin's, is refused).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceCaller {
+    pub service: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ServiceCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let keys = Keys::current()?;
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .ok_or_else(|| ApiError::unauthenticated().detail("a service token is required"))?;
+        keys.ensure_token_kid(token).await;
+        keys.tokens
+            .verify_service(token)
+            .ok_or_else(|| ApiError::unauthenticated().detail("a valid service token is required"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_tokens_and_user_tokens_never_pass_for_each_other() {
+        let keys = TokenKeys::new(b"0123456789abcdef0123456789abcdef", Duration::from_secs(60));
+        let service = keys
+            .issue_service("orders", Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(keys.verify_service(&service).unwrap().service, "orders");
+        assert!(keys.verify(&service).is_none());
+        let admin = keys.issue(Uuid::now_v7(), true, 0).unwrap();
+        assert!(keys.verify_service(&admin.token).is_none());
+        let other = TokenKeys::new(b"another-secret-another-secret-xx", Duration::from_secs(60));
+        assert!(other.verify_service(&service).is_none());
+    }
 
     #[test]
     fn issue_and_verify() {

@@ -33,7 +33,7 @@ pub mod routes;
 pub mod scope;
 pub mod sessions;
 
-pub use auth::{Caller, TokenKeys};
+pub use auth::{Caller, ServiceCaller, TokenKeys};
 pub use body::{Fields, JsonObject};
 pub use consistency::{CONSISTENCY_HEADER, ConsistencyToken, ReadConsistency};
 pub use error::{ApiError, ErrorCode, FieldError, Problem};

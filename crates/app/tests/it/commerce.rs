@@ -15,6 +15,10 @@ use chrono::{DateTime, Utc};
 use futures::future::join_all;
 use reqwest::{Client, Response};
 use scaleshop_app::Config;
+use scaleshop_contracts::{
+    Contract, InventoryReleased, InventoryReserved, InventorySold, OrderCancelled, OrderCreated,
+    OrderFailed, OrderProcessed, PaymentFailed, PaymentSucceeded,
+};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -1196,22 +1200,22 @@ both!(completed_order, |app: TestApp| async move {
     wait_levels(&app, &pid, (7, 0, 3)).await;
 
     // The log tells the story.
-    let types = order_events_until(&app, &admin, &oid, "inventory.sold").await;
+    let types = order_events_until(&app, &admin, &oid, InventorySold::NAME).await;
     assert_in_order(
         &types,
         &[
-            "order.created",
-            "inventory.reserved",
-            "payment.succeeded",
-            "order.processed",
-            "inventory.sold",
+            OrderCreated::NAME,
+            InventoryReserved::NAME,
+            PaymentSucceeded::NAME,
+            OrderProcessed::NAME,
+            InventorySold::NAME,
         ],
     );
     for never in [
-        "order.failed",
-        "payment.failed",
-        "inventory.released",
-        "order.cancelled",
+        OrderFailed::NAME,
+        PaymentFailed::NAME,
+        InventoryReleased::NAME,
+        OrderCancelled::NAME,
     ] {
         assert!(!types.iter().any(|t| t == never), "{never} in {types:?}");
     }
@@ -1245,7 +1249,7 @@ both!(completed_order, |app: TestApp| async move {
     assert_eq!(
         order_event_types(&events, &oid)
             .iter()
-            .filter(|t| *t == "order.processed")
+            .filter(|t| *t == OrderProcessed::NAME)
             .count(),
         1
     );
@@ -1279,18 +1283,22 @@ both!(declined_order, |app: TestApp| async move {
     // The reservation is released.
     wait_levels(&app, &pid, (5, 0, 0)).await;
 
-    let types = order_events_until(&app, &admin, &oid, "inventory.released").await;
+    let types = order_events_until(&app, &admin, &oid, InventoryReleased::NAME).await;
     assert_in_order(
         &types,
         &[
-            "order.created",
-            "inventory.reserved",
-            "payment.failed",
-            "order.failed",
-            "inventory.released",
+            OrderCreated::NAME,
+            InventoryReserved::NAME,
+            PaymentFailed::NAME,
+            OrderFailed::NAME,
+            InventoryReleased::NAME,
         ],
     );
-    for never in ["payment.succeeded", "order.processed", "inventory.sold"] {
+    for never in [
+        PaymentSucceeded::NAME,
+        OrderProcessed::NAME,
+        InventorySold::NAME,
+    ] {
         assert!(!types.iter().any(|t| t == never), "{never} in {types:?}");
     }
 
@@ -1345,18 +1353,18 @@ both_with!(
             .collect();
         assert_eq!(keys.len(), 1, "one key per order: {entries:?}");
 
-        let types = order_events_until(&app, &admin, &oid, "inventory.released").await;
+        let types = order_events_until(&app, &admin, &oid, InventoryReleased::NAME).await;
         assert_in_order(
             &types,
             &[
-                "order.created",
-                "inventory.reserved",
-                "payment.failed",
-                "order.failed",
-                "inventory.released",
+                OrderCreated::NAME,
+                InventoryReserved::NAME,
+                PaymentFailed::NAME,
+                OrderFailed::NAME,
+                InventoryReleased::NAME,
             ],
         );
-        assert!(!types.iter().any(|t| t == "payment.succeeded"));
+        assert!(!types.iter().any(|t| t == PaymentSucceeded::NAME));
 
         let n = order_notification(&app, &token, &user, &oid).await;
         assert_eq!(n["kind"], "order_failed");
@@ -1391,12 +1399,12 @@ both!(out_of_stock_order, |app: TestApp| async move {
     assert_eq!(levels(&app, &id(&scarce)).await, (3, 0, 0));
 
     for order_id in [&oid, &mixed_id] {
-        let types = order_events_until(&app, &admin, order_id, "order.failed").await;
+        let types = order_events_until(&app, &admin, order_id, OrderFailed::NAME).await;
         for never in [
-            "inventory.reserved",
-            "payment.succeeded",
-            "payment.failed",
-            "order.processed",
+            InventoryReserved::NAME,
+            PaymentSucceeded::NAME,
+            PaymentFailed::NAME,
+            OrderProcessed::NAME,
         ] {
             assert!(!types.iter().any(|t| t == never), "{never} in {types:?}");
         }
@@ -1759,11 +1767,15 @@ both_with!(
             assert!(ledger(&app, &admin, order_id).await.is_empty(), "charged");
             let types = order_event_types(&events, order_id);
             assert_eq!(
-                types.iter().filter(|t| *t == "order.cancelled").count(),
+                types.iter().filter(|t| *t == OrderCancelled::NAME).count(),
                 1,
                 "{types:?}"
             );
-            for never in ["order.processed", "order.failed", "payment.succeeded"] {
+            for never in [
+                OrderProcessed::NAME,
+                OrderFailed::NAME,
+                PaymentSucceeded::NAME,
+            ] {
                 assert!(!types.iter().any(|t| t == never), "{never} in {types:?}");
             }
             assert!(

@@ -123,7 +123,7 @@ impl TestApp {
         let (stop, stopped) = oneshot::channel::<()>();
         let task_config = config.clone();
         let task = tokio::spawn(async move {
-            scaleshop_app::serve(&task_config, Target::All, listener, async {
+            scaleshop_app::serve(&task_config, Target::ALL, listener, async {
                 let _ = stopped.await;
             })
             .await

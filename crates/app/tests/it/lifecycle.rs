@@ -41,7 +41,7 @@ impl Manual {
         let (stop, stopped) = oneshot::channel::<()>();
         let task_config = config.clone();
         let task = tokio::spawn(async move {
-            scaleshop_app::serve(&task_config, Target::All, listener, async {
+            scaleshop_app::serve(&task_config, Target::ALL, listener, async {
                 let _ = stopped.await;
             })
             .await
@@ -450,7 +450,7 @@ async fn start_error(config: Config) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let result = tokio::time::timeout(
         Duration::from_secs(30),
-        scaleshop_app::serve(&config, Target::All, listener, std::future::pending()),
+        scaleshop_app::serve(&config, Target::ALL, listener, std::future::pending()),
     )
     .await
     .expect("a bad configuration stops the start at once");

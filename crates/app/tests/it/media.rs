@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use image::{DynamicImage, ImageBuffer, ImageFormat, Rgb, Rgba};
 use reqwest::Response;
 use scaleshop_app::Config;
+use scaleshop_contracts::{Contract, ImageProcessed};
 use scaleshop_media::HostOverrides;
 use serde_json::{Value, json};
 
@@ -301,7 +302,7 @@ both!(formats_and_exact_sizes, |app: TestApp| async move {
     assert_eq!(listed, ids);
     assert_eq!(product["images"][0], image(&app, &ids[0]).await);
     // One image.processed per image, with the outcome.
-    let events = events_of(&app, &admin, "image.processed").await;
+    let events = events_of(&app, &admin, ImageProcessed::NAME).await;
     for id in &ids {
         let mine: Vec<_> = events.iter().filter(|e| e["aggregate_id"] == *id).collect();
         assert_eq!(mine.len(), 1, "{id}");
@@ -350,7 +351,7 @@ both!(
                 .await
                 .unwrap();
             problem(response, 404).await;
-            let events = events_of(&app, &admin, "image.processed").await;
+            let events = events_of(&app, &admin, ImageProcessed::NAME).await;
             let event = events
                 .iter()
                 .find(|e| e["aggregate_id"] == id.as_str())

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use scaleshop_app::config::Secret;
+use scaleshop_contracts::{Contract, NotificationSent};
 use serde_json::{Value, json};
 
 use crate::both;
@@ -86,7 +87,7 @@ both!(
             .unwrap()
             .iter()
             .filter(|e| {
-                e["type"] == "notification.sent" && e["data"]["user_id"] == user_id.as_str()
+                e["type"] == NotificationSent::NAME && e["data"]["user_id"] == user_id.as_str()
             })
             .collect();
         assert_eq!(sent.len(), 1);

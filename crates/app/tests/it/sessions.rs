@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use reqwest::{Response, StatusCode};
 use scaleshop_app::config::Secret;
+use scaleshop_contracts::{Contract, SessionEnded};
 use scaleshop_db::{sqlx, with_pool};
 use scaleshop_testkit::eventually_within;
 use serde_json::{Value, json};
@@ -367,7 +368,7 @@ both!(sign_out_refuses_that_token, |app: TestApp| async move {
     let events = crate::users::all_events(&app, &admin, 100).await;
     let ended: Vec<&Value> = events
         .iter()
-        .filter(|e| e["type"] == "session.ended")
+        .filter(|e| e["type"] == SessionEnded::NAME)
         .collect();
     assert_eq!(ended.len(), 1, "{ended:?}");
     assert_eq!(ended[0]["aggregate_id"], me["id"]);
@@ -614,7 +615,11 @@ scaleshop_testkit::both_backends!(
         // them a minute after that.
         let (expired, live) = (Uuid::now_v7(), Uuid::now_v7());
         let event = |id: Uuid| {
-            scaleshop_events::NewEvent::new("session.ended", user.id, json!({"session_id": id}))
+            let ended = SessionEnded {
+                user_id: user.id,
+                session_id: id,
+            };
+            scaleshop_events::NewEvent::typed(user.id, &ended).unwrap()
         };
         for (id, expires_at) in [(expired, now - 3600), (live, now + 3600)] {
             assert!(

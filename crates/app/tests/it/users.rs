@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
 use reqwest::{Response, StatusCode};
+use scaleshop_contracts::{Contract, UserCreated, UserUpdated};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -1244,14 +1245,14 @@ both!(
             .filter(|e| e["aggregate_id"] == id.as_str())
             .collect();
         let types: Vec<&str> = mine.iter().map(|e| e["type"].as_str().unwrap()).collect();
-        assert_eq!(types, ["user.created", "user.updated"]);
+        assert_eq!(types, [UserCreated::NAME, UserUpdated::NAME]);
         assert_eq!(mine[0]["data"]["email"], "evented@example.com");
         assert_eq!(mine[1]["data"]["name"], "Renamed");
         assert!(timestamp(&mine[0]["occurred_at"]) <= timestamp(&mine[1]["occurred_at"]));
 
         // The admin account was created with an event too.
         let me_admin = json_body(get_as(&app, "/v1/me", &admin).await, StatusCode::OK).await;
-        assert!(events.iter().any(|e| e["type"] == "user.created"
+        assert!(events.iter().any(|e| e["type"] == UserCreated::NAME
             && e["aggregate_id"] == me_admin["id"]
             && e["data"]["role"] == "admin"));
 

@@ -187,8 +187,9 @@ impl Consumer for NoopConsumer {
 }
 
 async fn append_one(db: &Database, n: u32) -> Result<i64, StoreError> {
-    let event = NewEvent::new(
+    let event = NewEvent::raw(
         EVENT_TYPE,
+        1,
         uuid::Uuid::now_v7(),
         serde_json::json!({ "n": n }),
     );

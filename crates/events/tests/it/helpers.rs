@@ -74,7 +74,7 @@ pub async fn append_in_one_tx(db: &Database, kinds: &[&'static str]) -> Vec<(Uui
     let mut tx = db.begin().await.expect("begin");
     let mut appended = Vec::new();
     for kind in kinds {
-        let event = NewEvent::new(kind, Uuid::now_v7(), serde_json::json!({ "kind": kind }));
+        let event = NewEvent::raw(kind, 1, Uuid::now_v7(), serde_json::json!({ "kind": kind }));
         let sequence = scaleshop_events::append(&mut tx, &event)
             .await
             .expect("append");
@@ -99,10 +99,23 @@ pub async fn start(
     settings: DispatcherSettings,
     consumers: &[Arc<Recorder>],
 ) -> Running {
+    let consumers = consumers
+        .iter()
+        .map(|c| c.clone() as Arc<dyn Consumer>)
+        .collect();
+    start_consumers(db, settings, consumers).await
+}
+
+/// Starts a dispatcher with any consumers.
+pub async fn start_consumers(
+    db: &Database,
+    settings: DispatcherSettings,
+    consumers: Vec<Arc<dyn Consumer>>,
+) -> Running {
     let (stop, shutdown) = watch::channel(false);
     let mut dispatcher = Dispatcher::new(db.clone(), settings);
     for consumer in consumers {
-        dispatcher.subscribe(consumer.clone());
+        dispatcher.subscribe(consumer);
     }
     let handle = dispatcher.start(shutdown).await.expect("start dispatcher");
     Running { stop, handle }

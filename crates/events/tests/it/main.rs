@@ -19,4 +19,5 @@ mod dedup;
 mod delivery;
 mod lease;
 mod retry;
+mod versions;
 mod wake;

@@ -38,8 +38,9 @@ scaleshop_testkit::both_backends!(commit_wakes_the_dispatcher, |backend| async m
     }
     // A rolled-back append wakes nobody and delivers nothing.
     let mut tx = db.begin().await.unwrap();
-    let event = scaleshop_events::NewEvent::new(
+    let event = scaleshop_events::NewEvent::raw(
         "test.rolled_back",
+        1,
         uuid::Uuid::now_v7(),
         serde_json::json!({}),
     );

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use scaleshop_contracts::{Contract, NotificationSent, UserCreated};
 use scaleshop_testkit::{Backend, both_backends};
 use serde_json::{Value, json};
 
@@ -154,8 +155,8 @@ both_backends!(
         // The log: one user.created per user, one notification.sent per notification.
         let events = server.all(&token, "/v1/events").await;
         let count = |kind: &str| events.iter().filter(|e| e["type"] == kind).count();
-        assert_eq!(count("user.created"), user_ids.len());
-        assert_eq!(count("notification.sent"), notifications.len());
+        assert_eq!(count(UserCreated::NAME), user_ids.len());
+        assert_eq!(count(NotificationSent::NAME), notifications.len());
         let sequences: Vec<i64> = events
             .iter()
             .map(|e| e["sequence"].as_i64().unwrap())

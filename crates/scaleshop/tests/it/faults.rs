@@ -421,6 +421,7 @@ async fn postgres_outage_answers_503_and_loses_nothing() {
         extra: Default::default(),
         // The keys come from the database, as in a deployment with no secret.
         jwt_secret: None,
+        target: None,
     };
     fast(&mut deployment);
     deployment

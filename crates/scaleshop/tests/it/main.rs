@@ -21,4 +21,6 @@ mod keys;
 mod recovery;
 mod saga_crash;
 mod signals;
+mod split;
 mod takeover;
+mod targets;

@@ -22,6 +22,8 @@ pub struct Deployment {
     pub extra: HashMap<String, String>,
     /// `None`: no `jwt_secret`, so the keys come from the database.
     pub jwt_secret: Option<String>,
+    /// `--target` (`None`: the default, `all`).
+    pub target: Option<String>,
 }
 
 impl Deployment {
@@ -32,6 +34,18 @@ impl Deployment {
             database_url,
             extra: HashMap::new(),
             jwt_secret: Some("a-test-secret-that-is-long-enough-000000".to_owned()),
+            target: None,
+        }
+    }
+
+    /// The same deployment with `--target target` and its own data folder.
+    pub fn with_target(&self, target: &str) -> Self {
+        let data_dir = self.data_dir.join(target.replace(',', "+"));
+        std::fs::create_dir_all(&data_dir).expect("data folder");
+        Self {
+            data_dir,
+            target: Some(target.to_owned()),
+            ..self.clone()
         }
     }
 
@@ -45,6 +59,7 @@ impl Deployment {
         let mut command = Command::new(env!("CARGO_BIN_EXE_scaleshop"));
         command
             .arg("serve")
+            .args(self.target.iter().flat_map(|t| ["--target", t.as_str()]))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("SCALESHOP_HTTP_ADDR", "127.0.0.1:0")

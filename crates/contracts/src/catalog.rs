@@ -1,0 +1,33 @@
+//! Events of the catalog service.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::contract;
+
+/// `product.created`: a product exists, with the stock it starts with (from which
+/// the inventory service makes its stock record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductCreated {
+    pub product_id: Uuid,
+    pub sku: String,
+    pub name: String,
+    pub price_cents: i64,
+    pub currency: String,
+    pub initial_stock: i64,
+}
+contract!(ProductCreated, "product.created", 1);
+
+/// `product.updated`: a product changed; the product as it is now, and the fields
+/// that changed (`name`, `description`, `price_cents`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductUpdated {
+    pub product_id: Uuid,
+    pub sku: String,
+    pub name: String,
+    pub price_cents: i64,
+    pub currency: String,
+    pub initial_stock: i64,
+    pub changed: Vec<String>,
+}
+contract!(ProductUpdated, "product.updated", 1);
