@@ -242,7 +242,10 @@ impl Drop for PgServer {
                 "pg_ctl",
                 &["-D", &data, "-m", "immediate", "-w", "-t", "10", "stop"],
             );
-            if !stopped.status.success() {
+            // Killed already (`kill`), the pid may be someone else's by now.
+            let still_postgres = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|name| name.trim() == "postgres");
+            if !stopped.status.success() && still_postgres {
                 let _ = Command::new("kill")
                     .args(["-KILL", &pid.to_string()])
                     .status();

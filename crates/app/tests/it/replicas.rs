@@ -135,6 +135,74 @@ async fn reads_with_a_token_see_the_write_on_a_lagging_replica() {
         stale > 0,
         "no read without a token was stale: the replica does not lag"
     );
+    eprintln!("replicas: product reads without a token right after the write: {stale} of 10 stale");
+
+    // Orders: a product and a customer made just now are priced and checked on
+    // the primary (the order is accepted), and the order is read back by id and
+    // in the list: stale without a token, never with it.
+    let (buyer, buyer_token) = app.customer("buyer@example.com").await;
+    let (mut stale_orders, mut token_reads) = (0, 0);
+    for i in 0..10 {
+        let (product, _) = create_product(&app, &admin, &format!("ORDER-{i}")).await;
+        let placed = app
+            .post("/v1/orders")
+            .bearer_auth(&buyer_token)
+            .json(&json!({"items": [{"product_id": product, "quantity": 1}],
+                          "payment_method": "pm_card_visa"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(placed.status(), StatusCode::ACCEPTED, "order on fresh data");
+        let token = placed.headers()[TOKEN].clone();
+        let order: Value = placed.json().await.unwrap();
+        let path = format!("/v1/orders/{}", order["id"].as_str().unwrap());
+        let plain = app
+            .get(&path)
+            .bearer_auth(&buyer_token)
+            .send()
+            .await
+            .unwrap();
+        if plain.status() == StatusCode::NOT_FOUND {
+            stale_orders += 1;
+        }
+        let read = app
+            .get(&path)
+            .bearer_auth(&buyer_token)
+            .header(TOKEN, token.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(read.status(), StatusCode::OK, "order read with its token");
+        let listed = app
+            .get(&format!(
+                "/v1/orders?user_id={}",
+                buyer["id"].as_str().unwrap()
+            ))
+            .bearer_auth(&buyer_token)
+            .header(TOKEN, token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(listed.status(), StatusCode::OK);
+        let listed: Value = listed.json().await.unwrap();
+        assert!(
+            listed["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|o| o["id"] == order["id"]),
+            "order listed with its token"
+        );
+        token_reads += 2;
+    }
+    assert!(
+        stale_orders > 0,
+        "no order read without a token was stale: order reads do not use the replica"
+    );
+    eprintln!(
+        "replicas: order reads without a token: {stale_orders} of 10 stale; \
+         with the token: {token_reads} of {token_reads} fresh"
+    );
 
     // With the token: 10 products and 10 users, each changed and read back 50 times.
     let mut targets = Vec::new();
@@ -147,6 +215,7 @@ async fn reads_with_a_token_see_the_write_on_a_lagging_replica() {
     let app = Arc::new(app);
     let (pairs, stale) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut clients = Vec::new();
+    let started = Instant::now();
     for (path, bearer) in targets {
         let (app, pairs, stale) = (app.clone(), pairs.clone(), stale.clone());
         clients.push(tokio::spawn(async move {
@@ -184,6 +253,12 @@ async fn reads_with_a_token_see_the_write_on_a_lagging_replica() {
             .unwrap();
     }
     assert_eq!(pairs.load(Ordering::Relaxed), 1000);
+    eprintln!(
+        "replicas: {} write-then-read pairs with the token in {:.1} s, {} stale",
+        pairs.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+        stale.load(Ordering::Relaxed)
+    );
     assert_eq!(stale.load(Ordering::Relaxed), 0, "stale reads with a token");
 }
 
@@ -242,6 +317,10 @@ async fn a_killed_replica_fails_no_read() {
             .unwrap();
     }
     let reads = reads.load(Ordering::Relaxed);
+    eprintln!(
+        "replicas: {reads} reads in 4 s by 8 clients, replica killed after 1 s: {} failed",
+        failed.load(Ordering::Relaxed)
+    );
     assert!(reads > 100, "too few reads to mean anything: {reads}");
     assert_eq!(
         failed.load(Ordering::Relaxed),
@@ -249,6 +328,10 @@ async fn a_killed_replica_fails_no_read() {
         "failed reads out of {reads}"
     );
     wait_replica(&app, &replica, "down", Duration::from_secs(5)).await;
+    eprintln!(
+        "replicas: fallbacks to the primary after the kill: {}",
+        fallbacks(&app).await - before
+    );
     assert!(
         fallbacks(&app).await > before,
         "reads after the kill went to the primary"
@@ -316,20 +399,34 @@ async fn a_lagging_replica_gets_reads_again_once_caught_up() {
     };
 
     set_delay("3s").await;
+    let raised = Instant::now();
     wait_replica(&app, &replica, "lagging", Duration::from_secs(10)).await;
-    let before = fallbacks(&app).await;
+    eprintln!(
+        "replicas: apply delay 3 s (bound 1 s): lagging after {:.2} s",
+        raised.elapsed().as_secs_f64()
+    );
+    let before_lag = fallbacks(&app).await;
     search(app.clone()).await;
     let during = fallbacks(&app).await;
     assert!(
-        during >= before + 20.0,
-        "every read went to the primary while the replica lagged ({before} -> {during})"
+        during >= before_lag + 20.0,
+        "every read went to the primary while the replica lagged ({before_lag} -> {during})"
     );
 
     set_delay("0").await;
+    let lowered = Instant::now();
     wait_replica(&app, &replica, "up", Duration::from_secs(15)).await;
+    let caught_up = lowered.elapsed();
     let before = fallbacks(&app).await;
     search(app.clone()).await;
     let after = fallbacks(&app).await;
+    eprintln!(
+        "replicas: 20 reads while lagging: {} fallbacks; delay removed: up after {:.2} s, \
+         then {} fallbacks in 20 reads",
+        during - before_lag,
+        caught_up.as_secs_f64(),
+        after - before
+    );
     // Reads are on the replica again (a sample that catches it mid-write may
     // send a read or two to the primary).
     assert!(
