@@ -664,10 +664,20 @@ async fn cluster_with_a_lagging_replica_reads_from_it() {
         .expect("host:port")
         .to_owned();
     let gateway = Api::new(env["SCALESHOP_URL"].clone());
-    let ready = gateway
-        .get_json("/readyz", None)
-        .await
-        .expect("readyz through the gateway");
+    // The instance lists the replica; it gets reads once the monitor has seen it
+    // within the lag bound (a loaded machine can take a few samples).
+    let mut ready = Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        ready = gateway
+            .get_json("/readyz", None)
+            .await
+            .unwrap_or(Value::Null);
+        if ready["replicas"][&replica] == "up" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(ready["replicas"][&replica], "up", "{ready}");
 
     let admin = gateway
