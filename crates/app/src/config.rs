@@ -45,6 +45,15 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `postgres://...` moves every service's data to PostgreSQL; unset = SQLite.
     pub database_url: Option<Secret>,
+    /// Comma list of `postgres://...` streaming replicas of `database_url`: reads
+    /// that tolerate staleness go to a healthy one. Unset: every read on the
+    /// primary.
+    pub read_replica_urls: Option<Secret>,
+    /// A replica further behind than this gets no reads.
+    pub replica_max_lag_ms: u64,
+    /// How long a read with a consistency token waits for a replica that has the
+    /// write before it reads the primary.
+    pub replica_wait_ms: u64,
     pub admin_email: Option<String>,
     pub admin_password: Option<Secret>,
     /// Send email over SMTP instead of writing `.eml` files.
@@ -189,6 +198,9 @@ impl Default for Config {
             http_addr: "127.0.0.1:8080".to_owned(),
             data_dir: PathBuf::from("./data"),
             database_url: None,
+            read_replica_urls: None,
+            replica_max_lag_ms: 1000,
+            replica_wait_ms: 200,
             admin_email: None,
             admin_password: None,
             smtp_url: None,
@@ -264,6 +276,9 @@ const ENV_KEYS: &[&str] = &[
     "http_addr",
     "data_dir",
     "database_url",
+    "read_replica_urls",
+    "replica_max_lag_ms",
+    "replica_wait_ms",
     "admin_email",
     "admin_password",
     "smtp_url",
@@ -432,6 +447,27 @@ impl Config {
                     "expected postgres://..., postgresql://... or sqlite:...",
                 );
             }
+        }
+        let replicas = self.replica_urls();
+        if !replicas.is_empty() {
+            if !self.database_url.as_ref().is_some_and(|u| {
+                let u = u.expose();
+                u.starts_with("postgres://") || u.starts_with("postgresql://")
+            }) {
+                return bad("read_replica_urls", "needs a postgres:// database_url");
+            }
+            if replicas
+                .iter()
+                .any(|u| !(u.starts_with("postgres://") || u.starts_with("postgresql://")))
+            {
+                return bad(
+                    "read_replica_urls",
+                    "expected a comma list of postgres://... URLs",
+                );
+            }
+        }
+        if self.replica_max_lag_ms == 0 {
+            return bad("replica_max_lag_ms", "must be greater than 0");
         }
         if let Some(url) = &self.smtp_url {
             let url = url.expose();
@@ -639,6 +675,29 @@ impl Config {
         scaleshop_cache::CacheSettings {
             l1_ttl: Duration::from_secs(self.session_cache_ttl_secs),
             ..self.cache_settings()
+        }
+    }
+
+    /// The read replicas' URLs (empty when none).
+    pub fn replica_urls(&self) -> Vec<String> {
+        self.read_replica_urls
+            .as_ref()
+            .map(|list| {
+                list.expose()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn replica_settings(&self) -> scaleshop_db::ReplicaSettings {
+        scaleshop_db::ReplicaSettings {
+            max_lag: Duration::from_millis(self.replica_max_lag_ms),
+            wait: Duration::from_millis(self.replica_wait_ms),
+            ..scaleshop_db::ReplicaSettings::default()
         }
     }
 

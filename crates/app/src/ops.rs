@@ -1,5 +1,6 @@
 //! Operations routes: liveness, readiness, Prometheus metrics.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,11 +81,28 @@ struct Components {
     jobs: ComponentState,
 }
 
+/// State of one read replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum ReplicaState {
+    /// Answering and within the lag bound: gets reads.
+    Up,
+    /// Answering, but further behind than the bound: no reads.
+    Lagging,
+    /// Not answering: no reads.
+    Down,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 struct Readiness {
     /// `ok` when every configured dependency answers, else `unavailable`.
     status: &'static str,
+    /// `replicas` is `up` when at least one replica gets reads, `down` when none
+    /// does (reads go to the primary); it never makes the instance unready.
     components: Components,
+    /// Each read replica (`host:port`); absent without replicas.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    replicas: BTreeMap<String, ReplicaState>,
 }
 
 /// Readiness: 200 when every configured dependency answers, else 503.
@@ -104,9 +122,29 @@ async fn readyz(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
         Some(_) => ComponentState::Down,
         None => ComponentState::Disabled,
     };
+    let replicas: BTreeMap<String, ReplicaState> = ops
+        .probes
+        .db
+        .iter()
+        .flat_map(Database::replica_health)
+        .map(|(label, health)| {
+            let state = match health {
+                scaleshop_db::ReplicaHealth::Up => ReplicaState::Up,
+                scaleshop_db::ReplicaHealth::Lagging => ReplicaState::Lagging,
+                scaleshop_db::ReplicaHealth::Down => ReplicaState::Down,
+            };
+            (label, state)
+        })
+        .collect();
     let components = Components {
         database,
-        replicas: ComponentState::Disabled,
+        replicas: if replicas.is_empty() {
+            ComponentState::Disabled
+        } else if replicas.values().any(|s| *s == ReplicaState::Up) {
+            ComponentState::Up
+        } else {
+            ComponentState::Down
+        },
         shards: ComponentState::Disabled,
         cache: match &ops.probes.cache {
             Some(redis) if redis.ping().await => ComponentState::Up,
@@ -116,9 +154,9 @@ async fn readyz(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
         bus: running(&ops.probes.bus),
         jobs: running(&ops.probes.jobs),
     };
+    // Replicas never make the instance unready: reads fall back to the primary.
     let ready = [
         components.database,
-        components.replicas,
         components.shards,
         components.cache,
         components.bus,
@@ -134,6 +172,7 @@ async fn readyz(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
     let body = Readiness {
         status: if ready { "ok" } else { "unavailable" },
         components,
+        replicas,
     };
     (status, Json(body))
 }

@@ -106,7 +106,13 @@ fn migrations_of(modules: &[Module]) -> Vec<Migrations> {
 /// Opens the database and applies the migrations of every module of the target.
 pub async fn open_database(config: &Config, target: Target) -> Result<Database, StartError> {
     let url = config.database_url.as_ref().map(|s| s.expose());
-    let db = Database::connect(url, &config.data_dir, &config.pool_settings()).await?;
+    let db = Database::connect(url, &config.data_dir, &config.pool_settings())
+        .await?
+        .with_replicas(
+            &config.replica_urls(),
+            &config.pool_settings(),
+            config.replica_settings(),
+        )?;
     for migrations in migrations_of(&target.resolve()) {
         db.migrate(&migrations).await?;
     }
@@ -257,8 +263,10 @@ impl App {
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
             },
             match session_check {
-                Some(check) => RequestScope::new(keys.clone()).with_sessions(check),
-                None => RequestScope::new(keys.clone()),
+                Some(check) => RequestScope::new(keys.clone())
+                    .with_sessions(check)
+                    .with_database(db.clone()),
+                None => RequestScope::new(keys.clone()).with_database(db.clone()),
             },
         );
         let router = router
@@ -307,6 +315,7 @@ impl App {
     ) -> Result<Vec<JoinHandle<()>>, StartError> {
         let mut tasks = Vec::new();
         tasks.extend(self.db.spawn_commit_listener(shutdown.clone()));
+        tasks.extend(self.db.spawn_replica_monitor(shutdown.clone()));
         tasks.extend(self.keys.spawn_refresh(self.key_refresh, shutdown.clone()));
         // Cache invalidation, two paths: Redis pub/sub (fast) and the event log
         // (heals a lost message).

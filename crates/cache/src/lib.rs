@@ -136,6 +136,25 @@ struct Stored<T> {
     value: Option<T>,
 }
 
+/// What a loader read, and how fresh it is: `as_of_micros` (µs since the epoch)
+/// is a time before which every write is in `value`. A loader that read a read
+/// replica says so, since its data can be older than the time of the read; one
+/// that returns a bare `Option<T>` read current data.
+#[derive(Debug)]
+pub struct Loaded<T> {
+    pub value: Option<T>,
+    pub as_of_micros: Option<i64>,
+}
+
+impl<T> From<Option<T>> for Loaded<T> {
+    fn from(value: Option<T>) -> Self {
+        Self {
+            value,
+            as_of_micros: None,
+        }
+    }
+}
+
 fn now_micros() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -242,7 +261,7 @@ where
     /// The value for `key`: from L1, L2, or `load` (the database). `fresh_since`
     /// (microseconds since the epoch, from a consistency token) bypasses any entry
     /// read from the database before that time. `Ok(None)` is a known absence.
-    pub async fn get_or_load<E, F, Fut>(
+    pub async fn get_or_load<E, F, Fut, L>(
         &self,
         key: &str,
         fresh_since: Option<i64>,
@@ -251,7 +270,8 @@ where
     where
         E: Send + Sync + 'static,
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<T>, E>>,
+        Fut: Future<Output = Result<L, E>>,
+        L: Into<Loaded<T>>,
     {
         // The hit path, kept small: moka's lookup future is large (it may run
         // maintenance) and almost always ready at once, so it is polled here, on
@@ -276,7 +296,7 @@ where
     }
 
     /// [`Self::get_or_load`] past the quick look at L1.
-    async fn get_or_load_slowly<E, F, Fut>(
+    async fn get_or_load_slowly<E, F, Fut, L>(
         &self,
         key: &str,
         fresh_since: Option<i64>,
@@ -285,7 +305,8 @@ where
     where
         E: Send + Sync + 'static,
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<T>, E>>,
+        Fut: Future<Output = Result<L, E>>,
+        L: Into<Loaded<T>>,
     {
         if let Some(entry) = self.l1.get(key).await {
             if self.servable(key, &entry, fresh_since) {
@@ -323,10 +344,11 @@ where
     }
 
     /// L2, else the database under the cluster-wide load lease.
-    async fn fill<E, F, Fut>(&self, key: &str, started: u64, load: F) -> Result<Entry<T>, E>
+    async fn fill<E, F, Fut, L>(&self, key: &str, started: u64, load: F) -> Result<Entry<T>, E>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<T>, E>>,
+        Fut: Future<Output = Result<L, E>>,
+        L: Into<Loaded<T>>,
     {
         let Some(redis) = &self.redis else {
             return self.load_from_database(key, started, load).await;
@@ -397,7 +419,7 @@ where
         ))
     }
 
-    async fn load_from_database<E, F, Fut>(
+    async fn load_from_database<E, F, Fut, L>(
         &self,
         key: &str,
         started: u64,
@@ -405,11 +427,15 @@ where
     ) -> Result<Entry<T>, E>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<T>, E>>,
+        Fut: Future<Output = Result<L, E>>,
+        L: Into<Loaded<T>>,
     {
-        // Taken before the read: the entry is at least this fresh.
-        let loaded_at_micros = now_micros();
-        let value = load().await?;
+        // Taken before the read: the entry is at least this fresh (or as fresh
+        // as the loader says, when it read a replica that is behind).
+        let before = now_micros();
+        let loaded: Loaded<T> = load().await?.into();
+        let loaded_at_micros = loaded.as_of_micros.map_or(before, |at| at.min(before));
+        let value = loaded.value;
         metrics::counter!(names::CACHE_LOADS, "cache" => self.name).increment(1);
         tracing::trace!(cache = self.name, key, "loaded from the database");
         Ok(Entry::new(

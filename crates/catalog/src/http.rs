@@ -118,7 +118,7 @@ async fn create_product(
         .await?;
     let location = HeaderValue::from_str(&format!("/v1/products/{}", product.id))
         .map_err(ApiError::internal)?;
-    let token = ConsistencyToken::after_commit().header(&keys);
+    let token = ConsistencyToken::after_commit().await.header(&keys);
     let available = product.initial_stock.get();
     Ok((
         StatusCode::CREATED,
@@ -145,10 +145,11 @@ async fn create_product(
 async fn get_product(
     State(catalog): State<Arc<Catalog>>,
     Id(id): Id,
-    ReadConsistency(token): ReadConsistency,
+    consistency: ReadConsistency,
 ) -> Result<Response, ApiError> {
-    let fresh_since = token.map(|t| t.at_micros);
-    let product = catalog.get_cached(id, fresh_since).await?;
+    let product = catalog
+        .get_cached(id, consistency.fresh_since(), consistency.database())
+        .await?;
     // The cached entry's JSON, rendered once per entry.
     let json = product.json().map_err(ApiError::internal)?;
     Ok(scaleshop_web::body::rendered_json(json))
@@ -192,7 +193,7 @@ async fn patch_product(
             },
         )
         .await?;
-    let token = ConsistencyToken::after_commit().header(&keys);
+    let token = ConsistencyToken::after_commit().await.header(&keys);
     Ok(([token], Json(catalog.get(product.id).await?.into())))
 }
 
@@ -215,6 +216,7 @@ struct SearchQuery {
 async fn search_products(
     State(catalog): State<Arc<Catalog>>,
     page: Page,
+    consistency: ReadConsistency,
     Query(query): Query<SearchQuery>,
 ) -> Result<Json<Paginated<ProductView>>, ApiError> {
     let after = page.after::<Uuid>()?;
@@ -223,6 +225,7 @@ async fn search_products(
             scaleshop_web::page::search_text(query.q.as_deref())?.as_deref(),
             after,
             page.fetch(),
+            consistency.database(),
         )
         .await?;
     let page = page.finish(found, |l| l.product.id);

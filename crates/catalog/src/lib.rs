@@ -12,9 +12,9 @@ use std::sync::{Arc, OnceLock};
 
 use chrono::SubsecRound;
 use chrono::{DateTime, Utc};
-use scaleshop_cache::{CacheSettings, Cached, TieredCache};
+use scaleshop_cache::{CacheSettings, Cached, Loaded, TieredCache};
 use scaleshop_contracts::{ProductCreated, ProductUpdated};
-use scaleshop_db::{Database, Migrations, StoreError};
+use scaleshop_db::{Consistency, Database, Migrations, StoreError};
 use scaleshop_events::NewEvent;
 use scaleshop_inventory::Inventory;
 use uuid::Uuid;
@@ -164,20 +164,32 @@ impl Catalog {
         &self,
         id: Uuid,
         fresh_since: Option<i64>,
+        consistency: Consistency,
     ) -> Result<Arc<Cached<ProductView>>, CatalogError> {
         let mut key = Uuid::encode_buffer();
         let key = id.hyphenated().encode_lower(&mut key);
         let found = self
             .cache
             .get_or_load(key, fresh_since, || async move {
-                match self.get(id).await {
-                    Ok(listed) => Ok(Some(ProductView::from(listed))),
-                    Err(CatalogError::NotFound) => Ok(None),
-                    Err(CatalogError::Store(e)) => Err(e),
-                    Err(CatalogError::SkuTaken) => {
-                        Err(StoreError::Other("unexpected conflict on read".into()))
-                    }
-                }
+                let (product, as_of) = self.store.read(id, consistency).await?;
+                let value = match product {
+                    Some(product) => Some(ProductView::from(
+                        self.with_stock(vec![product])
+                            .await
+                            .map_err(|e| match e {
+                                CatalogError::Store(e) => e,
+                                other => StoreError::Other(other.to_string()),
+                            })?
+                            .remove(0),
+                    )),
+                    None => None,
+                };
+                // Stamped with the replica's freshness, so a consistency token
+                // newer than that still bypasses the entry.
+                Ok::<_, StoreError>(Loaded {
+                    value,
+                    as_of_micros: Some(as_of),
+                })
             })
             .await
             .map_err(|e| CatalogError::Store((*e).clone()))?;
@@ -256,14 +268,16 @@ impl Catalog {
         Ok(self.with_stock(vec![product]).await?.remove(0))
     }
 
+    /// May be served by a replica (within `consistency`).
     pub async fn search(
         &self,
         text: Option<&str>,
         after: Option<Uuid>,
         limit: i64,
+        consistency: Consistency,
     ) -> Result<Vec<Listed>, CatalogError> {
         let text = text.map(str::trim).filter(|t| !t.is_empty());
-        let products = self.store.search(text, after, limit).await?;
+        let products = self.store.search(text, after, limit, consistency).await?;
         self.with_stock(products).await
     }
 

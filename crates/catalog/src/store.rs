@@ -2,7 +2,9 @@
 
 use chrono::{DateTime, Utc};
 use scaleshop_db::sqlx::{self, FromRow};
-use scaleshop_db::{Database, Migrations, StoreError, with_pool, with_tx};
+use scaleshop_db::{
+    Consistency, Database, Migrations, StoreError, read_with, read_with_as_of, with_pool, with_tx,
+};
 use scaleshop_events::NewEvent;
 use uuid::Uuid;
 
@@ -129,16 +131,30 @@ impl ProductStore {
         row.map(Product::try_from).transpose()
     }
 
+    /// A read that may be served by a replica; also how fresh it is (µs).
+    pub async fn read(
+        &self,
+        id: Uuid,
+        consistency: Consistency,
+    ) -> Result<(Option<Product>, i64), StoreError> {
+        let (row, as_of): (Option<Row>, i64) = read_with_as_of!(self.db, consistency, pool => {
+            sqlx::query_as(GET).bind(id).fetch_optional(pool).await?
+        })?;
+        Ok((row.map(Product::try_from).transpose()?, as_of))
+    }
+
+    /// May be served by a replica.
     pub async fn search(
         &self,
         text: Option<&str>,
         after: Option<Uuid>,
         limit: i64,
+        consistency: Consistency,
     ) -> Result<Vec<Product>, StoreError> {
         let pattern = text.map(scaleshop_db::like_contains);
-        let rows: Vec<Row> = with_pool!(self.db, pool => {
+        let rows: Vec<Row> = read_with!(self.db, consistency, pool => {
             sqlx::query_as(SEARCH).bind(&pattern).bind(after).bind(limit).fetch_all(pool).await?
-        });
+        })?;
         rows.into_iter().map(Product::try_from).collect()
     }
 }

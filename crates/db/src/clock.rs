@@ -12,6 +12,11 @@ pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
+/// Now, in microseconds since the Unix epoch.
+pub fn now_micros() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
 /// Now plus `duration`.
 pub fn after(duration: Duration) -> DateTime<Utc> {
     now() + chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)

@@ -20,6 +20,10 @@ use sqlx::{PgPool, SqlitePool};
 pub use sqlx;
 
 pub mod clock;
+pub mod replicas;
+
+use replicas::ReplicaSet;
+pub use replicas::{Consistency, Reader, ReplicaHealth, ReplicaSettings, WalPosition};
 
 /// PostgreSQL channel notified (at commit) by writes that background loops wait
 /// for: event appends and job enqueues.
@@ -63,11 +67,25 @@ pub enum Pool {
     Postgres(PgPool),
 }
 
-/// The database: a pool plus the in-process commit signal. Cheap to clone.
+/// The database: the primary's pool, where reads that tolerate staleness go
+/// (replicas, or SQLite's read-only pool), and the in-process commit signal.
+/// Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Database {
     pool: Pool,
+    reads: Reads,
+    /// Client-side bound of one read (statement plus connection wait).
+    read_timeout: Duration,
     committed: Arc<Notify>,
+}
+
+/// Where reads that tolerate staleness go.
+#[derive(Debug, Clone)]
+enum Reads {
+    Primary,
+    /// SQLite in WAL mode: a read-only pool beside the writer's, always current.
+    Sqlite(SqlitePool),
+    Replicas(Arc<ReplicaSet>),
 }
 
 /// A transaction on either backend. A transaction that wrote something background
@@ -195,15 +213,30 @@ impl Database {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(settings.statement_timeout)
             .foreign_keys(true);
+        let in_memory = options.get_filename() == Path::new(":memory:");
         let pool = SqlitePoolOptions::new()
             .max_connections(settings.max_connections)
             .min_connections(settings.min_connections)
             .idle_timeout(Some(settings.idle_timeout))
             .acquire_timeout(settings.acquire_timeout)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|e| ConnectError::Connect(e.to_string()))?;
-        Ok(Self::new(Pool::Sqlite(pool)))
+        let mut db = Self::new(Pool::Sqlite(pool), settings);
+        if !in_memory {
+            // The file exists and is in WAL mode now: readers never block the
+            // writer, and a reader opened after a commit sees it.
+            let reads = SqlitePoolOptions::new()
+                .max_connections(settings.max_connections)
+                .min_connections(settings.min_connections)
+                .idle_timeout(Some(settings.idle_timeout))
+                .acquire_timeout(settings.acquire_timeout)
+                .connect_with(options.create_if_missing(false).read_only(true))
+                .await
+                .map_err(|e| ConnectError::Connect(e.to_string()))?;
+            db.reads = Reads::Sqlite(reads);
+        }
+        Ok(db)
     }
 
     async fn connect_postgres(url: &str, settings: &PoolSettings) -> Result<Self, ConnectError> {
@@ -222,13 +255,122 @@ impl Database {
             .connect_with(options)
             .await
             .map_err(|e| ConnectError::Connect(redact(&e.to_string())))?;
-        Ok(Self::new(Pool::Postgres(pool)))
+        Ok(Self::new(Pool::Postgres(pool), settings))
     }
 
-    fn new(pool: Pool) -> Self {
+    fn new(pool: Pool, settings: &PoolSettings) -> Self {
         Self {
             pool,
+            reads: Reads::Primary,
+            read_timeout: settings.statement_timeout + settings.acquire_timeout,
             committed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Sends reads that tolerate staleness to these PostgreSQL streaming
+    /// replicas (pools sized by `pool`, opened lazily: a replica that is down does
+    /// not stop the start). Run [`Database::spawn_replica_monitor`] too, or no
+    /// replica is ever healthy. Only with a PostgreSQL primary.
+    pub fn with_replicas(
+        mut self,
+        urls: &[String],
+        pool: &PoolSettings,
+        settings: ReplicaSettings,
+    ) -> Result<Self, ConnectError> {
+        if urls.is_empty() {
+            return Ok(self);
+        }
+        if self.backend() != Backend::Postgres {
+            return Err(ConnectError::InvalidUrl(
+                "read replicas need a PostgreSQL primary".into(),
+            ));
+        }
+        self.reads = Reads::Replicas(Arc::new(ReplicaSet::connect(urls, pool, settings)?));
+        Ok(self)
+    }
+
+    /// Samples the replicas' positions and lag until `shutdown` turns true.
+    pub fn spawn_replica_monitor(
+        &self,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let (Reads::Replicas(set), Pool::Postgres(primary)) = (&self.reads, &self.pool) else {
+            return None;
+        };
+        Some(tokio::spawn(set.clone().monitor(primary.clone(), shutdown)))
+    }
+
+    /// Each replica (`host:port`) and whether it gets reads; empty without
+    /// replicas.
+    pub fn replica_health(&self) -> Vec<(String, ReplicaHealth)> {
+        match &self.reads {
+            Reads::Replicas(set) => set.health(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Where a read that tolerates staleness runs: a healthy replica that has
+    /// what `consistency` asks for, SQLite's read-only pool, or the primary.
+    /// Reads inside a read-modify-write use the primary ([`Database::pool`] or a
+    /// [`Tx`]), never this. Use it through [`read_with!`], which sends the read
+    /// to the primary when the replica fails it.
+    pub async fn reader(&self, consistency: Consistency) -> Reader {
+        match &self.reads {
+            Reads::Replicas(set) => match set.choose(consistency).await {
+                Some(replica) => Reader {
+                    pool: Pool::Postgres(replica.pool().clone()),
+                    as_of_micros: Reader::as_of_replica(&replica),
+                    replica: Some(replica),
+                    timeout: self.read_timeout,
+                },
+                None => self.primary_reader(),
+            },
+            Reads::Sqlite(pool) => Reader {
+                pool: Pool::Sqlite(pool.clone()),
+                replica: None,
+                as_of_micros: clock::now_micros(),
+                timeout: self.read_timeout,
+            },
+            Reads::Primary => self.primary_reader(),
+        }
+    }
+
+    fn primary_reader(&self) -> Reader {
+        Reader {
+            pool: self.pool.clone(),
+            replica: None,
+            as_of_micros: clock::now_micros(),
+            timeout: self.read_timeout,
+        }
+    }
+
+    /// After a replica failed a read: the read runs on the primary (a
+    /// fallback). A replica that could not be reached gets no more reads until
+    /// the monitor sees it answer again.
+    pub fn replica_failed(&self, reader: &Reader, error: &StoreError) -> Reader {
+        if let Some(replica) = &reader.replica {
+            tracing::warn!(replica = %replica.label, error = %error, "read failed on a replica; reading the primary");
+            if matches!(error, StoreError::Unavailable) {
+                replica.mark_down();
+            }
+        }
+        replicas::count_fallback();
+        self.primary_reader()
+    }
+
+    /// The primary's WAL position now, for the consistency token of a write that
+    /// has committed (read after the commit, in its own statement, so it covers
+    /// the commit record). `None` without replicas (SQLite, or no replica
+    /// configured: every read is current); [`WalPosition::UNKNOWN`] when the
+    /// primary does not answer in time (reads with it go to the primary).
+    pub async fn write_position(&self) -> Option<WalPosition> {
+        let (Reads::Replicas(set), Pool::Postgres(pool)) = (&self.reads, &self.pool) else {
+            return None;
+        };
+        let ask = sqlx::query_scalar::<_, Option<i64>>(replicas::PRIMARY_POSITION).fetch_one(pool);
+        match tokio::time::timeout(set.settings.probe_timeout, ask).await {
+            Ok(Ok(Some(p))) => Some(u64::try_from(p).map_or(WalPosition::UNKNOWN, WalPosition)),
+            _ => Some(WalPosition::UNKNOWN),
         }
     }
 
@@ -359,6 +501,11 @@ impl Database {
     }
 
     pub async fn close(&self) {
+        match &self.reads {
+            Reads::Replicas(set) => set.close().await,
+            Reads::Sqlite(pool) => pool.close().await,
+            Reads::Primary => {}
+        }
         match &self.pool {
             Pool::Sqlite(pool) => pool.close().await,
             Pool::Postgres(pool) => pool.close().await,
@@ -465,6 +612,52 @@ macro_rules! with_pool {
             $crate::Pool::Sqlite($pool) => $body,
             $crate::Pool::Postgres($pool) => $body,
         }
+    };
+}
+
+/// A read that tolerates staleness: runs `$body` (`?` works inside) with `$pool`
+/// bound to the pool [`Database::reader`] chose for `$consistency`, bounded in
+/// time; when a replica fails it (down, too slow, a query cancelled by a
+/// recovery conflict, a table it has not replayed yet), runs it again on the
+/// primary. Evaluates to `Result<_, StoreError>`.
+#[macro_export]
+macro_rules! read_with {
+    ($db:expr, $consistency:expr, $pool:ident => $body:expr) => {
+        $crate::read_with_as_of!($db, $consistency, $pool => $body).map(|(value, _)| value)
+    };
+}
+
+/// [`read_with!`], also giving how fresh the read was: `Result<(_, i64), _>`, the
+/// time (µs) before which every write was visible to it ([`Reader::as_of_micros`]).
+#[macro_export]
+macro_rules! read_with_as_of {
+    ($db:expr, $consistency:expr, $pool:ident => $body:expr) => {{
+        let db: &$crate::Database = &$db;
+        let reader = db.reader($consistency).await;
+        match $crate::read_once!(reader, $pool => $body) {
+            Err(error) if reader.is_replica() => {
+                let primary = db.replica_failed(&reader, &error);
+                $crate::read_once!(primary, $pool => $body)
+                    .map(|value| (value, primary.as_of_micros()))
+            }
+            other => other.map(|value| (value, reader.as_of_micros())),
+        }
+    }};
+}
+
+/// One bounded read on a [`Reader`]'s pool (see [`read_with!`]).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! read_once {
+    ($reader:expr, $pool:ident => $body:expr) => {
+        $reader
+            .bounded(async {
+                Ok::<_, $crate::StoreError>(match $reader.pool() {
+                    $crate::Pool::Sqlite($pool) => $body,
+                    $crate::Pool::Postgres($pool) => $body,
+                })
+            })
+            .await
     };
 }
 

@@ -107,7 +107,9 @@ async fn adjust(
         return Err(ApiError::internal("fields checked but missing"));
     };
     let stock = inventory.adjust(product_id, delta, &reason).await?;
-    let token = scaleshop_web::ConsistencyToken::after_commit().header(&keys);
+    let token = scaleshop_web::ConsistencyToken::after_commit()
+        .await
+        .header(&keys);
     Ok(([token], Json(stock)))
 }
 

@@ -141,7 +141,7 @@ async fn add_image(
     };
     let location =
         HeaderValue::from_str(&format!("/v1/images/{}", image.id)).map_err(ApiError::internal)?;
-    let token = ConsistencyToken::after_commit().header(&keys);
+    let token = ConsistencyToken::after_commit().await.header(&keys);
     Ok((
         StatusCode::ACCEPTED,
         [(LOCATION, location), token],

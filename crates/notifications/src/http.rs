@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::extract::{Query, State};
 use scaleshop_web::page::PageParams;
-use scaleshop_web::{ApiError, Caller, Page, Paginated, Problem};
+use scaleshop_web::{ApiError, Caller, Page, Paginated, Problem, ReadConsistency};
 use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -39,6 +39,7 @@ async fn list_notifications(
     State(store): State<NotificationStore>,
     caller: Caller,
     page: Page,
+    consistency: ReadConsistency,
     Query(query): Query<NotificationsQuery>,
 ) -> Result<Json<Paginated<Notification>>, ApiError> {
     let requested = match query.user_id.as_deref().filter(|s| !s.is_empty()) {
@@ -57,6 +58,8 @@ async fn list_notifications(
         (false, _) => Some(caller.user_id),
     };
     let before = page.after::<Uuid>()?;
-    let rows = store.list(user_id, before, page.fetch()).await?;
+    let rows = store
+        .list(user_id, before, page.fetch(), consistency.database())
+        .await?;
     Ok(Json(page.finish(rows, |n| n.id)))
 }

@@ -3,7 +3,9 @@
 use chrono::{DateTime, Utc};
 use scaleshop_db::clock::now;
 use scaleshop_db::sqlx::{self, FromRow};
-use scaleshop_db::{Database, Migrations, StoreError, Tx, with_pool, with_tx};
+use scaleshop_db::{
+    Consistency, Database, Migrations, StoreError, Tx, read_with, with_pool, with_tx,
+};
 use scaleshop_events::NewEvent;
 use scaleshop_jobs::NewJob;
 use serde::Serialize;
@@ -142,19 +144,21 @@ impl NotificationStore {
         Ok(with_pool!(self.db, pool => sqlx::query_as(Q).bind(id).fetch_optional(pool).await?))
     }
 
-    /// Newest first; `user_id` `None` lists everyone's (admin).
+    /// Newest first; `user_id` `None` lists everyone's (admin). May be served by
+    /// a read replica within `consistency`.
     pub async fn list(
         &self,
         user_id: Option<Uuid>,
         before: Option<Uuid>,
         limit: i64,
+        consistency: Consistency,
     ) -> Result<Vec<Notification>, StoreError> {
         const Q: &str = "SELECT id, user_id, kind, channel, to_addr, subject, body, status, order_id, created_at, \
                          sent_at FROM notifications WHERE ($1 IS NULL OR user_id = $1) AND ($2 IS NULL OR id < $2) \
                          ORDER BY id DESC LIMIT $3";
-        Ok(with_pool!(self.db, pool => {
+        read_with!(self.db, consistency, pool => {
             sqlx::query_as(Q).bind(user_id).bind(before).bind(limit).fetch_all(pool).await?
-        }))
+        })
     }
 
     /// `queued`/`failed` -> `sent`, with the `notification.sent` event, once.

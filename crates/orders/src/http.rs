@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use scaleshop_web::page::PageParams;
 use scaleshop_web::{
     ApiError, Caller, ConsistencyToken, FieldError, Id, JsonObject, Keys, Page, Paginated, Problem,
-    RequestKeys,
+    ReadConsistency, RequestKeys,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -218,7 +218,7 @@ fn parse_order(
     }
 }
 
-fn stored_response(stored: &Stored, replayed: bool, keys: &Keys) -> Response {
+async fn stored_response(stored: &Stored, replayed: bool, keys: &Keys) -> Response {
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let content_type = if status.is_success() {
         "application/json"
@@ -236,7 +236,7 @@ fn stored_response(stored: &Stored, replayed: bool, keys: &Keys) -> Response {
         headers.insert(header::LOCATION, location);
     }
     if status.is_success() {
-        let (name, value) = ConsistencyToken::at(Utc::now()).header(keys);
+        let (name, value) = ConsistencyToken::after_commit().await.header(keys);
         headers.insert(name, value);
     }
     if replayed {
@@ -286,7 +286,7 @@ async fn create_order(
         let hash = hex::encode(Sha256::digest(serde_json::to_vec(&map).unwrap_or_default()));
         match orders.idempotency.claim(key, &hash).await? {
             Claim::Proceed(claim) => claimed = Some(claim),
-            Claim::Replay(stored) => return Ok(stored_response(&stored, true, &keys)),
+            Claim::Replay(stored) => return Ok(stored_response(&stored, true, &keys).await),
             Claim::InFlight => {
                 return Err(ApiError::conflict(
                     "a request with this Idempotency-Key is in progress",
@@ -314,7 +314,7 @@ async fn create_order(
     }
     .await;
     match (outcome, &key) {
-        (Ok(stored), _) => Ok(stored_response(&stored, false, &keys)),
+        (Ok(stored), _) => Ok(stored_response(&stored, false, &keys).await),
         (Err(error), Some(key)) if error.code.spec().0.is_client_error() => {
             // A refusal is the first response too: replay it.
             let stored = Stored {
@@ -347,8 +347,9 @@ async fn get_order(
     State(orders): State<Orders>,
     caller: Caller,
     Id(id): Id,
+    consistency: ReadConsistency,
 ) -> Result<Json<OrderView>, ApiError> {
-    let order = orders.get(id).await?;
+    let order = orders.read(id, consistency.database()).await?;
     if !caller.may_access(order.user_id) {
         return Err(ApiError::not_found());
     }
@@ -374,6 +375,7 @@ async fn list_orders(
     State(orders): State<Orders>,
     caller: Caller,
     page: Page,
+    consistency: ReadConsistency,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Paginated<OrderView>>, ApiError> {
     let user_id = match query.user_id.as_deref().filter(|s| !s.is_empty()) {
@@ -393,7 +395,9 @@ async fn list_orders(
         }
     };
     let before = page.after::<Uuid>()?;
-    let rows = orders.list(user_id, before, page.fetch()).await?;
+    let rows = orders
+        .list(user_id, before, page.fetch(), consistency.database())
+        .await?;
     let page = page.finish(rows, |o| o.id);
     Ok(Json(Paginated {
         items: page.items.into_iter().map(OrderView::from).collect(),
@@ -422,7 +426,7 @@ async fn cancel_order(
     }
     let order = orders.cancel(id).await?;
     Ok((
-        [ConsistencyToken::after_commit().header(&keys)],
+        [ConsistencyToken::after_commit().await.header(&keys)],
         Json(order.into()),
     ))
 }

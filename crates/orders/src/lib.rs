@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use chrono::{SubsecRound, Utc};
 use scaleshop_contracts::{OrderCancelled, OrderCreated, OrderItem};
-use scaleshop_db::{Database, Migrations, StoreError};
+use scaleshop_db::{Consistency, Database, Migrations, StoreError};
 use scaleshop_events::NewEvent;
 use uuid::Uuid;
 
@@ -215,13 +215,23 @@ impl Orders {
         self.store.get(id).await?.ok_or(OrdersError::NotFound)
     }
 
+    /// An order for a reader (may be served by a read replica within `consistency`).
+    pub async fn read(&self, id: Uuid, consistency: Consistency) -> Result<Order, OrdersError> {
+        self.store
+            .read(id, consistency)
+            .await?
+            .ok_or(OrdersError::NotFound)
+    }
+
+    /// May be served by a read replica within `consistency`.
     pub async fn list(
         &self,
         user_id: Uuid,
         before: Option<Uuid>,
         limit: i64,
+        consistency: Consistency,
     ) -> Result<Vec<Order>, OrdersError> {
-        Ok(self.store.list(user_id, before, limit).await?)
+        Ok(self.store.list(user_id, before, limit, consistency).await?)
     }
 
     /// Cancels a pending order that is not being charged; publishes `order.cancelled`

@@ -3,7 +3,9 @@
 use chrono::{DateTime, Utc};
 use scaleshop_db::clock::now;
 use scaleshop_db::sqlx::{self, FromRow, types::Json};
-use scaleshop_db::{Database, Migrations, StoreError, Tx, with_pool, with_tx};
+use scaleshop_db::{
+    Consistency, Database, Migrations, StoreError, Tx, read_with, with_pool, with_tx,
+};
 use scaleshop_events::NewEvent;
 use uuid::Uuid;
 
@@ -95,6 +97,21 @@ impl OrderStore {
         Ok(())
     }
 
+    /// An order as a read replica (within `consistency`) or the primary has it.
+    pub async fn read(
+        &self,
+        id: Uuid,
+        consistency: Consistency,
+    ) -> Result<Option<Order>, StoreError> {
+        const Q: &str = "SELECT id, user_id, status, step, items, total_cents, currency, payment_method, \
+                         failure_reason, created_at, updated_at FROM orders WHERE id = $1";
+        let row: Option<Row> = read_with!(self.db, consistency, pool => {
+            sqlx::query_as(Q).bind(id).fetch_optional(pool).await?
+        })?;
+        row.map(Order::try_from).transpose()
+    }
+
+    /// The primary's copy (for a read-modify-write).
     pub async fn get(&self, id: Uuid) -> Result<Option<Order>, StoreError> {
         const Q: &str = "SELECT id, user_id, status, step, items, total_cents, currency, payment_method, \
                          failure_reason, created_at, updated_at FROM orders WHERE id = $1";
@@ -104,19 +121,20 @@ impl OrderStore {
         row.map(Order::try_from).transpose()
     }
 
-    /// A user's orders, newest first, before `before`.
+    /// A user's orders, newest first, before `before` (may be served by a replica).
     pub async fn list(
         &self,
         user_id: Uuid,
         before: Option<Uuid>,
         limit: i64,
+        consistency: Consistency,
     ) -> Result<Vec<Order>, StoreError> {
         const Q: &str = "SELECT id, user_id, status, step, items, total_cents, currency, payment_method, \
                          failure_reason, created_at, updated_at FROM orders WHERE user_id = $1 \
                          AND ($2 IS NULL OR id < $2) ORDER BY id DESC LIMIT $3";
-        let rows: Vec<Row> = with_pool!(self.db, pool => {
+        let rows: Vec<Row> = read_with!(self.db, consistency, pool => {
             sqlx::query_as(Q).bind(user_id).bind(before).bind(limit).fetch_all(pool).await?
-        });
+        })?;
         rows.into_iter().map(Order::try_from).collect()
     }
 

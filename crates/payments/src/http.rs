@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::{Query, State};
-use scaleshop_web::{ApiError, Caller, Paginated, Problem};
+use scaleshop_web::{ApiError, Caller, Paginated, Problem, ReadConsistency};
 use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -35,6 +35,7 @@ struct PaymentsQuery {
 async fn list_payments(
     State(payments): State<Payments>,
     caller: Caller,
+    consistency: ReadConsistency,
     Query(query): Query<PaymentsQuery>,
 ) -> Result<Json<Paginated<LedgerEntry>>, ApiError> {
     caller.require_admin()?;
@@ -45,7 +46,7 @@ async fn list_payments(
         .and_then(|raw| {
             Uuid::try_parse(raw).map_err(|_| ApiError::invalid("order_id", "must be a UUID"))
         })?;
-    let items = payments.ledger(order_id).await?;
+    let items = payments.ledger(order_id, consistency.database()).await?;
     Ok(Json(Paginated {
         items,
         next_cursor: None,

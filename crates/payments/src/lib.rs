@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use scaleshop_contracts::{PaymentFailed, PaymentSucceeded};
 use scaleshop_db::clock::now;
 use scaleshop_db::sqlx::{self, FromRow};
-use scaleshop_db::{Database, Migrations, StoreError, with_pool, with_tx};
+use scaleshop_db::{Consistency, Database, Migrations, StoreError, read_with, with_pool, with_tx};
 use scaleshop_events::NewEvent;
 use serde::Serialize;
 use uuid::Uuid;
@@ -374,10 +374,15 @@ impl Payments {
         Ok(result)
     }
 
-    /// The gateway's ledger entries for an order, oldest first.
-    pub async fn ledger(&self, order_id: Uuid) -> Result<Vec<LedgerEntry>, StoreError> {
+    /// The gateway's ledger entries for an order, oldest first (may be served by
+    /// a read replica within `consistency`).
+    pub async fn ledger(
+        &self,
+        order_id: Uuid,
+        consistency: Consistency,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
         const Q: &str = "SELECT id, order_id, amount_cents, currency, status, idempotency_key, created_at \
                          FROM payment_ledger WHERE order_id = $1 ORDER BY created_at, id";
-        Ok(with_pool!(self.db, pool => sqlx::query_as(Q).bind(order_id).fetch_all(pool).await?))
+        read_with!(self.db, consistency, pool => sqlx::query_as(Q).bind(order_id).fetch_all(pool).await?)
     }
 }

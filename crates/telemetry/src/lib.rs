@@ -23,6 +23,12 @@ pub mod names {
     pub const DB_POOL_CONNECTIONS: &str = "db_pool_connections";
     /// Counter: `pool`; acquire attempts that timed out (answered 503).
     pub const DB_POOL_TIMEOUTS: &str = "db_pool_acquire_timeouts_total";
+    /// Gauge: `replica` (host:port); how far the replica's replayed data is behind
+    /// the primary, in seconds.
+    pub const DB_REPLICA_LAG: &str = "db_replica_lag_seconds";
+    /// Counter: reads sent to the primary because no replica was healthy or
+    /// caught up.
+    pub const DB_REPLICA_FALLBACK: &str = "db_replica_fallback_total";
     /// Gauge: events committed and not yet delivered to every consumer.
     pub const OUTBOX_BACKLOG: &str = "outbox_backlog";
     /// Gauge: `consumer`; events behind the head of the log.

@@ -5,6 +5,10 @@
 //! the server (its postmaster killed by pid if `pg_ctl` cannot) and removes the
 //! folder. `initdb` and `postgres` refuse to run as root: as root they run as the
 //! `postgres` user (`runuser -u postgres --`).
+//!
+//! [`PgServer::replica_of`] makes a streaming replica of one (`pg_basebackup -R`
+//! into its own folder, on its own port), optionally applying the WAL late
+//! (`recovery_min_apply_delay`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -58,18 +62,87 @@ pub struct PgServer {
     pub port: u16,
 }
 
+fn owned_temp_dir() -> PathBuf {
+    let base = crate::temp_dir("scaleshop-pg");
+    if is_root() {
+        let status = Command::new("chown")
+            .args(["-R", "postgres:"])
+            .arg(&base)
+            .status()
+            .expect("chown");
+        assert!(status.success(), "chown the cluster folder to postgres");
+    }
+    base
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 impl PgServer {
+    /// A streaming replica of `primary` (`pg_basebackup -R -X stream`), started
+    /// on a free port; `apply_delay` holds back each commit that long
+    /// (`recovery_min_apply_delay`). Waits until it accepts connections.
+    pub fn replica_of(primary: &PgServer, apply_delay: Option<Duration>) -> Self {
+        let base = owned_temp_dir();
+        let data = base.join("data");
+        let data_arg = data.to_string_lossy().into_owned();
+        let primary_port = primary.port.to_string();
+        let backup = run_pg(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary_port,
+                "-U",
+                "postgres",
+                "-D",
+                &data_arg,
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ],
+        );
+        check("pg_basebackup", &backup);
+        let port = free_port();
+        // The copied postgresql.conf names the primary's port: the last line wins.
+        let mut settings = format!("\nport = {port}\nhot_standby_feedback = on\n");
+        if let Some(delay) = apply_delay {
+            settings.push_str(&format!(
+                "recovery_min_apply_delay = '{}ms'\n",
+                delay.as_millis()
+            ));
+        }
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).expect("read postgresql.conf");
+        text.push_str(&settings);
+        std::fs::write(&conf, text).expect("write postgresql.conf");
+        let server = Self { base, data, port };
+        server.start_again();
+        server
+    }
+
+    /// `kill -9` of the postmaster, as a crash of the machine's database would
+    /// look to clients (its backends notice and exit).
+    pub fn kill(&self) {
+        if let Some(pid) = Self::postmaster_pid(&self.data) {
+            let status = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill -9 the postmaster");
+        }
+    }
+
     /// `initdb` and start on a free port; waits until it accepts connections.
     pub fn start() -> Self {
-        let base = crate::temp_dir("scaleshop-pg");
-        if is_root() {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:"])
-                .arg(&base)
-                .status()
-                .expect("chown");
-            assert!(status.success(), "chown the cluster folder to postgres");
-        }
+        let base = owned_temp_dir();
         let data = base.join("data");
         let data_arg = data.to_string_lossy().into_owned();
         let init = run_pg(
@@ -87,10 +160,7 @@ impl PgServer {
             ],
         );
         check("initdb", &init);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         // TCP only (a socket path under a deep temporary folder can be too long).
         // Durable commits (synchronous_commit stays on): an immediate stop must not
         // lose an acknowledged transaction. No fsync: the machine does not crash.
@@ -172,7 +242,10 @@ impl Drop for PgServer {
                 "pg_ctl",
                 &["-D", &data, "-m", "immediate", "-w", "-t", "10", "stop"],
             );
-            if !stopped.status.success() {
+            // Killed already (`kill`), the pid may be someone else's by now.
+            let still_postgres = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|name| name.trim() == "postgres");
+            if !stopped.status.success() && still_postgres {
                 let _ = Command::new("kill")
                     .args(["-KILL", &pid.to_string()])
                     .status();

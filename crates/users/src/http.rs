@@ -189,8 +189,8 @@ struct SearchParams {
 
 type Headers = [(HeaderName, HeaderValue); 1];
 
-fn written(keys: &Keys) -> Headers {
-    [ConsistencyToken::after_commit().header(keys)]
+async fn written(keys: &Keys) -> Headers {
+    [ConsistencyToken::after_commit().await.header(keys)]
 }
 
 /// Sign up. Rate limited per client address.
@@ -231,7 +231,7 @@ async fn create_user(
         .await?;
     let location =
         HeaderValue::from_str(&format!("/v1/users/{}", user.id)).map_err(ApiError::internal)?;
-    let [token] = written(&keys);
+    let [token] = written(&keys).await;
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location), token],
@@ -302,7 +302,7 @@ async fn end_session(
     caller: Caller,
 ) -> Result<(StatusCode, Headers), ApiError> {
     http.users.sessions().end(&caller).await?;
-    Ok((StatusCode::NO_CONTENT, written(&keys)))
+    Ok((StatusCode::NO_CONTENT, written(&keys).await))
 }
 
 /// The signed-in user.
@@ -316,11 +316,15 @@ async fn end_session(
 async fn me(
     State(http): State<UsersHttp>,
     caller: Caller,
-    ReadConsistency(token): ReadConsistency,
+    consistency: ReadConsistency,
 ) -> Result<Json<UserView>, ApiError> {
     // A valid token for a user that no longer exists is no session.
-    let fresh_since = token.map(|t| t.at_micros);
-    match http.users.get_cached(caller.user_id, fresh_since).await {
+    let fresh_since = consistency.fresh_since();
+    match http
+        .users
+        .get_cached(caller.user_id, fresh_since, consistency.database())
+        .await
+    {
         Ok(user) => Ok(Json(user.into())),
         Err(UsersError::NotFound) => Err(ApiError::unauthenticated().detail("the account is gone")),
         Err(other) => Err(other.into()),
@@ -341,13 +345,16 @@ async fn get_user(
     State(http): State<UsersHttp>,
     caller: Caller,
     Id(id): Id,
-    ReadConsistency(token): ReadConsistency,
+    consistency: ReadConsistency,
 ) -> Result<Json<UserView>, ApiError> {
     if !caller.may_access(id) {
         return Err(ApiError::not_found());
     }
-    let fresh_since = token.map(|t| t.at_micros);
-    Ok(Json(http.users.get_cached(id, fresh_since).await?.into()))
+    let user = http
+        .users
+        .get_cached(id, consistency.fresh_since(), consistency.database())
+        .await?;
+    Ok(Json(user.into()))
 }
 
 /// Change name, email or password (self or admin). Changing the email or the
@@ -408,7 +415,7 @@ async fn patch_user(
         .users
         .update(id, patch, by(current_password.as_deref()))
         .await?;
-    Ok((written(&keys), Json(user.into())))
+    Ok((written(&keys).await, Json(user.into())))
 }
 
 #[derive(Debug, Deserialize)]

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use chrono::{SubsecRound, Utc};
-use scaleshop_cache::{CacheSettings, TieredCache};
+use scaleshop_cache::{CacheSettings, Loaded, TieredCache};
 use scaleshop_contracts::{UserCreated, UserUpdated};
-use scaleshop_db::StoreError;
+use scaleshop_db::{Consistency, StoreError};
 use scaleshop_events::NewEvent;
 use uuid::Uuid;
 
@@ -157,14 +157,24 @@ impl Users {
         self.cache.clone()
     }
 
-    /// A user by id, through the cache (cache-aside). `fresh_since` (from a
-    /// consistency token, µs) bypasses entries read before it.
-    pub async fn get_cached(&self, id: Uuid, fresh_since: Option<i64>) -> Result<User, UsersError> {
+    /// A user by id, through the cache (cache-aside); a miss may be read from a
+    /// replica (within `consistency`). `fresh_since` (from a consistency token,
+    /// µs) bypasses entries whose data may be older.
+    pub async fn get_cached(
+        &self,
+        id: Uuid,
+        fresh_since: Option<i64>,
+        consistency: Consistency,
+    ) -> Result<User, UsersError> {
         let store = self.store.clone();
         let found = self
             .cache
             .get_or_load(&id.to_string(), fresh_since, || async move {
-                store.get(id).await.map(|record| record.map(|r| r.user))
+                let (record, as_of) = store.read(id, consistency).await?;
+                Ok::<_, StoreError>(Loaded {
+                    value: record.map(|r| r.user),
+                    as_of_micros: Some(as_of),
+                })
             })
             .await
             .map_err(|e| UsersError::Store((*e).clone()))?;

@@ -4,7 +4,9 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use scaleshop_db::sqlx::{self, FromRow};
-use scaleshop_db::{Database, Migrations, StoreError, with_pool, with_tx};
+use scaleshop_db::{
+    Consistency, Database, Migrations, StoreError, read_with_as_of, with_pool, with_tx,
+};
 use scaleshop_events::NewEvent;
 use uuid::Uuid;
 
@@ -30,7 +32,15 @@ pub trait UserStore: Send + Sync {
     /// `StoreError::Conflict` when the new email is taken. Writing another
     /// password hash moves the session epoch on (in the same statement).
     async fn update(&self, record: &UserRecord, event: &NewEvent) -> Result<(), StoreError>;
+    /// The primary's copy (for a read-modify-write).
     async fn get(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError>;
+    /// A read that may be served by a read replica within `consistency`; also how
+    /// fresh it is (µs: every write before that time is in it).
+    async fn read(
+        &self,
+        id: Uuid,
+        consistency: Consistency,
+    ) -> Result<(Option<UserRecord>, i64), StoreError>;
     async fn get_by_email(&self, email: &Email) -> Result<Option<UserRecord>, StoreError>;
     /// Users whose name or email contains `text` (case-insensitive), by id, after `after`.
     async fn search(
@@ -181,6 +191,17 @@ impl UserStore for SqlUserStore {
             sqlx::query_as(GET).bind(id).fetch_optional(pool).await?
         });
         row.map(UserRecord::try_from).transpose()
+    }
+
+    async fn read(
+        &self,
+        id: Uuid,
+        consistency: Consistency,
+    ) -> Result<(Option<UserRecord>, i64), StoreError> {
+        let (row, as_of): (Option<UserRow>, i64) = read_with_as_of!(self.db, consistency, pool => {
+            sqlx::query_as(GET).bind(id).fetch_optional(pool).await?
+        })?;
+        Ok((row.map(UserRecord::try_from).transpose()?, as_of))
     }
 
     async fn get_by_email(&self, email: &Email) -> Result<Option<UserRecord>, StoreError> {

@@ -3,8 +3,10 @@
 //!
 //! The token is signed (so it cannot be forged into something the server would
 //! misread) and carries a time taken after the write committed (microseconds since
-//! the epoch). Reads go to the primary database; the cache bypasses any entry read
-//! before that time, so a read with the token always sees the write.
+//! the epoch) and, with read replicas, the primary's WAL position read after the
+//! commit. The cache bypasses any entry whose data may be older than that time;
+//! the database sends the read to a replica that has replayed that position, or
+//! after a bounded wait to the primary. So a read with the token sees the write.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -14,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ErrorCode};
 use crate::keys::{Keys, Signer};
+use crate::scope::RequestScope;
 
 pub const CONSISTENCY_HEADER: HeaderName = HeaderName::from_static("x-consistency-token");
 const PURPOSE: &str = "consistency";
@@ -24,19 +27,34 @@ pub struct ConsistencyToken {
     /// Commit time of the write, in microseconds since the Unix epoch.
     #[serde(rename = "t")]
     pub at_micros: i64,
+    /// The primary's WAL position after the write (with read replicas only).
+    #[serde(rename = "p", default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
 }
 
 impl ConsistencyToken {
     pub fn at(time: DateTime<Utc>) -> Self {
         Self {
             at_micros: time.timestamp_micros(),
+            position: None,
         }
     }
 
-    /// For a write that has committed: now. Anything read (started) at or after
-    /// this time saw the write, so a cache entry loaded earlier is bypassed.
-    pub fn after_commit() -> Self {
-        Self::at(Utc::now())
+    /// For a write that has committed: now, and the primary's write position when
+    /// the request's database has read replicas. Anything read at or after this
+    /// time from the primary saw the write, so a cache entry loaded earlier is
+    /// bypassed; a replica serves it only once it has replayed the position.
+    pub async fn after_commit() -> Self {
+        let mut token = Self::at(Utc::now());
+        if let Some(db) = RequestScope::current_database() {
+            token.position = db.write_position().await.map(|p| p.0);
+        }
+        token
+    }
+
+    /// What a read with this token needs from the database.
+    pub fn consistency(&self) -> scaleshop_db::Consistency {
+        scaleshop_db::Consistency::after(self.position)
     }
 
     pub fn encode(&self, signer: &Signer) -> String {
@@ -58,6 +76,20 @@ impl ConsistencyToken {
 /// The token a read sent, if any. A token that does not verify is a 400.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadConsistency(pub Option<ConsistencyToken>);
+
+impl ReadConsistency {
+    /// What the read needs from the database: the token's position, or anything
+    /// a healthy replica holds.
+    pub fn database(&self) -> scaleshop_db::Consistency {
+        self.0
+            .map_or(scaleshop_db::Consistency::Eventual, |t| t.consistency())
+    }
+
+    /// The token's time (µs), for the cache.
+    pub fn fresh_since(&self) -> Option<i64> {
+        self.0.map(|t| t.at_micros)
+    }
+}
 
 impl<S: Send + Sync> FromRequestParts<S> for ReadConsistency {
     type Rejection = ApiError;

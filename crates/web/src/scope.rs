@@ -22,6 +22,9 @@ pub struct RequestScope {
     /// valid signature is enough (a process without the users service).
     sessions: Option<Sessions>,
     peer: Option<SocketAddr>,
+    /// The primary database, asked for its write position when a write hands
+    /// out a consistency token; none: tokens carry a time only.
+    database: Option<&'static scaleshop_db::Database>,
 }
 
 tokio::task_local! {
@@ -39,6 +42,17 @@ impl RequestScope {
             keys,
             sessions: None,
             peer: None,
+            database: None,
+        }
+    }
+
+    /// Consistency tokens of writes carry `database`'s write position (kept for
+    /// the rest of the process, like the keys).
+    pub fn with_database(self, database: scaleshop_db::Database) -> Self {
+        let database: &'static scaleshop_db::Database = Box::leak(Box::new(database));
+        Self {
+            database: Some(database),
+            ..self
         }
     }
 
@@ -72,6 +86,10 @@ impl RequestScope {
 
     pub(crate) fn current_keys() -> Result<&'static Keys, ApiError> {
         Self::current().map(|scope| scope.keys)
+    }
+
+    pub(crate) fn current_database() -> Option<&'static scaleshop_db::Database> {
+        CURRENT.try_with(|scope| scope.database).ok().flatten()
     }
 
     pub(crate) fn current_sessions() -> Result<Option<&'static dyn SessionCheck>, ApiError> {

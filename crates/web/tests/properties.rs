@@ -228,9 +228,14 @@ proptest! {
     /// Consistency tokens round-trip; any change is refused; a cursor is never
     /// taken for one (the purpose is signed).
     #[test]
-    fn consistency_tokens(at in any::<i64>(), edits in edits(), key in (".{0,8}", any::<i64>())) {
+    fn consistency_tokens(
+        at in any::<i64>(),
+        position in any::<Option<u64>>(),
+        edits in edits(),
+        key in (".{0,8}", any::<i64>()),
+    ) {
         let signer = Signer::new(SECRET, "opaque");
-        let token = ConsistencyToken { at_micros: at };
+        let token = ConsistencyToken { at_micros: at, position };
         let encoded = token.encode(&signer);
         prop_assert_eq!(ConsistencyToken::decode(&encoded, &signer), Some(token));
         let forged = apply(&encoded, &edits);

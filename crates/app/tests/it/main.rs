@@ -22,5 +22,6 @@ mod limits;
 mod media;
 mod messaging;
 mod operations;
+mod replicas;
 mod sessions;
 mod users;

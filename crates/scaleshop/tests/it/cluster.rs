@@ -808,3 +808,140 @@ async fn gateway_sends_again_only_requests_safe_to_repeat() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `up --instances 1 --replicas 1 --replica-delay 1000`: a streaming replica that
+/// applies commits 1 s late, which the instance reads from. Through the gateway: a
+/// product just made is not found without the write's token (read on the replica)
+/// and found with it; `status` shows the replica streaming; `down` stops it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_with_a_lagging_replica_reads_from_it() {
+    if !has_haproxy() && !is_root() {
+        eprintln!(
+            "SKIPPED cluster_with_a_lagging_replica_reads_from_it: haproxy is not installed \
+             and cannot be (not root): apt-get install haproxy"
+        );
+        return;
+    }
+    let dir = scaleshop_testkit::temp_dir("scaleshop-cluster");
+    let _down = Down(dir.clone());
+    let (ok, text) = cluster(
+        "up",
+        &dir,
+        &[
+            "--instances",
+            "1",
+            "--replicas",
+            "1",
+            "--replica-delay",
+            "1000",
+        ],
+    );
+    assert!(ok, "scripts/cluster up failed:\n{text}");
+    let recorded = parts(&dir);
+    let mut names: Vec<&str> = recorded.iter().map(|p| p.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["all-1", "gateway", "postgres", "redis", "replica-1"]
+    );
+    assert!(recorded.iter().all(still_runs), "{recorded:?}");
+    let (ok, status) = cluster("status", &dir, &[]);
+    assert!(ok, "status after up: {status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("replica-1 ") && l.contains("ready (streaming)")),
+        "{status}"
+    );
+
+    let env = sourced_env(&dir);
+    let replica_url = env
+        .get("SCALESHOP_READ_REPLICA_URLS")
+        .expect("SCALESHOP_READ_REPLICA_URLS in cluster.env");
+    let replica = replica_url
+        .trim_start_matches("postgres://postgres@")
+        .split('/')
+        .next()
+        .expect("host:port")
+        .to_owned();
+    let gateway = Api::new(env["SCALESHOP_URL"].clone());
+    // The instance lists the replica; it gets reads once the monitor has seen it
+    // within the lag bound (a loaded machine can take a few samples).
+    let mut ready = Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        ready = gateway
+            .get_json("/readyz", None)
+            .await
+            .unwrap_or(Value::Null);
+        if ready["replicas"][&replica] == "up" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready["replicas"][&replica], "up", "{ready}");
+
+    let admin = gateway
+        .sign_in(
+            &env["SCALESHOP_ADMIN_EMAIL"],
+            &env["SCALESHOP_ADMIN_PASSWORD"],
+        )
+        .await;
+    let (mut stale, mut fresh) = (0, 0);
+    for i in 0..5 {
+        let created = gateway
+            .client
+            .post(gateway.url("/v1/products"))
+            .bearer_auth(&admin)
+            .json(
+                &json!({"sku": format!("REP-{i}"), "name": "Replicated", "price_cents": 100,
+                          "currency": "EUR", "initial_stock": 1}),
+            )
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("create product");
+        assert_eq!(created.status().as_u16(), 201);
+        let token = created.headers()["x-consistency-token"].clone();
+        let id = created.json::<Value>().await.expect("product")["id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        let path = gateway.url(&format!("/v1/products/{id}"));
+        let plain = gateway
+            .client
+            .get(&path)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("read");
+        if plain.status().as_u16() == 404 {
+            stale += 1;
+        }
+        let with_token = gateway
+            .client
+            .get(&path)
+            .header("x-consistency-token", token)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("read with the token");
+        assert_eq!(with_token.status().as_u16(), 200, "read with the token");
+        fresh += 1;
+    }
+    eprintln!(
+        "cluster with a replica 1 s behind: {stale} of 5 reads without a token stale, \
+         {fresh} of 5 with it fresh"
+    );
+    assert!(
+        stale > 0,
+        "no read without a token was stale: not on the replica"
+    );
+
+    let (ok, text) = cluster("down", &dir, &[]);
+    assert!(ok, "scripts/cluster down failed:\n{text}");
+    assert!(text.contains("replica-1: stopped"), "{text}");
+    let left: Vec<&Part> = recorded.iter().filter(|p| still_runs(p)).collect();
+    assert!(left.is_empty(), "still running after down: {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
