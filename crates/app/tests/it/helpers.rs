@@ -112,6 +112,27 @@ pub struct TestApp {
 }
 
 impl TestApp {
+    /// The sum of the samples of metric `name` (`/metrics`) whose labels contain
+    /// every one of `labels` (such as `cache="sessions"`); 0 when there is none.
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let text = self
+            .get("/metrics")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                    && labels.iter().all(|label| line.contains(label))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     pub async fn spawn(backend: Backend) -> Self {
         Self::spawn_with(test_config(backend).await, backend).await
     }

@@ -80,17 +80,7 @@ async fn wait_replica(app: &TestApp, replica: &PgServer, wanted: &str, limit: Du
 }
 
 async fn fallbacks(app: &TestApp) -> f64 {
-    let text = app
-        .get("/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("db_replica_fallback_total "))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
+    app.metric("db_replica_fallback_total", &[]).await
 }
 
 async fn create_product(app: &TestApp, admin: &str, sku: &str) -> (String, String) {

@@ -118,23 +118,11 @@ async fn run_sql(app: &TestApp, statement: &'static str, id: Option<Uuid>) {
 
 /// The value of `cache_requests_total{cache="sessions",tier="l1",result="hit"}`.
 async fn session_cache_hits(app: &TestApp) -> f64 {
-    let text = app
-        .get("/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|line| {
-            line.starts_with("cache_requests_total{")
-                && line.contains(r#"cache="sessions""#)
-                && line.contains(r#"tier="l1""#)
-                && line.contains(r#"result="hit""#)
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    app.metric(
+        "cache_requests_total",
+        &[r#"cache="sessions""#, r#"tier="l1""#, r#"result="hit""#],
+    )
+    .await
 }
 
 // ---------------------------------------------------------------- current_password
