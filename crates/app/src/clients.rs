@@ -1,5 +1,6 @@
 //! The adapters behind the order service's ports: the other service's in-process
-//! API when it runs in this process, else its HTTP API at its configured address.
+//! API when it runs in this process, else its HTTP API at its configured address;
+//! and the session check of a process that does not run the users service.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,6 +112,56 @@ pub fn order_ports(cx: &Context<'_>) -> Result<OrderPorts, StartError> {
         inventory,
         payments,
     })
+}
+
+/// The session check of a process that does not run the users service: the
+/// users service's answer (`GET /internal/users/{id}/sessions`), cached in this
+/// process exactly as the users service caches its own (in-process only, dropped
+/// through the event log on `user.updated` and `session.ended`, bounded by the
+/// cache's TTL). `None` when this process runs the users service.
+pub fn remote_session_check(
+    cx: &Context<'_>,
+) -> Result<Option<Arc<dyn scaleshop_web::SessionCheck>>, StartError> {
+    let Location::At(url) = locate(cx.target, cx.config, Service::Users) else {
+        return Ok(None);
+    };
+    let caller = cx.target.services().next().unwrap_or(Service::Users);
+    Ok(Some(Arc::new(RemoteSessions {
+        client: cx.clients.client(caller, Service::Users, &url)?,
+        cache: cx.sessions_cache.clone(),
+    })))
+}
+
+struct RemoteSessions {
+    client: ServiceClient,
+    cache: Arc<scaleshop_cache::TieredCache<scaleshop_users::domain::SessionState>>,
+}
+
+impl scaleshop_web::SessionCheck for RemoteSessions {
+    fn is_live<'a>(
+        &'a self,
+        caller: &'a scaleshop_web::Caller,
+    ) -> scaleshop_web::sessions::SessionFuture<'a> {
+        Box::pin(async move {
+            let user_id = caller.user_id;
+            let client = &self.client;
+            let state = self
+                .cache
+                .get_or_load(&user_id.to_string(), None, || async move {
+                    client
+                        .get::<scaleshop_users::domain::SessionState>(&format!(
+                            "/internal/users/{user_id}/sessions"
+                        ))
+                        .await
+                })
+                .await
+                .map_err(|error| {
+                    tracing::warn!(%error, "the users service did not answer a session check");
+                    scaleshop_web::ApiError::unavailable()
+                })?;
+            Ok(state.is_some_and(|s| s.admits(caller.session.epoch, caller.session.id)))
+        })
+    }
 }
 
 fn port_error(error: CallError, service: &'static str) -> PortError {

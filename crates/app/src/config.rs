@@ -138,6 +138,9 @@ pub struct Config {
     pub images_concurrency: u32,
     /// Upper bound of one object-storage call (image files).
     pub image_storage_timeout_ms: u64,
+    /// The folder of image files without `s3_bucket` (unset: `data_dir/images`).
+    /// Instances that serve the same images share it (a shared volume), or use S3.
+    pub image_dir: Option<PathBuf>,
     /// Keep image files in this S3 bucket instead of the data folder.
     pub s3_bucket: Option<String>,
     /// URL of an S3-compatible service (such as `http://127.0.0.1:9000`), addressed
@@ -240,6 +243,7 @@ impl Default for Config {
             payments_sandbox_lost_answer_percent: 0,
             images_concurrency: 2,
             image_storage_timeout_ms: 10_000,
+            image_dir: None,
             s3_bucket: None,
             s3_endpoint: None,
             s3_region: "us-east-1".to_owned(),
@@ -318,6 +322,7 @@ const ENV_KEYS: &[&str] = &[
     "payments_sandbox_lost_answer_percent",
     "images_concurrency",
     "image_storage_timeout_ms",
+    "image_dir",
     "s3_bucket",
     "s3_endpoint",
     "s3_region",
@@ -375,15 +380,38 @@ impl Config {
 
     /// The configured address of `service` (`service_url_<name>`), if any.
     pub fn service_url(&self, service: crate::modules::Service) -> Option<&str> {
+        self.service_url_slot(service).as_deref()
+    }
+
+    /// Sets the address of `service` (`service_url_<name>`), as a deployment that
+    /// builds its configuration in code does.
+    pub fn set_service_url(&mut self, service: crate::modules::Service, url: impl Into<String>) {
+        *self.service_url_slot_mut(service) = Some(url.into());
+    }
+
+    fn service_url_slot(&self, service: crate::modules::Service) -> &Option<String> {
         use crate::modules::Service;
         match service {
-            Service::Users => self.service_url_users.as_deref(),
-            Service::Inventory => self.service_url_inventory.as_deref(),
-            Service::Catalog => self.service_url_catalog.as_deref(),
-            Service::Payments => self.service_url_payments.as_deref(),
-            Service::Orders => self.service_url_orders.as_deref(),
-            Service::Notifications => self.service_url_notifications.as_deref(),
-            Service::Media => self.service_url_media.as_deref(),
+            Service::Users => &self.service_url_users,
+            Service::Inventory => &self.service_url_inventory,
+            Service::Catalog => &self.service_url_catalog,
+            Service::Payments => &self.service_url_payments,
+            Service::Orders => &self.service_url_orders,
+            Service::Notifications => &self.service_url_notifications,
+            Service::Media => &self.service_url_media,
+        }
+    }
+
+    fn service_url_slot_mut(&mut self, service: crate::modules::Service) -> &mut Option<String> {
+        use crate::modules::Service;
+        match service {
+            Service::Users => &mut self.service_url_users,
+            Service::Inventory => &mut self.service_url_inventory,
+            Service::Catalog => &mut self.service_url_catalog,
+            Service::Payments => &mut self.service_url_payments,
+            Service::Orders => &mut self.service_url_orders,
+            Service::Notifications => &mut self.service_url_notifications,
+            Service::Media => &mut self.service_url_media,
         }
     }
 
@@ -635,7 +663,11 @@ impl Config {
                     .map(|s| s.expose().to_owned()),
                 allow_http: self.s3_allow_http,
             }),
-            None => scaleshop_media::StorageSettings::Local(self.data_dir.join("images")),
+            None => scaleshop_media::StorageSettings::Local(
+                self.image_dir
+                    .clone()
+                    .unwrap_or_else(|| self.data_dir.join("images")),
+            ),
         }
     }
 

@@ -2,12 +2,16 @@
 //! cache invalidation (after Redis pub/sub): every process follows it, so an entry
 //! whose broadcast was lost is still dropped.
 
-use scaleshop_cache::Invalidate;
+use std::sync::Arc;
+
+use scaleshop_cache::{Invalidate, TieredCache};
+use scaleshop_catalog::ProductView;
 use scaleshop_contracts::{
     ImageProcessed, InventoryAdjusted, InventoryReleased, InventoryReserved, InventorySold,
     ProductCreated, ProductUpdated, SessionEnded, StockLine, UserCreated, UserUpdated,
 };
-use scaleshop_events::{Contract, DecodeError, Event};
+use scaleshop_db::Tx;
+use scaleshop_events::{Consumer, Contract, DecodeError, Event, HandlerError};
 use uuid::Uuid;
 
 /// The caches the event log keeps fresh.
@@ -22,6 +26,21 @@ fn lines(items: &[StockLine]) -> Vec<Uuid> {
     items.iter().map(|i| i.product_id).collect()
 }
 
+/// The products whose stock or images `event` changed (`None`: not such an
+/// event). Their cached views carry `available` and the image variants.
+fn products_changed(event: &Event) -> Option<Result<Vec<Uuid>, DecodeError>> {
+    Some(match event.kind.as_str() {
+        InventoryAdjusted::NAME => event
+            .decode::<InventoryAdjusted>()
+            .map(|e| vec![e.product_id]),
+        ImageProcessed::NAME => event.decode::<ImageProcessed>().map(|e| vec![e.product_id]),
+        InventoryReserved::NAME => event.decode::<InventoryReserved>().map(|e| lines(&e.items)),
+        InventoryReleased::NAME => event.decode::<InventoryReleased>().map(|e| lines(&e.items)),
+        InventorySold::NAME => event.decode::<InventorySold>().map(|e| lines(&e.items)),
+        _ => return None,
+    })
+}
+
 /// Drops the L1 entries `event` makes stale. Events keyed by their aggregate
 /// need only their name; the others are read through their contracts. One this
 /// build cannot read (a newer version) is logged and drops nothing: the entry
@@ -33,16 +52,6 @@ pub fn on_event(event: &Event, caches: &Caches<'_>) {
         sessions,
     } = *caches;
     let aggregate = || event.aggregate_id.to_string();
-    let products_of = |ids: Result<Vec<Uuid>, DecodeError>| match ids {
-        Ok(ids) => {
-            for id in ids {
-                products.invalidate_local(&id.to_string());
-            }
-        }
-        Err(error) => {
-            tracing::warn!(event_id = %event.id, %error, "cache invalidation cannot read the event");
-        }
-    };
     match event.kind.as_str() {
         UserCreated::NAME => users.invalidate_local(&aggregate()),
         // An update may be a new password (a new session epoch).
@@ -53,24 +62,61 @@ pub fn on_event(event: &Event, caches: &Caches<'_>) {
         }
         SessionEnded::NAME => sessions.invalidate_local(&aggregate()),
         ProductCreated::NAME | ProductUpdated::NAME => products.invalidate_local(&aggregate()),
-        InventoryAdjusted::NAME => products_of(
-            event
-                .decode::<InventoryAdjusted>()
-                .map(|e| vec![e.product_id]),
-        ),
-        ImageProcessed::NAME => {
-            products_of(event.decode::<ImageProcessed>().map(|e| vec![e.product_id]))
+        _ => match products_changed(event) {
+            Some(Ok(ids)) => {
+                for id in ids {
+                    products.invalidate_local(&id.to_string());
+                }
+            }
+            Some(Err(error)) => {
+                tracing::warn!(event_id = %event.id, %error, "cache invalidation cannot read the event");
+            }
+            None => {}
+        },
+    }
+}
+
+/// The consumer that drops the shared (Redis) copy of a product's view when its
+/// stock or images change. The product's own writes drop it where they happen
+/// (the catalog); stock and images change in other services, which know no
+/// cache, so their events do it: once per event for the whole deployment (a
+/// durable consumer), then every process drops its L1 copy on the broadcast (and
+/// again from the event log). Registered only where there is a Redis tier.
+pub struct ProductCacheConsumer {
+    pub cache: Arc<TieredCache<ProductView>>,
+}
+
+/// Its name: the key of its position.
+pub const PRODUCT_CACHE_CONSUMER: &str = "catalog.cache";
+
+#[async_trait::async_trait]
+impl Consumer for ProductCacheConsumer {
+    fn name(&self) -> &'static str {
+        PRODUCT_CACHE_CONSUMER
+    }
+
+    fn wants(&self, event_type: &str) -> bool {
+        matches!(
+            event_type,
+            InventoryAdjusted::NAME
+                | ImageProcessed::NAME
+                | InventoryReserved::NAME
+                | InventoryReleased::NAME
+                | InventorySold::NAME
+        )
+    }
+
+    async fn handle(&self, event: &Event, _tx: &mut Tx) -> Result<(), HandlerError> {
+        match products_changed(event) {
+            Some(Ok(ids)) => {
+                for id in ids {
+                    self.cache.invalidate(&id.to_string()).await;
+                }
+                Ok(())
+            }
+            Some(Err(error)) => Err(HandlerError::from(error)),
+            None => Ok(()),
         }
-        InventoryReserved::NAME => {
-            products_of(event.decode::<InventoryReserved>().map(|e| lines(&e.items)))
-        }
-        InventoryReleased::NAME => {
-            products_of(event.decode::<InventoryReleased>().map(|e| lines(&e.items)))
-        }
-        InventorySold::NAME => {
-            products_of(event.decode::<InventorySold>().map(|e| lines(&e.items)))
-        }
-        _ => {}
     }
 }
 

@@ -50,19 +50,23 @@ const fn local(service: Service) -> Need {
     }
 }
 
-const CATALOG_NEEDS: &[Need] = &[local(Service::Inventory)];
+// Every service checks its callers' sessions with the users service.
+const CHECKS_SESSIONS: &[Need] = &[http(Service::Users)];
+const CATALOG_NEEDS: &[Need] = &[local(Service::Inventory), http(Service::Users)];
 const ORDERS_NEEDS: &[Need] = &[
     http(Service::Users),
     http(Service::Catalog),
     http(Service::Inventory),
     http(Service::Payments),
 ];
-const MEDIA_NEEDS: &[Need] = &[local(Service::Catalog)];
+const MEDIA_NEEDS: &[Need] = &[local(Service::Catalog), http(Service::Users)];
 
 /// The services `service` calls.
 pub fn needs(service: Service) -> &'static [Need] {
     match service {
-        Service::Users | Service::Inventory | Service::Payments | Service::Notifications => &[],
+        Service::Users => &[],
+        // Each checks the sessions of its callers' tokens.
+        Service::Inventory | Service::Payments | Service::Notifications => CHECKS_SESSIONS,
         // `available` comes from the inventory's in-process API.
         Service::Catalog => CATALOG_NEEDS,
         // The order checks the user, prices the lines, reserves and charges.
@@ -244,8 +248,16 @@ fn catalog(cx: &mut Context<'_>) -> Result<Registration, StartError> {
     let catalog = scaleshop_catalog::Catalog::new(cx.db.clone(), inventory)
         .with_cache(cx.products_cache.clone());
     cx.catalog = Some(catalog.clone());
+    let mut consumers: Vec<Arc<dyn Consumer>> = Vec::new();
+    if cx.config.redis_url.is_some() {
+        // Stock and images change elsewhere: their events drop the shared copy.
+        consumers.push(Arc::new(crate::invalidation::ProductCacheConsumer {
+            cache: cx.products_cache.clone(),
+        }));
+    }
     Ok(Registration {
         routes: vec![scaleshop_catalog::http::router(catalog)],
+        consumers,
         ..Registration::default()
     })
 }
@@ -432,14 +444,21 @@ mod tests {
     }
 
     #[test]
-    fn every_target_of_one_service_with_no_calls_passes() {
+    fn every_target_of_one_service_calling_only_users_passes_with_its_address() {
+        check(Target::only(Service::Users), &postgres()).unwrap();
+        let mut with_users = postgres();
+        with_users.service_url_users = Some("http://127.0.0.1:1".into());
         for service in [
-            Service::Users,
             Service::Inventory,
             Service::Payments,
             Service::Notifications,
         ] {
-            check(Target::only(service), &postgres()).unwrap();
+            // Sessions are checked with the users service: its address is needed.
+            let err = check(Target::only(service), &postgres())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("SCALESHOP_SERVICE_URL_USERS"), "{err}");
+            check(Target::only(service), &with_users).unwrap();
         }
         check(Target::ALL, &Config::default()).unwrap();
     }
@@ -481,7 +500,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("media calls catalog in-process"), "{err}");
-        check("media,catalog,inventory".parse().unwrap(), &postgres()).unwrap();
+        check(
+            "media,catalog,inventory,users".parse().unwrap(),
+            &postgres(),
+        )
+        .unwrap();
     }
 
     #[test]

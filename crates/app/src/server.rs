@@ -236,6 +236,9 @@ impl App {
             forget_idle.extend(registration.forget_idle);
             session_check = session_check.or(registration.session_check);
         }
+        if session_check.is_none() {
+            session_check = crate::clients::remote_session_check(&cx)?;
+        }
         if modules.contains(&Module::Operations) {
             let mut collectors = Vec::new();
             collectors.extend(dispatcher.as_ref().map(Dispatcher::collector));

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use scaleshop_db::{Database, PoolSettings};
 use scaleshop_keys::{IMPORTED_FILE, KeyStore, LEGACY_FILE, kid_of, migrations};
-use scaleshop_testkit::{Backend, both_backends};
+use scaleshop_testkit::{Backend, both, fixture};
 use scaleshop_web::Keys;
 
 /// A fresh migrated database and an empty data folder.
@@ -31,7 +31,7 @@ async fn connect(url: Option<&str>, dir: &std::path::Path) -> Database {
     Database::connect(url, dir, &settings).await.unwrap()
 }
 
-both_backends!(
+both!(
     concurrent_first_starts_make_one_key,
     |backend: Backend| async move {
         let (db, url, dir) = fresh(backend).await;
@@ -64,7 +64,7 @@ both_backends!(
     }
 );
 
-both_backends!(
+both!(
     an_existing_signing_key_is_imported_once,
     |backend: Backend| async move {
         let (db, url, dir) = fresh(backend).await;
@@ -119,7 +119,7 @@ both_backends!(
     }
 );
 
-both_backends!(
+both!(
     rotation_signs_with_the_new_key_and_prunes_the_expired,
     |backend: Backend| async move {
         let (db, url, dir) = fresh(backend).await;
@@ -185,7 +185,7 @@ both_backends!(
     }
 );
 
-both_backends!(secrets_stay_out_of_debug, |backend: Backend| async move {
+both!(secrets_stay_out_of_debug, |backend: Backend| async move {
     let (db, _url, dir) = fresh(backend).await;
     let store = KeyStore::new(db);
     store.prepare(&dir).await.unwrap();

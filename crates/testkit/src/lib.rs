@@ -9,6 +9,7 @@
     reason = "test support: a failed set-up is a failed test"
 )]
 
+pub mod gateway;
 pub mod images;
 
 use std::path::PathBuf;
@@ -20,11 +21,24 @@ pub use pg_server::PgServer;
 use scaleshop_db::sqlx::{self, Connection};
 use scaleshop_db::{Database, Migrations, PoolSettings};
 
-/// Which engine a test runs on.
+/// What a test runs on. For a storage test, the engine; for an HTTP test, the
+/// topology: `Sqlite` is the embedded monolith (SQLite, in-memory cache),
+/// `Postgres` the monolith on PostgreSQL (and Redis, where the suite's fixture
+/// starts one), `Split` the split deployment: each service group in its own
+/// instances on one PostgreSQL and Redis, behind the HAProxy gateway
+/// ([`gateway::Gateway`]). Storage suites treat `Split` as `Postgres`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
     Postgres,
+    Split,
+}
+
+impl Backend {
+    /// Whether this case stores on PostgreSQL.
+    pub fn is_postgres(self) -> bool {
+        matches!(self, Self::Postgres | Self::Split)
+    }
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -77,7 +91,7 @@ pub async fn fresh(backend: Backend) -> (Option<String>, PathBuf) {
     let dir = temp_dir("scaleshop-test");
     match backend {
         Backend::Sqlite => (None, dir),
-        Backend::Postgres => (Some(fresh_pg_url().await), dir),
+        Backend::Postgres | Backend::Split => (Some(fresh_pg_url().await), dir),
     }
 }
 
@@ -97,26 +111,72 @@ pub async fn fresh_database(backend: Backend, migrations: &[Migrations]) -> Data
     db
 }
 
-/// Runs an async test once per backend: `both_backends!(name, |backend| async move {..})`
-/// expands to `mod name { sqlite(), postgres() }`.
+/// Runs an async test body once per case, each on its own fresh fixture:
+///
+/// - `both!(name, |x| async move {..})`: cases `sqlite` and `postgres`;
+/// - `both!(name, [sqlite, postgres, split], |x| async move {..})`: the listed
+///   cases (see [`Backend`]);
+/// - `both!(name, with configure, |x| ..)` or `both!(name, [..], with configure, |x| ..)`:
+///   the fixture built after `configure` has changed its configuration.
+///
+/// It expands to `mod name { #[tokio::test] async fn sqlite() .. }`, one test per
+/// case. The body receives what `fixture(Backend)` (or `fixture_with(Backend,
+/// configure)`) returns: the suite names these functions where the macro is used.
+/// A suite whose body takes the [`Backend`] itself imports [`fixture`] from here;
+/// the HTTP suite's returns a running app.
 #[macro_export]
-macro_rules! both_backends {
-    ($name:ident, $body:expr) => {
+macro_rules! both {
+    ($name:ident, with $configure:expr, $body:expr $(,)?) => {
+        $crate::both!($name, [sqlite, postgres], with $configure, $body);
+    };
+    ($name:ident, [$($case:ident),+ $(,)?], with $configure:expr, $body:expr $(,)?) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                ($body)($crate::Backend::Sqlite).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                ($body)($crate::Backend::Postgres).await;
-            }
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    ($body)(fixture_with($crate::backend!($case), $configure).await).await;
+                }
+            )+
         }
     };
+    ($name:ident, [$($case:ident),+ $(,)?], $body:expr $(,)?) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    ($body)(fixture($crate::backend!($case)).await).await;
+                }
+            )+
+        }
+    };
+    ($name:ident, $body:expr $(,)?) => {
+        $crate::both!($name, [sqlite, postgres], $body);
+    };
+}
+
+/// The [`Backend`] of a case name of [`both!`].
+#[doc(hidden)]
+#[macro_export]
+macro_rules! backend {
+    (sqlite) => {
+        $crate::Backend::Sqlite
+    };
+    (postgres) => {
+        $crate::Backend::Postgres
+    };
+    (split) => {
+        $crate::Backend::Split
+    };
+}
+
+/// The fixture of a suite whose test bodies take the [`Backend`] and build what
+/// they need themselves.
+pub async fn fixture(backend: Backend) -> Backend {
+    backend
 }
 
 /// A throwaway `redis-server` on a free port of 127.0.0.1, without persistence;

@@ -462,6 +462,7 @@ async fn search_users(
 pub fn internal_router(users: Users) -> OpenApiRouter {
     OpenApiRouter::new()
         .routes(routes!(user_exists))
+        .routes(routes!(session_state))
         .with_state(users)
 }
 
@@ -491,5 +492,39 @@ async fn user_exists(
         Ok(_) => Ok(Json(Exists { exists: true })),
         Err(UsersError::NotFound) => Ok(Json(Exists { exists: false })),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// What decides whether a token of the user is live (see `SessionState`).
+#[derive(Debug, Serialize, ToSchema)]
+struct SessionStateView {
+    /// The user's session epoch: a token of another epoch is refused.
+    epoch: i64,
+    /// The ids of the user's unexpired tokens that were signed out.
+    ended: Vec<Uuid>,
+}
+
+/// The state of a user's sessions, 404 when the account does not exist.
+/// (Internal: for the other services' processes, which check every token.)
+#[utoipa::path(
+    get, path = "/internal/users/{id}/sessions", tag = "internal",
+    params(("id" = Uuid, Path, description = "The user's id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The state of the user's sessions", body = SessionStateView),
+        (status = 404, description = "No such account", body = Problem),
+    )
+)]
+async fn session_state(
+    State(users): State<Users>,
+    _caller: scaleshop_web::ServiceCaller,
+    Id(id): Id,
+) -> Result<Json<SessionStateView>, ApiError> {
+    match users.sessions().state(id).await.map_err(ApiError::from)? {
+        Some(state) => Ok(Json(SessionStateView {
+            epoch: state.epoch,
+            ended: state.ended,
+        })),
+        None => Err(ApiError::not_found().detail("no such account")),
     }
 }

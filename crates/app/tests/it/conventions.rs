@@ -7,7 +7,6 @@ use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::both;
 use crate::helpers::*;
 use crate::lifecycle::{Manual, header_of, read_response};
 use crate::users::{get_as, id_of, json_body, patch_as, user};
@@ -52,38 +51,43 @@ async fn send_raw(
 
 const JSON: Option<&str> = Some("application/json");
 
-both!(malformed_json_is_a_400_problem, |app: TestApp| async move {
-    let (me, token) = app.customer("malformed@example.com").await;
-    for body in [
-        &b"{\"email\":"[..],
-        b"{email: 'x'}",
-        b"",
-        b"{\"email\": \"a@b.co\"} trailing",
-        b"\xff\xfe",
-        b"{\"name\": \"\\ud800\"",
-    ] {
-        for path in ["/v1/users", "/v1/sessions"] {
-            let response = send_raw(&app, Method::POST, path, JSON, body.to_vec()).await;
+both!(
+    malformed_json_is_a_400_problem,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let (me, token) = app.customer("malformed@example.com").await;
+        for body in [
+            &b"{\"email\":"[..],
+            b"{email: 'x'}",
+            b"",
+            b"{\"email\": \"a@b.co\"} trailing",
+            b"\xff\xfe",
+            b"{\"name\": \"\\ud800\"",
+        ] {
+            for path in ["/v1/users", "/v1/sessions"] {
+                let response = send_raw(&app, Method::POST, path, JSON, body.to_vec()).await;
+                clean_problem(response, 400).await;
+            }
+            let response = app
+                .patch(&format!("/v1/users/{}", id_of(&me)))
+                .bearer_auth(&token)
+                .header("content-type", "application/json")
+                .body(body.to_vec())
+                .send()
+                .await
+                .unwrap();
             clean_problem(response, 400).await;
         }
-        let response = app
-            .patch(&format!("/v1/users/{}", id_of(&me)))
-            .bearer_auth(&token)
-            .header("content-type", "application/json")
-            .body(body.to_vec())
-            .send()
-            .await
-            .unwrap();
+        // Deeply nested JSON is refused as malformed, not by a crash.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let response = send_raw(&app, Method::POST, "/v1/users", JSON, deep.into_bytes()).await;
         clean_problem(response, 400).await;
     }
-    // Deeply nested JSON is refused as malformed, not by a crash.
-    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-    let response = send_raw(&app, Method::POST, "/v1/users", JSON, deep.into_bytes()).await;
-    clean_problem(response, 400).await;
-});
+);
 
 both!(
     json_that_is_not_an_object_is_a_422,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         for body in [
             "[]",
@@ -101,40 +105,46 @@ both!(
     }
 );
 
-both!(other_media_types_are_a_415, |app: TestApp| async move {
-    let body = json!({"email": "media@example.com", "name": "Media", "password": "password-123"})
-        .to_string()
-        .into_bytes();
-    for content_type in [
-        Some("text/plain"),
-        Some("application/x-www-form-urlencoded"),
-        Some("application/xml"),
-        Some("multipart/form-data; boundary=x"),
-        None,
-    ] {
-        let response = send_raw(&app, Method::POST, "/v1/users", content_type, body.clone()).await;
-        clean_problem(response, 415).await;
+both!(
+    other_media_types_are_a_415,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let body =
+            json!({"email": "media@example.com", "name": "Media", "password": "password-123"})
+                .to_string()
+                .into_bytes();
+        for content_type in [
+            Some("text/plain"),
+            Some("application/x-www-form-urlencoded"),
+            Some("application/xml"),
+            Some("multipart/form-data; boundary=x"),
+            None,
+        ] {
+            let response =
+                send_raw(&app, Method::POST, "/v1/users", content_type, body.clone()).await;
+            clean_problem(response, 415).await;
+            let response = send_raw(
+                &app,
+                Method::POST,
+                "/v1/sessions",
+                content_type,
+                body.clone(),
+            )
+            .await;
+            clean_problem(response, 415).await;
+        }
+        // Nothing was created by the refused requests; JSON with parameters is fine.
         let response = send_raw(
             &app,
             Method::POST,
-            "/v1/sessions",
-            content_type,
-            body.clone(),
+            "/v1/users",
+            Some("application/json; charset=utf-8"),
+            body,
         )
         .await;
-        clean_problem(response, 415).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
     }
-    // Nothing was created by the refused requests; JSON with parameters is fine.
-    let response = send_raw(
-        &app,
-        Method::POST,
-        "/v1/users",
-        Some("application/json; charset=utf-8"),
-        body,
-    )
-    .await;
-    assert_eq!(response.status(), StatusCode::CREATED);
-});
+);
 
 /// One request over a raw connection (so that the client reads the answer even when
 /// the server answers before reading the whole body); returns (head, problem).
@@ -167,6 +177,7 @@ fn assert_raw_413(head: &str, body: &Value) {
 
 both!(
     bodies_over_one_mebibyte_are_a_413,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         const MIB: usize = 1024 * 1024;
         /// A JSON object of exactly `len` bytes with one unknown field.
@@ -216,6 +227,7 @@ both!(
 
 both!(
     unknown_routes_are_a_404_problem,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         let token = app.admin_token().await;
         for (method, path) in [
@@ -242,31 +254,35 @@ both!(
     }
 );
 
-both!(wrong_methods_are_a_405_problem, |app: TestApp| async move {
-    let token = app.admin_token().await;
-    for (method, path, allowed) in [
-        (Method::DELETE, "/v1/me", "GET"),
-        (Method::POST, "/v1/me", "GET"),
-        (Method::PUT, "/v1/users", "POST"),
-        (Method::DELETE, "/v1/users", "GET"),
-        (Method::GET, "/v1/sessions", "POST"),
-        (Method::POST, "/healthz", "GET"),
-    ] {
-        let response = app
-            .request(method.clone(), path)
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        let allow = response
-            .headers()
-            .get("allow")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        assert!(allow.contains(allowed), "{method} {path}: Allow {allow:?}");
-        clean_problem(response, 405).await;
+both!(
+    wrong_methods_are_a_405_problem,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let token = app.admin_token().await;
+        for (method, path, allowed) in [
+            (Method::DELETE, "/v1/me", "GET"),
+            (Method::POST, "/v1/me", "GET"),
+            (Method::PUT, "/v1/users", "POST"),
+            (Method::DELETE, "/v1/users", "GET"),
+            (Method::GET, "/v1/sessions", "POST"),
+            (Method::POST, "/healthz", "GET"),
+        ] {
+            let response = app
+                .request(method.clone(), path)
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            let allow = response
+                .headers()
+                .get("allow")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            assert!(allow.contains(allowed), "{method} {path}: Allow {allow:?}");
+            clean_problem(response, 405).await;
+        }
     }
-});
+);
 
 fn request_id(response: &Response) -> String {
     response
@@ -278,60 +294,65 @@ fn request_id(response: &Response) -> String {
         .to_owned()
 }
 
-both!(request_ids_are_echoed_or_made, |app: TestApp| async move {
-    let (me, token) = app.customer("ids@example.com").await;
-    let me_path = format!("/v1/users/{}", id_of(&me));
-    let requests = || {
-        vec![
-            ("healthz", app.get("/healthz"), 200),
-            ("me", app.get("/v1/me").bearer_auth(&token), 200),
-            ("read", app.get(&me_path).bearer_auth(&token), 200),
-            (
-                "sign-up",
-                app.post("/v1/users").json(&json!({
+both!(
+    request_ids_are_echoed_or_made,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let (me, token) = app.customer("ids@example.com").await;
+        let me_path = format!("/v1/users/{}", id_of(&me));
+        let requests = || {
+            vec![
+                ("healthz", app.get("/healthz"), 200),
+                ("me", app.get("/v1/me").bearer_auth(&token), 200),
+                ("read", app.get(&me_path).bearer_auth(&token), 200),
+                (
+                    "sign-up",
+                    app.post("/v1/users").json(&json!({
                     "email": format!("{}@example.com", uuid::Uuid::now_v7().simple()),
                     "name": "Id", "password": "password-123"})),
-                201,
-            ),
-            ("unknown route", app.get("/v1/nope"), 404),
-            ("no token", app.get("/v1/me"), 401),
-            ("forbidden", app.get("/v1/events").bearer_auth(&token), 403),
-            ("405", app.request(Method::DELETE, "/v1/me"), 405),
-            ("422", app.post("/v1/users").json(&json!({})), 422),
-            (
-                "400",
-                app.post("/v1/users")
-                    .header("content-type", "application/json")
-                    .body("{"),
-                400,
-            ),
-        ]
-    };
-    for (what, request, status) in requests() {
-        let response = request
-            .header("x-request-id", "client-id-42.abc")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status().as_u16(), status, "{what}");
-        assert_eq!(request_id(&response), "client-id-42.abc", "{what}");
+                    201,
+                ),
+                ("unknown route", app.get("/v1/nope"), 404),
+                ("no token", app.get("/v1/me"), 401),
+                ("forbidden", app.get("/v1/events").bearer_auth(&token), 403),
+                ("405", app.request(Method::DELETE, "/v1/me"), 405),
+                ("422", app.post("/v1/users").json(&json!({})), 422),
+                (
+                    "400",
+                    app.post("/v1/users")
+                        .header("content-type", "application/json")
+                        .body("{"),
+                    400,
+                ),
+            ]
+        };
+        for (what, request, status) in requests() {
+            let response = request
+                .header("x-request-id", "client-id-42.abc")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), status, "{what}");
+            assert_eq!(request_id(&response), "client-id-42.abc", "{what}");
+        }
+        let mut made = Vec::new();
+        for (what, request, status) in requests() {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status().as_u16(), status, "{what}");
+            let id = request_id(&response);
+            assert!(!id.trim().is_empty(), "{what}");
+            made.push(id);
+        }
+        let mut unique = made.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), made.len(), "a new id per request: {made:?}");
     }
-    let mut made = Vec::new();
-    for (what, request, status) in requests() {
-        let response = request.send().await.unwrap();
-        assert_eq!(response.status().as_u16(), status, "{what}");
-        let id = request_id(&response);
-        assert!(!id.trim().is_empty(), "{what}");
-        made.push(id);
-    }
-    let mut unique = made.clone();
-    unique.sort();
-    unique.dedup();
-    assert_eq!(unique.len(), made.len(), "a new id per request: {made:?}");
-});
+);
 
 both!(
     consistency_tokens_on_writes_and_back_on_reads,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         let consistency = |r: &Response| {
             let value = r
@@ -431,6 +452,7 @@ both!(
 
 both!(
     errors_never_leak_internals_or_answer_500,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         let admin = app.admin_token().await;
         let (me, token) = app.customer("hostile@example.com").await;
@@ -552,6 +574,7 @@ pub(crate) fn retry_after(response: &Response) -> u64 {
 
 both!(
     sign_in_is_rate_limited_per_email,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         // Created without signing in, so that no attempt is spent yet.
         user(&app, "victim@example.com", "Victim").await;

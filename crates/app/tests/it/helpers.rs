@@ -1,91 +1,48 @@
-//! `TestApp`: the app on port 0 with a fresh database, and a client to drive it.
+//! `TestApp`: the app on port 0 with a fresh database, and a client to drive it;
+//! `fixture` and `fixture_with`, what `scaleshop_testkit::both!` hands each case.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use reqwest::{Client, Method, RequestBuilder, Response, StatusCode};
 use scaleshop_app::config::Secret;
 use scaleshop_app::{Config, Target};
+use scaleshop_testkit::gateway::{self, Gateway};
+pub use scaleshop_testkit::pg_admin_url;
+pub use scaleshop_testkit::{Backend, both};
+use scaleshop_testkit::{RedisServer, fresh_pg_url, unique};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 pub const ADMIN_EMAIL: &str = "admin@example.com";
 pub const ADMIN_PASSWORD: &str = "admin-password-1";
 
-/// Which engine a test runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
+/// What each case of `both!` runs on (see `Backend`): the embedded monolith, the
+/// monolith on PostgreSQL + Redis, or the split deployment behind HAProxy.
+pub async fn fixture(backend: Backend) -> TestApp {
+    TestApp::spawn(backend).await
 }
 
-/// Runs an async test body once per backend: `both!(name, |app| async move {...})`
-/// expands to `mod name { sqlite(), postgres() }`.
-#[macro_export]
-macro_rules! both {
-    ($name:ident, $body:expr) => {
-        mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                let app = $crate::helpers::TestApp::spawn($crate::helpers::Backend::Sqlite).await;
-                ($body)(app).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                let app = $crate::helpers::TestApp::spawn($crate::helpers::Backend::Postgres).await;
-                ($body)(app).await;
-            }
-        }
-    };
-}
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}_{}_{}_{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed),
-        uuid::Uuid::now_v7().simple()
-    )
-}
-
-/// The admin URL of the throwaway PostgreSQL cluster.
-pub fn pg_admin_url() -> String {
-    std::env::var("SCALESHOP_TEST_PG_URL").expect(
-        "SCALESHOP_TEST_PG_URL is unset: run the tests with scripts/test, which starts PostgreSQL",
-    )
+/// [`fixture`] after `configure` has changed the configuration (of every instance).
+pub async fn fixture_with(backend: Backend, configure: impl FnOnce(&mut Config)) -> TestApp {
+    let mut config = test_config(backend).await;
+    configure(&mut config);
+    TestApp::spawn_with(config, backend).await
 }
 
 /// A fresh database on the test cluster; returns its URL.
 pub async fn fresh_pg_database() -> String {
-    use scaleshop_db::sqlx::{self, Connection};
-    let admin = pg_admin_url();
-    let name = unique("t");
-    let mut conn = sqlx::PgConnection::connect(&admin)
-        .await
-        .expect("connect to test PostgreSQL");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .expect("create test database");
-    let base = admin
-        .rsplit_once('/')
-        .map(|(base, _)| base.to_owned())
-        .unwrap_or(admin);
-    format!("{base}/{name}")
+    fresh_pg_url().await
 }
 
 /// A config for a test app on `backend`, with a fresh data folder and database.
+/// Only the engines: the Redis of the PostgreSQL cases is started by
+/// [`TestApp::spawn_with`] (a test that restarts the app passes its config on).
 pub async fn test_config(backend: Backend) -> Config {
     let data_dir = std::env::temp_dir().join(unique("scaleshop-test"));
     let database_url = match backend {
         Backend::Sqlite => None,
-        Backend::Postgres => Some(Secret::new(fresh_pg_database().await)),
+        Backend::Postgres | Backend::Split => Some(Secret::new(fresh_pg_url().await)),
     };
     Config {
         http_addr: "127.0.0.1:0".into(),
@@ -101,14 +58,72 @@ pub async fn test_config(backend: Backend) -> Config {
     }
 }
 
-/// A running app.
+/// One server of the app, on its own port, with its own target.
+struct Instance {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), scaleshop_app::StartError>>>,
+    data_dir: PathBuf,
+}
+
+impl Instance {
+    /// Binds port 0 and serves `target`; returns it and its address.
+    async fn start(config: Config, target: Target) -> (Self, String) {
+        let listener = scaleshop_app::bind(&config).await.expect("bind port 0");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let data_dir = config.data_dir.clone();
+        let task = tokio::spawn(async move {
+            scaleshop_app::serve(&config, target, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        let instance = Self {
+            stop: Some(stop),
+            task: Some(task),
+            data_dir,
+        };
+        (instance, format!("http://{addr}"))
+    }
+
+    async fn stop(&mut self) -> Result<(), scaleshop_app::StartError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.expect("server task"),
+            None => Ok(()),
+        }
+    }
+
+    fn stopped_early(&self) -> bool {
+        self.task.as_ref().is_some_and(|task| task.is_finished())
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// A running app: one instance of target `all`, or the split deployment (two
+/// instances of each service group of `scripts/cluster up --split`, behind the
+/// gateway, which `base` then points at).
 pub struct TestApp {
     pub base: String,
     pub client: Client,
     pub backend: Backend,
+    /// The configuration every instance started from (a split instance's own has
+    /// its data folder and the services' addresses on top).
     pub config: Config,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), scaleshop_app::StartError>>>,
+    instances: Vec<Instance>,
+    /// Declared after the instances: dropped (killed) after they were told to stop.
+    gateway: Option<Gateway>,
+    redis: Option<Arc<RedisServer>>,
 }
 
 impl TestApp {
@@ -133,24 +148,35 @@ impl TestApp {
             .sum()
     }
 
+    /// The topology of `backend` on a fresh database: the PostgreSQL cases get
+    /// a Redis server of their own (the monolith on PostgreSQL + Redis), `Split`
+    /// the split deployment.
     pub async fn spawn(backend: Backend) -> Self {
         Self::spawn_with(test_config(backend).await, backend).await
     }
 
-    pub async fn spawn_with(config: Config, backend: Backend) -> Self {
+    /// Like [`TestApp::spawn`], from this configuration; a PostgreSQL case
+    /// without a `redis_url` gets its own Redis server.
+    pub async fn spawn_with(mut config: Config, backend: Backend) -> Self {
         scaleshop_telemetry::init_tracing(&config.log_filter);
-        let listener = scaleshop_app::bind(&config).await.expect("bind port 0");
-        let addr = listener.local_addr().expect("local addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task_config = config.clone();
-        let task = tokio::spawn(async move {
-            scaleshop_app::serve(&task_config, Target::ALL, listener, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
+        let redis = (backend != Backend::Sqlite && config.redis_url.is_none())
+            .then(|| Arc::new(RedisServer::start()));
+        if let Some(redis) = &redis {
+            config.redis_url = Some(Secret::new(redis.url()));
+        }
+        let (instances, bases, gateway) = match backend {
+            Backend::Split => Self::start_split(&config).await,
+            Backend::Sqlite | Backend::Postgres => {
+                let (instance, base) = Instance::start(config.clone(), Target::ALL).await;
+                (vec![instance], vec![base], None)
+            }
+        };
+        let base = match &gateway {
+            Some(gateway) => gateway.url(),
+            None => bases[0].clone(),
+        };
         let app = Self {
-            base: format!("http://{addr}"),
+            base,
             client: Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .timeout(std::time::Duration::from_secs(30))
@@ -158,27 +184,82 @@ impl TestApp {
                 .expect("client"),
             backend,
             config,
-            stop: Some(stop),
-            task: Some(task),
+            instances,
+            gateway,
+            redis,
         };
-        app.wait_ready().await;
+        for base in &bases {
+            app.wait_ready(base).await;
+        }
+        if app.gateway.is_some() {
+            let base = app.base.clone();
+            app.wait_ready(&base).await;
+        }
         app
     }
 
-    async fn wait_ready(&self) {
+    /// Two instances of each service group of `scripts/cluster up --split`, on
+    /// one database (migrated first, as `scaleshop migrate` does), calling each
+    /// other through the gateway's services address; the gateway configured as
+    /// the script configures it.
+    async fn start_split(config: &Config) -> (Vec<Instance>, Vec<String>, Option<Gateway>) {
+        let db = scaleshop_app::open_database(config, Target::ALL)
+            .await
+            .expect("migrate the split deployment's database");
+        db.close().await;
+        let services_port = gateway::free_port();
+        let services_url = format!("http://127.0.0.1:{services_port}");
+        let (mut instances, mut bases, mut plan) = (Vec::new(), Vec::new(), Vec::new());
+        for (group, target_name) in gateway::split_groups() {
+            let target: Target = target_name.parse().expect("a split group's target");
+            for i in 1..=2 {
+                let name = format!("{group}-{i}");
+                let mut own = config.clone();
+                own.data_dir = config.data_dir.join(&name);
+                if own.image_dir.is_none() {
+                    // Shared, as scripts/cluster shares it: an image uploaded to
+                    // one instance is processed by whichever takes its job.
+                    own.image_dir = Some(config.data_dir.join("images"));
+                }
+                for service in scaleshop_app::Service::ALL {
+                    if !target.contains(service) {
+                        own.set_service_url(service, services_url.clone());
+                    }
+                }
+                let (instance, base) = Instance::start(own, target).await;
+                let port = base
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .expect("port");
+                plan.push(gateway::Instance {
+                    name,
+                    target: target_name.clone(),
+                    port,
+                });
+                instances.push(instance);
+                bases.push(base);
+            }
+        }
+        let gateway = Gateway::start(&config.data_dir.join("gateway"), &plan, Some(services_port));
+        (instances, bases, Some(gateway))
+    }
+
+    async fn wait_ready(&self, base: &str) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
-            if let Ok(r) = self.client.get(self.url("/healthz")).send().await
+            if let Ok(r) = self.client.get(format!("{base}/healthz")).send().await
                 && r.status() == StatusCode::OK
             {
                 return;
             }
-            if let Some(task) = &self.task {
-                assert!(!task.is_finished(), "the app stopped during start-up");
-            }
+            assert!(
+                !self.instances.iter().any(Instance::stopped_early),
+                "the app stopped during start-up"
+            );
             assert!(
                 std::time::Instant::now() < deadline,
-                "app not ready in 30 s"
+                "{base} not ready in 30 s"
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
@@ -235,26 +316,34 @@ impl TestApp {
         self.sign_in(ADMIN_EMAIL, ADMIN_PASSWORD).await
     }
 
+    /// Each instance's data folder (one, but for the split deployment).
+    pub fn data_dirs(&self) -> Vec<PathBuf> {
+        self.instances.iter().map(|i| i.data_dir.clone()).collect()
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.config.data_dir.clone()
     }
 
-    /// Stops the server the way SIGTERM does and waits for it to exit.
+    /// Stops the servers the way SIGTERM does and waits for them to exit.
     pub async fn stop(mut self) -> Result<(), scaleshop_app::StartError> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+        let mut result = Ok(());
+        for instance in &mut self.instances {
+            let stopped = instance.stop().await;
+            if result.is_ok() {
+                result = stopped;
+            }
         }
-        match self.task.take() {
-            Some(task) => task.await.expect("server task"),
-            None => Ok(()),
-        }
+        result
     }
 }
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+        for instance in &mut self.instances {
+            if let Some(stop) = instance.stop.take() {
+                let _ = stop.send(());
+            }
         }
         let _ = std::fs::remove_dir_all(&self.config.data_dir);
     }

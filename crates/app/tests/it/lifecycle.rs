@@ -330,15 +330,18 @@ async fn graceful_stop_drains(app: TestApp) {
     );
 }
 
-crate::both!(
+// One process stopping: the split deployment's gateway sends new work to the others.
+both!(
     graceful_stop_drains_in_flight_requests,
+    [sqlite, postgres],
     |app: TestApp| async move {
         graceful_stop_drains(app).await;
     }
 );
 
-crate::both!(
+both!(
     stop_returns_ok_and_refuses_connections,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         let addr = app.base.trim_start_matches("http://").to_owned();
         let token = app.admin_token().await;

@@ -13,12 +13,11 @@ use std::time::{Duration, Instant};
 
 use image::{DynamicImage, ImageBuffer, ImageFormat, Rgb, Rgba};
 use reqwest::Response;
-use scaleshop_app::Config;
+
 use scaleshop_contracts::{Contract, ImageProcessed};
 use scaleshop_media::HostOverrides;
 use serde_json::{Value, json};
 
-use crate::both;
 use crate::helpers::*;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -215,105 +214,104 @@ async fn events_of(app: &TestApp, admin: &str, kind: &str) -> Vec<Value> {
     }
 }
 
-async fn spawn_with(backend: Backend, configure: impl FnOnce(&mut Config)) -> TestApp {
-    let mut config = test_config(backend).await;
-    configure(&mut config);
-    TestApp::spawn_with(config, backend).await
-}
-
 // ---- uploads -------------------------------------------------------------------
 
-both!(formats_and_exact_sizes, |app: TestApp| async move {
-    let admin = app.admin_token().await;
-    let product_id = product(&app, &admin).await;
-    let cases = [
-        (ImageFormat::Png, "image/png", 2000, 1000, true, "image/png"),
-        (
-            ImageFormat::Jpeg,
-            "image/jpeg",
-            2000,
-            1000,
-            false,
-            "image/jpeg",
-        ),
-        (
-            ImageFormat::WebP,
-            "image/webp",
-            1000,
-            2000,
-            false,
-            "image/jpeg",
-        ),
-        (
-            ImageFormat::WebP,
-            "image/webp",
-            2000,
-            1000,
-            true,
-            "image/png",
-        ),
-        (ImageFormat::Png, "image/png", 100, 50, false, "image/png"),
-    ];
-    let mut ids = Vec::new();
-    for (format, content_type, width, height, alpha, _) in cases {
-        let bytes = picture(width, height, format, alpha);
-        let response = upload(&app, &admin, &product_id, content_type, bytes).await;
-        ids.push(accepted(response, &product_id).await);
-    }
-    for (id, (format, _, width, height, _, out)) in ids.iter().zip(cases) {
-        let image = settled(&app, id).await;
-        assert_eq!(image["status"], "ready", "{format:?}: {image}");
-        assert_eq!(image["error"], Value::Null);
-        let (thumb, medium) = match (width, height) {
-            (2000, 1000) => ((128, 64), (512, 256)),
-            (1000, 2000) => ((64, 128), (256, 512)),
-            // Smaller than both: never scaled up.
-            _ => ((100, 50), (100, 50)),
-        };
-        assert_eq!(
-            variants(&image),
-            [
-                variant("thumb", thumb.0, thumb.1, out),
-                variant("medium", medium.0, medium.1, out)
-            ],
-            "{format:?} {width}x{height}"
-        );
-        for (name, (w, h)) in [("thumb", thumb), ("medium", medium)] {
-            let (content_type, dw, dh, _) = download(&app, id, name).await;
-            assert_eq!(content_type, out);
-            assert_eq!((u64::from(dw), u64::from(dh)), (w, h), "{name}");
+both!(
+    formats_and_exact_sizes,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let admin = app.admin_token().await;
+        let product_id = product(&app, &admin).await;
+        let cases = [
+            (ImageFormat::Png, "image/png", 2000, 1000, true, "image/png"),
+            (
+                ImageFormat::Jpeg,
+                "image/jpeg",
+                2000,
+                1000,
+                false,
+                "image/jpeg",
+            ),
+            (
+                ImageFormat::WebP,
+                "image/webp",
+                1000,
+                2000,
+                false,
+                "image/jpeg",
+            ),
+            (
+                ImageFormat::WebP,
+                "image/webp",
+                2000,
+                1000,
+                true,
+                "image/png",
+            ),
+            (ImageFormat::Png, "image/png", 100, 50, false, "image/png"),
+        ];
+        let mut ids = Vec::new();
+        for (format, content_type, width, height, alpha, _) in cases {
+            let bytes = picture(width, height, format, alpha);
+            let response = upload(&app, &admin, &product_id, content_type, bytes).await;
+            ids.push(accepted(response, &product_id).await);
+        }
+        for (id, (format, _, width, height, _, out)) in ids.iter().zip(cases) {
+            let image = settled(&app, id).await;
+            assert_eq!(image["status"], "ready", "{format:?}: {image}");
+            assert_eq!(image["error"], Value::Null);
+            let (thumb, medium) = match (width, height) {
+                (2000, 1000) => ((128, 64), (512, 256)),
+                (1000, 2000) => ((64, 128), (256, 512)),
+                // Smaller than both: never scaled up.
+                _ => ((100, 50), (100, 50)),
+            };
+            assert_eq!(
+                variants(&image),
+                [
+                    variant("thumb", thumb.0, thumb.1, out),
+                    variant("medium", medium.0, medium.1, out)
+                ],
+                "{format:?} {width}x{height}"
+            );
+            for (name, (w, h)) in [("thumb", thumb), ("medium", medium)] {
+                let (content_type, dw, dh, _) = download(&app, id, name).await;
+                assert_eq!(content_type, out);
+                assert_eq!((u64::from(dw), u64::from(dh)), (w, h), "{name}");
+            }
+        }
+        // The product lists its images, in the order they were added.
+        let product = body(
+            app.get(&format!("/v1/products/{product_id}"))
+                .send()
+                .await
+                .unwrap(),
+            200,
+        )
+        .await;
+        let listed: Vec<String> = product["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| text(i, "id"))
+            .collect();
+        assert_eq!(listed, ids);
+        assert_eq!(product["images"][0], image(&app, &ids[0]).await);
+        // One image.processed per image, with the outcome.
+        let events = events_of(&app, &admin, ImageProcessed::NAME).await;
+        for id in &ids {
+            let mine: Vec<_> = events.iter().filter(|e| e["aggregate_id"] == *id).collect();
+            assert_eq!(mine.len(), 1, "{id}");
+            assert_eq!(mine[0]["data"]["status"], "ready");
+            assert_eq!(mine[0]["data"]["product_id"], product_id.as_str());
+            assert_eq!(mine[0]["data"]["variants"].as_array().unwrap().len(), 2);
         }
     }
-    // The product lists its images, in the order they were added.
-    let product = body(
-        app.get(&format!("/v1/products/{product_id}"))
-            .send()
-            .await
-            .unwrap(),
-        200,
-    )
-    .await;
-    let listed: Vec<String> = product["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| text(i, "id"))
-        .collect();
-    assert_eq!(listed, ids);
-    assert_eq!(product["images"][0], image(&app, &ids[0]).await);
-    // One image.processed per image, with the outcome.
-    let events = events_of(&app, &admin, ImageProcessed::NAME).await;
-    for id in &ids {
-        let mine: Vec<_> = events.iter().filter(|e| e["aggregate_id"] == *id).collect();
-        assert_eq!(mine.len(), 1, "{id}");
-        assert_eq!(mine[0]["data"]["status"], "ready");
-        assert_eq!(mine[0]["data"]["product_id"], product_id.as_str());
-        assert_eq!(mine[0]["data"]["variants"].as_array().unwrap().len(), 2);
-    }
-});
+);
 
 both!(
     corrupt_files_and_bombs_fail_the_image,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         let admin = app.admin_token().await;
         let product_id = product(&app, &admin).await;
@@ -378,246 +376,254 @@ both!(
     }
 );
 
-both!(variants_are_cacheable, |app: TestApp| async move {
-    let admin = app.admin_token().await;
-    let product_id = product(&app, &admin).await;
-    let id = accepted(
-        upload(
-            &app,
-            &admin,
+both!(
+    variants_are_cacheable,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let admin = app.admin_token().await;
+        let product_id = product(&app, &admin).await;
+        let id = accepted(
+            upload(
+                &app,
+                &admin,
+                &product_id,
+                "image/png",
+                picture(600, 400, ImageFormat::Png, false),
+            )
+            .await,
             &product_id,
-            "image/png",
-            picture(600, 400, ImageFormat::Png, false),
         )
-        .await,
-        &product_id,
-    )
-    .await;
-    assert_eq!(settled(&app, &id).await["status"], "ready");
-    let path = format!("/v1/images/{id}/medium");
-    let response = app.get(&path).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(
-        header(&response, "content-type").as_deref(),
-        Some("image/png")
-    );
-    assert_eq!(
-        header(&response, "cache-control").as_deref(),
-        Some(IMMUTABLE)
-    );
-    let etag = header(&response, "etag").unwrap();
-    assert!(
-        etag.starts_with('"') && etag.ends_with('"') && etag.len() > 20,
-        "strong: {etag}"
-    );
-    let bytes = response.bytes().await.unwrap();
-    // A strong ETag is a content hash: the same bytes, the same tag, every time.
-    let again = app.get(&path).send().await.unwrap();
-    assert_eq!(header(&again, "etag").as_deref(), Some(etag.as_str()));
-    assert_eq!(again.bytes().await.unwrap(), bytes);
-    for (if_none_match, status) in [
-        (etag.clone(), 304),
-        (format!("W/{etag}"), 304),
-        (format!("\"nope\", {etag}"), 304),
-        ("*".to_owned(), 304),
-        ("\"nope\"".to_owned(), 200),
-    ] {
-        let response = app
-            .get(&path)
-            .header("if-none-match", &if_none_match)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status().as_u16(), status, "{if_none_match}");
-        assert_eq!(header(&response, "etag").as_deref(), Some(etag.as_str()));
+        .await;
+        assert_eq!(settled(&app, &id).await["status"], "ready");
+        let path = format!("/v1/images/{id}/medium");
+        let response = app.get(&path).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            header(&response, "content-type").as_deref(),
+            Some("image/png")
+        );
         assert_eq!(
             header(&response, "cache-control").as_deref(),
             Some(IMMUTABLE)
         );
-        if status == 304 {
-            assert!(response.bytes().await.unwrap().is_empty());
+        let etag = header(&response, "etag").unwrap();
+        assert!(
+            etag.starts_with('"') && etag.ends_with('"') && etag.len() > 20,
+            "strong: {etag}"
+        );
+        let bytes = response.bytes().await.unwrap();
+        // A strong ETag is a content hash: the same bytes, the same tag, every time.
+        let again = app.get(&path).send().await.unwrap();
+        assert_eq!(header(&again, "etag").as_deref(), Some(etag.as_str()));
+        assert_eq!(again.bytes().await.unwrap(), bytes);
+        for (if_none_match, status) in [
+            (etag.clone(), 304),
+            (format!("W/{etag}"), 304),
+            (format!("\"nope\", {etag}"), 304),
+            ("*".to_owned(), 304),
+            ("\"nope\"".to_owned(), 200),
+        ] {
+            let response = app
+                .get(&path)
+                .header("if-none-match", &if_none_match)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), status, "{if_none_match}");
+            assert_eq!(header(&response, "etag").as_deref(), Some(etag.as_str()));
+            assert_eq!(
+                header(&response, "cache-control").as_deref(),
+                Some(IMMUTABLE)
+            );
+            if status == 304 {
+                assert!(response.bytes().await.unwrap().is_empty());
+            }
+        }
+        let thumb = app
+            .get(&format!("/v1/images/{id}/thumb"))
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(header(&thumb, "etag").as_deref(), Some(etag.as_str()));
+        for missing in [
+            format!("/v1/images/{id}/original"),
+            format!("/v1/images/{id}/large"),
+            format!("/v1/images/{}/thumb", uuid::Uuid::now_v7()),
+            "/v1/images/not-a-uuid/thumb".to_owned(),
+            "/v1/images/not-a-uuid".to_owned(),
+            format!("/v1/images/{}", uuid::Uuid::now_v7()),
+        ] {
+            problem(app.get(&missing).send().await.unwrap(), 404).await;
         }
     }
-    let thumb = app
-        .get(&format!("/v1/images/{id}/thumb"))
-        .send()
-        .await
-        .unwrap();
-    assert_ne!(header(&thumb, "etag").as_deref(), Some(etag.as_str()));
-    for missing in [
-        format!("/v1/images/{id}/original"),
-        format!("/v1/images/{id}/large"),
-        format!("/v1/images/{}/thumb", uuid::Uuid::now_v7()),
-        "/v1/images/not-a-uuid/thumb".to_owned(),
-        "/v1/images/not-a-uuid".to_owned(),
-        format!("/v1/images/{}", uuid::Uuid::now_v7()),
-    ] {
-        problem(app.get(&missing).send().await.unwrap(), 404).await;
-    }
-});
+);
 
-both!(upload_rules, |app: TestApp| async move {
-    let admin = app.admin_token().await;
-    let product_id = product(&app, &admin).await;
-    let path = format!("/v1/products/{product_id}/images");
-    let png = picture(64, 64, ImageFormat::Png, false);
-    // Who may add images.
-    let response = app
-        .post(&path)
-        .header("content-type", "image/png")
-        .body(png.clone())
-        .send()
-        .await
-        .unwrap();
-    problem(response, 401).await;
-    let (_, customer) = app
-        .customer(&format!("c{}@example.com", uuid::Uuid::now_v7().simple()))
+both!(
+    upload_rules,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let admin = app.admin_token().await;
+        let product_id = product(&app, &admin).await;
+        let path = format!("/v1/products/{product_id}/images");
+        let png = picture(64, 64, ImageFormat::Png, false);
+        // Who may add images.
+        let response = app
+            .post(&path)
+            .header("content-type", "image/png")
+            .body(png.clone())
+            .send()
+            .await
+            .unwrap();
+        problem(response, 401).await;
+        let (_, customer) = app
+            .customer(&format!("c{}@example.com", uuid::Uuid::now_v7().simple()))
+            .await;
+        problem(
+            upload(&app, &customer, &product_id, "image/png", png.clone()).await,
+            403,
+        )
         .await;
-    problem(
-        upload(&app, &customer, &product_id, "image/png", png.clone()).await,
-        403,
-    )
-    .await;
-    // Which product.
-    let unknown = uuid::Uuid::now_v7().to_string();
-    problem(
-        upload(&app, &admin, &unknown, "image/png", png.clone()).await,
-        404,
-    )
-    .await;
-    problem(
-        upload(&app, &admin, "not-a-uuid", "image/png", png.clone()).await,
-        404,
-    )
-    .await;
-    problem(
-        from_url(&app, &admin, &unknown, "https://example.com/a.png").await,
-        404,
-    )
-    .await;
-    // What body.
-    problem(
-        upload(&app, &admin, &product_id, "image/gif", png.clone()).await,
-        415,
-    )
-    .await;
-    problem(
-        upload(&app, &admin, &product_id, "text/plain", png.clone()).await,
-        415,
-    )
-    .await;
-    let p = problem(
-        upload(&app, &admin, &product_id, "image/png", Vec::new()).await,
-        422,
-    )
-    .await;
-    assert_eq!(error_fields(&p), ["body"]);
-    let p = problem(
-        upload(
+        // Which product.
+        let unknown = uuid::Uuid::now_v7().to_string();
+        problem(
+            upload(&app, &admin, &unknown, "image/png", png.clone()).await,
+            404,
+        )
+        .await;
+        problem(
+            upload(&app, &admin, "not-a-uuid", "image/png", png.clone()).await,
+            404,
+        )
+        .await;
+        problem(
+            from_url(&app, &admin, &unknown, "https://example.com/a.png").await,
+            404,
+        )
+        .await;
+        // What body.
+        problem(
+            upload(&app, &admin, &product_id, "image/gif", png.clone()).await,
+            415,
+        )
+        .await;
+        problem(
+            upload(&app, &admin, &product_id, "text/plain", png.clone()).await,
+            415,
+        )
+        .await;
+        let p = problem(
+            upload(&app, &admin, &product_id, "image/png", Vec::new()).await,
+            422,
+        )
+        .await;
+        assert_eq!(error_fields(&p), ["body"]);
+        let p = problem(
+            upload(
+                &app,
+                &admin,
+                &product_id,
+                "application/json",
+                b"{}".to_vec(),
+            )
+            .await,
+            422,
+        )
+        .await;
+        assert_eq!(error_fields(&p), ["source_url"]);
+        let p = problem(
+            upload(
+                &app,
+                &admin,
+                &product_id,
+                "application/json",
+                br#"{"source_url": "https://example.com/a.png", "status": "ready"}"#.to_vec(),
+            )
+            .await,
+            422,
+        )
+        .await;
+        assert_eq!(error_fields(&p), ["status"]);
+        let p = problem(
+            upload(
+                &app,
+                &admin,
+                &product_id,
+                "application/json",
+                br#"{"source_url": 5}"#.to_vec(),
+            )
+            .await,
+            422,
+        )
+        .await;
+        assert_eq!(error_fields(&p), ["source_url"]);
+        let too_long = json!({"source_url": format!("https://example.com/{}", "a".repeat(2100))});
+        let p = problem(
+            upload(
+                &app,
+                &admin,
+                &product_id,
+                "application/json",
+                too_long.to_string().into_bytes(),
+            )
+            .await,
+            422,
+        )
+        .await;
+        assert_eq!(error_fields(&p), ["source_url"]);
+        problem(
+            upload(
+                &app,
+                &admin,
+                &product_id,
+                "application/json",
+                b"{not json".to_vec(),
+            )
+            .await,
+            400,
+        )
+        .await;
+        // 10 MiB on this route (over the 1 MiB of the rest of the API) ...
+        let mut big = noisy_png(800, 800);
+        assert!(big.len() > 1024 * 1024, "{}", big.len());
+        let id = accepted(
+            upload(&app, &admin, &product_id, "image/png", big.clone()).await,
+            &product_id,
+        )
+        .await;
+        assert_eq!(settled(&app, &id).await["status"], "ready");
+        big.resize(10 * 1024 * 1024 + 1, 0);
+        let p = problem(
+            upload(&app, &admin, &product_id, "image/png", big).await,
+            413,
+        )
+        .await;
+        assert_eq!(p["type"], "/problems/payload-too-large");
+        // ... for files: JSON keeps 1 MiB, here as on the rest of the API.
+        let long_url = format!(
+            "{{\"source_url\": \"https://example.com/{}\"}}",
+            "x".repeat(2 * 1024 * 1024)
+        );
+        let response = upload(
             &app,
             &admin,
             &product_id,
             "application/json",
-            b"{}".to_vec(),
+            long_url.into_bytes(),
         )
-        .await,
-        422,
-    )
-    .await;
-    assert_eq!(error_fields(&p), ["source_url"]);
-    let p = problem(
-        upload(
-            &app,
-            &admin,
-            &product_id,
-            "application/json",
-            br#"{"source_url": "https://example.com/a.png", "status": "ready"}"#.to_vec(),
-        )
-        .await,
-        422,
-    )
-    .await;
-    assert_eq!(error_fields(&p), ["status"]);
-    let p = problem(
-        upload(
-            &app,
-            &admin,
-            &product_id,
-            "application/json",
-            br#"{"source_url": 5}"#.to_vec(),
-        )
-        .await,
-        422,
-    )
-    .await;
-    assert_eq!(error_fields(&p), ["source_url"]);
-    let too_long = json!({"source_url": format!("https://example.com/{}", "a".repeat(2100))});
-    let p = problem(
-        upload(
-            &app,
-            &admin,
-            &product_id,
-            "application/json",
-            too_long.to_string().into_bytes(),
-        )
-        .await,
-        422,
-    )
-    .await;
-    assert_eq!(error_fields(&p), ["source_url"]);
-    problem(
-        upload(
-            &app,
-            &admin,
-            &product_id,
-            "application/json",
-            b"{not json".to_vec(),
-        )
-        .await,
-        400,
-    )
-    .await;
-    // 10 MiB on this route (over the 1 MiB of the rest of the API) ...
-    let mut big = noisy_png(800, 800);
-    assert!(big.len() > 1024 * 1024, "{}", big.len());
-    let id = accepted(
-        upload(&app, &admin, &product_id, "image/png", big.clone()).await,
-        &product_id,
-    )
-    .await;
-    assert_eq!(settled(&app, &id).await["status"], "ready");
-    big.resize(10 * 1024 * 1024 + 1, 0);
-    let p = problem(
-        upload(&app, &admin, &product_id, "image/png", big).await,
-        413,
-    )
-    .await;
-    assert_eq!(p["type"], "/problems/payload-too-large");
-    // ... for files: JSON keeps 1 MiB, here as on the rest of the API.
-    let long_url = format!(
-        "{{\"source_url\": \"https://example.com/{}\"}}",
-        "x".repeat(2 * 1024 * 1024)
-    );
-    let response = upload(
-        &app,
-        &admin,
-        &product_id,
-        "application/json",
-        long_url.into_bytes(),
-    )
-    .await;
-    problem(response, 413).await;
-    // ... and the rest keeps 1 MiB.
-    let response = app
-        .post("/v1/products")
-        .bearer_auth(&admin)
-        .header("content-type", "application/json")
-        .body(format!("{{\"sku\": \"{}\"}}", "x".repeat(2 * 1024 * 1024)))
-        .send()
-        .await
-        .unwrap();
-    problem(response, 413).await;
-});
+        .await;
+        problem(response, 413).await;
+        // ... and the rest keeps 1 MiB.
+        let response = app
+            .post("/v1/products")
+            .bearer_auth(&admin)
+            .header("content-type", "application/json")
+            .body(format!("{{\"sku\": \"{}\"}}", "x".repeat(2 * 1024 * 1024)))
+            .send()
+            .await
+            .unwrap();
+        problem(response, 413).await;
+    }
+);
 
 // ---- fetching --------------------------------------------------------------------
 
@@ -763,7 +769,7 @@ async fn origin() -> Origin {
 
 /// The app with `images.test` resolving to 127.0.0.1 (the test seam).
 async fn app_with_origin(backend: Backend) -> TestApp {
-    spawn_with(backend, |c| {
+    fixture_with(backend, |c| {
         c.image_fetch_test_hosts =
             HostOverrides::for_tests([("images.test", IpAddr::V4(Ipv4Addr::LOCALHOST))]).unwrap();
     })
@@ -1063,7 +1069,7 @@ mod s3 {
             created.status()
         );
         let endpoint = moto.endpoint.clone();
-        let app = spawn_with(backend, |c| {
+        let app = fixture_with(backend, |c| {
             c.s3_bucket = Some(bucket.to_owned());
             c.s3_endpoint = Some(endpoint);
             c.s3_allow_http = true;
@@ -1142,7 +1148,7 @@ async fn storage_down_is_a_503() {
         let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         socket.local_addr().unwrap().port()
     };
-    let app = spawn_with(Backend::Sqlite, |c| {
+    let app = fixture_with(Backend::Sqlite, |c| {
         c.s3_bucket = Some("nowhere".to_owned());
         c.s3_endpoint = Some(format!("http://127.0.0.1:{port}"));
         c.s3_allow_http = true;

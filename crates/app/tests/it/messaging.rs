@@ -11,7 +11,6 @@ use scaleshop_app::config::Secret;
 use scaleshop_contracts::{Contract, NotificationSent};
 use serde_json::{Value, json};
 
-use crate::both;
 use crate::helpers::*;
 
 /// Polls `check` until it returns Some, for at most 30 s.
@@ -43,6 +42,7 @@ async fn notifications(app: &TestApp, token: &str, query: &str) -> (StatusCode, 
 
 both!(
     sign_up_sends_exactly_one_welcome_email,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         let (user, token) = app.customer("welcome@example.com").await;
         let user_id = user["id"].as_str().unwrap().to_owned();
@@ -62,12 +62,14 @@ both!(
         assert!(n["order_id"].is_null());
         assert!(n["sent_at"].is_string() && n["created_at"].is_string());
 
-        // The message, as a file named by the notification.
-        let file = app
-            .data_dir()
-            .join("mail")
-            .join(format!("{}.eml", n["id"].as_str().unwrap()));
-        let mail = std::fs::read_to_string(&file).expect("mail file");
+        // The message, as a file named by the notification, in the data folder of
+        // the instance that sent it.
+        let name = format!("{}.eml", n["id"].as_str().unwrap());
+        let mail = app
+            .data_dirs()
+            .iter()
+            .find_map(|dir| std::fs::read_to_string(dir.join("mail").join(&name)).ok())
+            .expect("mail file");
         assert!(mail.contains("To: welcome@example.com"), "{mail}");
         assert!(mail.contains("Subject: Welcome to scaleshop"), "{mail}");
 
@@ -95,35 +97,39 @@ both!(
     }
 );
 
-both!(notifications_are_private, |app: TestApp| async move {
-    let (alice, alice_token) = app.customer("alice@example.com").await;
-    let (bob, _) = app.customer("bob@example.com").await;
-    let bob_id = bob["id"].as_str().unwrap();
-    // Another user's list is a 404 for a customer; their own id is fine.
-    let (status, body) = notifications(&app, &alice_token, &format!("?user_id={bob_id}")).await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-    let (status, _) = notifications(
-        &app,
-        &alice_token,
-        &format!("?user_id={}", alice["id"].as_str().unwrap()),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK);
-    let (status, _) = notifications(&app, &alice_token, "?user_id=not-a-uuid").await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    // The admin sees anyone's.
-    let admin = app.admin_token().await;
-    let items = eventually(|| async {
-        let (_, body) = notifications(&app, &admin, &format!("?user_id={bob_id}")).await;
-        let items = body["items"].as_array().cloned().unwrap_or_default();
-        (!items.is_empty()).then_some(items)
-    })
-    .await;
-    assert!(items.iter().all(|n| n["user_id"] == bob_id));
-    // Without a token: 401.
-    let response = app.get("/v1/notifications").send().await.unwrap();
-    problem(response, 401).await;
-});
+both!(
+    notifications_are_private,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let (alice, alice_token) = app.customer("alice@example.com").await;
+        let (bob, _) = app.customer("bob@example.com").await;
+        let bob_id = bob["id"].as_str().unwrap();
+        // Another user's list is a 404 for a customer; their own id is fine.
+        let (status, body) = notifications(&app, &alice_token, &format!("?user_id={bob_id}")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        let (status, _) = notifications(
+            &app,
+            &alice_token,
+            &format!("?user_id={}", alice["id"].as_str().unwrap()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _) = notifications(&app, &alice_token, "?user_id=not-a-uuid").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        // The admin sees anyone's.
+        let admin = app.admin_token().await;
+        let items = eventually(|| async {
+            let (_, body) = notifications(&app, &admin, &format!("?user_id={bob_id}")).await;
+            let items = body["items"].as_array().cloned().unwrap_or_default();
+            (!items.is_empty()).then_some(items)
+        })
+        .await;
+        assert!(items.iter().all(|n| n["user_id"] == bob_id));
+        // Without a token: 401.
+        let response = app.get("/v1/notifications").send().await.unwrap();
+        problem(response, 401).await;
+    }
+);
 
 /// A real SMTP server (Python's smtpd) that writes each message into `dir`.
 struct SmtpSink {
@@ -364,154 +370,164 @@ async fn dead_email_job_and_redrive_postgres() {
     dead_email_job_and_redrive(Backend::Postgres).await;
 }
 
-both!(jobs_admin_api_rules, |app: TestApp| async move {
-    let (_, customer) = app.customer("jobs@example.com").await;
-    let admin = app.admin_token().await;
-    let completed = eventually(|| async {
-        let list: Value = app
-            .get("/v1/jobs?queue=email&state=completed")
+both!(
+    jobs_admin_api_rules,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let (_, customer) = app.customer("jobs@example.com").await;
+        let admin = app.admin_token().await;
+        let completed = eventually(|| async {
+            let list: Value = app
+                .get("/v1/jobs?queue=email&state=completed")
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let items = list["items"].as_array()?.clone();
+            (items.len() >= 2).then_some(items)
+        })
+        .await;
+        for j in &completed {
+            for field in [
+                "id",
+                "queue",
+                "state",
+                "attempts",
+                "max_attempts",
+                "last_error",
+                "run_at",
+                "created_at",
+                "updated_at",
+            ] {
+                assert!(j.get(field).is_some(), "job field {field}: {j}");
+            }
+            assert_eq!(j["state"], "completed");
+        }
+        let id = completed[0]["id"].as_str().unwrap();
+        assert_eq!(job(&app, &admin, id).await["id"], id);
+        problem(
+            app.get(&format!("/v1/jobs/{id}"))
+                .bearer_auth(&customer)
+                .send()
+                .await
+                .unwrap(),
+            403,
+        )
+        .await;
+        problem(
+            app.get("/v1/jobs")
+                .bearer_auth(&customer)
+                .send()
+                .await
+                .unwrap(),
+            403,
+        )
+        .await;
+        problem(
+            app.get("/v1/jobs/not-a-uuid")
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap(),
+            404,
+        )
+        .await;
+        problem(
+            app.get(&format!("/v1/jobs/{}", uuid::Uuid::now_v7()))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap(),
+            404,
+        )
+        .await;
+        problem(
+            app.post(&format!("/v1/jobs/{}/retry", uuid::Uuid::now_v7()))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap(),
+            404,
+        )
+        .await;
+        let bad = problem(
+            app.get("/v1/jobs?state=bogus")
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap(),
+            422,
+        )
+        .await;
+        assert_eq!(error_fields(&bad), ["state"]);
+        // Paging.
+        let first: Value = app
+            .get("/v1/jobs?limit=1")
             .bearer_auth(&admin)
             .send()
             .await
-            .ok()?
+            .unwrap()
             .json()
             .await
-            .ok()?;
-        let items = list["items"].as_array()?.clone();
-        (items.len() >= 2).then_some(items)
-    })
-    .await;
-    for j in &completed {
-        for field in [
-            "id",
-            "queue",
-            "state",
-            "attempts",
-            "max_attempts",
-            "last_error",
-            "run_at",
-            "created_at",
-            "updated_at",
-        ] {
-            assert!(j.get(field).is_some(), "job field {field}: {j}");
-        }
-        assert_eq!(j["state"], "completed");
+            .unwrap();
+        let cursor = first["next_cursor"].as_str().expect("a next page");
+        let second: Value = app
+            .get(&format!("/v1/jobs?limit=1&cursor={cursor}"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_ne!(first["items"][0]["id"], second["items"][0]["id"]);
     }
-    let id = completed[0]["id"].as_str().unwrap();
-    assert_eq!(job(&app, &admin, id).await["id"], id);
-    problem(
-        app.get(&format!("/v1/jobs/{id}"))
-            .bearer_auth(&customer)
-            .send()
-            .await
-            .unwrap(),
-        403,
-    )
-    .await;
-    problem(
-        app.get("/v1/jobs")
-            .bearer_auth(&customer)
-            .send()
-            .await
-            .unwrap(),
-        403,
-    )
-    .await;
-    problem(
-        app.get("/v1/jobs/not-a-uuid")
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap(),
-        404,
-    )
-    .await;
-    problem(
-        app.get(&format!("/v1/jobs/{}", uuid::Uuid::now_v7()))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap(),
-        404,
-    )
-    .await;
-    problem(
-        app.post(&format!("/v1/jobs/{}/retry", uuid::Uuid::now_v7()))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap(),
-        404,
-    )
-    .await;
-    let bad = problem(
-        app.get("/v1/jobs?state=bogus")
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap(),
-        422,
-    )
-    .await;
-    assert_eq!(error_fields(&bad), ["state"]);
-    // Paging.
-    let first: Value = app
-        .get("/v1/jobs?limit=1")
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let cursor = first["next_cursor"].as_str().expect("a next page");
-    let second: Value = app
-        .get(&format!("/v1/jobs?limit=1&cursor={cursor}"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_ne!(first["items"][0]["id"], second["items"][0]["id"]);
-});
-
-both!(dead_events_admin_api_rules, |app: TestApp| async move {
-    let admin = app.admin_token().await;
-    let (_, customer) = app.customer("dead-events@example.com").await;
-    let list: Value = app
-        .get("/v1/events/dead")
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(list["items"], json!([]));
-    problem(
-        app.get("/v1/events/dead")
-            .bearer_auth(&customer)
-            .send()
-            .await
-            .unwrap(),
-        403,
-    )
-    .await;
-    let path = format!(
-        "/v1/events/dead/notifications/{}/redeliver",
-        uuid::Uuid::now_v7()
-    );
-    problem(
-        app.post(&path).bearer_auth(&admin).send().await.unwrap(),
-        404,
-    )
-    .await;
-});
+);
 
 both!(
+    dead_events_admin_api_rules,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let admin = app.admin_token().await;
+        let (_, customer) = app.customer("dead-events@example.com").await;
+        let list: Value = app
+            .get("/v1/events/dead")
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(list["items"], json!([]));
+        problem(
+            app.get("/v1/events/dead")
+                .bearer_auth(&customer)
+                .send()
+                .await
+                .unwrap(),
+            403,
+        )
+        .await;
+        let path = format!(
+            "/v1/events/dead/notifications/{}/redeliver",
+            uuid::Uuid::now_v7()
+        );
+        problem(
+            app.post(&path).bearer_auth(&admin).send().await.unwrap(),
+            404,
+        )
+        .await;
+    }
+);
+
+// One process's /metrics: behind the gateway, each instance counts its own work.
+both!(
     readiness_and_metrics_cover_messaging,
+    [sqlite, postgres],
     |app: TestApp| async move {
         app.customer("metrics@example.com").await;
         let admin = app.admin_token().await;
@@ -538,13 +554,10 @@ both!(
             .unwrap();
         assert_eq!(ready["components"]["bus"], "up");
         assert_eq!(ready["components"]["jobs"], "up");
-        let metrics = eventually(|| async {
-            let text = app.get("/metrics").send().await.ok()?.text().await.ok()?;
-            text.contains("event_consumer_lag{consumer=\"notifications\"} 0")
-                .then_some(text)
-        })
-        .await;
-        for series in [
+        // The gauges are sampled, not computed per scrape: wait (bounded) until a
+        // scrape shows every series settled.
+        let series = [
+            "event_consumer_lag{consumer=\"notifications\"} 0",
             "jobs{queue=\"email\",state=\"completed\"}",
             "jobs{queue=\"email\",state=\"dead\"} 0",
             "job_runs_total{queue=\"email\",outcome=\"completed\"}",
@@ -553,8 +566,26 @@ both!(
             "# TYPE event_consumer_lag gauge",
             "# TYPE jobs gauge",
             "# TYPE job_runs_total counter",
-        ] {
-            assert!(metrics.contains(series), "missing {series}");
+        ];
+        let mut last = String::new();
+        let settled = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Ok(response) = app.get("/metrics").send().await
+                    && let Ok(text) = response.text().await
+                {
+                    if series.iter().all(|s| text.contains(s)) {
+                        return;
+                    }
+                    last = text;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        if settled.is_err() {
+            for series in series {
+                assert!(last.contains(series), "missing {series}");
+            }
         }
     }
 );

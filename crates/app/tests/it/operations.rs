@@ -5,7 +5,6 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::both;
 use crate::helpers::*;
 use crate::users::json_body;
 
@@ -26,28 +25,40 @@ async fn healthz_says_ok() {
     );
 }
 
-both!(readyz_reports_every_component, |app: TestApp| async move {
-    let body = json_body(app.get("/readyz").send().await.unwrap(), StatusCode::OK).await;
-    assert_eq!(body["status"], "ok");
-    let components = body["components"].as_object().unwrap();
-    let mut names: Vec<&str> = components.keys().map(String::as_str).collect();
-    names.sort_unstable();
-    assert_eq!(
-        names,
-        ["bus", "cache", "database", "jobs", "replicas", "shards"]
-    );
-    assert_eq!(body["components"]["database"], "up");
-    // Not configured in a test app.
-    for name in ["replicas", "shards", "cache"] {
-        assert_eq!(body["components"][name], "disabled", "{name}");
+both!(
+    readyz_reports_every_component,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let body = json_body(app.get("/readyz").send().await.unwrap(), StatusCode::OK).await;
+        assert_eq!(body["status"], "ok");
+        let components = body["components"].as_object().unwrap();
+        let mut names: Vec<&str> = components.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["bus", "cache", "database", "jobs", "replicas", "shards"]
+        );
+        assert_eq!(body["components"]["database"], "up");
+        // Not configured in a test app.
+        for name in ["replicas", "shards"] {
+            assert_eq!(body["components"][name], "disabled", "{name}");
+        }
+        // Redis: configured on PostgreSQL (the monolith on PostgreSQL + Redis, the
+        // split deployment), not embedded.
+        let cache = if app.config.redis_url.is_some() {
+            "up"
+        } else {
+            "disabled"
+        };
+        assert_eq!(body["components"]["cache"], cache);
+        // The event dispatcher and the job workers run in-process: "up" (or
+        // "disabled" where a version has none), never "down" while ready.
+        for name in ["bus", "jobs"] {
+            let state = body["components"][name].as_str().unwrap();
+            assert!(["up", "disabled"].contains(&state), "{name}: {state}");
+        }
     }
-    // The event dispatcher and the job workers run in-process: "up" (or
-    // "disabled" where a version has none), never "down" while ready.
-    for name in ["bus", "jobs"] {
-        let state = body["components"][name].as_str().unwrap();
-        assert!(["up", "disabled"].contains(&state), "{name}: {state}");
-    }
-});
+);
 
 /// An app on PostgreSQL whose database then refuses every connection (existing ones
 /// are terminated); returns the app, a token got before, and the database name.
@@ -181,123 +192,127 @@ fn series<'a>(text: &'a str, parts: &[&str]) -> Vec<&'a str> {
         .collect()
 }
 
-both!(metrics_use_route_templates, |app: TestApp| async move {
-    let token = app.admin_token().await;
-    let raw = Uuid::now_v7().to_string();
-    let unmatched = Uuid::now_v7().to_string();
-    let response = app
-        .get(&format!("/v1/users/{raw}"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 404);
-    let response = app.get(&format!("/v1/users/{raw}")).send().await.unwrap();
-    assert_eq!(response.status(), 401);
-    let response = app
-        .get(&format!("/no/such/route/{unmatched}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 404);
-    // Routes outside the OpenAPI document (the documentation's own) keep their
-    // templates too, and a wrong method keeps the route's template.
-    for path in ["/openapi.json", "/docs/", "/docs/swagger-ui.css"] {
-        let response = app.get(path).send().await.unwrap();
-        assert_eq!(response.status(), 200, "{path}");
-    }
-    let response = app.client.delete(app.url("/healthz")).send().await.unwrap();
-    assert_eq!(response.status(), 405);
+both!(
+    metrics_use_route_templates,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let token = app.admin_token().await;
+        let raw = Uuid::now_v7().to_string();
+        let unmatched = Uuid::now_v7().to_string();
+        let response = app
+            .get(&format!("/v1/users/{raw}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404);
+        let response = app.get(&format!("/v1/users/{raw}")).send().await.unwrap();
+        assert_eq!(response.status(), 401);
+        let response = app
+            .get(&format!("/no/such/route/{unmatched}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404);
+        // Routes outside the OpenAPI document (the documentation's own) keep their
+        // templates too, and a wrong method keeps the route's template.
+        for path in ["/openapi.json", "/docs/", "/docs/swagger-ui.css"] {
+            let response = app.get(path).send().await.unwrap();
+            assert_eq!(response.status(), 200, "{path}");
+        }
+        let response = app.client.delete(app.url("/healthz")).send().await.unwrap();
+        assert_eq!(response.status(), 405);
 
-    let response = app.get("/metrics").send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/plain")
-    );
-    let text = response.text().await.unwrap();
-    assert!(
-        text.contains("# TYPE http_request_duration_seconds histogram"),
-        "{text}"
-    );
-    for status in ["404", "401"] {
-        let status_label = format!("status=\"{status}\"");
-        let lines = series(
-            &text,
-            &[
-                "http_request_duration_seconds_count",
-                "route=\"/v1/users/{id}\"",
-                "method=\"GET\"",
-                &status_label,
-            ],
-        );
-        assert_eq!(lines.len(), 1, "{status}: {lines:?}");
+        let response = app.get("/metrics").send().await.unwrap();
+        assert_eq!(response.status(), 200);
         assert!(
-            !series(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain")
+        );
+        let text = response.text().await.unwrap();
+        assert!(
+            text.contains("# TYPE http_request_duration_seconds histogram"),
+            "{text}"
+        );
+        for status in ["404", "401"] {
+            let status_label = format!("status=\"{status}\"");
+            let lines = series(
                 &text,
                 &[
-                    "http_request_duration_seconds_bucket",
+                    "http_request_duration_seconds_count",
                     "route=\"/v1/users/{id}\"",
+                    "method=\"GET\"",
                     &status_label,
-                    "le=\"+Inf\""
-                ]
-            )
-            .is_empty()
-        );
-    }
-    assert!(
-        !series(
-            &text,
-            &[
-                "http_request_duration_seconds_count",
-                "route=\"unmatched\"",
-                "status=\"404\""
-            ]
-        )
-        .is_empty(),
-        "{text}"
-    );
-    for (route, status) in [
-        ("/openapi.json", "200"),
-        ("/docs/", "200"),
-        ("/docs/{*rest}", "200"),
-        ("/healthz", "405"),
-    ] {
-        let route_label = format!("route=\"{route}\"");
-        let status_label = format!("status=\"{status}\"");
+                ],
+            );
+            assert_eq!(lines.len(), 1, "{status}: {lines:?}");
+            assert!(
+                !series(
+                    &text,
+                    &[
+                        "http_request_duration_seconds_bucket",
+                        "route=\"/v1/users/{id}\"",
+                        &status_label,
+                        "le=\"+Inf\""
+                    ]
+                )
+                .is_empty()
+            );
+        }
         assert!(
             !series(
                 &text,
                 &[
                     "http_request_duration_seconds_count",
-                    &route_label,
-                    &status_label
+                    "route=\"unmatched\"",
+                    "status=\"404\""
                 ]
             )
             .is_empty(),
-            "{route} {status}: {text}"
+            "{text}"
         );
-    }
-    // Never the raw path.
-    assert!(!text.contains(&raw), "raw id in /metrics");
-    assert!(!text.contains(&unmatched), "raw unmatched path in /metrics");
-    assert!(!text.contains("/no/such/route"));
-    // Pool gauges.
-    for state in ["idle", "in_use"] {
-        let lines = series(
-            &text,
-            &["db_pool_connections{", &format!("state=\"{state}\"")],
-        );
-        assert!(!lines.is_empty(), "db_pool_connections {state}: {text}");
-        for line in lines {
-            let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-            assert!(value >= 0.0, "{line}");
+        for (route, status) in [
+            ("/openapi.json", "200"),
+            ("/docs/", "200"),
+            ("/docs/{*rest}", "200"),
+            ("/healthz", "405"),
+        ] {
+            let route_label = format!("route=\"{route}\"");
+            let status_label = format!("status=\"{status}\"");
+            assert!(
+                !series(
+                    &text,
+                    &[
+                        "http_request_duration_seconds_count",
+                        &route_label,
+                        &status_label
+                    ]
+                )
+                .is_empty(),
+                "{route} {status}: {text}"
+            );
         }
+        // Never the raw path.
+        assert!(!text.contains(&raw), "raw id in /metrics");
+        assert!(!text.contains(&unmatched), "raw unmatched path in /metrics");
+        assert!(!text.contains("/no/such/route"));
+        // Pool gauges.
+        for state in ["idle", "in_use"] {
+            let lines = series(
+                &text,
+                &["db_pool_connections{", &format!("state=\"{state}\"")],
+            );
+            assert!(!lines.is_empty(), "db_pool_connections {state}: {text}");
+            for line in lines {
+                let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+                assert!(value >= 0.0, "{line}");
+            }
+        }
+        assert!(text.contains("# TYPE db_pool_connections gauge"));
     }
-    assert!(text.contains("# TYPE db_pool_connections gauge"));
-});
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_documents_every_route() {

@@ -14,7 +14,6 @@ use scaleshop_testkit::eventually_within;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::both;
 use crate::helpers::*;
 use crate::users::{get_as, id_of, json_body, patch_as, session, sign_up};
 
@@ -33,6 +32,43 @@ async fn fields_of_422(response: Response) -> Vec<String> {
 
 fn strings(fields: &[&str]) -> Vec<String> {
     fields.iter().map(|f| (*f).to_owned()).collect()
+}
+
+/// In the split deployment, waits (bounded) until every process refuses
+/// `token`: docs/api.md promises it as soon as the event reaches each one,
+/// "within about 1 s when a wake-up is lost". Two refusals in a row from the
+/// routes of every service group (both instances behind the gateway). One
+/// process refuses at once: nothing to wait for there (the assertions that
+/// follow check it).
+async fn ended_everywhere(app: &TestApp, token: &str) {
+    if app.backend != Backend::Split {
+        return;
+    }
+    // One route of each group: users, orders, notifications, payments, and
+    // the catalog group (which the event log routes go to).
+    let routes = [
+        "/v1/me",
+        "/v1/orders",
+        "/v1/notifications",
+        "/v1/payments",
+        "/v1/events",
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    'wait: loop {
+        for path in routes {
+            for _ in 0..2 {
+                if get_as(app, path, token).await.status() != StatusCode::UNAUTHORIZED {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{path} still admits an ended session after 5 s"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue 'wait;
+                }
+            }
+        }
+        return;
+    }
 }
 
 /// Asserts a 401 that asks for a bearer token.
@@ -129,6 +165,7 @@ async fn session_cache_hits(app: &TestApp) -> f64 {
 
 both!(
     changing_email_or_password_needs_the_current_password,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         let (me, token) = app.customer("proof@example.com").await;
         let id = id_of(&me);
@@ -243,6 +280,7 @@ both!(
 
 both!(
     a_password_change_ends_every_earlier_session,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         let (me, first) = app.customer("rotate@example.com").await;
         let id = id_of(&me);
@@ -261,6 +299,9 @@ both!(
         )
         .await;
         json_body(response, StatusCode::OK).await;
+        for token in [&first, &second] {
+            ended_everywhere(&app, token).await;
+        }
         for (name, token) in [("first", &first), ("second", &second)] {
             refused(get_as(&app, "/v1/me", token).await, name).await;
             refused(get_as(&app, "/v1/orders", token).await, name).await;
@@ -287,6 +328,7 @@ both!(
             StatusCode::OK,
         )
         .await;
+        ended_everywhere(&app, &fresh).await;
         refused(
             get_as(&app, "/v1/me", &fresh).await,
             "after the admin's change",
@@ -314,57 +356,63 @@ both!(
 
 // ---------------------------------------------------------------- sign-out
 
-both!(sign_out_refuses_that_token, |app: TestApp| async move {
-    let (me, token) = app.customer("leaving@example.com").await;
-    let other = app.sign_in("leaving@example.com", PASSWORD).await;
-    let orders = order_body(&app).await;
-    json_body(get_as(&app, "/v1/me", &token).await, StatusCode::OK).await;
+both!(
+    sign_out_refuses_that_token,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let (me, token) = app.customer("leaving@example.com").await;
+        let other = app.sign_in("leaving@example.com", PASSWORD).await;
+        let orders = order_body(&app).await;
+        json_body(get_as(&app, "/v1/me", &token).await, StatusCode::OK).await;
 
-    let response = sign_out(&app, &token).await;
-    assert_eq!(response.status(), StatusCode::NO_CONTENT);
-    assert!(response.headers().contains_key("x-consistency-token"));
-    assert!(response.bytes().await.unwrap().is_empty());
+        let response = sign_out(&app, &token).await;
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+        assert!(response.headers().contains_key("x-consistency-token"));
+        assert!(response.bytes().await.unwrap().is_empty());
 
-    // Refused at once, on every protected route.
-    refused(get_as(&app, "/v1/me", &token).await, "me").await;
-    refused(post_order(&app, &token, &orders).await, "orders").await;
-    refused(get_as(&app, "/v1/orders", &token).await, "order list").await;
-    refused(
-        get_as(&app, &format!("/v1/users/{}", id_of(&me)), &token).await,
-        "user",
-    )
-    .await;
-    refused(sign_out(&app, &token).await, "signing out twice").await;
+        // Refused at once (in the split deployment, once every process has
+        // the event), on every protected route.
+        ended_everywhere(&app, &token).await;
+        refused(get_as(&app, "/v1/me", &token).await, "me").await;
+        refused(post_order(&app, &token, &orders).await, "orders").await;
+        refused(get_as(&app, "/v1/orders", &token).await, "order list").await;
+        refused(
+            get_as(&app, &format!("/v1/users/{}", id_of(&me)), &token).await,
+            "user",
+        )
+        .await;
+        refused(sign_out(&app, &token).await, "signing out twice").await;
 
-    // The user's other session goes on.
-    json_body(get_as(&app, "/v1/me", &other).await, StatusCode::OK).await;
-    assert_eq!(
-        post_order(&app, &other, &orders).await.status(),
-        StatusCode::ACCEPTED
-    );
-    refused(
-        app.request(reqwest::Method::DELETE, "/v1/sessions/current")
-            .send()
-            .await
-            .unwrap(),
-        "no token",
-    )
-    .await;
+        // The user's other session goes on.
+        json_body(get_as(&app, "/v1/me", &other).await, StatusCode::OK).await;
+        assert_eq!(
+            post_order(&app, &other, &orders).await.status(),
+            StatusCode::ACCEPTED
+        );
+        refused(
+            app.request(reqwest::Method::DELETE, "/v1/sessions/current")
+                .send()
+                .await
+                .unwrap(),
+            "no token",
+        )
+        .await;
 
-    // The log tells the other processes.
-    let admin = app.admin_token().await;
-    let events = crate::users::all_events(&app, &admin, 100).await;
-    let ended: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["type"] == SessionEnded::NAME)
-        .collect();
-    assert_eq!(ended.len(), 1, "{ended:?}");
-    assert_eq!(ended[0]["aggregate_id"], me["id"]);
-    assert!(
-        !ended[0].to_string().contains(&token),
-        "no token in the log"
-    );
-});
+        // The log tells the other processes.
+        let admin = app.admin_token().await;
+        let events = crate::users::all_events(&app, &admin, 100).await;
+        let ended: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["type"] == SessionEnded::NAME)
+            .collect();
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        assert_eq!(ended[0]["aggregate_id"], me["id"]);
+        assert!(
+            !ended[0].to_string().contains(&token),
+            "no token in the log"
+        );
+    }
+);
 
 // ---------------------------------------------------------------- users that do not exist
 
@@ -420,8 +468,10 @@ async fn tokens_of_missing_users_are_refused_postgres() {
 
 // ---------------------------------------------------------------- served from memory
 
+// One process's cache counters: behind the gateway, each instance has its own.
 both!(
     session_checks_do_not_read_the_database,
+    [sqlite, postgres],
     |app: TestApp| async move {
         let (_, token) = app.customer("cached@example.com").await;
         json_body(get_as(&app, "/v1/orders", &token).await, StatusCode::OK).await;
@@ -511,6 +561,7 @@ async fn ended_sessions_are_refused_by_other_processes() {
 
 both!(
     names_refuse_bidi_controls_and_invisible_characters,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         let (me, token) = app.customer("names@example.com").await;
         let hidden = [
@@ -560,85 +611,94 @@ both!(
 
 // ---------------------------------------------------------------- storage
 
-scaleshop_testkit::both_backends!(
-    session_state_is_stored_and_cleaned_up,
-    |backend| async move {
-        use scaleshop_users::domain::{Email, NewUser, Password, PasswordHash, UserName};
-        use scaleshop_users::store::{SqlUserStore, UserStore};
+/// The store itself, on each engine (the suite's fixture is an app; this one's
+/// is the engine).
+mod storage {
+    use super::*;
+    use scaleshop_testkit::{both, fixture};
 
-        let db = scaleshop_testkit::fresh_database(
-            backend,
-            &[
-                scaleshop_events::migrations(),
-                scaleshop_users::store::migrations(),
-            ],
-        )
-        .await;
-        let store = std::sync::Arc::new(SqlUserStore::new(db.clone()));
-        let users = scaleshop_users::Users::new(store.clone());
-        let user = users
-            .register(NewUser {
-                email: Email::parse("stored@example.com").unwrap(),
-                name: UserName::parse("Stored").unwrap(),
-                password: Password::parse(PASSWORD).unwrap(),
-            })
-            .await
-            .unwrap();
-        let now = chrono::Utc::now().timestamp();
-        assert_eq!(
-            store
-                .session_state(user.id, now)
+    both!(
+        session_state_is_stored_and_cleaned_up,
+        |backend| async move {
+            use scaleshop_users::domain::{Email, NewUser, Password, PasswordHash, UserName};
+            use scaleshop_users::store::{SqlUserStore, UserStore};
+
+            let db = scaleshop_testkit::fresh_database(
+                backend,
+                &[
+                    scaleshop_events::migrations(),
+                    scaleshop_users::store::migrations(),
+                ],
+            )
+            .await;
+            let store = std::sync::Arc::new(SqlUserStore::new(db.clone()));
+            let users = scaleshop_users::Users::new(store.clone());
+            let user = users
+                .register(NewUser {
+                    email: Email::parse("stored@example.com").unwrap(),
+                    name: UserName::parse("Stored").unwrap(),
+                    password: Password::parse(PASSWORD).unwrap(),
+                })
                 .await
-                .unwrap()
-                .unwrap()
-                .epoch,
-            0
-        );
-        assert_eq!(
-            store.session_state(Uuid::now_v7(), now).await.unwrap(),
-            None
-        );
-
-        // Signed-out ids count until their token expires; the clean-up forgets
-        // them a minute after that.
-        let (expired, live) = (Uuid::now_v7(), Uuid::now_v7());
-        let event = |id: Uuid| {
-            let ended = SessionEnded {
-                user_id: user.id,
-                session_id: id,
-            };
-            scaleshop_events::NewEvent::typed(user.id, &ended).unwrap()
-        };
-        for (id, expires_at) in [(expired, now - 3600), (live, now + 3600)] {
-            assert!(
+                .unwrap();
+            let now = chrono::Utc::now().timestamp();
+            assert_eq!(
                 store
-                    .end_session(user.id, id, expires_at, &event(id))
+                    .session_state(user.id, now)
                     .await
                     .unwrap()
+                    .unwrap()
+                    .epoch,
+                0
             );
-        }
-        assert!(
-            !store
-                .end_session(user.id, live, now + 3600, &event(live))
-                .await
-                .unwrap(),
-            "once"
-        );
-        let state = store.session_state(user.id, now).await.unwrap().unwrap();
-        assert_eq!(state.ended, vec![live]);
-        assert!(!state.admits(0, live) && state.admits(0, expired) && !state.admits(1, expired));
-        assert_eq!(users.sessions().clean_up().await.unwrap(), 1);
-        let everything = store.session_state(user.id, 0).await.unwrap().unwrap();
-        assert_eq!(everything.ended, vec![live]);
+            assert_eq!(
+                store.session_state(Uuid::now_v7(), now).await.unwrap(),
+                None
+            );
 
-        // A new hash moves the epoch on; the same hash (a name change) does not.
-        let mut record = store.get(user.id).await.unwrap().unwrap();
-        record.user.name = UserName::parse("Renamed").unwrap();
-        store.update(&record, &event(live)).await.unwrap();
-        assert_eq!(store.get(user.id).await.unwrap().unwrap().session_epoch, 0);
-        record.password_hash = PasswordHash("$argon2id$another".to_owned());
-        store.update(&record, &event(live)).await.unwrap();
-        assert_eq!(store.get(user.id).await.unwrap().unwrap().session_epoch, 1);
-        db.close().await;
-    }
-);
+            // Signed-out ids count until their token expires; the clean-up forgets
+            // them a minute after that.
+            let (expired, live) = (Uuid::now_v7(), Uuid::now_v7());
+            let event = |id: Uuid| {
+                let ended = SessionEnded {
+                    user_id: user.id,
+                    session_id: id,
+                };
+                scaleshop_events::NewEvent::typed(user.id, &ended).unwrap()
+            };
+            for (id, expires_at) in [(expired, now - 3600), (live, now + 3600)] {
+                assert!(
+                    store
+                        .end_session(user.id, id, expires_at, &event(id))
+                        .await
+                        .unwrap()
+                );
+            }
+            assert!(
+                !store
+                    .end_session(user.id, live, now + 3600, &event(live))
+                    .await
+                    .unwrap(),
+                "once"
+            );
+            let state = store.session_state(user.id, now).await.unwrap().unwrap();
+            assert_eq!(state.ended, vec![live]);
+            assert!(
+                !state.admits(0, live) && state.admits(0, expired) && !state.admits(1, expired)
+            );
+            assert_eq!(users.sessions().clean_up().await.unwrap(), 1);
+            let everything = store.session_state(user.id, 0).await.unwrap().unwrap();
+            assert_eq!(everything.ended, vec![live]);
+
+            // A new hash moves the epoch on; the same hash (a name change) does not.
+            let mut record = store.get(user.id).await.unwrap().unwrap();
+            record.user.name = UserName::parse("Renamed").unwrap();
+            store.update(&record, &event(live)).await.unwrap();
+            assert_eq!(store.get(user.id).await.unwrap().unwrap().session_epoch, 0);
+            record.password_hash = PasswordHash("$argon2id$another".to_owned());
+            store.update(&record, &event(live)).await.unwrap();
+            assert_eq!(store.get(user.id).await.unwrap().unwrap().session_epoch, 1);
+            db.close().await;
+        }
+    );
+}

@@ -9,7 +9,6 @@ use scaleshop_contracts::{Contract, UserCreated, UserUpdated};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::both;
 use crate::helpers::*;
 
 /// The password `TestApp::customer` signs up with.
@@ -152,48 +151,53 @@ fn email_of_length(len: usize) -> String {
 
 // ---------------------------------------------------------------- sign-up
 
-both!(sign_up_then_read_self, |app: TestApp| async move {
-    let response = app
-        .post("/v1/users")
-        .json(&json!({"email": "Ada@Example.com", "name": " Ada ", "password": "password-123"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let id_location = response.headers()["location"].to_str().unwrap().to_owned();
-    let consistency = response.headers()["x-consistency-token"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    assert!(!consistency.is_empty());
-    assert!(
-        response.headers()["content-type"]
+both!(
+    sign_up_then_read_self,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let response = app
+            .post("/v1/users")
+            .json(&json!({"email": "Ada@Example.com", "name": " Ada ", "password": "password-123"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let id_location = response.headers()["location"].to_str().unwrap().to_owned();
+        let consistency = response.headers()["x-consistency-token"]
             .to_str()
             .unwrap()
-            .starts_with("application/json")
-    );
-    let user: Value = response.json().await.unwrap();
-    assert_user_shape(&user);
-    assert_eq!(
-        id_location,
-        format!("/v1/users/{}", user["id"].as_str().unwrap())
-    );
-    assert_eq!(user["email"], "ada@example.com");
-    assert_eq!(user["name"], "Ada");
-    assert_eq!(user["role"], "customer");
-    assert_eq!(user["created_at"], user["updated_at"]);
-    assert!(user.get("password").is_none() && user.get("password_hash").is_none());
+            .to_owned();
+        assert!(!consistency.is_empty());
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json")
+        );
+        let user: Value = response.json().await.unwrap();
+        assert_user_shape(&user);
+        assert_eq!(
+            id_location,
+            format!("/v1/users/{}", user["id"].as_str().unwrap())
+        );
+        assert_eq!(user["email"], "ada@example.com");
+        assert_eq!(user["name"], "Ada");
+        assert_eq!(user["role"], "customer");
+        assert_eq!(user["created_at"], user["updated_at"]);
+        assert!(user.get("password").is_none() && user.get("password_hash").is_none());
 
-    let token = app.sign_in("ADA@example.COM", "password-123").await;
-    let me = json_body(get_as(&app, "/v1/me", &token).await, StatusCode::OK).await;
-    assert_eq!(me, user);
-    // The Location answers with the same user.
-    let located = json_body(get_as(&app, &id_location, &token).await, StatusCode::OK).await;
-    assert_eq!(located, user);
-});
+        let token = app.sign_in("ADA@example.COM", "password-123").await;
+        let me = json_body(get_as(&app, "/v1/me", &token).await, StatusCode::OK).await;
+        assert_eq!(me, user);
+        // The Location answers with the same user.
+        let located = json_body(get_as(&app, &id_location, &token).await, StatusCode::OK).await;
+        assert_eq!(located, user);
+    }
+);
 
 both!(
     sign_up_email_taken_in_any_case_is_409,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         user(&app, "grace@example.com", "Grace").await;
         for email in [
@@ -218,6 +222,7 @@ both!(
 
 both!(
     concurrent_sign_ups_with_one_email_make_one_account,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         let attempts = (0..8).map(|i| {
             let email = if i % 2 == 0 {
@@ -245,338 +250,364 @@ both!(
     }
 );
 
-both!(sign_up_lists_every_broken_rule, |app: TestApp| async move {
-    // Everything wrong at once: one entry per broken rule.
-    let response = sign_up(
+both!(
+    sign_up_lists_every_broken_rule,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        // Everything wrong at once: one entry per broken rule.
+        let response = sign_up(
         &app,
         json!({"email": "not-an-email", "name": "   ", "password": "short", "role": "admin", "id": "x"}),
     )
     .await;
-    assert_eq!(
-        fields_of_422(response).await,
-        sorted(&["email", "name", "password", "role", "id"])
-    );
+        assert_eq!(
+            fields_of_422(response).await,
+            sorted(&["email", "name", "password", "role", "id"])
+        );
 
-    let good = |email: &str| json!({"email": email, "name": "Valid Name", "password": PASSWORD});
-    let with = |key: &str, value: Value| {
-        let mut body = good(&format!("{}@example.com", Uuid::now_v7().simple()));
-        body[key] = value;
-        body
-    };
-    let cases: Vec<(&str, Value, Vec<String>)> = vec![
-        (
-            "not an address",
-            with("email", json!("not-an-email")),
-            sorted(&["email"]),
-        ),
-        (
-            "no domain dot",
-            with("email", json!("a@b")),
-            sorted(&["email"]),
-        ),
-        ("empty email", with("email", json!("")), sorted(&["email"])),
-        (
-            "255-character email",
-            with("email", json!(email_of_length(255))),
-            sorted(&["email"]),
-        ),
-        ("empty name", with("name", json!("")), sorted(&["name"])),
-        (
-            "whitespace name",
-            with("name", json!(" \t  ")),
-            sorted(&["name"]),
-        ),
-        (
-            "101-character name",
-            with("name", json!("n".repeat(101))),
-            sorted(&["name"]),
-        ),
-        (
-            "7-character password",
-            with("password", json!("1234567")),
-            sorted(&["password"]),
-        ),
-        (
-            "129-character password",
-            with("password", json!("p".repeat(129))),
-            sorted(&["password"]),
-        ),
-        (
-            "missing fields",
-            json!({}),
-            sorted(&["email", "name", "password"]),
-        ),
-        (
-            "null fields",
-            json!({"email": null, "name": null, "password": null}),
-            sorted(&["email", "name", "password"]),
-        ),
-        (
-            "wrong JSON types",
-            json!({"email": 5, "name": true, "password": ["password-123"]}),
-            sorted(&["email", "name", "password"]),
-        ),
-        (
-            "object as a string field",
-            with("name", json!({"first": "Ada"})),
-            sorted(&["name"]),
-        ),
-        (
-            "unknown field role",
-            with("role", json!("admin")),
-            sorted(&["role"]),
-        ),
-        (
-            "unknown field id",
-            with("id", json!(Uuid::now_v7().to_string())),
-            sorted(&["id"]),
-        ),
-        (
-            "unknown fields role and created_at",
-            {
-                let mut b = with("role", json!("customer"));
-                b["created_at"] = json!("2020-01-01T00:00:00Z");
-                b
-            },
-            sorted(&["created_at", "role"]),
-        ),
-    ];
-    for (what, body, expected) in cases {
-        let email = body["email"].as_str().map(str::to_owned);
-        let response = sign_up(&app, body).await;
-        assert_eq!(response.status(), 422, "{what}");
-        assert_eq!(fields_of_422(response).await, expected, "{what}");
-        // Nothing was created: the email is still free.
-        if let Some(email) = email.filter(|e| e.ends_with("@example.com")) {
-            user(&app, &email, "Now Valid").await;
+        let good =
+            |email: &str| json!({"email": email, "name": "Valid Name", "password": PASSWORD});
+        let with = |key: &str, value: Value| {
+            let mut body = good(&format!("{}@example.com", Uuid::now_v7().simple()));
+            body[key] = value;
+            body
+        };
+        let cases: Vec<(&str, Value, Vec<String>)> = vec![
+            (
+                "not an address",
+                with("email", json!("not-an-email")),
+                sorted(&["email"]),
+            ),
+            (
+                "no domain dot",
+                with("email", json!("a@b")),
+                sorted(&["email"]),
+            ),
+            ("empty email", with("email", json!("")), sorted(&["email"])),
+            (
+                "255-character email",
+                with("email", json!(email_of_length(255))),
+                sorted(&["email"]),
+            ),
+            ("empty name", with("name", json!("")), sorted(&["name"])),
+            (
+                "whitespace name",
+                with("name", json!(" \t  ")),
+                sorted(&["name"]),
+            ),
+            (
+                "101-character name",
+                with("name", json!("n".repeat(101))),
+                sorted(&["name"]),
+            ),
+            (
+                "7-character password",
+                with("password", json!("1234567")),
+                sorted(&["password"]),
+            ),
+            (
+                "129-character password",
+                with("password", json!("p".repeat(129))),
+                sorted(&["password"]),
+            ),
+            (
+                "missing fields",
+                json!({}),
+                sorted(&["email", "name", "password"]),
+            ),
+            (
+                "null fields",
+                json!({"email": null, "name": null, "password": null}),
+                sorted(&["email", "name", "password"]),
+            ),
+            (
+                "wrong JSON types",
+                json!({"email": 5, "name": true, "password": ["password-123"]}),
+                sorted(&["email", "name", "password"]),
+            ),
+            (
+                "object as a string field",
+                with("name", json!({"first": "Ada"})),
+                sorted(&["name"]),
+            ),
+            (
+                "unknown field role",
+                with("role", json!("admin")),
+                sorted(&["role"]),
+            ),
+            (
+                "unknown field id",
+                with("id", json!(Uuid::now_v7().to_string())),
+                sorted(&["id"]),
+            ),
+            (
+                "unknown fields role and created_at",
+                {
+                    let mut b = with("role", json!("customer"));
+                    b["created_at"] = json!("2020-01-01T00:00:00Z");
+                    b
+                },
+                sorted(&["created_at", "role"]),
+            ),
+        ];
+        for (what, body, expected) in cases {
+            let email = body["email"].as_str().map(str::to_owned);
+            let response = sign_up(&app, body).await;
+            assert_eq!(response.status(), 422, "{what}");
+            assert_eq!(fields_of_422(response).await, expected, "{what}");
+            // Nothing was created: the email is still free.
+            if let Some(email) = email.filter(|e| e.ends_with("@example.com")) {
+                user(&app, &email, "Now Valid").await;
+            }
         }
     }
-});
+);
 
-both!(sign_up_boundaries_are_accepted, |app: TestApp| async move {
-    let email = email_of_length(254);
-    let created = user(&app, &email, &"n".repeat(100)).await;
-    assert_eq!(created["email"], email.as_str());
-    assert_eq!(created["name"].as_str().unwrap().chars().count(), 100);
+both!(
+    sign_up_boundaries_are_accepted,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let email = email_of_length(254);
+        let created = user(&app, &email, &"n".repeat(100)).await;
+        assert_eq!(created["email"], email.as_str());
+        assert_eq!(created["name"].as_str().unwrap().chars().count(), 100);
 
-    // 100 characters after trimming, multi-byte characters counted as characters.
-    let name = format!("  {}  ", "é".repeat(100));
-    let created = user(&app, "accents@example.com", &name).await;
-    assert_eq!(created["name"], "é".repeat(100).as_str());
+        // 100 characters after trimming, multi-byte characters counted as characters.
+        let name = format!("  {}  ", "é".repeat(100));
+        let created = user(&app, "accents@example.com", &name).await;
+        assert_eq!(created["name"], "é".repeat(100).as_str());
 
-    for (email, password) in [
-        ("eight@example.com", "12345678".to_owned()),
-        ("long@example.com", "p".repeat(128)),
-    ] {
-        let response = sign_up(
-            &app,
-            json!({"email": email, "name": "Boundary", "password": password}),
-        )
-        .await;
-        assert_eq!(response.status(), StatusCode::CREATED, "{email}");
-        app.sign_in(email, &password).await;
+        for (email, password) in [
+            ("eight@example.com", "12345678".to_owned()),
+            ("long@example.com", "p".repeat(128)),
+        ] {
+            let response = sign_up(
+                &app,
+                json!({"email": email, "name": "Boundary", "password": password}),
+            )
+            .await;
+            assert_eq!(response.status(), StatusCode::CREATED, "{email}");
+            app.sign_in(email, &password).await;
+        }
     }
-});
+);
 
 // ---------------------------------------------------------------- sessions
 
-both!(sign_in_returns_a_bearer_token, |app: TestApp| async move {
-    let created = user(&app, "MiXeD.Case@Example.com", "Mixed").await;
-    for email in [
-        "mixed.case@example.com",
-        "MIXED.CASE@EXAMPLE.COM",
-        "MiXeD.Case@Example.com",
-    ] {
-        let before = Utc::now();
-        let response = session(&app, email, PASSWORD).await;
-        assert!(response.headers().contains_key("x-consistency-token"));
-        let body = json_body(response, StatusCode::CREATED).await;
-        let token = body["token"].as_str().unwrap();
-        assert!(!token.is_empty());
-        assert_eq!(body["token_type"], "Bearer");
-        assert_eq!(body["user_id"], created["id"]);
-        let expires_at = timestamp(&body["expires_at"]);
-        assert!(expires_at > before, "expires_at in the future");
-        // The default session lifetime is 24 hours.
-        let ttl = expires_at - before;
-        assert!(
-            ttl > chrono::Duration::hours(23) && ttl <= chrono::Duration::hours(25),
-            "{ttl}"
-        );
-        assert!(body.get("password").is_none());
-        let me = json_body(get_as(&app, "/v1/me", token).await, StatusCode::OK).await;
-        assert_eq!(me["id"], created["id"]);
+both!(
+    sign_in_returns_a_bearer_token,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let created = user(&app, "MiXeD.Case@Example.com", "Mixed").await;
+        for email in [
+            "mixed.case@example.com",
+            "MIXED.CASE@EXAMPLE.COM",
+            "MiXeD.Case@Example.com",
+        ] {
+            let before = Utc::now();
+            let response = session(&app, email, PASSWORD).await;
+            assert!(response.headers().contains_key("x-consistency-token"));
+            let body = json_body(response, StatusCode::CREATED).await;
+            let token = body["token"].as_str().unwrap();
+            assert!(!token.is_empty());
+            assert_eq!(body["token_type"], "Bearer");
+            assert_eq!(body["user_id"], created["id"]);
+            let expires_at = timestamp(&body["expires_at"]);
+            assert!(expires_at > before, "expires_at in the future");
+            // The default session lifetime is 24 hours.
+            let ttl = expires_at - before;
+            assert!(
+                ttl > chrono::Duration::hours(23) && ttl <= chrono::Duration::hours(25),
+                "{ttl}"
+            );
+            assert!(body.get("password").is_none());
+            let me = json_body(get_as(&app, "/v1/me", token).await, StatusCode::OK).await;
+            assert_eq!(me["id"], created["id"]);
+        }
     }
-});
+);
 
-both!(sign_in_failures_look_the_same, |app: TestApp| async move {
-    user(&app, "known@example.com", "Known").await;
-    let wrong_password = session(&app, "known@example.com", "wrong-password").await;
-    let unknown_email = session(&app, "unknown@example.com", PASSWORD).await;
-    let not_an_email = session(&app, "not an email", PASSWORD).await;
-    let mut bodies = Vec::new();
-    for response in [wrong_password, unknown_email, not_an_email] {
+both!(
+    sign_in_failures_look_the_same,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        user(&app, "known@example.com", "Known").await;
+        let wrong_password = session(&app, "known@example.com", "wrong-password").await;
+        let unknown_email = session(&app, "unknown@example.com", PASSWORD).await;
+        let not_an_email = session(&app, "not an email", PASSWORD).await;
+        let mut bodies = Vec::new();
+        for response in [wrong_password, unknown_email, not_an_email] {
+            assert_eq!(
+                response
+                    .headers()
+                    .get("www-authenticate")
+                    .map(|v| v.to_str().unwrap().to_owned()),
+                Some("Bearer".to_owned())
+            );
+            bodies.push(problem(response, 401).await);
+        }
+        assert!(bodies[0]["detail"].is_string());
+        assert_eq!(bodies[0], bodies[1], "same answer for both");
+        assert_eq!(bodies[0], bodies[2]);
+        assert!(bodies[0].get("token").is_none());
+
+        // Body rules of the sign-in.
+        let response = app
+            .post("/v1/sessions")
+            .json(&json!({"email": "known@example.com", "password": PASSWORD, "remember_me": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(fields_of_422(response).await, sorted(&["remember_me"]));
+        let response = app
+            .post("/v1/sessions")
+            .json(&json!({"email": "known@example.com"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(fields_of_422(response).await, sorted(&["password"]));
+        let response = app
+            .post("/v1/sessions")
+            .json(&json!({"email": 1, "password": false}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(
-            response
-                .headers()
-                .get("www-authenticate")
-                .map(|v| v.to_str().unwrap().to_owned()),
-            Some("Bearer".to_owned())
+            fields_of_422(response).await,
+            sorted(&["email", "password"])
         );
-        bodies.push(problem(response, 401).await);
     }
-    assert!(bodies[0]["detail"].is_string());
-    assert_eq!(bodies[0], bodies[1], "same answer for both");
-    assert_eq!(bodies[0], bodies[2]);
-    assert!(bodies[0].get("token").is_none());
-
-    // Body rules of the sign-in.
-    let response = app
-        .post("/v1/sessions")
-        .json(&json!({"email": "known@example.com", "password": PASSWORD, "remember_me": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(fields_of_422(response).await, sorted(&["remember_me"]));
-    let response = app
-        .post("/v1/sessions")
-        .json(&json!({"email": "known@example.com"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(fields_of_422(response).await, sorted(&["password"]));
-    let response = app
-        .post("/v1/sessions")
-        .json(&json!({"email": 1, "password": false}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        fields_of_422(response).await,
-        sorted(&["email", "password"])
-    );
-});
+);
 
 // ---------------------------------------------------------------- /v1/me
 
-both!(me_requires_a_valid_token, |app: TestApp| async move {
-    let (user, token) = app.customer("me@example.com").await;
-    let me = json_body(get_as(&app, "/v1/me", &token).await, StatusCode::OK).await;
-    assert_eq!(me, user);
-    assert_user_shape(&me);
+both!(
+    me_requires_a_valid_token,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let (user, token) = app.customer("me@example.com").await;
+        let me = json_body(get_as(&app, "/v1/me", &token).await, StatusCode::OK).await;
+        assert_eq!(me, user);
+        assert_user_shape(&me);
 
-    let id = Uuid::parse_str(user["id"].as_str().unwrap()).unwrap();
-    // Signed by another key, even claiming admin.
-    let other_keys = scaleshop_web::TokenKeys::new(
-        b"an entirely different signing secret, 32+ bytes",
-        std::time::Duration::from_secs(3600),
-    );
-    let foreign = other_keys.issue(id, true, 0).unwrap().token;
-    // Unsigned ("alg": "none") with the right claims.
-    let now = Utc::now().timestamp();
-    let claims = json!({"sub": id, "role": "admin", "iat": now, "exp": now + 3600,
-                        "iss": "scaleshop", "aud": "scaleshop-api"});
-    let unsigned = format!(
-        "{}.{}.",
-        b64url(br#"{"alg":"none","typ":"JWT"}"#),
-        b64url(claims.to_string().as_bytes())
-    );
-    // The real token with its signature cut off or altered.
-    let (signed_part, signature) = token.rsplit_once('.').unwrap();
-    let altered_sig = format!(
-        "{signed_part}.{}{}",
-        if signature.starts_with('A') { "B" } else { "A" },
-        &signature[1..]
-    );
-
-    let cases: Vec<(&str, Option<String>)> = vec![
-        ("no header", None),
-        ("garbage token", Some("Bearer garbage".into())),
-        ("empty token", Some("Bearer ".into())),
-        ("another key", Some(format!("Bearer {foreign}"))),
-        ("alg none", Some(format!("Bearer {unsigned}"))),
-        ("no signature", Some(format!("Bearer {signed_part}."))),
-        ("altered signature", Some(format!("Bearer {altered_sig}"))),
-        ("basic scheme", Some(format!("Basic {token}"))),
-        ("bare token", Some(token.clone())),
-    ];
-    for (what, header) in cases {
-        let mut request = app.get("/v1/me");
-        if let Some(header) = header {
-            request = request.header("authorization", header);
-        }
-        let response = request.send().await.unwrap();
-        assert_eq!(response.status(), 401, "{what}");
-        assert_eq!(
-            response.headers()["www-authenticate"].to_str().unwrap(),
-            "Bearer",
-            "{what}"
+        let id = Uuid::parse_str(user["id"].as_str().unwrap()).unwrap();
+        // Signed by another key, even claiming admin.
+        let other_keys = scaleshop_web::TokenKeys::new(
+            b"an entirely different signing secret, 32+ bytes",
+            std::time::Duration::from_secs(3600),
         );
+        let foreign = other_keys.issue(id, true, 0).unwrap().token;
+        // Unsigned ("alg": "none") with the right claims.
+        let now = Utc::now().timestamp();
+        let claims = json!({"sub": id, "role": "admin", "iat": now, "exp": now + 3600,
+                        "iss": "scaleshop", "aud": "scaleshop-api"});
+        let unsigned = format!(
+            "{}.{}.",
+            b64url(br#"{"alg":"none","typ":"JWT"}"#),
+            b64url(claims.to_string().as_bytes())
+        );
+        // The real token with its signature cut off or altered.
+        let (signed_part, signature) = token.rsplit_once('.').unwrap();
+        let altered_sig = format!(
+            "{signed_part}.{}{}",
+            if signature.starts_with('A') { "B" } else { "A" },
+            &signature[1..]
+        );
+
+        let cases: Vec<(&str, Option<String>)> = vec![
+            ("no header", None),
+            ("garbage token", Some("Bearer garbage".into())),
+            ("empty token", Some("Bearer ".into())),
+            ("another key", Some(format!("Bearer {foreign}"))),
+            ("alg none", Some(format!("Bearer {unsigned}"))),
+            ("no signature", Some(format!("Bearer {signed_part}."))),
+            ("altered signature", Some(format!("Bearer {altered_sig}"))),
+            ("basic scheme", Some(format!("Basic {token}"))),
+            ("bare token", Some(token.clone())),
+        ];
+        for (what, header) in cases {
+            let mut request = app.get("/v1/me");
+            if let Some(header) = header {
+                request = request.header("authorization", header);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 401, "{what}");
+            assert_eq!(
+                response.headers()["www-authenticate"].to_str().unwrap(),
+                "Bearer",
+                "{what}"
+            );
+            problem(response, 401).await;
+        }
+        // The foreign "admin" token opens no admin route either.
+        let response = get_as(&app, "/v1/users", &foreign).await;
+        problem(response, 401).await;
+        let response = get_as(&app, "/v1/events", &foreign).await;
         problem(response, 401).await;
     }
-    // The foreign "admin" token opens no admin route either.
-    let response = get_as(&app, "/v1/users", &foreign).await;
-    problem(response, 401).await;
-    let response = get_as(&app, "/v1/events", &foreign).await;
-    problem(response, 401).await;
-});
+);
 
 // ---------------------------------------------------------------- GET /v1/users/{id}
 
-both!(read_user_self_other_admin, |app: TestApp| async move {
-    let (alice, alice_token) = app.customer("alice@example.com").await;
-    let (bob, _) = app.customer("bob@example.com").await;
-    let admin = app.admin_token().await;
-    let alice_path = format!("/v1/users/{}", id_of(&alice));
-    let bob_path = format!("/v1/users/{}", id_of(&bob));
+both!(
+    read_user_self_other_admin,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let (alice, alice_token) = app.customer("alice@example.com").await;
+        let (bob, _) = app.customer("bob@example.com").await;
+        let admin = app.admin_token().await;
+        let alice_path = format!("/v1/users/{}", id_of(&alice));
+        let bob_path = format!("/v1/users/{}", id_of(&bob));
 
-    let own = json_body(
-        get_as(&app, &alice_path, &alice_token).await,
-        StatusCode::OK,
-    )
-    .await;
-    assert_eq!(own, alice);
+        let own = json_body(
+            get_as(&app, &alice_path, &alice_token).await,
+            StatusCode::OK,
+        )
+        .await;
+        assert_eq!(own, alice);
 
-    // Another customer's account looks exactly like a missing one.
-    let other = problem(get_as(&app, &bob_path, &alice_token).await, 404).await;
-    let missing_path = format!("/v1/users/{}", Uuid::now_v7());
-    let missing = problem(get_as(&app, &missing_path, &alice_token).await, 404).await;
-    assert_eq!(other, missing);
+        // Another customer's account looks exactly like a missing one.
+        let other = problem(get_as(&app, &bob_path, &alice_token).await, 404).await;
+        let missing_path = format!("/v1/users/{}", Uuid::now_v7());
+        let missing = problem(get_as(&app, &missing_path, &alice_token).await, 404).await;
+        assert_eq!(other, missing);
 
-    // Admins read anyone.
-    assert_eq!(
-        json_body(get_as(&app, &bob_path, &admin).await, StatusCode::OK).await,
-        bob
-    );
-    assert_eq!(
-        json_body(get_as(&app, &alice_path, &admin).await, StatusCode::OK).await,
-        alice
-    );
-    problem(get_as(&app, &missing_path, &admin).await, 404).await;
+        // Admins read anyone.
+        assert_eq!(
+            json_body(get_as(&app, &bob_path, &admin).await, StatusCode::OK).await,
+            bob
+        );
+        assert_eq!(
+            json_body(get_as(&app, &alice_path, &admin).await, StatusCode::OK).await,
+            alice
+        );
+        problem(get_as(&app, &missing_path, &admin).await, 404).await;
 
-    // Not a UUID: 404, never 400 or 500.
-    for path in [
-        "/v1/users/not-a-uuid",
-        "/v1/users/123",
-        "/v1/users/00000000-0000-0000-0000-00000000000g",
-        "/v1/users/%00",
-        "/v1/users/%FF",
-        "/v1/users/..%2F..%2Fetc",
-    ] {
-        problem(get_as(&app, path, &admin).await, 404).await;
-        problem(get_as(&app, path, &alice_token).await, 404).await;
+        // Not a UUID: 404, never 400 or 500.
+        for path in [
+            "/v1/users/not-a-uuid",
+            "/v1/users/123",
+            "/v1/users/00000000-0000-0000-0000-00000000000g",
+            "/v1/users/%00",
+            "/v1/users/%FF",
+            "/v1/users/..%2F..%2Fetc",
+        ] {
+            problem(get_as(&app, path, &admin).await, 404).await;
+            problem(get_as(&app, path, &alice_token).await, 404).await;
+        }
+
+        // No token: 401.
+        let response = app.get(&alice_path).send().await.unwrap();
+        assert_eq!(response.headers()["www-authenticate"], "Bearer");
+        problem(response, 401).await;
     }
-
-    // No token: 401.
-    let response = app.get(&alice_path).send().await.unwrap();
-    assert_eq!(response.headers()["www-authenticate"], "Bearer");
-    problem(response, 401).await;
-});
+);
 
 // ---------------------------------------------------------------- PATCH /v1/users/{id}
 
 both!(
     patch_changes_name_email_and_password,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         let (before, token) = app.customer("patch.me@example.com").await;
         let id = id_of(&before);
@@ -666,6 +697,7 @@ both!(
 
 both!(
     patch_conflicts_and_invalid_values,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         let (me, token) = app.customer("owner@example.com").await;
         app.customer("taken@example.com").await;
@@ -740,6 +772,7 @@ both!(
 
 both!(
     patch_other_user_is_404_admin_may_patch_anyone,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         let (alice, alice_token) = app.customer("alice@example.com").await;
         let (bob, bob_token) = app.customer("bob@example.com").await;
@@ -839,17 +872,22 @@ async fn found_emails(app: &TestApp, token: &str, q: &str) -> Vec<String> {
         .collect()
 }
 
-both!(search_is_for_admins, |app: TestApp| async move {
-    let (_, token) = app.customer("curious@example.com").await;
-    problem(search(&app, &token, &[]).await, 403).await;
-    problem(search(&app, &token, &[("q", "admin")]).await, 403).await;
-    let response = app.get("/v1/users").send().await.unwrap();
-    assert_eq!(response.headers()["www-authenticate"], "Bearer");
-    problem(response, 401).await;
-});
+both!(
+    search_is_for_admins,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let (_, token) = app.customer("curious@example.com").await;
+        problem(search(&app, &token, &[]).await, 403).await;
+        problem(search(&app, &token, &[("q", "admin")]).await, 403).await;
+        let response = app.get("/v1/users").send().await.unwrap();
+        assert_eq!(response.headers()["www-authenticate"], "Bearer");
+        problem(response, 401).await;
+    }
+);
 
 both!(
     search_matches_name_or_email_ignoring_case,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         user(&app, "grace@navy.example.com", "Grace Hopper").await;
         user(&app, "alan@bletchley.example.org", "Alan Turing").await;
@@ -890,63 +928,76 @@ both!(
     }
 );
 
-both!(search_folds_case_beyond_ascii, |app: TestApp| async move {
-    user(&app, "emile@example.com", "Émile Zola").await;
-    let admin = app.admin_token().await;
-    // The stored name itself, then other letter cases of it.
-    for q in ["Émile", "émile", "ÉMILE", "Zola"] {
-        assert_eq!(
-            found_emails(&app, &admin, q).await,
-            ["emile@example.com"],
-            "q={q}"
-        );
-    }
-});
-
-both!(search_text_with_a_nul, |app: TestApp| async move {
-    user(&app, "nul.search@example.com", "Nul Search").await;
-    let admin = app.admin_token().await;
-    // Text that no stored value can contain: no match (or a 422 naming q), never
-    // a 500.
-    for q in ["\u{0}", "nul\u{0}search", "Nul Search\u{0}"] {
-        let response = search(&app, &admin, &[("q", q)]).await;
-        match response.status().as_u16() {
-            200 => {
-                let body = json_body(response, StatusCode::OK).await;
-                assert_eq!(body["items"], json!([]), "{q:?}");
-            }
-            422 => assert_eq!(fields_of_422(response).await, sorted(&["q"]), "{q:?}"),
-            other => panic!("{q:?}: {other}: {}", response.text().await.unwrap()),
+both!(
+    search_folds_case_beyond_ascii,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        user(&app, "emile@example.com", "Émile Zola").await;
+        let admin = app.admin_token().await;
+        // The stored name itself, then other letter cases of it.
+        for q in ["Émile", "émile", "ÉMILE", "Zola"] {
+            assert_eq!(
+                found_emails(&app, &admin, q).await,
+                ["emile@example.com"],
+                "q={q}"
+            );
         }
     }
-});
+);
 
-both!(search_wildcards_are_literal, |app: TestApp| async move {
-    user(&app, "cotton@example.com", "100% Cotton").await;
-    user(&app, "snake_case@example.com", "Snake").await;
-    user(&app, "back@example.com", "Back\\slash").await;
-    user(&app, "plain@example.com", "Plain").await;
-    let admin = app.admin_token().await;
+both!(
+    search_text_with_a_nul,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        user(&app, "nul.search@example.com", "Nul Search").await;
+        let admin = app.admin_token().await;
+        // Text that no stored value can contain: no match (or a 422 naming q), never
+        // a 500.
+        for q in ["\u{0}", "nul\u{0}search", "Nul Search\u{0}"] {
+            let response = search(&app, &admin, &[("q", q)]).await;
+            match response.status().as_u16() {
+                200 => {
+                    let body = json_body(response, StatusCode::OK).await;
+                    assert_eq!(body["items"], json!([]), "{q:?}");
+                }
+                422 => assert_eq!(fields_of_422(response).await, sorted(&["q"]), "{q:?}"),
+                other => panic!("{q:?}: {other}: {}", response.text().await.unwrap()),
+            }
+        }
+    }
+);
 
-    assert_eq!(
-        found_emails(&app, &admin, "%").await,
-        ["cotton@example.com"]
-    );
-    assert_eq!(
-        found_emails(&app, &admin, "_").await,
-        ["snake_case@example.com"]
-    );
-    assert_eq!(found_emails(&app, &admin, "\\").await, ["back@example.com"]);
-    assert!(found_emails(&app, &admin, "p%n").await.is_empty());
-    assert!(found_emails(&app, &admin, "pl_in").await.is_empty());
-    assert_eq!(
-        found_emails(&app, &admin, "0% c").await,
-        ["cotton@example.com"]
-    );
-});
+both!(
+    search_wildcards_are_literal,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        user(&app, "cotton@example.com", "100% Cotton").await;
+        user(&app, "snake_case@example.com", "Snake").await;
+        user(&app, "back@example.com", "Back\\slash").await;
+        user(&app, "plain@example.com", "Plain").await;
+        let admin = app.admin_token().await;
+
+        assert_eq!(
+            found_emails(&app, &admin, "%").await,
+            ["cotton@example.com"]
+        );
+        assert_eq!(
+            found_emails(&app, &admin, "_").await,
+            ["snake_case@example.com"]
+        );
+        assert_eq!(found_emails(&app, &admin, "\\").await, ["back@example.com"]);
+        assert!(found_emails(&app, &admin, "p%n").await.is_empty());
+        assert!(found_emails(&app, &admin, "pl_in").await.is_empty());
+        assert_eq!(
+            found_emails(&app, &admin, "0% c").await,
+            ["cotton@example.com"]
+        );
+    }
+);
 
 both!(
     search_pages_through_every_user_once,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         let mut created = Vec::new();
         for i in 0..5 {
@@ -1023,71 +1074,76 @@ both!(
     }
 );
 
-both!(search_limit_and_cursor_rules, |app: TestApp| async move {
-    for i in 0..3 {
-        user(&app, &format!("limit{i}@example.com"), "Limit").await;
-    }
-    let admin = app.admin_token().await;
-    for bad in ["0", "101", "abc", "-1", "", "1.5", "99999999999"] {
-        let response = search(&app, &admin, &[("limit", bad)]).await;
-        assert_eq!(
-            fields_of_422(response).await,
-            sorted(&["limit"]),
-            "limit={bad}"
-        );
-    }
-    let body = json_body(
-        search(&app, &admin, &[("limit", "100")]).await,
-        StatusCode::OK,
-    )
-    .await;
-    assert_eq!(body["items"].as_array().unwrap().len(), 4);
-    let body = json_body(
-        search(&app, &admin, &[("limit", "1")]).await,
-        StatusCode::OK,
-    )
-    .await;
-    assert_eq!(body["items"].as_array().unwrap().len(), 1);
-    let cursor = body["next_cursor"].as_str().unwrap().to_owned();
-    let response = search(&app, &admin, &[("limit", "1"), ("cursor", &cursor)]).await;
-    assert_eq!(response.status(), 200);
+both!(
+    search_limit_and_cursor_rules,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        for i in 0..3 {
+            user(&app, &format!("limit{i}@example.com"), "Limit").await;
+        }
+        let admin = app.admin_token().await;
+        for bad in ["0", "101", "abc", "-1", "", "1.5", "99999999999"] {
+            let response = search(&app, &admin, &[("limit", bad)]).await;
+            assert_eq!(
+                fields_of_422(response).await,
+                sorted(&["limit"]),
+                "limit={bad}"
+            );
+        }
+        let body = json_body(
+            search(&app, &admin, &[("limit", "100")]).await,
+            StatusCode::OK,
+        )
+        .await;
+        assert_eq!(body["items"].as_array().unwrap().len(), 4);
+        let body = json_body(
+            search(&app, &admin, &[("limit", "1")]).await,
+            StatusCode::OK,
+        )
+        .await;
+        assert_eq!(body["items"].as_array().unwrap().len(), 1);
+        let cursor = body["next_cursor"].as_str().unwrap().to_owned();
+        let response = search(&app, &admin, &[("limit", "1"), ("cursor", &cursor)]).await;
+        assert_eq!(response.status(), 200);
 
-    // Forged or corrupted cursors: 400.
-    let (payload, mac) = cursor.split_once('.').unwrap();
-    let flipped_mac = format!(
-        "{payload}.{}{}",
-        if mac.starts_with('A') { "B" } else { "A" },
-        &mac[1..]
-    );
-    let forged_payload = format!(
-        "{}.{mac}",
-        b64url(format!("\"{}\"", Uuid::nil()).as_bytes())
-    );
-    let events = json_body(
-        get_as(&app, "/v1/events?limit=1", &admin).await,
-        StatusCode::OK,
-    )
-    .await;
-    let events_cursor = events["next_cursor"].as_str().unwrap().to_owned();
-    for bad in [
-        "garbage".to_owned(),
-        "".to_owned(),
-        ".".to_owned(),
-        flipped_mac,
-        forged_payload,
-        format!("{cursor}x"),
-        payload.to_owned(),
-        events_cursor,
-    ] {
-        let response = search(&app, &admin, &[("cursor", &bad)]).await;
-        problem(response, 400).await;
+        // Forged or corrupted cursors: 400.
+        let (payload, mac) = cursor.split_once('.').unwrap();
+        let flipped_mac = format!(
+            "{payload}.{}{}",
+            if mac.starts_with('A') { "B" } else { "A" },
+            &mac[1..]
+        );
+        let forged_payload = format!(
+            "{}.{mac}",
+            b64url(format!("\"{}\"", Uuid::nil()).as_bytes())
+        );
+        let events = json_body(
+            get_as(&app, "/v1/events?limit=1", &admin).await,
+            StatusCode::OK,
+        )
+        .await;
+        let events_cursor = events["next_cursor"].as_str().unwrap().to_owned();
+        for bad in [
+            "garbage".to_owned(),
+            "".to_owned(),
+            ".".to_owned(),
+            flipped_mac,
+            forged_payload,
+            format!("{cursor}x"),
+            payload.to_owned(),
+            events_cursor,
+        ] {
+            let response = search(&app, &admin, &[("cursor", &bad)]).await;
+            problem(response, 400).await;
+        }
     }
-});
+);
 
 // ---------------------------------------------------------------- the admin account
 
 both!(
     admin_account_from_the_environment,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         let response = session(&app, &ADMIN_EMAIL.to_uppercase(), ADMIN_PASSWORD).await;
         let body = json_body(response, StatusCode::CREATED).await;
@@ -1114,51 +1170,55 @@ both!(
     }
 );
 
-both!(customers_cannot_become_admin, |app: TestApp| async move {
-    // Not at sign-up.
-    let response = sign_up(
+both!(
+    customers_cannot_become_admin,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        // Not at sign-up.
+        let response = sign_up(
         &app,
         json!({"email": "climber@example.com", "name": "Climber", "password": PASSWORD, "role": "admin"}),
     )
     .await;
-    assert_eq!(fields_of_422(response).await, sorted(&["role"]));
-    problem(session(&app, "climber@example.com", PASSWORD).await, 401).await;
-    // Not by taking the admin's email.
-    let response = sign_up(
-        &app,
-        json!({"email": ADMIN_EMAIL.to_uppercase(), "name": "Climber", "password": PASSWORD}),
-    )
-    .await;
-    problem(response, 409).await;
+        assert_eq!(fields_of_422(response).await, sorted(&["role"]));
+        problem(session(&app, "climber@example.com", PASSWORD).await, 401).await;
+        // Not by taking the admin's email.
+        let response = sign_up(
+            &app,
+            json!({"email": ADMIN_EMAIL.to_uppercase(), "name": "Climber", "password": PASSWORD}),
+        )
+        .await;
+        problem(response, 409).await;
 
-    // Not by a patch.
-    let (me, token) = app.customer("climber@example.com").await;
-    for body in [
-        json!({"role": "admin"}),
-        json!({"role": "admin", "name": "Still Me"}),
-        json!({"is_admin": true}),
-    ] {
-        let response = patch_as(&app, &id_of(&me), &token, body).await;
-        problem(response, 422).await;
+        // Not by a patch.
+        let (me, token) = app.customer("climber@example.com").await;
+        for body in [
+            json!({"role": "admin"}),
+            json!({"role": "admin", "name": "Still Me"}),
+            json!({"is_admin": true}),
+        ] {
+            let response = patch_as(&app, &id_of(&me), &token, body).await;
+            problem(response, 422).await;
+        }
+        let response = patch_as(
+            &app,
+            &id_of(&me),
+            &token,
+            json!({"email": ADMIN_EMAIL, "current_password": PASSWORD}),
+        )
+        .await;
+        problem(response, 409).await;
+        let now = json_body(get_as(&app, "/v1/me", &token).await, StatusCode::OK).await;
+        assert_eq!(now["role"], "customer");
+        assert_eq!(now, me);
+        // A fresh token is still a customer's.
+        let fresh = app.sign_in("climber@example.com", PASSWORD).await;
+        problem(get_as(&app, "/v1/users", &fresh).await, 403).await;
+        problem(get_as(&app, "/v1/events", &fresh).await, 403).await;
+        // The admin account keeps its password.
+        app.admin_token().await;
     }
-    let response = patch_as(
-        &app,
-        &id_of(&me),
-        &token,
-        json!({"email": ADMIN_EMAIL, "current_password": PASSWORD}),
-    )
-    .await;
-    problem(response, 409).await;
-    let now = json_body(get_as(&app, "/v1/me", &token).await, StatusCode::OK).await;
-    assert_eq!(now["role"], "customer");
-    assert_eq!(now, me);
-    // A fresh token is still a customer's.
-    let fresh = app.sign_in("climber@example.com", PASSWORD).await;
-    problem(get_as(&app, "/v1/users", &fresh).await, 403).await;
-    problem(get_as(&app, "/v1/events", &fresh).await, 403).await;
-    // The admin account keeps its password.
-    app.admin_token().await;
-});
+);
 
 // ---------------------------------------------------------------- events
 
@@ -1218,6 +1278,7 @@ fn assert_event_shape(event: &Value) {
 
 both!(
     sign_up_and_update_publish_events,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         let (me, token) = app.customer("evented@example.com").await;
         let id = id_of(&me);
@@ -1264,6 +1325,7 @@ both!(
 
 both!(
     events_page_with_limit_and_cursor,
+    [sqlite, postgres, split],
     |app: TestApp| async move {
         for i in 0..3 {
             user(&app, &format!("paged{i}@example.com"), "Paged").await;

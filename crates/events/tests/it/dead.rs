@@ -1,6 +1,7 @@
 //! An event that keeps failing is parked as dead after `max_attempts`, later
 //! events still flow, and an admin's redelivery runs it once more, exactly once.
 
+use scaleshop_testkit::fixture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -9,7 +10,7 @@ use uuid::Uuid;
 
 use crate::helpers::*;
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     dead_event_is_parked_then_redelivered_once,
     |backend| async move {
         const NAME: &str = "dead_probe";
@@ -106,7 +107,7 @@ scaleshop_testkit::both_backends!(
     }
 );
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     failed_redelivery_parks_the_event_again,
     |backend| async move {
         const NAME: &str = "dead_again_probe";

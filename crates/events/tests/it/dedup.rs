@@ -3,8 +3,9 @@
 //! without running the handler twice.
 
 use crate::helpers::*;
+use scaleshop_testkit::fixture;
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     redelivery_after_a_position_reset_is_deduplicated,
     |backend| async move {
         const NAME: &str = "dedup_probe";

@@ -1,13 +1,14 @@
 //! Order and selection: every event once, in sequence order; consumers only get the
 //! types they want, and their position still moves past the others.
 
+use scaleshop_testkit::fixture;
 use std::collections::HashSet;
 
 use scaleshop_events::DispatcherSettings;
 
 use crate::helpers::*;
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     delivers_each_event_once_in_sequence_order,
     |backend| async move {
         const NAME: &str = "order_probe";
@@ -95,7 +96,7 @@ scaleshop_testkit::both_backends!(
     }
 );
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     consumers_only_get_wanted_types_and_pass_the_rest,
     |backend| async move {
         let db = fresh(backend).await;

@@ -7,13 +7,14 @@
 //! path (the lease stays taken). Aborting the handle that `Dispatcher::start`
 //! returns would not do: the per-consumer loops are separate tasks.
 
+use scaleshop_testkit::fixture;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
 use crate::helpers::*;
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     lease_moves_to_the_follower_after_the_leader_crashes,
     |backend| async move {
         const NAME: &str = "lease_probe";
@@ -141,7 +142,7 @@ scaleshop_testkit::both_backends!(
     }
 );
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     live_leader_keeps_the_consumer_through_a_long_batch,
     |backend| async move {
         const NAME: &str = "long_batch_probe";
@@ -202,7 +203,7 @@ scaleshop_testkit::both_backends!(
 // runs the dispatcher's lease loop; `/readyz` reads its liveness from the beats.
 // Each renewal that reaches the database beats, so such a process stays live
 // long after its start, and is not once stopped.
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     a_dispatcher_without_consumers_beats_while_it_runs,
     |backend| async move {
         let db = fresh(backend).await;

@@ -1,11 +1,12 @@
 //! A failing handler is retried with backoff; its failed attempts leave no effect
 //! and the events behind it wait for it.
 
+use scaleshop_testkit::fixture;
 use std::time::Duration;
 
 use crate::helpers::*;
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     failing_handler_is_retried_with_backoff_then_succeeds,
     |backend| async move {
         const NAME: &str = "retry_probe";
@@ -74,7 +75,7 @@ scaleshop_testkit::both_backends!(
     }
 );
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     panicking_handler_is_retried_like_a_failure,
     |backend| async move {
         const NAME: &str = "panic_probe";

@@ -8,6 +8,7 @@
 //! parks it at once with the reason, delivery goes on, and the event is read
 //! when a consumer of the later build redelivers it.
 
+use scaleshop_testkit::fixture;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -144,7 +145,7 @@ async fn caught_up(db: &Database) {
     .await;
 }
 
-scaleshop_testkit::both_backends!(a_v2_producer_with_a_v1_era_consumer, |backend| async move {
+scaleshop_testkit::both!(a_v2_producer_with_a_v1_era_consumer, |backend| async move {
     let db = fresh(backend).await;
     let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     // A producer still on the first build, one already on the later build,
@@ -248,7 +249,7 @@ scaleshop_testkit::both_backends!(a_v2_producer_with_a_v1_era_consumer, |backend
     assert_eq!(tags, ["v1", "v2", "v1"], "each event had its effect once");
 });
 
-scaleshop_testkit::both_backends!(a_v1_producer_with_a_v2_era_consumer, |backend| async move {
+scaleshop_testkit::both!(a_v1_producer_with_a_v2_era_consumer, |backend| async move {
     let db = fresh(backend).await;
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
     let old = publish(
@@ -314,7 +315,7 @@ scaleshop_testkit::both_backends!(a_v1_producer_with_a_v2_era_consumer, |backend
     assert_eq!(effect_count(&db, SHIPPING).await, 2);
 });
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     a_payload_of_the_wrong_shape_is_parked_at_once,
     |backend| async move {
         let db = fresh(backend).await;

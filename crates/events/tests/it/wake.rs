@@ -2,6 +2,7 @@
 //! append still reaches the consumer, so it was the commit that woke the
 //! dispatcher. A correctness check of the signal, not a benchmark.
 
+use scaleshop_testkit::fixture;
 use std::time::Duration;
 
 use scaleshop_db::sqlx;
@@ -22,7 +23,7 @@ fn slow_poll() -> DispatcherSettings {
     }
 }
 
-scaleshop_testkit::both_backends!(commit_wakes_the_dispatcher, |backend| async move {
+scaleshop_testkit::both!(commit_wakes_the_dispatcher, |backend| async move {
     const NAME: &str = "wake_probe";
     let db = fresh(backend).await;
     let consumer = Recorder::new(NAME).build();

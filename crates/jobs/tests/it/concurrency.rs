@@ -1,5 +1,6 @@
 //! A queue's concurrency bounds how many of its jobs run at once in a process.
 
+use scaleshop_testkit::fixture;
 use std::time::Duration;
 
 use scaleshop_jobs::{JobQueue, NewJob};
@@ -9,7 +10,7 @@ use crate::helpers::*;
 
 const QUEUE: &str = "concurrency_probe";
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     queue_runs_at_most_its_concurrency_at_once,
     |backend| async move {
         let db = fresh(backend).await;
@@ -47,7 +48,7 @@ scaleshop_testkit::both_backends!(
     }
 );
 
-scaleshop_testkit::both_backends!(two_workers_never_run_a_job_twice, |backend| async move {
+scaleshop_testkit::both!(two_workers_never_run_a_job_twice, |backend| async move {
     let (url, dir) = scaleshop_testkit::fresh(backend).await;
     let db = open(url.as_deref(), &dir).await;
     let other = open(url.as_deref(), &dir).await;

@@ -1,5 +1,6 @@
 //! A delayed job never runs before its `run_at`, and runs after it.
 
+use scaleshop_testkit::fixture;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -11,7 +12,7 @@ use crate::helpers::*;
 
 const QUEUE: &str = "delay_probe";
 
-scaleshop_testkit::both_backends!(delayed_job_waits_for_run_at, |backend| async move {
+scaleshop_testkit::both!(delayed_job_waits_for_run_at, |backend| async move {
     let db = fresh(backend).await;
     let probe = Probe::new(&db, "worker").build();
     let running = start(&db, settings(), &[(QUEUE, 2, probe.clone())]);

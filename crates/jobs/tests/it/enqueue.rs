@@ -1,6 +1,7 @@
 //! Enqueue is transactional: a rolled-back enqueue leaves no job; a committed one
 //! runs and completes.
 
+use scaleshop_testkit::fixture;
 use std::time::Duration;
 
 use scaleshop_db::{sqlx, with_tx};
@@ -11,7 +12,7 @@ use crate::helpers::*;
 
 const QUEUE: &str = "enqueue_probe";
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     enqueue_follows_the_callers_transaction,
     |backend| async move {
         const MARK: &str = "INSERT INTO marks (note) VALUES ($1)";

@@ -1,6 +1,7 @@
 //! Failures: retries with backoff, `dead` after the last attempt (with the
 //! `on_dead` hook in the dead transaction), permanent errors, and redrive.
 
+use scaleshop_testkit::fixture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -13,7 +14,7 @@ use crate::helpers::*;
 
 const QUEUE: &str = "failure_probe";
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     failing_job_is_retried_then_completes,
     |backend| async move {
         let db = fresh(backend).await;
@@ -57,7 +58,7 @@ scaleshop_testkit::both_backends!(
     }
 );
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     job_failing_every_attempt_is_dead_then_redriven,
     |backend| async move {
         let db = fresh(backend).await;
@@ -124,7 +125,7 @@ scaleshop_testkit::both_backends!(
     }
 );
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     permanent_error_is_dead_after_one_attempt,
     |backend| async move {
         let db = fresh(backend).await;
@@ -158,7 +159,7 @@ scaleshop_testkit::both_backends!(
     }
 );
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     failing_on_dead_rolls_back_the_dead_transaction,
     |backend| async move {
         let db = fresh(backend).await;
@@ -183,7 +184,7 @@ scaleshop_testkit::both_backends!(
     }
 );
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     panicking_handler_fails_the_run_not_the_worker,
     |backend| async move {
         let db = fresh(backend).await;

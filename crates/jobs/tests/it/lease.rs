@@ -7,13 +7,14 @@
 //! which drops their tasks mid-flight: no outcome is recorded and renewals stop.
 
 use scaleshop_jobs::NewJob;
+use scaleshop_testkit::fixture;
 use serde_json::json;
 
 use crate::helpers::*;
 
 const QUEUE: &str = "lease_probe";
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     crashed_workers_jobs_run_again_after_the_lease,
     |backend| async move {
         let (url, dir) = scaleshop_testkit::fresh(backend).await;

@@ -3,6 +3,7 @@
 //! could not reach the database is not an attempt; and the runs that workers'
 //! deaths cut short do not lengthen a failure's backoff.
 
+use scaleshop_testkit::fixture;
 use std::time::Duration;
 
 use scaleshop_db::{sqlx, with_pool};
@@ -19,7 +20,7 @@ async fn interrupted(db: &scaleshop_db::Database, id: uuid::Uuid) -> i32 {
     with_pool!(db, pool => sqlx::query_scalar(Q).bind(id).fetch_one(pool).await.expect("interrupted"))
 }
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     a_fresh_start_takes_running_jobs_back_at_once,
     |backend| async move {
         let (url, dir) = scaleshop_testkit::fresh(backend).await;
@@ -54,7 +55,7 @@ scaleshop_testkit::both_backends!(
     }
 );
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     an_unreachable_database_is_not_an_attempt,
     |backend| async move {
         let db = fresh(backend).await;
@@ -85,7 +86,7 @@ scaleshop_testkit::both_backends!(
     }
 );
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     interrupted_runs_do_not_lengthen_the_backoff,
     |backend| async move {
         let db = fresh(backend).await;

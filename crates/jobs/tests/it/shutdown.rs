@@ -1,5 +1,6 @@
 //! Shutdown lets running jobs finish.
 
+use scaleshop_testkit::fixture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -11,7 +12,7 @@ use crate::helpers::*;
 
 const QUEUE: &str = "shutdown_probe";
 
-scaleshop_testkit::both_backends!(shutdown_waits_for_running_jobs, |backend| async move {
+scaleshop_testkit::both!(shutdown_waits_for_running_jobs, |backend| async move {
     let db = fresh(backend).await;
     let gate = Arc::new(AtomicBool::new(false));
     let probe = Probe::new(&db, "worker")

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use scaleshop_testkit::{Backend, both_backends};
+use scaleshop_testkit::{Backend, both, fixture};
 
 fn scaleshop() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_scaleshop"));
@@ -67,7 +67,7 @@ fn a_bad_setting_stops_the_start_naming_the_key() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-both_backends!(
+both!(
     migrate_applies_every_schema_and_is_idempotent,
     |backend: Backend| async move {
         let (url, dir) = scaleshop_testkit::fresh(backend).await;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use scaleshop_contracts::{Contract, NotificationSent, UserCreated};
-use scaleshop_testkit::{Backend, both_backends};
+use scaleshop_testkit::{Backend, both, fixture};
 use serde_json::{Value, json};
 
 use crate::process::{Deployment, eventually, gauge};
@@ -60,7 +60,7 @@ fn load(
         .collect()
 }
 
-both_backends!(
+both!(
     kill9_under_load_loses_and_doubles_nothing,
     |backend: Backend| async move {
         let mut deployment = Deployment::fresh(backend).await;

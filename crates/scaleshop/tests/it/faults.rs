@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Client;
 use scaleshop_db::sqlx::{self, Connection};
-use scaleshop_testkit::{Backend, PgServer, both_backends};
+use scaleshop_testkit::{Backend, PgServer, both, fixture};
 use serde_json::{Value, json};
 
 use crate::process::{Deployment, Server, client, eventually};
@@ -168,7 +168,7 @@ async fn settle_and_check(
     orders.len()
 }
 
-both_backends!(
+both!(
     lost_payment_answers_charge_once,
     |backend: Backend| async move {
         const CLIENTS: usize = 6;
@@ -236,7 +236,7 @@ both_backends!(
 
 // A lost answer leaves the outcome unknown, and the charge may have been made: the
 // order stays `charging` (a cancel is refused) until the saga asks again.
-both_backends!(
+both!(
     a_lost_answer_keeps_the_order_uncancellable,
     |backend: Backend| async move {
         let mut deployment = Deployment::fresh(backend).await;

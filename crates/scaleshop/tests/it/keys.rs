@@ -8,7 +8,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use scaleshop_db::sqlx::{self, Connection};
-use scaleshop_testkit::{Backend, both_backends};
+use scaleshop_testkit::{Backend, both, fixture};
 use serde_json::{Value, json};
 
 use crate::process::{Deployment, Server, eventually};
@@ -263,7 +263,7 @@ fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-both_backends!(
+both!(
     the_keys_command_rotates_and_lists,
     |backend: Backend| async move {
         let mut deployment = Deployment::fresh(backend).await;

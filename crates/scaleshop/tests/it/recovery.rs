@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use scaleshop_testkit::{Backend, both_backends};
+use scaleshop_testkit::{Backend, both, fixture};
 use serde_json::{Value, json};
 
 use crate::process::{Api, Deployment, Server, client};
@@ -221,7 +221,7 @@ pub(crate) async fn accepted_orders_charged_once_and_stock_adds_up(
     }
 }
 
-both_backends!(
+both!(
     three_kills_during_orders_every_accepted_order_is_final_soon,
     |backend: Backend| async move {
         let deployment = Deployment::fresh(backend).await;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use scaleshop_testkit::{Backend, both_backends};
+use scaleshop_testkit::{Backend, both, fixture};
 use serde_json::{Value, json};
 
 use crate::process::{Api, Deployment, client, eventually, gauge};
@@ -57,7 +57,7 @@ pub(crate) async fn customer(server: &Api, email: &str) -> String {
     session["token"].as_str().expect("token").to_owned()
 }
 
-both_backends!(
+both!(
     kill9_during_sagas_loses_nothing_and_charges_once,
     |backend: Backend| async move {
         let mut deployment = Deployment::fresh(backend).await;

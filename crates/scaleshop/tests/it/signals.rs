@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
-use scaleshop_testkit::{Backend, both_backends};
+use scaleshop_testkit::{Backend, both, fixture};
 use serde_json::json;
 
 use crate::process::Deployment;
 
-both_backends!(
+both!(
     sigterm_drains_and_exits_zero,
     |backend: Backend| async move {
         let deployment = Deployment::fresh(backend).await;

@@ -1,0 +1,157 @@
+//! The HAProxy gateway of a split deployment, configured exactly as
+//! `scripts/cluster up` configures it: the script is sourced and its
+//! `render_gateway` writes the configuration from `deploy/haproxy/haproxy.cfg.in`.
+//! Killed (by pid) on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One instance behind the gateway: its name, its target and its port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub name: String,
+    pub target: String,
+    pub port: u16,
+}
+
+/// A running `haproxy -db` in front of a plan of instances.
+#[derive(Debug)]
+pub struct Gateway {
+    child: Child,
+    pub port: u16,
+    pub stats_port: u16,
+    pub log: PathBuf,
+}
+
+/// `scripts/cluster`, the local cluster launcher.
+pub fn cluster_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/cluster")
+}
+
+/// A port of 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The split deployment's service groups as `scripts/cluster up --split` runs
+/// them: `(name, target)`, such as `("catalog", "catalog,inventory,media")`.
+pub fn split_groups() -> Vec<(String, String)> {
+    let out = Command::new("bash")
+        .args([
+            "-c",
+            ". \"$1\" && printf '%s\\n' \"${SPLIT_GROUPS[@]}\"",
+            "bash",
+        ])
+        .arg(cluster_script())
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "sourcing scripts/cluster: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, target)| (name.to_owned(), target.to_owned()))
+        .collect()
+}
+
+impl Gateway {
+    /// Renders the configuration for `plan` into `dir` and starts HAProxy on free
+    /// ports, waiting (bounded) until it accepts connections. With `services_port`,
+    /// it also listens there for calls between services (the only address that
+    /// routes `/internal/...`).
+    pub fn start(dir: &Path, plan: &[Instance], services_port: Option<u16>) -> Self {
+        assert!(
+            Command::new("haproxy").arg("-v").output().is_ok(),
+            "haproxy is missing: scripts/test installs it (or apt-get install haproxy)"
+        );
+        std::fs::create_dir_all(dir).expect("gateway dir");
+        let entries: Vec<String> = plan
+            .iter()
+            .map(|i| format!("{} {} {}", i.name, i.target, i.port))
+            .collect();
+        let cfg = dir.join("haproxy.cfg");
+        let log = dir.join("haproxy.log");
+        let mut last_error = String::new();
+        for _attempt in 0..3 {
+            let (port, stats_port) = (free_port(), free_port());
+            let rendered = Command::new("bash")
+                .args([
+                    "-c",
+                    ". \"$1\" && shift && PLAN=(\"${@:5}\") && render_gateway \"$1\" \"$2\" \"$3\" \"$4\"",
+                    "bash",
+                ])
+                .arg(cluster_script())
+                .arg(port.to_string())
+                .arg(stats_port.to_string())
+                .arg(&cfg)
+                .arg(services_port.map(|p| p.to_string()).unwrap_or_default())
+                .args(&entries)
+                .output()
+                .expect("bash");
+            assert!(
+                rendered.status.success(),
+                "render_gateway: {}",
+                String::from_utf8_lossy(&rendered.stderr)
+            );
+            let mut child = Command::new("haproxy")
+                .arg("-db")
+                .arg("-f")
+                .arg(&cfg)
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(&log).expect("gateway log"))
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start haproxy");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    last_error = format!(
+                        "haproxy exited ({status}): {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                    break;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Self {
+                        child,
+                        port,
+                        stats_port,
+                        log,
+                    };
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last_error = "haproxy did not listen within 10 s".into();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("the gateway did not start: {last_error}");
+    }
+
+    /// The gateway's public address.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// HAProxy's statistics page (`;csv` for the machine-readable form).
+    pub fn stats_url(&self) -> String {
+        format!("http://127.0.0.1:{}/stats", self.stats_port)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
