@@ -155,7 +155,9 @@ async fn a_target_serves_only_its_own_routes_and_runs_only_its_own_work() {
     assert!(!consumers(&url).await.contains(&"notifications".to_owned()));
 
     // The notifications process, on the same database, takes the event up.
-    let notifications_deployment = deployment.with_target("notifications");
+    // It checks its callers' sessions with the users process.
+    let mut notifications_deployment = deployment.with_target("notifications");
+    notifications_deployment.set("SCALESHOP_SERVICE_URL_USERS", &users.base);
     let mail = notifications_deployment.data_dir.join("mail");
     let notifications = notifications_deployment.start().await;
     let r = notifications
