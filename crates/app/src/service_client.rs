@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use crate::breaker::Breaker;
 
 /// The header that carries how long the caller still waits, in milliseconds.
-pub const DEADLINE_HEADER: &str = "x-request-deadline-ms";
+pub use scaleshop_web::observe::DEADLINE_HEADER;
 /// How long a service token is valid (each call signs a new one).
 const TOKEN_TTL: Duration = Duration::from_secs(60);
 
@@ -306,5 +306,164 @@ impl ServiceClient {
         metrics::counter!(names::SERVICE_CLIENT_REQUESTS, "target" => target, "outcome" => outcome)
             .increment(1);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The retry rule, the breaker and the deadline header, against a real HTTP
+    //! server on 127.0.0.1 that counts what reaches it.
+
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+    use axum::Router;
+    use axum::extract::{Path, State};
+    use axum::http::HeaderMap;
+    use axum::routing::{get, post};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Seen {
+        tries: AtomicU32,
+        deadline_ms: AtomicU64,
+    }
+
+    async fn answer(
+        State(seen): State<Arc<Seen>>,
+        Path(status): Path<u16>,
+        headers: HeaderMap,
+    ) -> (StatusCode, &'static str) {
+        seen.tries.fetch_add(1, Ordering::SeqCst);
+        let deadline = headers
+            .get(&DEADLINE_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(u64::MAX);
+        seen.deadline_ms.store(deadline, Ordering::SeqCst);
+        (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+            "{\"ok\":true}",
+        )
+    }
+
+    async fn slow(State(seen): State<Arc<Seen>>) -> &'static str {
+        seen.tries.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        "{\"ok\":true}"
+    }
+
+    /// A server on a free port of 127.0.0.1; what reached it.
+    async fn server() -> (String, Arc<Seen>) {
+        let seen = Arc::new(Seen::default());
+        let app = Router::new()
+            .route("/status/{code}", get(answer).post(answer))
+            .route("/slow", get(slow).post(slow))
+            .with_state(seen.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}"), seen)
+    }
+
+    fn client(base: &str, retries: u32, breaker_failures: u32) -> ServiceClient {
+        let settings = ClientSettings {
+            timeout: Duration::from_millis(300),
+            retries,
+            breaker_failures,
+            breaker_open: Duration::from_secs(30),
+        };
+        let keys = Keys::new(b"0123456789abcdef0123456789abcdef", Duration::from_secs(60));
+        ServiceClient::new("orders", "inventory", base, settings, keys).unwrap()
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Ok {
+        #[allow(dead_code, reason = "read only to check the answer parses")]
+        ok: bool,
+    }
+
+    #[tokio::test]
+    async fn safe_calls_are_tried_again_on_a_gateway_error_and_unsafe_ones_are_not() {
+        let (base, seen) = server().await;
+        let c = client(&base, 2, 100);
+        // A read: 1 + 2 tries.
+        let e = c.get::<Ok>("/status/503").await.unwrap_err();
+        assert!(matches!(e, CallError::Status { status: 503, .. }), "{e}");
+        assert_eq!(seen.tries.swap(0, Ordering::SeqCst), 3);
+        // A write without an idempotency key: once.
+        let e = c
+            .post::<_, Ok>("/status/502", &serde_json::json!({}), Repeat::Unsafe, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CallError::Status { status: 502, .. }), "{e}");
+        assert_eq!(seen.tries.swap(0, Ordering::SeqCst), 1);
+        // The same write with a key: safe to repeat.
+        let _ = c
+            .post::<_, Ok>(
+                "/status/504",
+                &serde_json::json!({}),
+                Repeat::Unsafe,
+                Some("key-1"),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(seen.tries.swap(0, Ordering::SeqCst), 3);
+        // An answer that repeating cannot change: once, even for a read.
+        for status in [400, 409, 422, 500] {
+            let e = c.get::<Ok>(&format!("/status/{status}")).await.unwrap_err();
+            assert!(matches!(e, CallError::Status { .. }), "{e}");
+            assert_eq!(seen.tries.swap(0, Ordering::SeqCst), 1, "{status}");
+        }
+        // 404 is an answer (None), 200 a value.
+        assert!(c.get::<Ok>("/status/404").await.unwrap().is_none());
+        assert!(c.get::<Ok>("/status/200").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_lost_answer_is_asked_again_only_when_safe() {
+        let (base, seen) = server().await;
+        let c = client(&base, 1, 100);
+        let e = c.get::<Ok>("/slow").await.unwrap_err();
+        assert!(matches!(e, CallError::NoAnswer(_)), "{e}");
+        assert!(e.is_unavailable());
+        assert_eq!(seen.tries.swap(0, Ordering::SeqCst), 2);
+        let e = c
+            .post::<_, Ok>("/slow", &serde_json::json!({}), Repeat::Unsafe, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CallError::NoAnswer(_)), "{e}");
+        assert_eq!(seen.tries.swap(0, Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_service_is_tried_again_then_the_breaker_opens() {
+        // A port nothing listens on.
+        let closed = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap()
+        };
+        let c = client(&format!("http://{closed}"), 1, 3);
+        let e = c
+            .post::<_, Ok>("/status/200", &serde_json::json!({}), Repeat::Unsafe, None)
+            .await
+            .unwrap_err();
+        // The request never left, so even a write is tried again.
+        assert!(matches!(e, CallError::Unreachable(_)), "{e}");
+        assert!(e.is_unavailable());
+        // Past 3 failures the circuit is open: refused at once, with a wait.
+        let _ = c.get::<Ok>("/status/200").await;
+        let e = c.get::<Ok>("/status/200").await.unwrap_err();
+        assert!(matches!(e, CallError::OpenCircuit { .. }), "{e}");
+        assert!(e.retry_after_secs() >= 1);
+    }
+
+    #[tokio::test]
+    async fn the_callee_is_told_how_long_the_caller_waits() {
+        let (base, seen) = server().await;
+        let c = client(&base, 2, 100);
+        c.get::<Ok>("/status/200").await.unwrap();
+        let deadline = seen.deadline_ms.load(Ordering::SeqCst);
+        // All the tries' time: at most (1 + retries) x 300 ms, and not nothing.
+        assert!(deadline > 0 && deadline <= 900, "{deadline}");
     }
 }

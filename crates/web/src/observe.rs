@@ -6,6 +6,11 @@
 //! [`RequestScope`] (the signing keys, the client's address) around every poll of
 //! the router's future.
 //!
+//! A caller's deadline shortens the timeout: a request carrying
+//! [`DEADLINE_HEADER`] (milliseconds left to its caller, as another service of the
+//! deployment sends it) gets at most that long, so no work goes on past the point
+//! where nobody waits for it.
+//!
 //! Routing is axum's alone: the path is matched once, by the router. The route's
 //! template (axum's [`MatchedPath`]) reaches this layer through a small layer the
 //! router puts around every route ([`MatchedRoute`]), which hands it out when the
@@ -37,6 +42,20 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
 
 /// Label for requests that matched no route.
 pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// The time its caller still waits for a request, in milliseconds (sent by the
+/// clients between services); it can only shorten the request's timeout.
+pub const DEADLINE_HEADER: HeaderName = HeaderName::from_static("x-request-deadline-ms");
+
+/// The time `req` may take: the configured timeout, or less when the caller said
+/// it waits less (an unreadable value is ignored).
+fn timeout_of(req: &Request, configured: Duration) -> Duration {
+    req.headers()
+        .get(&DEADLINE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(configured, |ms| configured.min(Duration::from_millis(ms)))
+}
 
 #[derive(Debug, Clone)]
 pub struct ObserveSettings {
@@ -334,6 +353,7 @@ impl tower::Service<Request> for Observe {
 
     fn call(&mut self, req: Request) -> Self::Future {
         let started = Instant::now();
+        let timeout = timeout_of(&req, self.shared.settings.request_timeout);
         let request_id = client_request_id(&req).unwrap_or_else(new_request_id);
         let method = method_label(req.method());
         // The route is known once the router has called it (see `MatchedRoute`).
@@ -361,6 +381,7 @@ impl tower::Service<Request> for Observe {
                 scope: self.scope,
                 connection: self.connection.clone(),
                 started,
+                timeout,
                 request_id: Some(request_id),
                 method,
                 matched: None,
@@ -410,6 +431,8 @@ struct Started {
     scope: RequestScope,
     connection: Arc<Mutex<Connection>>,
     started: Instant,
+    /// The configured request timeout, or the caller's deadline when sooner.
+    timeout: Duration,
     request_id: Option<HeaderValue>,
     method: &'static str,
     /// The route's template, once the router has called the route.
@@ -463,8 +486,7 @@ where
                         // Boxed: most requests never wait, and they should not
                         // carry (and move) a timer's worth of bytes.
                         let timer = this.timer.get_or_insert_with(|| {
-                            let deadline =
-                                request.started + request.shared.settings.request_timeout;
+                            let deadline = request.started + request.timeout;
                             Box::pin(tokio::time::sleep_until(deadline.into()))
                         });
                         match timer.as_mut().poll(cx) {
@@ -829,6 +851,51 @@ mod tests {
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(content_type(&response), "application/problem+json");
         assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[tokio::test]
+    async fn a_callers_deadline_shortens_the_timeout_and_never_lengthens_it() {
+        let slow = |deadline: &str| {
+            axum::http::Request::get("/slow")
+                .header(&DEADLINE_HEADER, deadline)
+                .body(Body::empty())
+                .unwrap()
+        };
+        // The caller waits 50 ms of a 10 s timeout: the answer comes at once.
+        let started = Instant::now();
+        let response = app(Duration::from_secs(10))
+            .oneshot(slow("50"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+        // A longer deadline than the timeout changes nothing; garbage is ignored.
+        for deadline in ["600000", "soon"] {
+            let started = Instant::now();
+            let response = app(Duration::from_millis(100))
+                .oneshot(slow(deadline))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert!(started.elapsed() < Duration::from_secs(4), "{deadline}");
+        }
+        let configured = Duration::from_secs(15);
+        let request = |v: &str| {
+            axum::http::Request::get("/")
+                .header(&DEADLINE_HEADER, v)
+                .body(Body::empty())
+                .unwrap()
+        };
+        assert_eq!(
+            timeout_of(&request("250"), configured),
+            Duration::from_millis(250)
+        );
+        assert_eq!(timeout_of(&request("99999999"), configured), configured);
+        assert_eq!(timeout_of(&request("-1"), configured), configured);
     }
 
     #[tokio::test]
