@@ -319,7 +319,7 @@ mod tests {
     use axum::Router;
     use axum::extract::{Path, State};
     use axum::http::HeaderMap;
-    use axum::routing::{get, post};
+    use axum::routing::get;
 
     use super::*;
 
