@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use scaleshop_inventory::{Inventory, InventoryError, Line, Reservation};
 use scaleshop_orders::{CatalogPort, InventoryPort, PaymentsPort, PortError, Priced, UsersPort};
-use scaleshop_payments::{PaymentResult, Payments, PaymentsError};
+use scaleshop_payments::{Currency, PaymentMethod, PaymentResult, Payments, PaymentsError};
 use uuid::Uuid;
 
 fn failed(service: &'static str, error: impl std::fmt::Display) -> PortError {
@@ -57,14 +57,18 @@ impl CatalogPort for LocalCatalog {
             scaleshop_catalog::CatalogError::Store(e) => store_error("catalog", e),
             other => failed("catalog", other),
         })?;
-        Ok(products
+        products
             .into_iter()
-            .map(|p| Priced {
-                id: p.id,
-                price_cents: p.price_cents.get(),
-                currency: p.currency.as_str().to_owned(),
+            .map(|p| {
+                Ok(Priced {
+                    id: p.id,
+                    price_cents: p.price_cents.get(),
+                    currency: p.currency.as_str().parse().map_err(|e| {
+                        failed("catalog", format!("product {}: currency {e}", p.id))
+                    })?,
+                })
             })
-            .collect())
+            .collect()
     }
 }
 
@@ -93,7 +97,7 @@ impl std::fmt::Debug for LocalPayments {
 
 #[async_trait]
 impl PaymentsPort for LocalPayments {
-    async fn accepts(&self, method: &str) -> Result<bool, PortError> {
+    async fn accepts(&self, method: PaymentMethod) -> Result<bool, PortError> {
         Ok(self.0.accepts(method))
     }
 
@@ -101,8 +105,8 @@ impl PaymentsPort for LocalPayments {
         &self,
         order_id: Uuid,
         amount_cents: i64,
-        currency: &str,
-        method: &str,
+        currency: &Currency,
+        method: PaymentMethod,
         last_attempt: bool,
     ) -> Result<PaymentResult, PaymentsError> {
         self.0
