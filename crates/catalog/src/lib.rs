@@ -3,6 +3,10 @@
 //! stock, from which the inventory service makes its stock record); a change
 //! publishes `product.updated`. A product's `available` comes from the inventory
 //! service's API, never its tables.
+//!
+//! Layers: [`domain`] (types that cannot hold a bad value) <- [`service`] (use
+//! cases, the cache) <- [`http`] (routes). Only `store` names sqlx; only `http`
+//! names axum.
 
 pub mod domain;
 pub mod http;

@@ -11,11 +11,9 @@
 //! a year-long `Cache-Control: immutable`. The catalog shows a product's images
 //! through [`scaleshop_catalog::ProductImages`], which [`Media`] implements.
 //!
-//! Only [`store`] names sqlx and only [`http`] names axum.
-
-//!
 //! Layers: [`domain`] (parsed types, no I/O) <- [`service`] (use cases) <-
-//! [`http`] (routes); [`consumer`] holds the `images` job's handler.
+//! [`http`] (routes); [`consumer`] holds the `images` job's handler. Only
+//! [`store`] names sqlx and only [`http`] names axum.
 
 pub mod consumer;
 pub mod domain;

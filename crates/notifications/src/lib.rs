@@ -9,7 +9,6 @@
 //!
 //! It never reads another service's tables: it keeps its own directory of
 //! recipients from `user.created` / `user.updated`, and the rest comes in the events.
-
 //!
 //! Layers: [`domain`] (kind, channel, status: parsed; the messages) <- [`service`]
 //! (list, send) <- [`http`] (routes); [`consumer`] holds the event consumer and

@@ -11,7 +11,6 @@
 //! reason — the inventory service then releases the reservation. Each step records
 //! where the saga is (`step`), so a crash resumes it; each step is idempotent, so a
 //! re-run changes nothing twice.
-
 //!
 //! Layers: [`domain`] (parsed types: status, step, failure reason, currency,
 //! payment method) <- [`service`] (use cases, over the [`ports`] of the other
