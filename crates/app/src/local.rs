@@ -57,18 +57,14 @@ impl CatalogPort for LocalCatalog {
             scaleshop_catalog::CatalogError::Store(e) => store_error("catalog", e),
             other => failed("catalog", other),
         })?;
-        products
+        Ok(products
             .into_iter()
-            .map(|p| {
-                Ok(Priced {
-                    id: p.id,
-                    price_cents: p.price_cents.get(),
-                    currency: p.currency.as_str().parse().map_err(|e| {
-                        failed("catalog", format!("product {}: currency {e}", p.id))
-                    })?,
-                })
+            .map(|p| Priced {
+                id: p.id,
+                price_cents: p.price_cents.get(),
+                currency: p.currency,
             })
-            .collect()
+            .collect())
     }
 }
 
