@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use scaleshop_db::StoreError;
 use scaleshop_inventory::{InventoryError, Line, Reservation};
 use scaleshop_orders::{CatalogPort, InventoryPort, PaymentsPort, PortError, Priced, UsersPort};
-use scaleshop_payments::{PaymentResult, PaymentsError};
+use scaleshop_payments::{Currency, PaymentMethod, PaymentResult, PaymentsError};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
@@ -216,7 +216,7 @@ struct HttpCatalog(ServiceClient);
 struct ProductAnswer {
     id: Uuid,
     price_cents: i64,
-    currency: String,
+    currency: Currency,
 }
 
 #[async_trait]
@@ -316,8 +316,8 @@ struct ChargeAnswer {
 
 #[async_trait]
 impl PaymentsPort for HttpPayments {
-    async fn accepts(&self, method: &str) -> Result<bool, PortError> {
-        let query: String = url_encode(method);
+    async fn accepts(&self, method: PaymentMethod) -> Result<bool, PortError> {
+        let query: String = url_encode(method.as_str());
         let answer: Option<Accepted> = self
             .0
             .get(&format!("/internal/payments/methods?method={query}"))
@@ -330,8 +330,8 @@ impl PaymentsPort for HttpPayments {
         &self,
         order_id: Uuid,
         amount_cents: i64,
-        currency: &str,
-        method: &str,
+        currency: &Currency,
+        method: PaymentMethod,
         last_attempt: bool,
     ) -> Result<PaymentResult, PaymentsError> {
         let key = format!("order-{order_id}");

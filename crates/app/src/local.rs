@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use scaleshop_inventory::{Inventory, InventoryError, Line, Reservation};
 use scaleshop_orders::{CatalogPort, InventoryPort, PaymentsPort, PortError, Priced, UsersPort};
-use scaleshop_payments::{PaymentResult, Payments, PaymentsError};
+use scaleshop_payments::{Currency, PaymentMethod, PaymentResult, Payments, PaymentsError};
 use uuid::Uuid;
 
 fn failed(service: &'static str, error: impl std::fmt::Display) -> PortError {
@@ -62,7 +62,7 @@ impl CatalogPort for LocalCatalog {
             .map(|p| Priced {
                 id: p.id,
                 price_cents: p.price_cents.get(),
-                currency: p.currency.as_str().to_owned(),
+                currency: p.currency,
             })
             .collect())
     }
@@ -93,7 +93,7 @@ impl std::fmt::Debug for LocalPayments {
 
 #[async_trait]
 impl PaymentsPort for LocalPayments {
-    async fn accepts(&self, method: &str) -> Result<bool, PortError> {
+    async fn accepts(&self, method: PaymentMethod) -> Result<bool, PortError> {
         Ok(self.0.accepts(method))
     }
 
@@ -101,8 +101,8 @@ impl PaymentsPort for LocalPayments {
         &self,
         order_id: Uuid,
         amount_cents: i64,
-        currency: &str,
-        method: &str,
+        currency: &Currency,
+        method: PaymentMethod,
         last_attempt: bool,
     ) -> Result<PaymentResult, PaymentsError> {
         self.0

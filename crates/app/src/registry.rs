@@ -338,7 +338,7 @@ fn orders(cx: &mut Context<'_>) -> Result<Registration, StartError> {
 
 fn notifications(cx: &mut Context<'_>) -> Result<Registration, StartError> {
     let mailer = Arc::new(mailer(cx.config)?);
-    let store = scaleshop_notifications::NotificationStore::new(cx.db.clone());
+    let notifications = scaleshop_notifications::Notifications::new(cx.db.clone());
     Ok(Registration {
         consumers: vec![Arc::new(scaleshop_notifications::NotificationConsumer)],
         jobs: vec![JobQueueSpec {
@@ -349,7 +349,7 @@ fn notifications(cx: &mut Context<'_>) -> Result<Registration, StartError> {
                 mailer,
             )),
         }],
-        routes: vec![scaleshop_notifications::http::router(store)],
+        routes: vec![scaleshop_notifications::http::router(notifications)],
         ..Registration::default()
     })
 }

@@ -3,6 +3,10 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+/// A price's currency: the payment service's type (one definition of a currency
+/// in the whole system).
+pub use scaleshop_payments::domain::Currency;
+
 /// Why a value was refused; safe to show.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -88,24 +92,6 @@ impl PriceCents {
     }
 }
 
-/// An ISO 4217 code: three upper-case letters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Currency(String);
-
-impl Currency {
-    pub fn parse(raw: &str) -> Result<Self, Invalid> {
-        if raw.len() == 3 && raw.bytes().all(|b| b.is_ascii_uppercase()) {
-            Ok(Self(raw.to_owned()))
-        } else {
-            Err(Invalid("must be three upper-case letters (ISO 4217)"))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
 /// Stock a product starts with: 0..=1000000.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InitialStock(i64);
@@ -167,9 +153,9 @@ mod tests {
         assert!(PriceCents::parse(0).is_ok() && PriceCents::parse(100_000_000).is_ok());
         assert!(PriceCents::parse(-1).is_err() && PriceCents::parse(100_000_001).is_err());
         assert!(InitialStock::parse(1_000_000).is_ok() && InitialStock::parse(1_000_001).is_err());
-        assert!(Currency::parse("EUR").is_ok());
+        assert!("EUR".parse::<Currency>().is_ok());
         for bad in ["eur", "EURO", "E1R", ""] {
-            assert!(Currency::parse(bad).is_err(), "{bad}");
+            assert!(bad.parse::<Currency>().is_err(), "{bad}");
         }
         assert!(ProductName::parse("  ").is_err());
     }

@@ -92,7 +92,7 @@ async fn create_product(
     let name = f.required("name", |s: String| ProductName::parse(&s));
     let description = f.optional("description", |s: String| Description::parse(&s));
     let price = f.required("price_cents", PriceCents::parse);
-    let currency = f.required("currency", |s: String| Currency::parse(&s));
+    let currency = f.required("currency", |s: String| s.parse::<Currency>());
     let stock = f.required("initial_stock", InitialStock::parse);
     f.finish()?;
     let (

@@ -46,7 +46,10 @@ impl TryFrom<Row> for Product {
             description: Description::parse(&row.description)
                 .map_err(|_| corrupt("description"))?,
             price_cents: PriceCents::parse(row.price_cents).map_err(|_| corrupt("price"))?,
-            currency: Currency::parse(&row.currency).map_err(|_| corrupt("currency"))?,
+            currency: row
+                .currency
+                .parse::<Currency>()
+                .map_err(|_| corrupt("currency"))?,
             initial_stock: InitialStock::parse(row.initial_stock)
                 .map_err(|_| corrupt("initial stock"))?,
             created_at: row.created_at,

@@ -7,7 +7,8 @@ use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::{Inventory, InventoryError, Stock};
+use crate::domain::{Line, Reservation, Stock};
+use crate::service::{Inventory, InventoryError};
 
 pub fn router(inventory: Inventory) -> OpenApiRouter {
     OpenApiRouter::new()
@@ -125,7 +126,7 @@ pub fn internal_router(inventory: Inventory) -> OpenApiRouter {
 struct ReserveRequest {
     order_id: uuid::Uuid,
     #[schema(value_type = Vec<Object>)]
-    lines: Vec<crate::Line>,
+    lines: Vec<Line>,
 }
 
 /// What a reservation came to.
@@ -148,7 +149,6 @@ async fn reserve(
     _caller: scaleshop_web::ServiceCaller,
     Json(request): Json<ReserveRequest>,
 ) -> Result<Json<ReserveAnswer>, ApiError> {
-    use crate::Reservation;
     let (outcome, product_id) = match inventory.reserve(request.order_id, &request.lines).await {
         Ok(Reservation::Reserved) => ("reserved", None),
         Ok(Reservation::OutOfStock { product_id }) => ("out_of_stock", Some(product_id)),

@@ -20,7 +20,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::domain::MediaType;
-use crate::{ImageView, MAX_UPLOAD_BYTES, Media, MediaError};
+use crate::service::{ImageView, MAX_UPLOAD_BYTES, Media, MediaError};
 
 /// The longest `source_url` taken.
 const MAX_URL_LEN: usize = 2048;

@@ -9,12 +9,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::store::{Notification, NotificationStore};
+use crate::domain::Notification;
+use crate::service::Notifications;
 
-pub fn router(store: NotificationStore) -> OpenApiRouter {
+pub fn router(notifications: Notifications) -> OpenApiRouter {
     OpenApiRouter::new()
         .routes(routes!(list_notifications))
-        .with_state(store)
+        .with_state(notifications)
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -36,7 +37,7 @@ struct NotificationsQuery {
     )
 )]
 async fn list_notifications(
-    State(store): State<NotificationStore>,
+    State(notifications): State<Notifications>,
     caller: Caller,
     page: Page,
     consistency: ReadConsistency,
@@ -58,7 +59,7 @@ async fn list_notifications(
         (false, _) => Some(caller.user_id),
     };
     let before = page.after::<Uuid>()?;
-    let rows = store
+    let rows = notifications
         .list(user_id, before, page.fetch(), consistency.database())
         .await?;
     Ok(Json(page.finish(rows, |n| n.id)))

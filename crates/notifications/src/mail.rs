@@ -12,7 +12,7 @@ use lettre::message::{Mailbox, header::ContentType};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use scaleshop_jobs::JobError;
 
-use crate::store::Notification;
+use crate::domain::Notification;
 
 /// Where mail goes.
 pub enum Mailer {

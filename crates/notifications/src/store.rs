@@ -1,6 +1,9 @@
-//! Notification records.
+//! Notification storage (one SQL text for both backends): records, read back
+//! through the domain's parsed kind, channel and status; the recipients' address
+//! book.
 
 use chrono::{DateTime, Utc};
+use scaleshop_contracts::NotificationSent;
 use scaleshop_db::clock::now;
 use scaleshop_db::sqlx::{self, FromRow};
 use scaleshop_db::{
@@ -8,12 +11,11 @@ use scaleshop_db::{
 };
 use scaleshop_events::NewEvent;
 use scaleshop_jobs::NewJob;
-use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::EMAIL_QUEUE;
-use scaleshop_contracts::NotificationSent;
+use crate::consumer::EMAIL_QUEUE;
+use crate::domain::{Channel, Draft, Notification, Status};
 
 pub fn migrations() -> Migrations {
     static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -25,56 +27,67 @@ pub fn migrations() -> Migrations {
     }
 }
 
-/// A notification, as the API shows it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, FromRow, utoipa::ToSchema)]
-pub struct Notification {
-    pub id: Uuid,
-    pub user_id: Uuid,
-    /// `welcome`, `order_confirmation` or `order_failed`.
-    pub kind: String,
-    /// `email`.
-    pub channel: String,
-    #[serde(rename = "to")]
-    #[sqlx(rename = "to_addr")]
-    pub to: String,
-    pub subject: String,
-    #[serde(skip)]
-    pub body: String,
-    /// `queued`, `sent` or `failed`.
-    pub status: String,
-    pub order_id: Option<Uuid>,
-    pub created_at: DateTime<Utc>,
-    pub sent_at: Option<DateTime<Utc>>,
+#[derive(Debug, FromRow)]
+struct Row {
+    id: Uuid,
+    user_id: Uuid,
+    kind: String,
+    channel: String,
+    to_addr: String,
+    subject: String,
+    body: String,
+    status: String,
+    order_id: Option<Uuid>,
+    created_at: DateTime<Utc>,
+    sent_at: Option<DateTime<Utc>>,
 }
 
-/// A notification to create.
-#[derive(Debug, Clone)]
-pub struct Draft {
-    pub user_id: Uuid,
-    pub kind: &'static str,
-    pub to: String,
-    pub subject: String,
-    pub body: String,
-    pub order_id: Option<Uuid>,
-    /// One record per key, ever.
-    pub dedup_key: String,
+impl TryFrom<Row> for Notification {
+    type Error = StoreError;
+
+    fn try_from(row: Row) -> Result<Self, StoreError> {
+        let corrupt = |what: &str, raw: &str| {
+            StoreError::Other(format!("notifications row {}: bad {what} {raw:?}", row.id))
+        };
+        Ok(Self {
+            kind: row.kind.parse().map_err(|_| corrupt("kind", &row.kind))?,
+            channel: row
+                .channel
+                .parse()
+                .map_err(|_| corrupt("channel", &row.channel))?,
+            status: row
+                .status
+                .parse()
+                .map_err(|_| corrupt("status", &row.status))?,
+            id: row.id,
+            user_id: row.user_id,
+            to: row.to_addr,
+            subject: row.subject,
+            body: row.body,
+            order_id: row.order_id,
+            created_at: row.created_at,
+            sent_at: row.sent_at,
+        })
+    }
 }
 
 /// Writes the record and its email job in the caller's transaction. A second
 /// draft with the same `dedup_key` changes nothing; returns whether it was new.
 pub async fn create_with_email_job(tx: &mut Tx, draft: &Draft) -> Result<bool, StoreError> {
     const INSERT: &str = "INSERT INTO notifications (id, user_id, kind, channel, to_addr, subject, body, status, \
-                          order_id, dedup_key, created_at) VALUES ($1, $2, $3, 'email', $4, $5, $6, 'queued', $7, $8, $9) \
+                          order_id, dedup_key, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
                           ON CONFLICT (dedup_key) DO NOTHING";
     let id = Uuid::now_v7();
     let inserted = with_tx!(&mut *tx, conn => {
         sqlx::query(INSERT)
             .bind(id)
             .bind(draft.user_id)
-            .bind(draft.kind)
+            .bind(draft.kind.as_str())
+            .bind(Channel::Email.as_str())
             .bind(&draft.to)
             .bind(&draft.subject)
             .bind(&draft.body)
+            .bind(Status::Queued.as_str())
             .bind(draft.order_id)
             .bind(&draft.dedup_key)
             .bind(now())
@@ -116,10 +129,10 @@ pub async fn recipient(tx: &mut Tx, user_id: Uuid) -> Result<Option<(String, Str
 
 /// `queued` -> `failed`, in the transaction that kills the email job.
 pub async fn mark_failed(tx: &mut Tx, id: Uuid) -> Result<(), StoreError> {
-    const Q: &str =
-        "UPDATE notifications SET status = 'failed' WHERE id = $1 AND status = 'queued'";
+    const Q: &str = "UPDATE notifications SET status = $2 WHERE id = $1 AND status = $3";
     with_tx!(tx, conn => {
-        sqlx::query(Q).bind(id).execute(conn).await?;
+        sqlx::query(Q).bind(id).bind(Status::Failed.as_str()).bind(Status::Queued.as_str())
+            .execute(conn).await?;
     });
     Ok(())
 }
@@ -141,7 +154,9 @@ impl NotificationStore {
         const Q: &str = "SELECT id, user_id, kind, channel, to_addr, subject, body, status, order_id, created_at, \
                          sent_at FROM notifications WHERE id = $1";
         debug_assert!(Q.starts_with(SELECT));
-        Ok(with_pool!(self.db, pool => sqlx::query_as(Q).bind(id).fetch_optional(pool).await?))
+        let row: Option<Row> =
+            with_pool!(self.db, pool => sqlx::query_as(Q).bind(id).fetch_optional(pool).await?);
+        row.map(Notification::try_from).transpose()
     }
 
     /// Newest first; `user_id` `None` lists everyone's (admin). May be served by
@@ -156,18 +171,20 @@ impl NotificationStore {
         const Q: &str = "SELECT id, user_id, kind, channel, to_addr, subject, body, status, order_id, created_at, \
                          sent_at FROM notifications WHERE ($1 IS NULL OR user_id = $1) AND ($2 IS NULL OR id < $2) \
                          ORDER BY id DESC LIMIT $3";
-        read_with!(self.db, consistency, pool => {
+        let rows: Vec<Row> = read_with!(self.db, consistency, pool => {
             sqlx::query_as(Q).bind(user_id).bind(before).bind(limit).fetch_all(pool).await?
-        })
+        })?;
+        rows.into_iter().map(Notification::try_from).collect()
     }
 
     /// `queued`/`failed` -> `sent`, with the `notification.sent` event, once.
     pub async fn mark_sent(&self, notification: &Notification) -> Result<(), StoreError> {
-        const Q: &str = "UPDATE notifications SET status = 'sent', sent_at = $2 WHERE id = $1 AND status <> 'sent'";
+        const Q: &str =
+            "UPDATE notifications SET status = $3, sent_at = $2 WHERE id = $1 AND status <> $3";
         let sent_at = now();
         let mut tx = self.db.begin().await?;
         let updated = with_tx!(&mut tx, conn => {
-            sqlx::query(Q).bind(notification.id).bind(sent_at).execute(conn).await?.rows_affected()
+            sqlx::query(Q).bind(notification.id).bind(sent_at).bind(Status::Sent.as_str()).execute(conn).await?.rows_affected()
         });
         if updated == 1 {
             let event = NewEvent::typed(
@@ -175,8 +192,8 @@ impl NotificationStore {
                 &NotificationSent {
                     notification_id: notification.id,
                     user_id: notification.user_id,
-                    kind: notification.kind.clone(),
-                    channel: notification.channel.clone(),
+                    kind: notification.kind.to_string(),
+                    channel: notification.channel.to_string(),
                     order_id: notification.order_id,
                     sent_at,
                 },

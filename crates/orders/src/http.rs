@@ -18,9 +18,12 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::domain::{Order, OrderLine, Quantity, WantedLine};
+use crate::domain::{
+    Currency, FailureReason, Order, OrderLine, PaymentMethod, PlaceOrder, Quantity, Status,
+    WantedLine,
+};
 use crate::idempotency::{Claim, KeyRef, Stored};
-use crate::{Orders, OrdersError, PlaceOrder};
+use crate::service::{Orders, OrdersError};
 
 pub fn router(orders: Orders) -> OpenApiRouter {
     OpenApiRouter::new()
@@ -32,6 +35,8 @@ pub fn router(orders: Orders) -> OpenApiRouter {
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// The refusal of a payment method the API or the gateway does not take.
+const UNKNOWN_PAYMENT_METHOD: &str = "is not a payment method we take";
 
 impl From<OrdersError> for ApiError {
     fn from(error: OrdersError) -> Self {
@@ -52,7 +57,7 @@ impl From<OrdersError> for ApiError {
                 ApiError::invalid("items", "all products of an order must share one currency")
             }
             OrdersError::UnknownPaymentMethod => {
-                ApiError::invalid("payment_method", "is not a payment method we take")
+                ApiError::invalid("payment_method", UNKNOWN_PAYMENT_METHOD)
             }
             OrdersError::NotCancellable => ApiError::conflict(
                 "only a pending order whose payment has not started can be cancelled",
@@ -78,13 +83,12 @@ impl From<OrdersError> for ApiError {
 pub struct OrderView {
     pub id: Uuid,
     pub user_id: Uuid,
-    /// `pending`, `completed`, `failed` or `cancelled`.
-    pub status: String,
+    pub status: Status,
     pub items: Vec<OrderLine>,
     pub total_cents: i64,
-    pub currency: String,
-    /// `out_of_stock`, `payment_declined` or `payment_error` when failed.
-    pub failure_reason: Option<String>,
+    pub currency: Currency,
+    /// Set when failed.
+    pub failure_reason: Option<FailureReason>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -94,7 +98,7 @@ impl From<Order> for OrderView {
         Self {
             id: order.id,
             user_id: order.user_id,
-            status: order.status.as_str().to_owned(),
+            status: order.status,
             items: order.items,
             total_cents: order.total_cents,
             currency: order.currency,
@@ -119,7 +123,7 @@ struct CreateOrderRequest {
     /// 1..=50 lines.
     items: Vec<LineRequest>,
     /// A sandbox token: `pm_card_visa`, `pm_card_mastercard`, `pm_card_chargeDeclined`, `pm_card_processingError`.
-    payment_method: String,
+    payment_method: PaymentMethod,
 }
 
 /// Parses the body, collecting every broken rule.
@@ -202,7 +206,13 @@ fn parse_order(
         Some(_) => errors.push(FieldError::new("items", "must be an array")),
     }
     let payment_method = match body.get("payment_method") {
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::String(s)) if !s.is_empty() => match s.parse::<PaymentMethod>() {
+            Ok(method) => Some(method),
+            Err(_) => {
+                errors.push(FieldError::new("payment_method", UNKNOWN_PAYMENT_METHOD));
+                None
+            }
+        },
         _ => {
             errors.push(FieldError::new("payment_method", "is required (a string)"));
             None

@@ -10,6 +10,8 @@ use std::fmt::Debug;
 use async_trait::async_trait;
 use scaleshop_inventory::{InventoryError, Line, Reservation};
 use scaleshop_payments::{PaymentResult, PaymentsError};
+
+use crate::domain::{Currency, PaymentMethod};
 use uuid::Uuid;
 
 /// A call to another service that did not give an answer.
@@ -37,7 +39,7 @@ pub enum PortError {
 pub struct Priced {
     pub id: Uuid,
     pub price_cents: i64,
-    pub currency: String,
+    pub currency: Currency,
 }
 
 #[async_trait]
@@ -63,15 +65,15 @@ pub trait InventoryPort: Send + Sync + Debug {
 #[async_trait]
 pub trait PaymentsPort: Send + Sync + Debug {
     /// Is `method` a payment method the gateway takes?
-    async fn accepts(&self, method: &str) -> Result<bool, PortError>;
+    async fn accepts(&self, method: PaymentMethod) -> Result<bool, PortError>;
     /// Charges the order once (the key is derived from the order); see
     /// `scaleshop_payments::Payments::charge`.
     async fn charge(
         &self,
         order_id: Uuid,
         amount_cents: i64,
-        currency: &str,
-        method: &str,
+        currency: &Currency,
+        method: PaymentMethod,
         last_attempt: bool,
     ) -> Result<PaymentResult, PaymentsError>;
 }

@@ -1,21 +1,22 @@
-//! The order processor: the `order-processor` consumer and the `orders` saga job.
+//! The order saga: the `orders` job, one run per order (reserve, charge, end),
+//! resumable from the order's `step`. The `order-processor` consumer
+//! ([`crate::consumer`]) enqueues it.
 
 use async_trait::async_trait;
-use scaleshop_contracts::{OrderCreated, OrderFailed, OrderProcessed};
+use scaleshop_contracts::{OrderFailed, OrderProcessed};
 use scaleshop_db::{StoreError, Tx};
-use scaleshop_events::{Consumer, Contract, Event, HandlerError, NewEvent};
+use scaleshop_events::NewEvent;
 use std::sync::Arc;
 
 use scaleshop_inventory::{InventoryError, Line, Reservation};
-use scaleshop_jobs::{Job, JobError, JobHandler, NewJob};
+use scaleshop_jobs::{Job, JobError, JobHandler};
 use scaleshop_payments::{PaymentResult, PaymentsError};
 use serde::Deserialize;
-use serde_json::json;
 use uuid::Uuid;
 
 use crate::domain::{FailureReason, Order, Status, Step};
-use crate::event_items;
 use crate::ports::{InventoryPort, PaymentsPort};
+use crate::service::event_items;
 use crate::store::OrderStore;
 
 /// The queue of saga runs.
@@ -24,34 +25,6 @@ pub const SAGA_QUEUE: &str = "orders";
 #[derive(Debug, Deserialize)]
 struct OrderRef {
     order_id: Uuid,
-}
-
-/// Turns each `order.created` into a durable saga job (in the delivery's
-/// transaction: exactly one job per order).
-#[derive(Debug, Clone, Copy)]
-pub struct OrderProcessor {
-    pub max_attempts: u32,
-}
-
-#[async_trait]
-impl Consumer for OrderProcessor {
-    fn name(&self) -> &'static str {
-        "order-processor"
-    }
-
-    fn wants(&self, event_type: &str) -> bool {
-        event_type == OrderCreated::NAME
-    }
-
-    async fn handle(&self, event: &Event, tx: &mut Tx) -> Result<(), HandlerError> {
-        let order: OrderCreated = event.decode()?;
-        let job = NewJob {
-            max_attempts: Some(self.max_attempts),
-            ..NewJob::new(SAGA_QUEUE, json!({"order_id": order.order_id}))
-        };
-        scaleshop_jobs::enqueue(tx, &job).await?;
-        Ok(())
-    }
 }
 
 /// One run of the saga of one order: reserve, charge, end. Resumes from the
@@ -98,7 +71,7 @@ impl OrderSaga {
         let (items, total_cents, currency) = (
             event_items(order),
             order.total_cents,
-            order.currency.clone(),
+            order.currency.to_string(),
         );
         let (status, event) = match reason {
             None => (
@@ -230,7 +203,7 @@ impl JobHandler for OrderSaga {
                 order_id,
                 order.total_cents,
                 &order.currency,
-                &order.payment_method,
+                order.payment_method,
                 last_attempt,
             )
             .await;

@@ -40,17 +40,31 @@ impl TryFrom<Row> for Order {
     type Error = StoreError;
 
     fn try_from(row: Row) -> Result<Self, StoreError> {
-        let corrupt = |what: &str| StoreError::Other(format!("orders row {}: bad {what}", row.id));
+        let corrupt = |what: &str, raw: &str| {
+            StoreError::Other(format!("orders row {}: bad {what} {raw:?}", row.id))
+        };
         Ok(Self {
             id: row.id,
             user_id: row.user_id,
-            status: Status::parse(&row.status).ok_or_else(|| corrupt("status"))?,
-            step: Step::parse(&row.step).ok_or_else(|| corrupt("step"))?,
+            status: row
+                .status
+                .parse()
+                .map_err(|_| corrupt("status", &row.status))?,
+            step: row.step.parse().map_err(|_| corrupt("step", &row.step))?,
+            currency: row
+                .currency
+                .parse()
+                .map_err(|_| corrupt("currency", &row.currency))?,
+            payment_method: row
+                .payment_method
+                .parse()
+                .map_err(|_| corrupt("payment_method", &row.payment_method))?,
+            failure_reason: match row.failure_reason.as_deref() {
+                None => None,
+                Some(raw) => Some(raw.parse().map_err(|_| corrupt("failure_reason", raw))?),
+            },
             items: row.items.0,
             total_cents: row.total_cents,
-            currency: row.currency,
-            payment_method: row.payment_method,
-            failure_reason: row.failure_reason,
             created_at: row.created_at,
             updated_at: row.updated_at,
         })
@@ -86,9 +100,9 @@ impl OrderStore {
                 .bind(order.step.as_str())
                 .bind(Json(&order.items))
                 .bind(order.total_cents)
-                .bind(&order.currency)
-                .bind(&order.payment_method)
-                .bind(&order.failure_reason)
+                .bind(order.currency.as_str())
+                .bind(order.payment_method.as_str())
+                .bind(order.failure_reason.map(FailureReason::as_str))
                 .bind(order.created_at)
                 .bind(order.updated_at)
                 .execute(conn)

@@ -8,7 +8,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::{LedgerEntry, Payments};
+use crate::domain::{Currency, LedgerEntry, PaymentMethod};
+use crate::service::{Payments, PaymentsError};
 
 pub fn router(payments: Payments) -> OpenApiRouter {
     OpenApiRouter::new()
@@ -82,9 +83,12 @@ async fn accepts(
     _caller: scaleshop_web::ServiceCaller,
     Query(query): Query<MethodQuery>,
 ) -> Json<Accepted> {
-    Json(Accepted {
-        accepted: payments.accepts(&query.method),
-    })
+    // A method the API does not know is one the gateway does not take.
+    let accepted = query
+        .method
+        .parse::<PaymentMethod>()
+        .is_ok_and(|method| payments.accepts(method));
+    Json(Accepted { accepted })
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -106,6 +110,13 @@ struct ChargeAnswer {
     detail: Option<String>,
 }
 
+fn invalid(detail: String) -> Json<ChargeAnswer> {
+    Json(ChargeAnswer {
+        outcome: "invalid",
+        detail: Some(detail),
+    })
+}
+
 /// Charge an order, once per order whatever the number of calls. (Internal.)
 #[utoipa::path(
     post, path = "/internal/payments/charges", tag = "internal",
@@ -117,20 +128,25 @@ async fn charge(
     _caller: scaleshop_web::ServiceCaller,
     Json(body): Json<ChargeBody>,
 ) -> Result<Json<ChargeAnswer>, ApiError> {
-    use crate::{PaymentResult, PaymentsError};
+    let (currency, method) = match (
+        body.currency.parse::<Currency>(),
+        body.method.parse::<PaymentMethod>(),
+    ) {
+        (Ok(currency), Ok(method)) => (currency, method),
+        (Err(e), _) => return Ok(invalid(format!("currency {e}"))),
+        (_, Err(_)) => return Ok(invalid(format!("unknown payment method {:?}", body.method))),
+    };
     let result = payments
         .charge(
             body.order_id,
             body.amount_cents,
-            &body.currency,
-            &body.method,
+            &currency,
+            method,
             body.last_attempt,
         )
         .await;
     let (outcome, detail) = match result {
-        Ok(PaymentResult::Succeeded) => ("succeeded", None),
-        Ok(PaymentResult::Declined) => ("declined", None),
-        Ok(PaymentResult::Error) => ("error", None),
+        Ok(result) => (result.as_str(), None),
         Err(PaymentsError::Transient(e)) => ("transient", Some(e)),
         Err(PaymentsError::Unknown(e)) => ("unknown", Some(e)),
         Err(PaymentsError::Invalid(e)) => ("invalid", Some(e)),
