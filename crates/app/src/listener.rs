@@ -11,7 +11,10 @@
 //!   connection closes instead of being kept alive; if it still moves nothing
 //!   for a request timeout more, it is dropped);
 //! - **maximum connections**: past it, new connections wait in the kernel's
-//!   accept queue until one closes.
+//!   accept queue until one closes;
+//! - **lingering close**: a connection closed while the client still sends (an
+//!   answer given before the body was read) reads and drops the rest for up to
+//!   2 s, so the answer is not lost to a reset (see `linger`).
 //!
 //! On shutdown it stops accepting, lets every connection finish its request in
 //! flight (kept-alive connections close after it), and returns when all are
@@ -117,9 +120,11 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let activity = Arc::new(Activity::new());
+    let closed = Arc::new(parking_lot::Mutex::new(None));
     let io = TokioIo::new(Tracked {
-        inner: stream,
+        inner: Some(stream),
         activity: activity.clone(),
+        closed: closed.clone(),
     });
     let service = TowerToHyperService::new(
         service.map_request(|request: hyper::Request<Incoming>| request.map(Body::new)),
@@ -138,6 +143,10 @@ async fn serve_connection(
             result = connection.as_mut() => {
                 if let Err(error) = result {
                     tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+                let socket = closed.lock().take();
+                if let Some(socket) = socket {
+                    linger(socket).await;
                 }
                 return;
             }
@@ -196,12 +205,47 @@ impl Activity {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A stream that notes when bytes move through it.
-    struct Tracked {
-        #[pin]
-        inner: TcpStream,
-        activity: Arc<Activity>,
+/// How long, and how many bytes at most, a closed connection's socket keeps
+/// reading what the client still sends (see [`linger`]).
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: u64 = 16 << 20;
+
+/// A lingering close. A connection may close with bytes of the client's still
+/// unread (an answer given before the request's body was read: a 413, a 401);
+/// closing a socket with unread bytes sends a reset, and a reset can make the
+/// peer's kernel drop the answer it has not read yet (a gateway in between then
+/// has nothing to pass on). So once the answer is out and the socket is shut
+/// for writing, what still comes is read and dropped until the client closes,
+/// bounded by [`LINGER`] and [`LINGER_BYTES`].
+async fn linger(mut stream: TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 8 * 1024];
+    let mut drained = 0u64;
+    let _ = tokio::time::timeout(LINGER, async {
+        while drained < LINGER_BYTES {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => drained += n as u64,
+            }
+        }
+    })
+    .await;
+}
+
+/// A stream that notes when bytes move through it. Once shut for writing, it
+/// hands the socket to `closed` for a lingering close.
+struct Tracked {
+    inner: Option<TcpStream>,
+    activity: Arc<Activity>,
+    closed: Arc<parking_lot::Mutex<Option<TcpStream>>>,
+}
+
+impl Tracked {
+    fn stream(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        self.inner
+            .as_mut()
+            .map(Pin::new)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
     }
 }
 
@@ -211,9 +255,12 @@ impl AsyncRead for Tracked {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.project();
+        let this = self.get_mut();
         let before = buf.filled().len();
-        let polled = this.inner.poll_read(cx, buf);
+        let polled = match this.stream() {
+            Ok(stream) => stream.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        };
         if buf.filled().len() > before {
             this.activity.touch();
         }
@@ -227,8 +274,11 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let polled = this.inner.poll_write(cx, buf);
+        let this = self.get_mut();
+        let polled = match this.stream() {
+            Ok(stream) => stream.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        };
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             this.activity.touch();
         }
@@ -240,8 +290,11 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let polled = this.inner.poll_write_vectored(cx, bufs);
+        let this = self.get_mut();
+        let polled = match this.stream() {
+            Ok(stream) => stream.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        };
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             this.activity.touch();
         }
@@ -249,14 +302,29 @@ impl AsyncWrite for Tracked {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner
+            .as_ref()
+            .is_some_and(TcpStream::is_write_vectored)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        match self.get_mut().stream() {
+            Ok(stream) => stream.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
+    /// Shuts the socket for writing (the answer is complete), then hands it
+    /// over for a lingering close.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        let this = self.get_mut();
+        let Some(stream) = this.inner.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let shut = std::task::ready!(Pin::new(stream).poll_shutdown(cx));
+        if shut.is_ok() {
+            *this.closed.lock() = this.inner.take();
+        }
+        Poll::Ready(shut)
     }
 }

@@ -182,3 +182,52 @@ async fn connections_past_the_maximum_wait_until_one_closes() {
     drop(held);
     app.stop().await.unwrap();
 }
+
+/// An answer given before the request's body was read (a 413 for a JSON body
+/// over the limit) reaches a client that is still sending: the server reads and
+/// drops the rest (a lingering close) instead of closing on unread bytes, which
+/// would reset the connection and lose the answer on the client's side. Behind
+/// a gateway, the gateway is that client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_reaches_a_client_still_sending_its_body() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let addr = addr(&app);
+    let admin = app.admin_token().await;
+    const BODY: usize = 8 << 20;
+    for round in 0..10 {
+        let stream = TcpStream::connect(&addr).await.unwrap();
+        let (mut reader, mut writer) = stream.into_split();
+        let head = format!(
+            "POST /v1/products HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {admin}\r\n\
+             content-type: application/json\r\ncontent-length: {BODY}\r\n\r\n"
+        );
+        let sender = tokio::spawn(async move {
+            writer.write_all(head.as_bytes()).await?;
+            let chunk = vec![b' '; 64 * 1024];
+            for _ in 0..BODY / chunk.len() {
+                writer.write_all(&chunk).await?;
+            }
+            writer.shutdown().await
+        });
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match reader.read(&mut buf).await {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await
+        .expect("the server closed the connection");
+        let text = String::from_utf8_lossy(&seen);
+        assert!(
+            text.starts_with("HTTP/1.1 413"),
+            "round {round}: {read:?}, got {text:?}"
+        );
+        assert!(text.contains("payload-too-large"), "round {round}: {text}");
+        let _ = sender.await;
+    }
+}

@@ -9,6 +9,7 @@ use scaleshop_db::{Consistency, Database, StoreError, with_pool};
 use scaleshop_payments::{
     Currency, LedgerStatus, PaymentMethod, PaymentResult, Payments, SandboxGateway, migrations,
 };
+use scaleshop_testkit::fixture;
 use uuid::Uuid;
 
 async fn payments(backend: scaleshop_testkit::Backend) -> (Database, Payments) {
@@ -19,7 +20,7 @@ async fn payments(backend: scaleshop_testkit::Backend) -> (Database, Payments) {
     (db.clone(), Payments::new(db, gateway))
 }
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     charges_and_ledger_read_back_as_parsed_values,
     |backend| async move {
         let (_db, payments) = payments(backend).await;
@@ -73,7 +74,7 @@ scaleshop_testkit::both_backends!(
     }
 );
 
-scaleshop_testkit::both_backends!(
+scaleshop_testkit::both!(
     a_ledger_row_that_holds_no_currency_is_a_storage_error,
     |backend| async move {
         let (db, payments) = payments(backend).await;
