@@ -14,6 +14,7 @@ use std::hash::Hash;
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -60,6 +61,8 @@ pub struct KeyedLimit<K: Hash + Eq + Clone> {
     rate: Rate,
     limiter: DefaultKeyedRateLimiter<K>,
     shared: Option<Arc<dyn SharedLimiter>>,
+    /// Whether the current outage of `shared` was logged.
+    warned: AtomicBool,
 }
 
 impl<K: Hash + Eq + Clone> fmt::Debug for KeyedLimit<K> {
@@ -84,6 +87,7 @@ impl<K: Hash + Eq + Clone + Display> KeyedLimit<K> {
             },
             limiter: DefaultKeyedRateLimiter::keyed(quota),
             shared: None,
+            warned: AtomicBool::new(false),
         }
     }
 
@@ -100,14 +104,29 @@ impl<K: Hash + Eq + Clone + Display> KeyedLimit<K> {
     pub async fn check(&self, key: &K) -> Result<(), ApiError> {
         if let Some(shared) = &self.shared {
             match shared.check(self.name, &opaque(key), self.rate).await {
-                Ok(Decision::Admitted) => return Ok(()),
-                Ok(Decision::Refused { wait }) => return Err(self.refused(wait)),
-                // The key's value is never logged (it may be an email).
-                Err(error) => tracing::warn!(
-                    limiter = self.name,
-                    %error,
-                    "shared rate limit unavailable; limiting in this process"
-                ),
+                Ok(decision) => {
+                    if self.warned.swap(false, Ordering::Relaxed) {
+                        tracing::info!(limiter = self.name, "shared rate limit available again");
+                    }
+                    return match decision {
+                        Decision::Admitted => Ok(()),
+                        Decision::Refused { wait } => Err(self.refused(wait)),
+                    };
+                }
+                // The key's value is never logged (it may be an email); one
+                // warning per outage and limiter, the rest at debug (the count
+                // is in `cache_errors_total{op="ratelimit"}`).
+                Err(error) => {
+                    if self.warned.swap(true, Ordering::Relaxed) {
+                        tracing::debug!(limiter = self.name, %error, "shared rate limit unavailable");
+                    } else {
+                        tracing::warn!(
+                            limiter = self.name,
+                            %error,
+                            "shared rate limit unavailable; limiting in this process"
+                        );
+                    }
+                }
             }
         }
         self.limiter.check_key(key).map_err(|not_until| {
