@@ -15,6 +15,7 @@ mod local;
 pub mod lock;
 pub mod modules;
 mod ops;
+mod ratelimit;
 mod recovery;
 pub mod registry;
 pub mod server;

@@ -166,6 +166,8 @@ pub struct Context<'a> {
     pub users_cache: Arc<TieredCache<scaleshop_users::domain::User>>,
     pub products_cache: Arc<TieredCache<scaleshop_catalog::ProductView>>,
     pub sessions_cache: Arc<TieredCache<scaleshop_users::domain::SessionState>>,
+    /// Where rate limits shared by every process live (Redis, when configured).
+    pub shared_limits: Option<Arc<dyn scaleshop_web::ratelimit::SharedLimiter>>,
     pub clients: crate::clients::Clients,
     pub users: Option<scaleshop_users::Users>,
     pub inventory: Option<scaleshop_inventory::Inventory>,
@@ -218,7 +220,11 @@ async fn users(cx: &mut Context<'_>) -> Result<Registration, StartError> {
     if let (Some(email), Some(password)) = (&config.admin_email, &config.admin_password) {
         ensure_admin(&users, email, password.expose()).await?;
     }
-    let (router, forget) = scaleshop_users::http::router(users.clone(), config.login_limits());
+    let (router, forget) = scaleshop_users::http::router(
+        users.clone(),
+        config.login_limits(),
+        cx.shared_limits.clone(),
+    );
     reg.routes.push(router);
     reg.routes
         .push(scaleshop_users::http::internal_router(users.clone()));

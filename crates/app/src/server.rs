@@ -211,6 +211,10 @@ impl App {
             users_cache: users_cache.clone(),
             products_cache: products_cache.clone(),
             sessions_cache: sessions_cache.clone(),
+            shared_limits: redis.clone().map(|redis| {
+                Arc::new(crate::ratelimit::RedisLimits(redis))
+                    as Arc<dyn scaleshop_web::ratelimit::SharedLimiter>
+            }),
             clients: crate::clients::Clients::new(config, keys.clone()),
             users: None,
             inventory: None,

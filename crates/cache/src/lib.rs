@@ -34,7 +34,7 @@ use scaleshop_telemetry::names;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use redis_tier::{CHANNEL, Redis, RedisError};
+pub use redis_tier::{CHANNEL, RateDecision, Redis, RedisError};
 
 #[derive(Debug, Clone)]
 pub struct CacheSettings {

@@ -2,8 +2,8 @@
 //! (about 50 ms); a failure opens a breaker for a second, during which Redis is
 //! skipped (reads go to L1 and the database), then it is tried again.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
@@ -58,6 +58,39 @@ return 1";
 const RELEASE_LEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0";
+
+/// GCRA (the algorithm of in-process limiters such as `governor`), kept in Redis
+/// so every process shares one limit. KEYS[1] holds the theoretical arrival time
+/// (TAT, microseconds of the Redis clock, so process clocks do not matter);
+/// ARGV[1] is the emission interval and ARGV[2] the burst tolerance
+/// (interval x (burst - 1)), both in microseconds. A request is refused while
+/// `now < TAT - tolerance` and then waits `TAT - tolerance - now`; an admitted one
+/// moves TAT to `max(TAT, now) + interval`, kept exactly as long as it matters
+/// (a TAT in the past is the same as none). Returns {admitted (0/1), wait}.
+const GCRA: &str = r"
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now) or now
+if tat < now then tat = now end
+local earliest = tat - tolerance
+if now < earliest then return {0, earliest - now} end
+local next = tat + interval
+redis.call('SET', KEYS[1], string.format('%d', next), 'PX', math.ceil((next - now) / 1000))
+return {1, 0}";
+
+static GCRA_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(GCRA));
+
+/// The decision of [`Redis::rate_limit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateDecision {
+    Admitted,
+    /// Refused; the next request of the key is admitted after `wait`.
+    Refused {
+        wait: Duration,
+    },
+}
 
 impl Redis {
     /// A lazy connection: the process starts even if Redis is down.
@@ -189,6 +222,43 @@ impl Redis {
             Ok(Err(e)) => Err(RedisError::Redis(e.to_string())),
             Err(_) => Err(RedisError::Timeout),
         }
+    }
+
+    /// Counts one request of `key` against the limit `limiter` shared by every
+    /// process: `burst` requests at once, then one per `interval` (GCRA, one
+    /// atomic script). The key is stored as `scaleshop:ratelimit:<limiter>:<key>`,
+    /// so callers pass a short key (hashed if it could be long or personal).
+    /// Every failure, including a skip while the breaker is open, counts in
+    /// `cache_errors_total{op="ratelimit"}`: the caller limits in its process.
+    pub async fn rate_limit(
+        &self,
+        limiter: &str,
+        key: &str,
+        interval: Duration,
+        burst: u32,
+    ) -> Result<RateDecision, RedisError> {
+        if self.is_open() {
+            metrics::counter!(scaleshop_telemetry::names::CACHE_ERRORS, "op" => "ratelimit")
+                .increment(1);
+            return Err(RedisError::Open);
+        }
+        let interval_us = u64::try_from(interval.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let tolerance_us = interval_us.saturating_mul(u64::from(burst.max(1) - 1));
+        let mut conn = self.manager.clone();
+        let mut invocation = GCRA_SCRIPT.key(format!("scaleshop:ratelimit:{limiter}:{key}"));
+        invocation.arg(interval_us).arg(tolerance_us);
+        let (admitted, wait_us): (i64, i64) = self
+            .call("ratelimit", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(if admitted == 1 {
+            RateDecision::Admitted
+        } else {
+            RateDecision::Refused {
+                wait: Duration::from_micros(u64::try_from(wait_us).unwrap_or(0)),
+            }
+        })
     }
 
     /// PING, bounded.

@@ -43,9 +43,10 @@ pub mod names {
     pub const CACHE_REQUESTS: &str = "cache_requests_total";
     /// Counter: `cache`; values loaded from the database (cache misses that reached it).
     pub const CACHE_LOADS: &str = "cache_loads_total";
-    /// Counter: `op`; Redis calls that failed or timed out (served from L1 or the database).
+    /// Counter: `op`; Redis calls that failed or timed out (served from L1 or the database;
+    /// `ratelimit`: also skips while the breaker is open, limited in the process).
     pub const CACHE_ERRORS: &str = "cache_errors_total";
-    /// Counter: `limiter` (`login_address`, `login_email`); requests refused with 429.
+    /// Counter: `limiter` (`login_address`, `login_email`, `signup_address`); requests refused with 429.
     pub const RATE_LIMITED: &str = "rate_limited_total";
 }
 

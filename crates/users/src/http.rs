@@ -9,7 +9,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use chrono::{DateTime, Utc};
 use scaleshop_web::page::PageParams;
-use scaleshop_web::ratelimit::KeyedLimit;
+use scaleshop_web::ratelimit::{KeyedLimit, SharedLimiter};
 use scaleshop_web::{
     ApiError, Caller, ConsistencyToken, ErrorCode, Fields, Id, JsonObject, Keys, Page, Paginated,
     Peer, Problem, ReadConsistency, RequestKeys,
@@ -40,22 +40,23 @@ struct UsersHttp {
 }
 
 /// The routes, and a handle that forgets idle rate-limit keys (call it now and then).
+/// With `shared`, the limits hold across every process (see `KeyedLimit::shared`).
 pub fn router(
     users: Users,
     limits: LoginLimits,
+    shared: Option<Arc<dyn SharedLimiter>>,
 ) -> (OpenApiRouter, impl Fn() + Send + Sync + 'static) {
-    let by_address = Arc::new(KeyedLimit::per_minute(
-        "login_address",
-        limits.per_address_per_minute,
-    ));
-    let by_email = Arc::new(KeyedLimit::per_minute(
-        "login_email",
-        limits.per_email_per_minute,
-    ));
-    let signup_by_address = Arc::new(KeyedLimit::per_minute(
-        "signup_address",
-        limits.signup_per_address_per_minute,
-    ));
+    let by_address = Arc::new(
+        KeyedLimit::per_minute("login_address", limits.per_address_per_minute)
+            .shared(shared.clone()),
+    );
+    let by_email = Arc::new(
+        KeyedLimit::per_minute("login_email", limits.per_email_per_minute).shared(shared.clone()),
+    );
+    let signup_by_address = Arc::new(
+        KeyedLimit::per_minute("signup_address", limits.signup_per_address_per_minute)
+            .shared(shared),
+    );
     let forget = {
         let (a, e, s) = (
             by_address.clone(),
@@ -220,7 +221,7 @@ async fn create_user(
     let (Some(email), Some(name), Some(password)) = (email, name, password) else {
         return Err(ApiError::internal("fields checked but missing"));
     };
-    http.signup_by_address.check(&peer.ip())?;
+    http.signup_by_address.check(&peer.ip()).await?;
     let user = http
         .users
         .register(NewUser {
@@ -265,8 +266,8 @@ async fn create_session(
     let (Some(email), Some(password)) = (email, password) else {
         return Err(ApiError::internal("fields checked but missing"));
     };
-    http.by_address.check(&peer.ip())?;
-    http.by_email.check(&email.trim().to_lowercase())?;
+    http.by_address.check(&peer.ip()).await?;
+    http.by_email.check(&email.trim().to_lowercase()).await?;
     let signed_in = http.users.authenticate(&email, &password).await?;
     let user = signed_in.user;
     let issued = keys.tokens.issue(

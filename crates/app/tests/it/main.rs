@@ -22,6 +22,7 @@ mod limits;
 mod media;
 mod messaging;
 mod operations;
+mod ratelimit;
 mod replicas;
 mod sessions;
 mod users;
