@@ -1,23 +1,30 @@
 //! Password hashing (argon2id, m = 19456 KiB, t = 2, p = 1) with bounded memory
 //! and concurrency.
 //!
-//! Each hash or verify needs 19 MiB of working memory and about 10 ms of one core.
-//! At most `concurrency` of them run at once in a process; each runs on the blocking
-//! pool with one of at most `concurrency` working buffers, allocated on first use and
-//! kept (so no hash pays for fresh pages, and the memory held for hashing is bounded
-//! by `concurrency` × 19 MiB whatever the load). A caller waits for its turn at most
-//! `queue_wait`, then gets [`UsersError::Busy`] (503 with `Retry-After`).
+//! Each hash or verify needs 19 MiB of working memory and 7 to 17 ms of one core,
+//! depending on the SIMD the CPU has. At most `concurrency` of them run at once in
+//! a process; each runs on the blocking pool with one of at most `concurrency`
+//! working arenas, allocated on first use and kept (so no hash pays for fresh
+//! pages, and the memory held for hashing is bounded by `concurrency` × 19 MiB
+//! whatever the load). An arena is wiped after each use. A caller waits for its
+//! turn at most `queue_wait`, then gets [`UsersError::Busy`] (503 with
+//! `Retry-After`).
 //!
-//! Hashes are standard PHC strings (`$argon2id$v=19$m=19456,t=2,p=1$salt$hash`),
-//! the same the `argon2` crate writes and reads; verify honours the algorithm,
-//! version and parameters written in the stored string.
+//! The computation is `argon2-rust`'s, a port of the reference implementation
+//! whose block compression is picked at run time from what the CPU has (AVX-512,
+//! AVX2, SSE2+SSSE3, scalar): one binary for every x86-64, and about twice as
+//! fast as the portable `argon2` crate on an AVX-512 core (see
+//! docs/benchmarks.md). Hashes are standard PHC strings
+//! (`$argon2id$v=19$m=19456,t=2,p=1$salt$hash`), the same the `argon2` crate
+//! writes and reads, so hashes written by either verify with the other; verify
+//! honours the algorithm, version and parameters written in the stored string.
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use argon2::password_hash::phc::{Output, ParamsString, Salt};
-use argon2::{Algorithm, Argon2, Block, Params, PasswordHash as Phc, Version};
+use argon2_rust::params::{Memory, TagLen};
+use argon2_rust::{Algorithm, Argon2, Params, Version};
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -28,8 +35,7 @@ use crate::service::UsersError;
 const M_COST_KIB: u32 = 19_456;
 const T_COST: u32 = 2;
 const P_COST: u32 = 1;
-const OUTPUT_LEN: usize = 32;
-const SALT_LEN: usize = 16;
+const OUTPUT_LEN: u64 = 32;
 
 /// How many hashes run at once and how long a caller waits for its turn.
 #[derive(Debug, Clone, Copy)]
@@ -54,7 +60,7 @@ impl Default for HashSettings {
     }
 }
 
-/// The password hasher of one process (clones share the limit and the buffers).
+/// The password hasher of one process (clones share the limit and the arenas).
 #[derive(Debug, Clone)]
 pub struct Hasher {
     inner: Arc<Inner>,
@@ -63,8 +69,9 @@ pub struct Hasher {
 #[derive(Debug)]
 struct Inner {
     permits: Arc<Semaphore>,
-    /// Idle working buffers; never more than `concurrency` exist.
-    buffers: Mutex<Vec<Vec<Block>>>,
+    /// Idle working arenas (each with the policy's parameters); never more than
+    /// `concurrency` exist.
+    arenas: Mutex<Vec<argon2_rust::Hasher>>,
     queue_wait: Duration,
 }
 
@@ -74,86 +81,61 @@ impl Default for Hasher {
     }
 }
 
-/// The right to run one hash, with its working memory. Dropping it gives both back.
+/// The right to run one hash, with its working arena. Dropping it gives both back.
 struct Lease {
     inner: Arc<Inner>,
-    memory: Vec<Block>,
+    arena: Option<argon2_rust::Hasher>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let memory = std::mem::take(&mut self.memory);
-        if !memory.is_empty() {
-            self.inner.buffers.lock().push(memory);
+        if let Some(arena) = self.arena.take() {
+            self.inner.arenas.lock().push(arena);
         }
     }
-}
-
-fn params() -> Result<Params, UsersError> {
-    Params::new(M_COST_KIB, T_COST, P_COST, Some(OUTPUT_LEN)).map_err(hashing_error)
 }
 
 fn hashing_error(error: impl std::fmt::Display) -> UsersError {
     UsersError::Hashing(error.to_string())
 }
 
-/// A new PHC string for `password`, computed in `memory` with a fresh salt.
-fn hash_in(memory: &mut [Block], password: &[u8]) -> Result<String, UsersError> {
-    let salt = argon2::password_hash::try_generate_salt().map_err(hashing_error)?;
-    hash_with_salt(memory, password, &salt)
-}
-
-fn hash_with_salt(
-    memory: &mut [Block],
-    password: &[u8],
-    salt: &[u8; SALT_LEN],
-) -> Result<String, UsersError> {
-    let params = params()?;
-    let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
-    let mut out = [0u8; OUTPUT_LEN];
-    argon2
-        .hash_password_into_with_memory(password, salt, &mut out, memory)
+/// The policy: argon2id v19 with the OWASP parameters.
+fn policy() -> Result<Argon2, UsersError> {
+    let params = Params::builder()
+        .memory(Memory::kib(u64::from(M_COST_KIB)))
+        .passes(T_COST)
+        .lanes(P_COST)
+        .tag_len(TagLen::bytes(OUTPUT_LEN))
+        .build()
         .map_err(hashing_error)?;
-    let phc = Phc {
-        algorithm: Algorithm::Argon2id.ident(),
-        version: Some(Version::V0x13.into()),
-        params: ParamsString::try_from(&params).map_err(hashing_error)?,
-        salt: Some(Salt::new(salt).map_err(hashing_error)?),
-        hash: Some(Output::new(&out).map_err(hashing_error)?),
-    };
-    Ok(phc.to_string())
+    Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
 }
 
-/// Whether `password` matches the stored PHC string, computed in `memory` when it is
-/// large enough for the string's parameters (else in memory of its own). A string
-/// that is not an argon2 hash never matches.
-fn verify_in(memory: &mut [Block], password: &[u8], stored: &str) -> bool {
-    let Ok(phc) = Phc::new(stored) else {
+/// A new arena for the policy; its memory is mapped on first use.
+fn new_arena() -> Result<argon2_rust::Hasher, UsersError> {
+    Ok(policy()?.hasher())
+}
+
+/// A new PHC string for `password`, computed in `arena` with a fresh salt from
+/// the OS.
+fn hash_in(arena: &mut argon2_rust::Hasher, password: &[u8]) -> Result<String, UsersError> {
+    arena
+        .hash_password_with_random_salt(password)
+        .map_err(hashing_error)
+}
+
+/// Whether `password` matches the stored PHC string, computed in `arena` when it
+/// is large enough for the string's parameters (else in an arena of its own,
+/// freed at once). A string that is not an argon2 hash never matches; the tags
+/// are compared in constant time.
+fn verify_in(arena: &mut argon2_rust::Hasher, password: &[u8], stored: &str) -> bool {
+    let Ok(decoded) = argon2_rust::decode_phc(stored) else {
         return false;
     };
-    let (Some(salt), Some(expected)) = (&phc.salt, &phc.hash) else {
-        return false;
-    };
-    let Ok(algorithm) = Algorithm::new(phc.algorithm.as_str()) else {
-        return false;
-    };
-    let version = match phc.version.map(Version::try_from).transpose() {
-        Ok(version) => version.unwrap_or_default(),
-        Err(_) => return false,
-    };
-    let Ok(params) = Params::try_from(&phc) else {
-        return false;
-    };
-    let argon2 = Argon2::new(algorithm, version, params.clone());
-    let mut out = vec![0u8; expected.len()];
-    let computed = if params.block_count() <= memory.len() {
-        argon2.hash_password_into_with_memory(password, salt.as_ref(), &mut out, memory)
-    } else {
-        argon2.hash_password_into(password, salt.as_ref(), &mut out)
-    };
-    // `Output`'s equality is constant-time.
-    computed.is_ok() && Output::new(&out).is_ok_and(|out| out == *expected)
+    arena
+        .verify_encoded(stored, password, decoded.algorithm)
+        .is_ok()
 }
 
 impl Hasher {
@@ -162,7 +144,7 @@ impl Hasher {
         Self {
             inner: Arc::new(Inner {
                 permits: Arc::new(Semaphore::new(concurrency)),
-                buffers: Mutex::new(Vec::with_capacity(concurrency)),
+                arenas: Mutex::new(Vec::with_capacity(concurrency)),
                 queue_wait: settings.queue_wait,
             }),
         }
@@ -177,10 +159,10 @@ impl Hasher {
         .await
         .map_err(|_| UsersError::Busy)?
         .map_err(hashing_error)?;
-        let idle = self.inner.buffers.lock().pop();
+        let idle = self.inner.arenas.lock().pop();
         Ok(Lease {
             inner: self.inner.clone(),
-            memory: idle.unwrap_or_default(),
+            arena: idle,
             _permit: permit,
         })
     }
@@ -190,31 +172,31 @@ impl Hasher {
     /// the turn before the computation ends.
     async fn run<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&mut [Block]) -> T + Send + 'static,
+        work: impl FnOnce(&mut argon2_rust::Hasher) -> Result<T, UsersError> + Send + 'static,
     ) -> Result<T, UsersError> {
         let mut lease = self.lease().await?;
         tokio::task::spawn_blocking(move || {
-            if lease.memory.is_empty() {
-                let blocks = params().map(|p| p.block_count()).unwrap_or_default();
-                lease.memory = vec![Block::new(); blocks];
-            }
-            work(&mut lease.memory)
+            let arena = match &mut lease.arena {
+                Some(arena) => arena,
+                none => none.insert(new_arena()?),
+            };
+            work(arena)
         })
         .await
-        .map_err(hashing_error)
+        .map_err(hashing_error)?
     }
 
     pub async fn hash(&self, password: &Password) -> Result<PasswordHash, UsersError> {
         let password = password.clone();
-        self.run(move |memory| hash_in(memory, password.expose().as_bytes()))
-            .await?
+        self.run(move |arena| hash_in(arena, password.expose().as_bytes()))
+            .await
             .map(PasswordHash)
     }
 
     pub async fn verify(&self, password: &str, hash: &PasswordHash) -> Result<bool, UsersError> {
         let password = password.to_owned();
         let hash = hash.0.clone();
-        self.run(move |memory| verify_in(memory, password.as_bytes(), &hash))
+        self.run(move |arena| Ok(verify_in(arena, password.as_bytes(), &hash)))
             .await
     }
 
@@ -234,19 +216,45 @@ impl Hasher {
 
 #[cfg(test)]
 mod tests {
+    use argon2::password_hash::phc::PasswordHash as Phc;
     use argon2::{PasswordHasher, PasswordVerifier};
 
     use super::*;
 
-    fn memory() -> Vec<Block> {
-        vec![Block::new(); params().unwrap().block_count()]
+    /// The `argon2` crate (the implementation the product used before) with the
+    /// given variant, version and parameters.
+    fn the_crate(
+        algorithm: argon2::Algorithm,
+        version: argon2::Version,
+        m: u32,
+        t: u32,
+        p: u32,
+    ) -> argon2::Argon2<'static> {
+        argon2::Argon2::new(
+            algorithm,
+            version,
+            argon2::Params::new(m, t, p, None).unwrap(),
+        )
+    }
+
+    fn the_crate_with_the_policy() -> argon2::Argon2<'static> {
+        the_crate(
+            argon2::Algorithm::Argon2id,
+            argon2::Version::V0x13,
+            M_COST_KIB,
+            T_COST,
+            P_COST,
+        )
     }
 
     #[test]
     fn the_same_phc_string_as_the_argon2_crate() {
         let salt = *b"0123456789abcdef";
-        let ours = hash_with_salt(&mut memory(), b"correct horse", &salt).unwrap();
-        let theirs = Argon2::new(Algorithm::Argon2id, Version::V0x13, params().unwrap())
+        let ours = new_arena()
+            .unwrap()
+            .hash_encoded(b"correct horse", &salt)
+            .unwrap();
+        let theirs = the_crate_with_the_policy()
             .hash_password_with_salt(b"correct horse", &salt)
             .unwrap()
             .to_string();
@@ -255,38 +263,81 @@ mod tests {
     }
 
     #[test]
-    fn verifies_hashes_of_the_argon2_crate_and_its_own() {
-        let mut memory = memory();
-        // A reused buffer holds the previous hash's blocks: results must not depend on it.
-        let ours = hash_in(&mut memory, b"password one").unwrap();
-        let theirs = Argon2::default()
+    fn new_hashes_have_the_policy_and_a_fresh_salt() {
+        let mut arena = new_arena().unwrap();
+        let one = hash_in(&mut arena, b"password one").unwrap();
+        let two = hash_in(&mut arena, b"password one").unwrap();
+        assert_ne!(one, two);
+        for hash in [&one, &two] {
+            let phc = Phc::new(hash).unwrap();
+            assert_eq!(phc.algorithm.as_str(), "argon2id");
+            assert_eq!(phc.version, Some(19));
+            assert_eq!(phc.params.to_string(), "m=19456,t=2,p=1");
+            assert_eq!(phc.salt.unwrap().len(), 16);
+            assert_eq!(phc.hash.unwrap().len(), 32);
+        }
+    }
+
+    #[test]
+    fn the_argon2_crate_verifies_our_hashes() {
+        let mut arena = new_arena().unwrap();
+        let ours = hash_in(&mut arena, b"password one").unwrap();
+        let parsed = Phc::new(&ours).unwrap();
+        // Its defaults are not what checks the string: the string's parameters are.
+        let the_crate = argon2::Argon2::default();
+        assert!(the_crate.verify_password(b"password one", &parsed).is_ok());
+        assert!(the_crate.verify_password(b"password two", &parsed).is_err());
+    }
+
+    #[test]
+    fn verifies_hashes_of_the_argon2_crate() {
+        let mut arena = new_arena().unwrap();
+        // A reused arena held the previous hash's blocks: results must not depend on it.
+        let ours = hash_in(&mut arena, b"password one").unwrap();
+        assert!(verify_in(&mut arena, b"password one", &ours));
+        assert!(!verify_in(&mut arena, b"password two", &ours));
+        let theirs = the_crate_with_the_policy()
             .hash_password(b"password two")
             .unwrap()
             .to_string();
-        assert!(verify_in(&mut memory, b"password one", &ours));
-        assert!(!verify_in(&mut memory, b"password two", &ours));
-        // Other parameters (the crate's defaults) are read from the string.
-        assert!(verify_in(&mut memory, b"password two", &theirs));
-        assert!(!verify_in(&mut memory, b"password one", &theirs));
-        let parsed = Phc::new(&ours).unwrap();
-        assert!(
-            Argon2::default()
-                .verify_password(b"password one", &parsed)
-                .is_ok()
-        );
-        // More memory than the buffer holds: computed in memory of its own.
-        let big = Argon2::new(
-            Algorithm::Argon2id,
-            Version::V0x13,
-            Params::new(2 * M_COST_KIB, 1, 1, None).unwrap(),
-        )
-        .hash_password(b"password three")
-        .unwrap()
-        .to_string();
-        assert!(verify_in(&mut memory, b"password three", &big));
-        for junk in ["", "not a hash", "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA"] {
-            assert!(!verify_in(&mut memory, b"password one", junk));
+        assert!(theirs.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+        assert!(verify_in(&mut arena, b"password two", &theirs));
+        assert!(!verify_in(&mut arena, b"password one", &theirs));
+        // Other variants, versions and parameters are read from the string.
+        use argon2::{Algorithm as A, Version as V};
+        for (algorithm, version, m, t, p) in [
+            (A::Argon2id, V::V0x13, 8_192, 3, 2),
+            (A::Argon2id, V::V0x10, 4_096, 1, 1),
+            (A::Argon2i, V::V0x13, 4_096, 2, 1),
+            (A::Argon2d, V::V0x13, 4_096, 2, 4),
+        ] {
+            let hash = the_crate(algorithm, version, m, t, p)
+                .hash_password(b"password three")
+                .unwrap()
+                .to_string();
+            assert!(verify_in(&mut arena, b"password three", &hash), "{hash}");
+            assert!(!verify_in(&mut arena, b"password one", &hash), "{hash}");
         }
+        // More memory than the arena holds: computed in an arena of its own, and
+        // the kept one does not grow.
+        let big = the_crate(A::Argon2id, V::V0x13, 2 * M_COST_KIB, 1, 1)
+            .hash_password(b"password four")
+            .unwrap()
+            .to_string();
+        assert!(verify_in(&mut arena, b"password four", &big));
+        assert_eq!(arena.reserved_blocks(), M_COST_KIB as usize);
+        let salt_only = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0";
+        for junk in [
+            "",
+            "not a hash",
+            salt_only,
+            "$scrypt$ln=4,r=8,p=1$c2FsdA$aGFzaA",
+        ] {
+            assert!(!verify_in(&mut arena, b"password one", junk));
+        }
+        // A truncated tag is not a match.
+        let short = &theirs[..theirs.len() - 4];
+        assert!(!verify_in(&mut arena, b"password two", short));
     }
 
     #[tokio::test]
@@ -304,9 +355,10 @@ mod tests {
         drop(held);
         let hash = hasher.hash(&password).await.unwrap();
         assert!(hasher.verify("password-123", &hash).await.unwrap());
-        // The one buffer is back in the pool, and no second one was made.
-        let idle = hasher.inner.buffers.lock();
+        assert!(!hasher.verify("password-124", &hash).await.unwrap());
+        // The one arena is back in the pool, and no second one was made.
+        let idle = hasher.inner.arenas.lock();
         assert_eq!(idle.len(), 1);
-        assert_eq!(idle[0].len(), params().unwrap().block_count());
+        assert_eq!(idle[0].reserved_blocks(), M_COST_KIB as usize);
     }
 }

@@ -1,5 +1,5 @@
-//! `bench-hash [--runs N] [--warmup N] [--argon2-cli PATH]`: times argon2id
-//! (m = 19456 KiB, t = 2, p = 1) four ways, interleaved run by run so that the
+//! `bench-hash [--runs N] [--warmup N] [--argon2-cli PATH]...`: times argon2id
+//! (m = 19456 KiB, t = 2, p = 1) several ways, interleaved run by run so that the
 //! machine's noise falls on all of them alike:
 //!
 //! - `Hasher`: the product's own path (`scaleshop_users::hashing::Hasher`: a
@@ -8,8 +8,12 @@
 //!   allocates (and zeroes) 19 MiB per call, as the product did before;
 //! - `argon2 crate, reused memory`: `hash_password_into_with_memory` on this
 //!   thread with one buffer, the floor of the crate;
-//! - the `argon2` command (Debian package `argon2`, the reference C
-//!   implementation) as it reports its own time, when installed.
+//! - `argon2-rust`: the port of the reference implementation with SIMD picked at
+//!   run time (its backend is named in the row), one-shot (fresh arena per hash)
+//!   and through its pooled `Hasher` (one arena, wiped after each hash);
+//! - each `--argon2-cli` command (default: `argon2`, Debian's build of the
+//!   reference C implementation) as it reports its own time, when it runs. The
+//!   tags of all ways are checked equal on every run.
 //!
 //! Prints the median, p90 and min of each, in milliseconds, as a markdown table.
 
@@ -36,9 +40,10 @@ struct Args {
     /// (fresh memory for the 19 MiB each hash fills); a running server is past them.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=1000))]
     warmup: u32,
-    /// The reference implementation's command line; skipped when it cannot run.
+    /// A command line of the reference implementation (`argon2 salt -id ...`,
+    /// password on stdin); may be repeated; one that cannot run is skipped.
     #[arg(long, default_value = "argon2")]
-    argon2_cli: String,
+    argon2_cli: Vec<String>,
 }
 
 // The server's allocator, so "fresh memory" costs what it costs there.
@@ -90,20 +95,43 @@ fn cli_run(cli: &str) -> Result<f64, String> {
         .ok_or_else(|| format!("{cli}: no time in its output"))
 }
 
+fn rust_argon2() -> Result<argon2_rust::Argon2, String> {
+    let params = argon2_rust::Params::builder()
+        .memory(argon2_rust::params::Memory::kib(19_456))
+        .passes(2)
+        .lanes(1)
+        .tag_len(argon2_rust::params::TagLen::bytes(32))
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok(argon2_rust::Argon2::new(
+        argon2_rust::Algorithm::Argon2id,
+        argon2_rust::Version::V0x13,
+        params,
+    ))
+}
+
 #[derive(Default)]
 struct Samples {
     hasher_hash: Vec<f64>,
     hasher_verify: Vec<f64>,
     fresh: Vec<f64>,
     reused: Vec<f64>,
-    cli: Vec<f64>,
+    rust_fresh: Vec<f64>,
+    rust_pooled: Vec<f64>,
+    cli: Vec<Vec<f64>>,
+}
+
+/// The other ways of one round, beside the product's `Hasher`.
+struct Ways<'a> {
+    memory: &'a mut [Block],
+    rust_hasher: &'a mut argon2_rust::Hasher,
+    clis: &'a [String],
 }
 
 async fn round(
     hasher: &Hasher,
     password: &Password,
-    memory: &mut [Block],
-    cli: Option<&str>,
+    ways: &mut Ways<'_>,
     samples: &mut Samples,
 ) -> Result<(), String> {
     let argon2 = crate_argon2()?;
@@ -127,11 +155,29 @@ async fn round(
     let mut out = [0u8; 32];
     let start = Instant::now();
     argon2
-        .hash_password_into_with_memory(PASSWORD.as_bytes(), SALT, &mut out, &mut *memory)
+        .hash_password_into_with_memory(PASSWORD.as_bytes(), SALT, &mut out, &mut *ways.memory)
         .map_err(|e| e.to_string())?;
     samples.reused.push(ms(start));
-    if let Some(cli) = cli {
-        samples.cli.push(cli_run(cli)?);
+    let rust = rust_argon2()?;
+    let mut rust_out = [0u8; 32];
+    let start = Instant::now();
+    rust.hash_into(PASSWORD.as_bytes(), SALT, &mut rust_out)
+        .map_err(|e| e.to_string())?;
+    samples.rust_fresh.push(ms(start));
+    if rust_out != out {
+        return Err("argon2-rust (one-shot) and the argon2 crate disagree".to_owned());
+    }
+    let start = Instant::now();
+    ways.rust_hasher
+        .hash_into(PASSWORD.as_bytes(), SALT, &mut rust_out)
+        .map_err(|e| e.to_string())?;
+    samples.rust_pooled.push(ms(start));
+    if rust_out != out {
+        return Err("argon2-rust (pooled) and the argon2 crate disagree".to_owned());
+    }
+    samples.cli.resize_with(ways.clis.len(), Vec::new);
+    for (cli, times) in ways.clis.iter().zip(&mut samples.cli) {
+        times.push(cli_run(cli)?);
     }
     Ok(())
 }
@@ -140,22 +186,33 @@ async fn run(args: Args) -> Result<(), String> {
     let hasher = Hasher::default();
     let password = Password::parse(PASSWORD).map_err(|e| e.to_string())?;
     let warm = hasher.hash(&password).await.map_err(|e| e.to_string())?;
-    let cli = match cli_run(&args.argon2_cli) {
-        Ok(_) => Some(args.argon2_cli.as_str()),
-        Err(e) => {
-            eprintln!("bench-hash: skipping the argon2 command ({e})");
-            None
-        }
-    };
+    let clis: Vec<String> = args
+        .argon2_cli
+        .iter()
+        .filter(|cli| match cli_run(cli) {
+            Ok(_) => true,
+            Err(e) => {
+                eprintln!("bench-hash: skipping {cli} ({e})");
+                false
+            }
+        })
+        .cloned()
+        .collect();
     let blocks = crate_argon2()?.params().block_count();
     let mut memory = vec![Block::new(); blocks];
+    let mut rust_hasher = rust_argon2()?.hasher();
+    let mut ways = Ways {
+        memory: &mut memory,
+        rust_hasher: &mut rust_hasher,
+        clis: &clis,
+    };
     let mut discard = Samples::default();
     for _ in 0..args.warmup {
-        round(&hasher, &password, &mut memory, cli, &mut discard).await?;
+        round(&hasher, &password, &mut ways, &mut discard).await?;
     }
     let mut samples = Samples::default();
     for _ in 0..args.runs {
-        round(&hasher, &password, &mut memory, cli, &mut samples).await?;
+        round(&hasher, &password, &mut ways, &mut samples).await?;
     }
     // The PHC prefix names the algorithm and parameters actually used.
     let params: String = warm.0.split('$').take(4).collect::<Vec<_>>().join("$");
@@ -172,15 +229,30 @@ async fn run(args: Args) -> Result<(), String> {
         .zip(&samples.hasher_verify)
         .map(|(h, v)| h + v)
         .collect();
+    let backend = argon2_rust::detected_backend();
     let mut rows = vec![
-        ("Hasher: hash (sign-up)", &samples.hasher_hash),
-        ("Hasher: verify (sign-in)", &samples.hasher_verify),
-        ("Hasher: hash + verify", &both),
-        ("argon2 crate, fresh memory per hash", &samples.fresh),
-        ("argon2 crate, reused memory", &samples.reused),
+        ("Hasher: hash (sign-up)".to_owned(), &samples.hasher_hash),
+        (
+            "Hasher: verify (sign-in)".to_owned(),
+            &samples.hasher_verify,
+        ),
+        ("Hasher: hash + verify".to_owned(), &both),
+        (
+            "argon2 crate, fresh memory per hash".to_owned(),
+            &samples.fresh,
+        ),
+        ("argon2 crate, reused memory".to_owned(), &samples.reused),
+        (
+            format!("argon2-rust ({backend}), one-shot"),
+            &samples.rust_fresh,
+        ),
+        (
+            format!("argon2-rust ({backend}), pooled Hasher"),
+            &samples.rust_pooled,
+        ),
     ];
-    if cli.is_some() {
-        rows.push(("argon2 command (reference C, its own timer)", &samples.cli));
+    for (cli, times) in clis.iter().zip(&samples.cli) {
+        rows.push((format!("`{cli}` (reference C, its own timer)"), times));
     }
     for (name, values) in rows {
         let min = values.iter().copied().reduce(f64::min);
