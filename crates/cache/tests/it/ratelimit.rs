@@ -1,7 +1,5 @@
 //! The shared GCRA rate limit against a real Redis (started per test on a free port).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
-
 use std::time::{Duration, Instant};
 
 use scaleshop_cache::{RateDecision, Redis, RedisError};
