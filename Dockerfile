@@ -14,6 +14,9 @@ ARG DEBIAN_RELEASE=bookworm
 
 FROM docker.io/library/rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS chef
 RUN cargo install cargo-chef --locked --version 0.1.78
+# No debug info in the image's binary (57 MB instead of 233 MB with the release
+# profile's line tables); symbols stay, so a backtrace still names functions.
+ENV CARGO_PROFILE_RELEASE_DEBUG=false
 WORKDIR /src
 
 # The dependency list (recipe.json): changes only when a Cargo.toml or
