@@ -15,6 +15,7 @@ mod cache;
 mod cli;
 mod cluster;
 mod crash;
+mod deploy;
 mod faults;
 mod hashing;
 mod keys;
