@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use scaleshop_testkit::gateway::{Gateway, Instance};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
@@ -647,23 +648,6 @@ async fn stand_in(answer: bool) -> (u16, Arc<Mutex<Vec<String>>>) {
     (port, seen)
 }
 
-/// A `haproxy -db` child, killed when dropped.
-struct Haproxy(std::process::Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_sends_again_only_requests_safe_to_repeat() {
     // Installs haproxy when missing and root, as `up` does.
@@ -683,39 +667,14 @@ async fn gateway_sends_again_only_requests_safe_to_repeat() {
     let (dying, dying_seen) = stand_in(false).await;
     let (answering, answering_seen) = stand_in(true).await;
     let dir = scaleshop_testkit::temp_dir("scaleshop-gateway");
-    let cfg = dir.join("haproxy.cfg");
-    let (gateway_port, stats_port) = (free_port(), free_port());
     // The configuration exactly as `scripts/cluster up` renders it.
-    let rendered = Command::new("bash")
-        .args([
-            "-c",
-            ". \"$1\" && PLAN=(\"dying all $2\" \"answering all $3\") && render_gateway \"$4\" \"$5\" \"$6\"",
-            "bash",
-        ])
-        .arg(script())
-        .arg(dying.to_string())
-        .arg(answering.to_string())
-        .arg(gateway_port.to_string())
-        .arg(stats_port.to_string())
-        .arg(&cfg)
-        .output()
-        .expect("render");
-    assert!(
-        rendered.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rendered.stderr)
-    );
-    let _haproxy = Haproxy(
-        Command::new("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&cfg)
-            .stdout(std::fs::File::create(dir.join("haproxy.log")).expect("log"))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start haproxy"),
-    );
-    let stats = format!("http://127.0.0.1:{stats_port}/stats");
+    let plan = [("dying", dying), ("answering", answering)].map(|(name, port)| Instance {
+        name: name.into(),
+        target: "all".into(),
+        port,
+    });
+    let gateway = Gateway::start(&dir, &plan, None);
+    let stats = gateway.stats_url();
     crate::process::eventually(Duration::from_secs(10), || async {
         let servers = gateway_servers(&stats, "all").await;
         (is_up(&servers, "dying") && is_up(&servers, "answering")).then_some(())
@@ -731,7 +690,7 @@ async fn gateway_sends_again_only_requests_safe_to_repeat() {
         .timeout(Duration::from_secs(10))
         .build()
         .expect("client");
-    let base = format!("http://127.0.0.1:{gateway_port}");
+    let base = gateway.url();
     const EACH: usize = 6;
     let mut unkeyed = Vec::new();
     for i in 0..EACH {
