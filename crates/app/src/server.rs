@@ -57,6 +57,8 @@ pub enum StartError {
     Serve(std::io::Error),
     #[error("{0}")]
     Target(String),
+    #[error("API document: {0}")]
+    ApiDoc(String),
 }
 
 #[derive(OpenApi)]
@@ -81,6 +83,26 @@ impl utoipa::Modify for BearerAuth {
             ),
         );
     }
+}
+
+/// Merges a module's routes into the API, refusing two different schemas
+/// under one component name: utoipa keeps the last one silently, and the
+/// published document would then describe one module's type with another's.
+fn merge_api(api: OpenApiRouter, router: OpenApiRouter) -> Result<OpenApiRouter, StartError> {
+    if let (Some(have), Some(add)) = (
+        api.get_openapi().components.as_ref(),
+        router.get_openapi().components.as_ref(),
+    ) {
+        for (name, schema) in &add.schemas {
+            if have.schemas.get(name).is_some_and(|existing| existing != schema) {
+                return Err(StartError::ApiDoc(format!(
+                    "two modules publish different schemas named {name}; \
+                     give one a distinct name with #[schema(as = ...)]"
+                )));
+            }
+        }
+    }
+    Ok(api.merge(router))
 }
 
 /// The migrations of every module that owns tables.
@@ -165,12 +187,13 @@ impl App {
         if modules.contains(&Module::Events) {
             let log = scaleshop_events::EventLog::new(db.clone());
             let dead = scaleshop_events::dispatch::DeadEvents::new(db.clone());
-            api = api.merge(scaleshop_events::http::router(log, dead));
+            api = merge_api(api, scaleshop_events::http::router(log, dead))?;
         }
         if modules.contains(&Module::Jobs) {
-            api = api.merge(scaleshop_jobs::http::router(scaleshop_jobs::JobQueue::new(
-                db.clone(),
-            )));
+            api = merge_api(
+                api,
+                scaleshop_jobs::http::router(scaleshop_jobs::JobQueue::new(db.clone())),
+            )?;
         }
         let mut forget_idle: Vec<Box<dyn Fn() + Send + Sync>> = Vec::new();
         let mut periodic: Vec<(Duration, Collector)> = Vec::new();
@@ -224,7 +247,7 @@ impl App {
         for service in target.services() {
             let registration = crate::registry::register(service, &mut cx).await?;
             for router in registration.routes {
-                api = api.merge(router);
+                api = merge_api(api, router)?;
             }
             if let Some(dispatcher) = dispatcher.as_mut() {
                 for consumer in registration.consumers {
@@ -254,7 +277,7 @@ impl App {
                 jobs: workers.as_ref().map(Workers::heartbeat),
                 collectors,
             };
-            api = api.merge(crate::ops::router(probes));
+            api = merge_api(api, crate::ops::router(probes))?;
         }
         tracing::info!(
             serve_target = %target,

@@ -69,6 +69,7 @@ pub enum Channel {
 )]
 #[serde(rename_all = "snake_case")]
 #[strum(serialize_all = "snake_case")]
+#[schema(as = NotificationStatus)]
 pub enum Status {
     Queued,
     Sent,
