@@ -94,7 +94,11 @@ fn merge_api(api: OpenApiRouter, router: OpenApiRouter) -> Result<OpenApiRouter,
         router.get_openapi().components.as_ref(),
     ) {
         for (name, schema) in &add.schemas {
-            if have.schemas.get(name).is_some_and(|existing| existing != schema) {
+            if have
+                .schemas
+                .get(name)
+                .is_some_and(|existing| existing != schema)
+            {
                 return Err(StartError::ApiDoc(format!(
                     "two modules publish different schemas named {name}; \
                      give one a distinct name with #[schema(as = ...)]"
