@@ -15,7 +15,9 @@ pub mod images;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+mod nats_server;
 mod pg_server;
+pub use nats_server::NatsServer;
 pub use pg_server::PgServer;
 
 use scaleshop_db::sqlx::{self, Connection};

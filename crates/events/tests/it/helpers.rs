@@ -112,11 +112,16 @@ pub async fn start_consumers(
     settings: DispatcherSettings,
     consumers: Vec<Arc<dyn Consumer>>,
 ) -> Running {
-    let (stop, shutdown) = watch::channel(false);
     let mut dispatcher = Dispatcher::new(db.clone(), settings);
     for consumer in consumers {
         dispatcher.subscribe(consumer);
     }
+    start_dispatcher(dispatcher).await
+}
+
+/// Starts a dispatcher built by the test.
+pub async fn start_dispatcher(dispatcher: Dispatcher) -> Running {
+    let (stop, shutdown) = watch::channel(false);
     let handle = dispatcher.start(shutdown).await.expect("start dispatcher");
     Running { stop, handle }
 }
