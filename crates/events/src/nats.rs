@@ -529,12 +529,39 @@ impl Pull {
         .await?;
         // Create-or-update: an existing durable consumer keeps its state and
         // takes our settings.
-        bounded(
+        let consumer = bounded(
             "create consumer",
             self.settings.timeout,
             stream.create_consumer(consumer_config(&self.settings, self.runner.name())),
         )
-        .await
+        .await?;
+        // A message still out with the holder before us (a process that died,
+        // or lost the lease) would come back only after AckWait. We hold the
+        // lease now, so that holder can no longer commit anything: take the
+        // consumer back to its ack floor at once (nats-server 2.14 and later;
+        // an older server redelivers after AckWait).
+        let info = bounded("consumer info", self.settings.timeout, consumer.get_info()).await?;
+        if info.num_ack_pending > 0 {
+            let name = durable_name(self.runner.name());
+            match bounded(
+                "reset consumer",
+                self.settings.timeout,
+                stream.reset_consumer(&name, None),
+            )
+            .await
+            {
+                Ok(_) => tracing::info!(
+                    consumer = self.runner.name(),
+                    "took back the messages out with the previous holder"
+                ),
+                Err(e) => tracing::info!(
+                    consumer = self.runner.name(),
+                    error = %e,
+                    "messages out with the previous holder come back after AckWait"
+                ),
+            }
+        }
+        Ok(consumer)
     }
 
     /// Holds the consumer: serves redelivery requests and pulls the stream until
