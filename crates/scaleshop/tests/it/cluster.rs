@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
 
-use crate::process::{Api, client};
+use crate::process::{Api, client, gauge};
 use crate::recovery::{
     CLIENTS, STOCK, Shared, accepted_orders_charged_once_and_stock_adds_up, is_final, orders,
     watch_stock,
@@ -509,9 +509,15 @@ async fn split_cluster_survives_a_killed_orders_instance() {
         .iter()
         .flat_map(|(name, _)| [format!("{name}-1"), format!("{name}-2")])
         .collect();
-    expected.extend(["gateway", "postgres", "redis"].map(str::to_owned));
+    expected.extend(["gateway", "postgres", "redis", "nats"].map(str::to_owned));
     let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
-    let (recorded, env) = up(&dir, &["--split", "--instances", "2"], &expected);
+    // The split cluster carries its events over NATS JetStream.
+    let (recorded, env) = up(&dir, &["--split", "--instances", "2", "--nats"], &expected);
+    assert!(
+        env.get("SCALESHOP_NATS_URL")
+            .is_some_and(|url| url.starts_with("nats://127.0.0.1:")),
+        "SCALESHOP_NATS_URL in cluster.env: {env:?}"
+    );
 
     // Each instance runs its group's target, and the gateway checks each one in
     // its group's backend.
@@ -566,6 +572,27 @@ async fn split_cluster_survives_a_killed_orders_instance() {
         survivor: "orders-2",
     };
     orders_survive_a_killed_instance(&dir, &recorded, &env, kill).await;
+
+    // The events went through NATS: the instances report the relay's backlog
+    // (a gauge only the NATS transport has), and it is empty.
+    let addresses: Vec<String> = std::fs::read_to_string(dir.join("parts"))
+        .expect("DIR/parts")
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split('\t').collect();
+            (fields[1] == "instance" && fields[0] != "orders-1").then(|| fields[5].to_owned())
+        })
+        .collect();
+    let backlogs = crate::process::eventually(Duration::from_secs(30), || async {
+        let mut backlogs = Vec::new();
+        for address in &addresses {
+            let api = Api::new(format!("http://{address}"));
+            backlogs.push(gauge(&api, "relay_backlog").await);
+        }
+        backlogs.iter().all(|b| *b == Some(0.0)).then_some(backlogs)
+    })
+    .await;
+    assert_eq!(backlogs.len(), addresses.len());
     eprintln!("{TEST}: {:?} in all", started.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
 }
