@@ -457,12 +457,22 @@ impl Relay {
             });
         }
         let position = match stream.get_raw_message(stream_last).await {
-            Ok(message) => match serde_json::from_slice::<Event>(&message.payload) {
-                Ok(event) => event.sequence,
-                Err(e) => {
-                    return Err(TransportError::of("read the stream's last event", e).into());
+            Ok(message) => {
+                let event = serde_json::from_slice::<Event>(&message.payload)
+                    .map_err(|e| TransportError::of("read the stream's last event", e))?;
+                // The stream must carry this database's log: relaying after an
+                // event of another log would skip or mix events.
+                let ours = EventLog::new(self.db.clone()).get(event.id).await?;
+                if ours.is_none_or(|ours| ours.sequence != event.sequence) {
+                    return Err(StoreError::Other(format!(
+                        "the stream {STREAM} ends with event {} (sequence {}), which is not in this \
+                         database's log: it carries another deployment's events. Point nats_url at \
+                         this deployment's NATS, or delete the stream if it is stale",
+                        event.id, event.sequence
+                    )));
                 }
-            },
+                event.sequence
+            }
             // Expired or removed: nothing newer was published since, so the
             // saved position is right.
             Err(e) => {

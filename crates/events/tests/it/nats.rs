@@ -502,3 +502,33 @@ scaleshop_testkit::both!(
         running.stop().await;
     }
 );
+
+scaleshop_testkit::both!(
+    a_stream_of_another_database_is_never_relayed_into,
+    |backend| async move {
+        let server = NatsServer::start();
+        let nats = nats_settings(&server);
+        let first = fresh(backend).await;
+        append_many(&first, 1, 5).await;
+        let running = start_nats(&first, settings(), &nats, &[]).await;
+        eventually("the first database relayed", async || {
+            relay_position(&first).await == 5
+        })
+        .await;
+        running.stop().await;
+
+        // Another database (its own log, sequences from 1 again) on the same
+        // stream: its relay refuses, rather than skip or mix events.
+        let second = fresh(backend).await;
+        append_many(&second, 1, 8).await;
+        let running = start_nats(&second, settings(), &nats, &[]).await;
+        let relayed = holds_within(Duration::from_secs(2), async || {
+            relay_position(&second).await > 0
+        })
+        .await;
+        assert!(!relayed, "the second database's relay published");
+        let stored = read_stream(&server.url(), transport::STREAM).await;
+        assert_eq!(stored.len(), 5, "the stream holds the first log only");
+        running.stop().await;
+    }
+);
