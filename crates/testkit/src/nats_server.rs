@@ -21,10 +21,7 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = crate::gateway::free_port();
         let dir = crate::temp_dir("nats");
         let conf = dir.join("nats.conf");
         std::fs::write(

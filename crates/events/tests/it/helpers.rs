@@ -405,3 +405,19 @@ pub async fn holds_within(within: Duration, mut check: impl AsyncFnMut() -> bool
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A consumer that fails on `poison` (with "poison attempt N") while `broken`
+/// holds, and handles everything else.
+pub fn poisoned(
+    name: &'static str,
+    poison: Uuid,
+    broken: &Arc<std::sync::atomic::AtomicBool>,
+) -> Arc<Recorder> {
+    let broken = broken.clone();
+    Recorder::new(name)
+        .failing(move |event, prior| {
+            (event.id == poison && broken.load(Ordering::SeqCst))
+                .then(|| format!("poison attempt {}", prior + 1))
+        })
+        .build()
+}
