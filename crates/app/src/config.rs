@@ -163,6 +163,20 @@ pub struct Config {
     pub redis_url: Option<Secret>,
     /// Upper bound of one Redis call; failures fall back to the database.
     pub redis_timeout_ms: u64,
+    /// `nats://[user:password@]host:port`: carry the event log between
+    /// processes over NATS JetStream (a relay from the outbox, durable pull
+    /// consumers). Unset: every process reads the log from the database.
+    pub nats_url: Option<Secret>,
+    /// Upper bound of one NATS request (publish acknowledgement, info, ack).
+    pub nats_timeout_ms: u64,
+    /// Copies of the event streams on a NATS cluster (1 on one server).
+    pub nats_replicas: u64,
+    /// How long the broker waits for a consumer's ack before it redelivers.
+    pub nats_ack_wait_ms: u64,
+    /// The window within which the broker drops a republished event (by its id).
+    pub nats_duplicate_window_secs: u64,
+    /// How long the event stream keeps an event (the outbox keeps them all).
+    pub nats_max_age_secs: u64,
     pub cache_l1_ttl_secs: u64,
     pub cache_l1_capacity: u64,
     pub cache_l2_ttl_secs: u64,
@@ -253,6 +267,12 @@ impl Default for Config {
             image_fetch_test_hosts: scaleshop_media::HostOverrides::default(),
             redis_url: None,
             redis_timeout_ms: 50,
+            nats_url: None,
+            nats_timeout_ms: 5000,
+            nats_replicas: 1,
+            nats_ack_wait_ms: 30_000,
+            nats_duplicate_window_secs: 120,
+            nats_max_age_secs: 7 * 24 * 3600,
             cache_l1_ttl_secs: 300,
             cache_l1_capacity: 100_000,
             cache_l2_ttl_secs: 3600,
@@ -331,6 +351,12 @@ const ENV_KEYS: &[&str] = &[
     "s3_allow_http",
     "redis_url",
     "redis_timeout_ms",
+    "nats_url",
+    "nats_timeout_ms",
+    "nats_replicas",
+    "nats_ack_wait_ms",
+    "nats_duplicate_window_secs",
+    "nats_max_age_secs",
     "cache_l1_ttl_secs",
     "cache_l1_capacity",
     "cache_l2_ttl_secs",
@@ -424,8 +450,36 @@ impl Config {
                 return bad("redis_url", "expected redis://... or rediss://...");
             }
         }
+        if let Some(url) = &self.nats_url {
+            let url = url.expose();
+            if !["nats://", "tls://", "ws://", "wss://"]
+                .iter()
+                .any(|scheme| url.starts_with(scheme))
+            {
+                return bad(
+                    "nats_url",
+                    "expected nats://host:port (or tls://, ws://, wss://)",
+                );
+            }
+        }
+        if !(1..=5).contains(&self.nats_replicas) {
+            return bad("nats_replicas", "must be between 1 and 5");
+        }
+        if self.nats_duplicate_window_secs > self.nats_max_age_secs {
+            return bad(
+                "nats_duplicate_window_secs",
+                "must not exceed nats_max_age_secs",
+            );
+        }
         for (key, value) in [
             ("redis_timeout_ms", self.redis_timeout_ms),
+            ("nats_timeout_ms", self.nats_timeout_ms),
+            ("nats_ack_wait_ms", self.nats_ack_wait_ms),
+            (
+                "nats_duplicate_window_secs",
+                self.nats_duplicate_window_secs,
+            ),
+            ("nats_max_age_secs", self.nats_max_age_secs),
             ("cache_l1_ttl_secs", self.cache_l1_ttl_secs),
             ("cache_l1_capacity", self.cache_l1_capacity),
             ("cache_l2_ttl_secs", self.cache_l2_ttl_secs),
@@ -755,6 +809,18 @@ impl Config {
             poll: Duration::from_millis(self.event_poll_ms),
             ..scaleshop_events::DispatcherSettings::default()
         }
+    }
+
+    /// The NATS transport of the log, when `nats_url` is set.
+    pub fn nats_settings(&self) -> Option<scaleshop_events::nats::NatsSettings> {
+        let url = self.nats_url.as_ref()?;
+        let mut settings = scaleshop_events::nats::NatsSettings::new(url.expose());
+        settings.timeout = Duration::from_millis(self.nats_timeout_ms);
+        settings.replicas = usize::try_from(self.nats_replicas).unwrap_or(1);
+        settings.ack_wait = Duration::from_millis(self.nats_ack_wait_ms);
+        settings.duplicate_window = Duration::from_secs(self.nats_duplicate_window_secs);
+        settings.max_age = Duration::from_secs(self.nats_max_age_secs);
+        Some(settings)
     }
 
     pub fn worker_settings(&self) -> scaleshop_jobs::WorkerSettings {

@@ -182,9 +182,13 @@ impl App {
         }
         let keys = crate::keys::http_keys(config, &db).await?;
         let mut api = OpenApiRouter::with_openapi(ApiDoc::openapi());
-        let mut dispatcher = modules
-            .contains(&Module::Events)
-            .then(|| Dispatcher::new(db.clone(), config.dispatcher_settings()));
+        let mut dispatcher = modules.contains(&Module::Events).then(|| {
+            let dispatcher = Dispatcher::new(db.clone(), config.dispatcher_settings());
+            match config.nats_settings() {
+                Some(nats) => dispatcher.with_nats(nats),
+                None => dispatcher,
+            }
+        });
         let mut workers = modules
             .contains(&Module::Jobs)
             .then(|| Workers::new(db.clone(), config.worker_settings()));

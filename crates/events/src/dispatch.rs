@@ -204,6 +204,7 @@ pub struct Dispatcher {
     settings: DispatcherSettings,
     owner: String,
     heartbeat: Heartbeat,
+    nats: Option<crate::nats::NatsSettings>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -226,16 +227,22 @@ enum Step {
     NotLeader,
 }
 
-enum Delivery {
+pub(crate) enum Delivery {
     Done,
+    /// Failed its last attempt (or for good): parked in `event_dead` for this
+    /// consumer, and the position moved past it.
+    Parked {
+        attempts: i32,
+        error: String,
+    },
     Retry(DateTime<Utc>),
     LostLease,
 }
 
 #[derive(Debug, FromRow)]
-struct ConsumerState {
-    position: i64,
-    attempts: i32,
+pub(crate) struct ConsumerState {
+    pub(crate) position: i64,
+    pub(crate) attempts: i32,
     retry_at: Option<DateTime<Utc>>,
 }
 
@@ -247,7 +254,16 @@ impl Dispatcher {
             settings,
             owner: format!("{}-{}", std::process::id(), Uuid::now_v7().simple()),
             heartbeat: Heartbeat::default(),
+            nats: None,
         }
+    }
+
+    /// Carries the log between processes over NATS JetStream instead of each
+    /// process reading the table: a relay publishes the outbox to the stream, and
+    /// each consumer is a durable pull consumer (see [`crate::nats`]).
+    pub fn with_nats(mut self, settings: crate::nats::NatsSettings) -> Self {
+        self.nats = Some(settings);
+        self
     }
 
     pub fn subscribe(&mut self, consumer: Arc<dyn Consumer>) {
@@ -258,14 +274,23 @@ impl Dispatcher {
         self.heartbeat.clone()
     }
 
-    /// Gauges `outbox_backlog` and `event_consumer_lag{consumer}`, computed when scraped.
+    /// Gauges `outbox_backlog` and `event_consumer_lag{consumer}`, computed when
+    /// scraped; over NATS also `relay_backlog`, and the lag from each durable
+    /// consumer's info.
     pub fn collector(&self) -> Collector {
         let db = self.db.clone();
+        let nats = self.nats.clone();
+        let consumers: Vec<&'static str> = self.consumers.iter().map(|c| c.name()).collect();
         Arc::new(move || {
             let db = db.clone();
+            let nats = nats.clone();
+            let consumers = consumers.clone();
             Box::pin(async move {
-                if let Err(e) = report_lag(&db).await {
+                if let Err(e) = report_lag(&db, nats.is_none()).await {
                     tracing::warn!(error = %e, "event lag metrics unavailable");
+                }
+                if let Some(nats) = nats {
+                    crate::nats::report(&db, &nats, &consumers).await;
                 }
             })
         })
@@ -294,15 +319,31 @@ impl Dispatcher {
             self.heartbeat.clone(),
             shutdown.clone(),
         )));
-        for consumer in self.consumers {
-            let runner = Runner {
-                db: self.db.clone(),
-                consumer,
-                settings: self.settings.clone(),
-                owner: self.owner.clone(),
-                heartbeat: self.heartbeat.clone(),
-            };
-            tasks.push(tokio::spawn(runner.run(shutdown.clone())));
+        let runners = self.consumers.into_iter().map(|consumer| Runner {
+            db: self.db.clone(),
+            consumer,
+            settings: self.settings.clone(),
+            owner: self.owner.clone(),
+            heartbeat: self.heartbeat.clone(),
+        });
+        match &self.nats {
+            None => {
+                for runner in runners {
+                    tasks.push(tokio::spawn(runner.run(shutdown.clone())));
+                }
+            }
+            Some(nats) => {
+                let started = crate::nats::start(
+                    &self.db,
+                    nats,
+                    &self.owner,
+                    &self.settings,
+                    runners.collect(),
+                    &shutdown,
+                )
+                .await?;
+                tasks.extend(started);
+            }
         }
         self.heartbeat.beat();
         Ok(tokio::spawn(async move {
@@ -359,18 +400,21 @@ pub async fn release_all_leases(db: &Database) -> Result<u64, StoreError> {
     Ok(released)
 }
 
-async fn report_lag(db: &Database) -> Result<(), StoreError> {
+async fn report_lag(db: &Database, per_consumer: bool) -> Result<(), StoreError> {
     const POSITIONS: &str = "SELECT name, position FROM event_consumers";
     const BEHIND: &str = "SELECT COUNT(*) FROM events WHERE sequence > $1";
     let positions: Vec<(String, i64)> =
         with_pool!(db, pool => sqlx::query_as(POSITIONS).fetch_all(pool).await?);
     let mut slowest: Option<i64> = None;
     for (name, position) in positions {
+        slowest = Some(slowest.map_or(position, |s| s.min(position)));
+        if !per_consumer {
+            continue;
+        }
         let behind: i64 = with_pool!(db, pool => {
             sqlx::query_scalar(BEHIND).bind(position).fetch_one(pool).await?
         });
         metrics::gauge!(names::EVENT_CONSUMER_LAG, "consumer" => name).set(behind as f64);
-        slowest = Some(slowest.map_or(position, |s| s.min(position)));
     }
     let backlog: i64 = match slowest {
         Some(position) => with_pool!(db, pool => {
@@ -382,16 +426,16 @@ async fn report_lag(db: &Database) -> Result<(), StoreError> {
     Ok(())
 }
 
-struct Runner {
-    db: Database,
-    consumer: Arc<dyn Consumer>,
-    settings: DispatcherSettings,
-    owner: String,
-    heartbeat: Heartbeat,
+pub(crate) struct Runner {
+    pub(crate) db: Database,
+    pub(crate) consumer: Arc<dyn Consumer>,
+    pub(crate) settings: DispatcherSettings,
+    pub(crate) owner: String,
+    pub(crate) heartbeat: Heartbeat,
 }
 
 impl Runner {
-    fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         self.consumer.name()
     }
 
@@ -441,7 +485,11 @@ impl Runner {
                 _ = shutdown.changed() => {}
             }
         }
-        // Hand the consumer over at once instead of after the lease runs out.
+        self.release_lease().await;
+    }
+
+    /// Hands the consumer over at once instead of after the lease runs out.
+    pub(crate) async fn release_lease(&self) {
         const RELEASE: &str = "UPDATE event_consumers SET lease_owner = NULL, lease_until = NULL \
                                WHERE name = $1 AND lease_owner = $2";
         let released = with_pool!(self.db, pool => {
@@ -452,7 +500,7 @@ impl Runner {
         }
     }
 
-    async fn acquire_lease(&self) -> Result<bool, StoreError> {
+    pub(crate) async fn acquire_lease(&self) -> Result<bool, StoreError> {
         const Q: &str = "UPDATE event_consumers SET lease_owner = $2, lease_until = $3 \
                          WHERE name = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < $4)";
         let done = with_pool!(self.db, pool => {
@@ -468,7 +516,7 @@ impl Runner {
         Ok(done == 1)
     }
 
-    async fn state(&self) -> Result<ConsumerState, StoreError> {
+    pub(crate) async fn state(&self) -> Result<ConsumerState, StoreError> {
         const Q: &str = "SELECT position, attempts, retry_at FROM event_consumers WHERE name = $1";
         Ok(with_pool!(self.db, pool => sqlx::query_as(Q).bind(self.name()).fetch_one(pool).await?))
     }
@@ -509,7 +557,7 @@ impl Runner {
                 renewed = tokio::time::Instant::now();
             }
             match self.deliver(event, attempts).await? {
-                Delivery::Done => attempts = 0,
+                Delivery::Done | Delivery::Parked { .. } => attempts = 0,
                 Delivery::Retry(at) => return Ok(Step::RetryAt(at)),
                 Delivery::LostLease => return Ok(Step::NotLeader),
             }
@@ -521,7 +569,7 @@ impl Runner {
     }
 
     /// Moves the position past events this consumer does not want.
-    async fn advance(&self, to: i64) -> Result<(), StoreError> {
+    pub(crate) async fn advance(&self, to: i64) -> Result<(), StoreError> {
         const Q: &str = "UPDATE event_consumers SET position = $2 \
                          WHERE name = $1 AND lease_owner = $3 AND position < $2";
         let mut tx = self.db.begin().await?;
@@ -541,7 +589,11 @@ impl Runner {
         Ok(inserted == 1)
     }
 
-    async fn deliver(&self, event: &Event, prior_attempts: i32) -> Result<Delivery, StoreError> {
+    pub(crate) async fn deliver(
+        &self,
+        event: &Event,
+        prior_attempts: i32,
+    ) -> Result<Delivery, StoreError> {
         const MOVE: &str = "UPDATE event_consumers SET position = $2, attempts = 0, retry_at = NULL, \
                             last_error = NULL WHERE name = $1 AND lease_owner = $3";
         let mut tx = self.db.begin().await?;
@@ -604,7 +656,10 @@ impl Runner {
             tx.commit().await?;
             metrics::counter!(names::EVENT_DELIVERIES, "consumer" => self.name(), "outcome" => "dead").increment(1);
             tracing::warn!(consumer = self.name(), event_id = %event.id, sequence = event.sequence, attempts, permanent, error, "event parked as dead");
-            return Ok(Delivery::Done);
+            return Ok(Delivery::Parked {
+                attempts,
+                error: error.to_owned(),
+            });
         }
         let attempt = u32::try_from(attempts).unwrap_or(1);
         let retry_at = after(backoff(
@@ -629,7 +684,7 @@ impl Runner {
     }
 
     /// Delivers one event an admin asked to redeliver; true if there was one.
-    async fn redeliver_one(&self) -> Result<bool, StoreError> {
+    pub(crate) async fn redeliver_one(&self) -> Result<bool, StoreError> {
         const NEXT: &str = "SELECT event_id FROM event_dead WHERE consumer = $1 AND state = 'redeliver' \
                             ORDER BY sequence LIMIT 1";
         const DONE: &str =

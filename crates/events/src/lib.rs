@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 pub mod dispatch;
 pub mod http;
+pub mod nats;
 pub mod tail;
 
 pub use dispatch::{Consumer, DeadEvent, Dispatcher, DispatcherSettings, HandlerError};

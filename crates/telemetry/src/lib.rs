@@ -31,6 +31,10 @@ pub mod names {
     pub const DB_REPLICA_FALLBACK: &str = "db_replica_fallback_total";
     /// Gauge: events committed and not yet delivered to every consumer.
     pub const OUTBOX_BACKLOG: &str = "outbox_backlog";
+    /// Gauge: events committed but not yet published to NATS.
+    pub const RELAY_BACKLOG: &str = "relay_backlog";
+    /// Counter: events the relay published to NATS (acknowledged by the broker).
+    pub const EVENTS_RELAYED: &str = "events_relayed_total";
     /// Gauge: `consumer`; events behind the head of the log.
     pub const EVENT_CONSUMER_LAG: &str = "event_consumer_lag";
     /// Counter: `consumer`, `outcome` (`delivered`, `duplicate`, `retried`, `dead`).
@@ -141,6 +145,14 @@ fn describe() {
     metrics::describe_gauge!(
         names::OUTBOX_BACKLOG,
         "Events committed but not yet delivered to every consumer."
+    );
+    metrics::describe_gauge!(
+        names::RELAY_BACKLOG,
+        "Events committed but not yet published to NATS."
+    );
+    metrics::describe_counter!(
+        names::EVENTS_RELAYED,
+        "Events the relay published to NATS and the broker acknowledged."
     );
     metrics::describe_counter!(
         names::RATE_LIMITED,

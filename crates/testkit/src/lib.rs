@@ -15,7 +15,9 @@ pub mod images;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+mod nats_server;
 mod pg_server;
+pub use nats_server::NatsServer;
 pub use pg_server::PgServer;
 
 use scaleshop_db::sqlx::{self, Connection};
@@ -26,18 +28,26 @@ use scaleshop_db::{Database, Migrations, PoolSettings};
 /// `Postgres` the monolith on PostgreSQL (and Redis, where the suite's fixture
 /// starts one), `Split` the split deployment: each service group in its own
 /// instances on one PostgreSQL and Redis, behind the HAProxy gateway
-/// ([`gateway::Gateway`]). Storage suites treat `Split` as `Postgres`.
+/// ([`gateway::Gateway`]), its events carried by NATS JetStream; `Nats` the
+/// monolith on PostgreSQL with its events over NATS JetStream. Storage suites
+/// treat `Split` and `Nats` as `Postgres`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
     Postgres,
     Split,
+    Nats,
 }
 
 impl Backend {
     /// Whether this case stores on PostgreSQL.
     pub fn is_postgres(self) -> bool {
-        matches!(self, Self::Postgres | Self::Split)
+        matches!(self, Self::Postgres | Self::Split | Self::Nats)
+    }
+
+    /// Whether this case carries its events over NATS JetStream.
+    pub fn is_nats(self) -> bool {
+        matches!(self, Self::Split | Self::Nats)
     }
 }
 
@@ -91,7 +101,7 @@ pub async fn fresh(backend: Backend) -> (Option<String>, PathBuf) {
     let dir = temp_dir("scaleshop-test");
     match backend {
         Backend::Sqlite => (None, dir),
-        Backend::Postgres | Backend::Split => (Some(fresh_pg_url().await), dir),
+        Backend::Postgres | Backend::Split | Backend::Nats => (Some(fresh_pg_url().await), dir),
     }
 }
 
@@ -171,6 +181,9 @@ macro_rules! backend {
     (split) => {
         $crate::Backend::Split
     };
+    (nats) => {
+        $crate::Backend::Nats
+    };
 }
 
 /// The fixture of a suite whose test bodies take the [`Backend`] and build what
@@ -189,10 +202,7 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = crate::gateway::free_port();
         Self::start_on(port)
     }
 

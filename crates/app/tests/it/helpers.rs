@@ -10,7 +10,7 @@ use scaleshop_app::{Config, Target};
 use scaleshop_testkit::gateway::{self, Gateway};
 pub use scaleshop_testkit::pg_admin_url;
 pub use scaleshop_testkit::{Backend, both};
-use scaleshop_testkit::{RedisServer, fresh_pg_url, unique};
+use scaleshop_testkit::{NatsServer, RedisServer, fresh_pg_url, unique};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -42,7 +42,9 @@ pub async fn test_config(backend: Backend) -> Config {
     let data_dir = std::env::temp_dir().join(unique("scaleshop-test"));
     let database_url = match backend {
         Backend::Sqlite => None,
-        Backend::Postgres | Backend::Split => Some(Secret::new(fresh_pg_url().await)),
+        Backend::Postgres | Backend::Split | Backend::Nats => {
+            Some(Secret::new(fresh_pg_url().await))
+        }
     };
     Config {
         http_addr: "127.0.0.1:0".into(),
@@ -124,6 +126,8 @@ pub struct TestApp {
     /// Declared after the instances: dropped (killed) after they were told to stop.
     gateway: Option<Gateway>,
     redis: Option<Arc<RedisServer>>,
+    /// The NATS server of the cases that carry events over NATS (`Split`).
+    nats: Option<Arc<NatsServer>>,
 }
 
 impl TestApp {
@@ -164,9 +168,14 @@ impl TestApp {
         if let Some(redis) = &redis {
             config.redis_url = Some(Secret::new(redis.url()));
         }
+        let nats =
+            (backend.is_nats() && config.nats_url.is_none()).then(|| Arc::new(NatsServer::start()));
+        if let Some(nats) = &nats {
+            config.nats_url = Some(Secret::new(nats.url()));
+        }
         let (instances, bases, gateway) = match backend {
             Backend::Split => Self::start_split(&config).await,
-            Backend::Sqlite | Backend::Postgres => {
+            Backend::Sqlite | Backend::Postgres | Backend::Nats => {
                 let (instance, base) = Instance::start(config.clone(), Target::ALL).await;
                 (vec![instance], vec![base], None)
             }
@@ -187,6 +196,7 @@ impl TestApp {
             instances,
             gateway,
             redis,
+            nats,
         };
         for base in &bases {
             app.wait_ready(base).await;

@@ -16,6 +16,22 @@
 //!   each, from T tasks; enqueues/s is shown too), then `Workers` with one queue of
 //!   concurrency 5; timed from the workers' start until every job is `completed`.
 //!
+//! With `--nats URL` (a nats-server with JetStream; the streams are deleted
+//! before each phase that uses them), each run also measures, on fresh databases:
+//!
+//! - (d) the same N events over NATS: appended as in (b) while a dispatcher with
+//!   `with_nats` runs; relayed/s until the relay's position reaches the last
+//!   sequence, events/s until the consumer's position does;
+//! - (e) raw JetStream publishes/s: N messages of an event's size published to a
+//!   scratch stream with the same settings, pipelined and acknowledged in batches
+//!   as the relay does: the broker's own rate on this machine.
+//!
+//! With `--latency-rate R`, each run also sends `--latency-events M` events, one
+//! transaction each, at R a second (open loop: on a fixed schedule, whatever the
+//! consumer does), and reports the time from each event's creation (just before
+//! its commit) to its handler, p50 and p99, over the database transport and (with
+//! `--nats`) over NATS.
+//!
 //! Prints every run, the medians and the ratios events/s ÷ inserts/s and
 //! jobs/s ÷ inserts/s (per run, then their median) as markdown.
 
@@ -27,9 +43,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use clap::{Parser, ValueEnum};
-use scaleshop_bench::{median, ratio, show};
+use scaleshop_bench::{median, percentile, ratio, show};
 use scaleshop_db::sqlx::{self, Connection};
 use scaleshop_db::{Database, Pool, PoolSettings, StoreError, with_pool, with_tx};
+use scaleshop_events::nats::NatsSettings;
 use scaleshop_events::{Consumer, Dispatcher, DispatcherSettings, Event, HandlerError, NewEvent};
 use scaleshop_jobs::{Job, JobError, JobHandler, JobQueue, NewJob, WorkerSettings, Workers};
 use scaleshop_testkit::Backend;
@@ -70,6 +87,17 @@ struct Args {
     /// Concurrent writer tasks for the inserts, the appends and the enqueues.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     tasks: u32,
+    /// A nats-server with JetStream: also measure the events over NATS (its
+    /// streams are deleted before each phase that uses them).
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+    /// Also measure the latency from an event's commit to its handler, sending
+    /// events at this rate (per second, open loop).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    latency_rate: Option<u32>,
+    /// Events sent for the latency, per transport and run.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    latency_events: u32,
     /// Upper bound of each measured phase, in seconds.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout_secs: u64,
@@ -83,6 +111,19 @@ struct RunFigures {
     events: f64,
     enqueues: f64,
     jobs: f64,
+    nats: Option<NatsFigures>,
+    /// Commit to handler, (p50, p99) in ms: the database transport, then NATS.
+    latency_db: Option<(f64, f64)>,
+    latency_nats: Option<(f64, f64)>,
+}
+
+/// The events over NATS, per second.
+#[derive(Debug, Clone, Copy)]
+struct NatsFigures {
+    appends: f64,
+    relayed: f64,
+    events: f64,
+    raw_publishes: f64,
 }
 
 type BenchResult<T> = Result<T, String>;
@@ -167,6 +208,8 @@ async fn raw_inserts(db: &Database, n: u32, tasks: u32) -> BenchResult<Duration>
 struct NoopConsumer {
     seen: Arc<AtomicI64>,
     notify: Arc<Notify>,
+    /// Milliseconds from each event's creation to its handler, when measured.
+    latencies: Option<Arc<tokio::sync::Mutex<Vec<f64>>>>,
 }
 
 #[async_trait]
@@ -180,6 +223,14 @@ impl Consumer for NoopConsumer {
     }
 
     async fn handle(&self, event: &Event, _tx: &mut scaleshop_db::Tx) -> Result<(), HandlerError> {
+        if let Some(latencies) = &self.latencies {
+            let ms = (chrono::Utc::now() - event.occurred_at)
+                .to_std()
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1000.0;
+            latencies.lock().await.push(ms);
+        }
         self.seen.fetch_max(event.sequence, Ordering::Relaxed);
         self.notify.notify_one();
         Ok(())
@@ -206,22 +257,45 @@ async fn consumer_position(db: &Database) -> Result<i64, StoreError> {
     }))
 }
 
-/// Returns (time until the last append committed, time until the consumer's
-/// position reached the last sequence), both from the first append.
+async fn relay_position(db: &Database) -> Result<i64, StoreError> {
+    const Q: &str = "SELECT COALESCE(MAX(position), 0) FROM event_relays";
+    Ok(with_pool!(db, pool => sqlx::query_scalar(Q).fetch_one(pool).await?))
+}
+
+/// The time of each stage of (b) or (d), from the first append.
+struct Timings {
+    appended: Duration,
+    /// Over NATS: until the relay's position reached the last sequence.
+    relayed: Option<Duration>,
+    delivered: Duration,
+}
+
+fn dispatcher(db: &Database, nats: Option<&NatsSettings>, consumer: NoopConsumer) -> Dispatcher {
+    let mut dispatcher = Dispatcher::new(db.clone(), DispatcherSettings::default());
+    if let Some(nats) = nats {
+        dispatcher = dispatcher.with_nats(nats.clone());
+    }
+    dispatcher.subscribe(Arc::new(consumer));
+    dispatcher
+}
+
+/// N events from T tasks, over the database or over NATS.
 async fn events(
     db: &Database,
+    nats: Option<&NatsSettings>,
     n: u32,
     tasks: u32,
     timeout: Duration,
-) -> BenchResult<(Duration, Duration)> {
+) -> BenchResult<Timings> {
     let seen = Arc::new(AtomicI64::new(0));
     let notify = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut dispatcher = Dispatcher::new(db.clone(), DispatcherSettings::default());
-    dispatcher.subscribe(Arc::new(NoopConsumer {
+    let consumer = NoopConsumer {
         seen: seen.clone(),
         notify: notify.clone(),
-    }));
+        latencies: None,
+    };
+    let dispatcher = dispatcher(db, nats, consumer);
     let running = dispatcher
         .start(stop_rx)
         .await
@@ -249,6 +323,20 @@ async fn events(
         last = last.max(task_last);
     }
     let appended = start.elapsed();
+    let mut relayed = None;
+    if nats.is_some() {
+        while relay_position(db)
+            .await
+            .map_err(err("read the relay's position"))?
+            < last
+        {
+            if Instant::now() >= deadline {
+                return Err("timed out waiting for the relay".to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        relayed = Some(start.elapsed());
+    }
     // Handed to the consumer (no database load while waiting)...
     wait_until("the consumer", deadline, &notify, || {
         seen.load(Ordering::Relaxed) >= last
@@ -276,7 +364,140 @@ async fn events(
             "expected at least sequence {n}, the last is {last}"
         ));
     }
-    Ok((appended, delivered))
+    Ok(Timings {
+        appended,
+        relayed,
+        delivered,
+    })
+}
+
+/// M events at `rate` a second on a fixed schedule, one transaction each; the
+/// latency from each event's creation to its handler: (p50, p99) in ms.
+async fn latency(
+    db: &Database,
+    nats: Option<&NatsSettings>,
+    rate: u32,
+    m: u32,
+    timeout: Duration,
+) -> BenchResult<(f64, f64)> {
+    let seen = Arc::new(AtomicI64::new(0));
+    let notify = Arc::new(Notify::new());
+    let latencies = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(m as usize)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let consumer = NoopConsumer {
+        seen: seen.clone(),
+        notify: notify.clone(),
+        latencies: Some(latencies.clone()),
+    };
+    let running = dispatcher(db, nats, consumer)
+        .start(stop_rx)
+        .await
+        .map_err(err("start dispatcher"))?;
+    // Let the relay and the consumer settle before the clock starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = Instant::now() + timeout;
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..m {
+        ticks.tick().await;
+        let db = db.clone();
+        // Each append on its own task, so a slow commit does not delay the next.
+        sends.spawn(async move { append_one(&db, i).await });
+    }
+    let mut last = 0;
+    while let Some(sent) = sends.join_next().await {
+        let sequence = sent
+            .map_err(|e| format!("append task: {e}"))?
+            .map_err(err("append"))?;
+        last = last.max(sequence);
+    }
+    wait_until("the consumer", deadline, &notify, || {
+        seen.load(Ordering::Relaxed) >= last
+    })
+    .await?;
+    let _ = stop_tx.send(true);
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .map_err(|_| "the dispatcher did not stop within 30 s".to_owned())?
+        .map_err(|e| format!("dispatcher task: {e}"))?;
+    let latencies = latencies.lock().await.clone();
+    Ok((
+        percentile(&latencies, 50.0).unwrap_or(f64::NAN),
+        percentile(&latencies, 99.0).unwrap_or(f64::NAN),
+    ))
+}
+
+// ---------------------------------------------------------------- (d), (e) NATS
+
+/// Deletes the event streams (and with them their consumers), as a fresh
+/// database needs a fresh transport.
+async fn reset_streams(context: &async_nats::jetstream::Context) -> BenchResult<()> {
+    for name in [
+        scaleshop_events::nats::STREAM,
+        scaleshop_events::nats::DEAD_STREAM,
+        RAW_STREAM,
+    ] {
+        if context.get_stream(name).await.is_ok() {
+            context
+                .delete_stream(name)
+                .await
+                .map_err(|e| format!("delete stream {name}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+const RAW_STREAM: &str = "BENCH_RAW";
+
+/// N messages the size of an event, to a scratch stream with the event
+/// stream's settings, in pipelined batches of the relay's size.
+async fn raw_publishes(
+    context: &async_nats::jetstream::Context,
+    nats: &NatsSettings,
+    n: u32,
+) -> BenchResult<Duration> {
+    let mut config = scaleshop_events::nats::stream_config(nats);
+    config.name = RAW_STREAM.to_owned();
+    config.subjects = vec!["bench.raw.>".to_owned()];
+    context
+        .create_stream(config)
+        .await
+        .map_err(|e| format!("create the scratch stream: {e}"))?;
+    let payload = bytes::Bytes::from(
+        serde_json::to_vec(&Event {
+            id: uuid::Uuid::now_v7(),
+            sequence: 1,
+            kind: EVENT_TYPE.to_owned(),
+            version: 1,
+            aggregate_id: uuid::Uuid::now_v7(),
+            occurred_at: chrono::Utc::now(),
+            data: sqlx::types::Json(serde_json::json!({ "n": 1 })),
+        })
+        .map_err(|e| e.to_string())?,
+    );
+    let batch = u32::try_from(nats.relay_batch).unwrap_or(256).max(1);
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let mut acks = Vec::new();
+        for _ in 0..batch.min(n - sent) {
+            let message = async_nats::jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(uuid::Uuid::now_v7().to_string());
+            acks.push(
+                context
+                    .send_publish("bench.raw.event", message)
+                    .await
+                    .map_err(|e| format!("publish: {e}"))?,
+            );
+            sent += 1;
+        }
+        for ack in acks {
+            ack.await.map_err(|e| format!("publish ack: {e}"))?;
+        }
+    }
+    Ok(start.elapsed())
 }
 
 // ------------------------------------------------------------------- (c) jobs
@@ -526,7 +747,7 @@ async fn measure(
     let inserted = tokio::time::timeout(timeout, raw_inserts(db, args.events, args.tasks))
         .await
         .map_err(|_| "timed out inserting rows".to_owned())??;
-    let (appended, delivered) = events(db, args.events, args.tasks, timeout).await?;
+    let over_db = events(db, None, args.events, args.tasks, timeout).await?;
     let (enqueued, completed) = tokio::time::timeout(
         timeout.saturating_mul(2),
         jobs(db, args.jobs, args.tasks, timeout),
@@ -536,13 +757,67 @@ async fn measure(
     Ok((
         RunFigures {
             inserts: per_second(args.events, inserted),
-            appends: per_second(args.events, appended),
-            events: per_second(args.events, delivered),
+            appends: per_second(args.events, over_db.appended),
+            events: per_second(args.events, over_db.delivered),
             enqueues: per_second(args.jobs, enqueued),
             jobs: per_second(args.jobs, completed),
+            nats: None,
+            latency_db: None,
+            latency_nats: None,
         },
         description,
     ))
+}
+
+/// (d) and (e), each phase on a fresh database and fresh streams.
+async fn measure_nats(
+    backend: Backend,
+    args: &Args,
+    nats: &NatsSettings,
+) -> BenchResult<NatsFigures> {
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let context = scaleshop_events::nats::connect(nats)
+        .await
+        .map_err(|e| e.to_string())?;
+    reset_streams(&context).await?;
+    let fresh = open(backend, args.tasks).await?;
+    let over_nats = events(&fresh.db, Some(nats), args.events, args.tasks, timeout).await;
+    close(fresh).await?;
+    let over_nats = over_nats?;
+    reset_streams(&context).await?;
+    let raw = tokio::time::timeout(timeout, raw_publishes(&context, nats, args.events))
+        .await
+        .map_err(|_| "timed out publishing".to_owned())??;
+    reset_streams(&context).await?;
+    Ok(NatsFigures {
+        appends: per_second(args.events, over_nats.appended),
+        relayed: per_second(
+            args.events,
+            over_nats.relayed.unwrap_or(over_nats.delivered),
+        ),
+        events: per_second(args.events, over_nats.delivered),
+        raw_publishes: per_second(args.events, raw),
+    })
+}
+
+/// The latency over one transport, on a fresh database (and fresh streams).
+async fn measure_latency(
+    backend: Backend,
+    args: &Args,
+    rate: u32,
+    nats: Option<&NatsSettings>,
+) -> BenchResult<(f64, f64)> {
+    if let Some(nats) = nats {
+        let context = scaleshop_events::nats::connect(nats)
+            .await
+            .map_err(|e| e.to_string())?;
+        reset_streams(&context).await?;
+    }
+    let fresh = open(backend, args.tasks).await?;
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let measured = latency(&fresh.db, nats, rate, args.latency_events, timeout).await;
+    close(fresh).await?;
+    measured
 }
 
 async fn run(args: Args) -> BenchResult<()> {
@@ -550,10 +825,21 @@ async fn run(args: Args) -> BenchResult<()> {
         BackendArg::Sqlite => Backend::Sqlite,
         BackendArg::Postgres => Backend::Postgres,
     };
+    let nats = args.nats.as_deref().map(NatsSettings::new);
     let mut runs = Vec::new();
     let mut description = String::new();
     for i in 0..args.runs {
-        let (figures, described) = one_run(backend, &args, i == 0).await?;
+        let (mut figures, described) = one_run(backend, &args, i == 0).await?;
+        if let Some(nats) = &nats {
+            figures.nats = Some(measure_nats(backend, &args, nats).await?);
+        }
+        if let Some(rate) = args.latency_rate {
+            figures.latency_db = Some(measure_latency(backend, &args, rate, None).await?);
+            if let Some(nats) = &nats {
+                figures.latency_nats =
+                    Some(measure_latency(backend, &args, rate, Some(nats)).await?);
+            }
+        }
         if let Some(d) = described {
             description = d;
         }
@@ -628,6 +914,92 @@ fn report(args: &Args, description: &str, runs: &[RunFigures]) {
         show(ratio(median(&events), median(&inserts)), 3),
         show(median(&jobs_ratio), 3),
         show(ratio(median(&jobs), median(&inserts)), 3)
+    );
+    if runs.iter().any(|r| r.nats.is_some()) {
+        report_nats(runs);
+    }
+    if runs.iter().any(|r| r.latency_db.is_some()) {
+        report_latency(args, runs);
+    }
+}
+
+fn report_nats(runs: &[RunFigures]) {
+    println!();
+    println!("Over NATS ((d), (e)), beside the database transport (b) of the same run:");
+    println!();
+    println!(
+        "| run | events/s, database | appends/s, NATS | relayed/s | events/s, NATS | raw JetStream publishes/s | NATS ÷ database | relayed ÷ raw publishes |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let mut columns: [Vec<f64>; 7] = Default::default();
+    for (i, r) in runs.iter().enumerate() {
+        let Some(n) = r.nats else { continue };
+        let row = [
+            r.events,
+            n.appends,
+            n.relayed,
+            n.events,
+            n.raw_publishes,
+            n.events / r.events,
+            n.relayed / n.raw_publishes,
+        ];
+        for (column, value) in columns.iter_mut().zip(row) {
+            column.push(value);
+        }
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} |",
+            i + 1,
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            row[6]
+        );
+    }
+    println!(
+        "| **median** | **{}** | **{}** | **{}** | **{}** | **{}** | **{}** | **{}** |",
+        show(median(&columns[0]), 0),
+        show(median(&columns[1]), 0),
+        show(median(&columns[2]), 0),
+        show(median(&columns[3]), 0),
+        show(median(&columns[4]), 0),
+        show(median(&columns[5]), 3),
+        show(median(&columns[6]), 3)
+    );
+}
+
+fn report_latency(args: &Args, runs: &[RunFigures]) {
+    println!();
+    println!(
+        "Commit to handler, {} events at {}/s (open loop), ms:",
+        args.latency_events,
+        args.latency_rate.unwrap_or(0)
+    );
+    println!();
+    println!("| run | database p50 | database p99 | NATS p50 | NATS p99 |");
+    println!("|---|---:|---:|---:|---:|");
+    let mut columns: [Vec<f64>; 4] = Default::default();
+    for (i, r) in runs.iter().enumerate() {
+        let (db50, db99) = r.latency_db.unwrap_or((f64::NAN, f64::NAN));
+        let (n50, n99) = r.latency_nats.unwrap_or((f64::NAN, f64::NAN));
+        for (column, value) in columns.iter_mut().zip([db50, db99, n50, n99]) {
+            if !value.is_nan() {
+                column.push(value);
+            }
+        }
+        println!(
+            "| {} | {db50:.1} | {db99:.1} | {n50:.1} | {n99:.1} |",
+            i + 1
+        );
+    }
+    println!(
+        "| **median** | **{}** | **{}** | **{}** | **{}** |",
+        show(median(&columns[0]), 1),
+        show(median(&columns[1]), 1),
+        show(median(&columns[2]), 1),
+        show(median(&columns[3]), 1)
     );
 }
 

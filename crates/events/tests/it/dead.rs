@@ -18,15 +18,7 @@ scaleshop_testkit::both!(
         let appended = append_in_one_tx(&db, &["test.ok", "test.poison"]).await;
         let poison = appended[1].0;
         let broken = Arc::new(AtomicBool::new(true));
-        let consumer = Recorder::new(NAME)
-            .failing({
-                let broken = broken.clone();
-                move |event, prior| {
-                    (event.id == poison && broken.load(Ordering::SeqCst))
-                        .then(|| format!("poison attempt {}", prior + 1))
-                }
-            })
-            .build();
+        let consumer = poisoned(NAME, poison, &broken);
         let settings = settings();
         let running = start(&db, settings.clone(), std::slice::from_ref(&consumer)).await;
         // Later events, appended while the poison event is being retried.

@@ -112,11 +112,16 @@ pub async fn start_consumers(
     settings: DispatcherSettings,
     consumers: Vec<Arc<dyn Consumer>>,
 ) -> Running {
-    let (stop, shutdown) = watch::channel(false);
     let mut dispatcher = Dispatcher::new(db.clone(), settings);
     for consumer in consumers {
         dispatcher.subscribe(consumer);
     }
+    start_dispatcher(dispatcher).await
+}
+
+/// Starts a dispatcher built by the test.
+pub async fn start_dispatcher(dispatcher: Dispatcher) -> Running {
+    let (stop, shutdown) = watch::channel(false);
     let handle = dispatcher.start(shutdown).await.expect("start dispatcher");
     Running { stop, handle }
 }
@@ -399,4 +404,20 @@ pub async fn holds_within(within: Duration, mut check: impl AsyncFnMut() -> bool
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A consumer that fails on `poison` (with "poison attempt N") while `broken`
+/// holds, and handles everything else.
+pub fn poisoned(
+    name: &'static str,
+    poison: Uuid,
+    broken: &Arc<std::sync::atomic::AtomicBool>,
+) -> Arc<Recorder> {
+    let broken = broken.clone();
+    Recorder::new(name)
+        .failing(move |event, prior| {
+            (event.id == poison && broken.load(Ordering::SeqCst))
+                .then(|| format!("poison attempt {}", prior + 1))
+        })
+        .build()
 }

@@ -18,6 +18,7 @@ mod dead;
 mod dedup;
 mod delivery;
 mod lease;
+mod nats;
 mod retry;
 mod versions;
 mod wake;

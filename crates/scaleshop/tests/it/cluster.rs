@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
 
-use crate::process::{Api, client};
+use crate::process::{Api, client, gauge};
 use crate::recovery::{
     CLIENTS, STOCK, Shared, accepted_orders_charged_once_and_stock_adds_up, is_final, orders,
     watch_stock,
@@ -270,6 +270,8 @@ struct Kill<'a> {
     backend: &'a str,
     victim: &'a str,
     survivor: &'a str,
+    /// The cluster carries its events over NATS (`--nats`).
+    nats: bool,
 }
 
 /// Through the gateway only: customers and products, then orders from several
@@ -446,6 +448,35 @@ async fn orders_survive_a_killed_instance(
     accepted_orders_charged_once_and_stock_adds_up(&gateway, &admin, &all, &accepted, &products)
         .await;
 
+    if kill.nats {
+        // The events went through NATS: the instances report the relay's backlog
+        // (a gauge only the NATS transport has), and it is empty.
+        let addresses: Vec<String> = std::fs::read_to_string(dir.join("parts"))
+            .expect("DIR/parts")
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split('\t').collect();
+                (fields[1] == "instance" && fields[0] != kill.victim).then(|| fields[5].to_owned())
+            })
+            .collect();
+        let mut backlogs = Vec::new();
+        for _ in 0..300 {
+            backlogs.clear();
+            for address in &addresses {
+                let api = Api::new(format!("http://{address}"));
+                backlogs.push(gauge(&api, "relay_backlog").await);
+            }
+            if backlogs.iter().all(|b| *b == Some(0.0)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            backlogs.iter().all(|b| *b == Some(0.0)),
+            "relay_backlog of {addresses:?}: {backlogs:?}"
+        );
+    }
+
     // `status` tells the dead instance apart; `down` stops every recorded process.
     let (ok, status) = cluster("status", dir, &[]);
     assert!(!ok, "status with a dead instance: {status}");
@@ -481,6 +512,7 @@ async fn cluster_of_two_behind_haproxy_survives_a_killed_instance() {
         backend: "all",
         victim: "all-1",
         survivor: "all-2",
+        nats: false,
     };
     orders_survive_a_killed_instance(&dir, &recorded, &env, kill).await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -509,9 +541,15 @@ async fn split_cluster_survives_a_killed_orders_instance() {
         .iter()
         .flat_map(|(name, _)| [format!("{name}-1"), format!("{name}-2")])
         .collect();
-    expected.extend(["gateway", "postgres", "redis"].map(str::to_owned));
+    expected.extend(["gateway", "postgres", "redis", "nats"].map(str::to_owned));
     let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
-    let (recorded, env) = up(&dir, &["--split", "--instances", "2"], &expected);
+    // The split cluster carries its events over NATS JetStream.
+    let (recorded, env) = up(&dir, &["--split", "--instances", "2", "--nats"], &expected);
+    assert!(
+        env.get("SCALESHOP_NATS_URL")
+            .is_some_and(|url| url.starts_with("nats://127.0.0.1:")),
+        "SCALESHOP_NATS_URL in cluster.env: {env:?}"
+    );
 
     // Each instance runs its group's target, and the gateway checks each one in
     // its group's backend.
@@ -564,8 +602,10 @@ async fn split_cluster_survives_a_killed_orders_instance() {
         backend: "orders",
         victim: "orders-1",
         survivor: "orders-2",
+        nats: true,
     };
     orders_survive_a_killed_instance(&dir, &recorded, &env, kill).await;
+
     eprintln!("{TEST}: {:?} in all", started.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -62,6 +62,7 @@ fn load(
 
 both!(
     kill9_under_load_loses_and_doubles_nothing,
+    [sqlite, postgres, nats],
     |backend: Backend| async move {
         let mut deployment = Deployment::fresh(backend).await;
         fast(&mut deployment);

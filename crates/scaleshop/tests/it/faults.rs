@@ -170,6 +170,7 @@ async fn settle_and_check(
 
 both!(
     lost_payment_answers_charge_once,
+    [sqlite, postgres, nats],
     |backend: Backend| async move {
         const CLIENTS: usize = 6;
         const PER_CLIENT: usize = 20;
@@ -238,6 +239,7 @@ both!(
 // order stays `charging` (a cancel is refused) until the saga asks again.
 both!(
     a_lost_answer_keeps_the_order_uncancellable,
+    [sqlite, postgres, nats],
     |backend: Backend| async move {
         let mut deployment = Deployment::fresh(backend).await;
         fast(&mut deployment);
@@ -422,6 +424,7 @@ async fn postgres_outage_answers_503_and_loses_nothing() {
         // The keys come from the database, as in a deployment with no secret.
         jwt_secret: None,
         target: None,
+        nats: None,
     };
     fast(&mut deployment);
     deployment

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use reqwest::Client;
@@ -24,6 +24,9 @@ pub struct Deployment {
     pub jwt_secret: Option<String>,
     /// `--target` (`None`: the default, `all`).
     pub target: Option<String>,
+    /// The NATS server that carries the events (`Backend::Nats`), shared by
+    /// every run and kept until the last clone is dropped.
+    pub nats: Option<Arc<scaleshop_testkit::NatsServer>>,
 }
 
 impl Deployment {
@@ -35,6 +38,9 @@ impl Deployment {
             extra: HashMap::new(),
             jwt_secret: Some("a-test-secret-that-is-long-enough-000000".to_owned()),
             target: None,
+            nats: backend
+                .is_nats()
+                .then(|| Arc::new(scaleshop_testkit::NatsServer::start())),
         }
     }
 
@@ -76,6 +82,9 @@ impl Deployment {
         }
         if let Some(secret) = &self.jwt_secret {
             command.env("SCALESHOP_JWT_SECRET", secret);
+        }
+        if let Some(nats) = &self.nats {
+            command.env("SCALESHOP_NATS_URL", nats.url());
         }
         for (key, value) in &self.extra {
             command.env(key, value);

@@ -223,6 +223,7 @@ pub(crate) async fn accepted_orders_charged_once_and_stock_adds_up(
 
 both!(
     three_kills_during_orders_every_accepted_order_is_final_soon,
+    [sqlite, postgres, nats],
     |backend: Backend| async move {
         let deployment = Deployment::fresh(backend).await;
         let mut server = deployment.start().await;

@@ -59,6 +59,7 @@ pub(crate) async fn customer(server: &Api, email: &str) -> String {
 
 both!(
     kill9_during_sagas_loses_nothing_and_charges_once,
+    [sqlite, postgres, nats],
     |backend: Backend| async move {
         let mut deployment = Deployment::fresh(backend).await;
         deployment

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use scaleshop_db::sqlx::{self, Connection};
-use scaleshop_testkit::Backend;
+use scaleshop_testkit::{Backend, both, fixture};
 use serde_json::json;
 
 use crate::process::{Deployment, eventually};
@@ -19,32 +19,34 @@ async fn lease_owner(url: &str) -> Option<String> {
         .flatten()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_survivor_takes_over_a_killed_process_consumer_postgres() {
-    let mut deployment = Deployment::fresh(Backend::Postgres).await;
-    deployment
-        .set("SCALESHOP_EVENT_LEASE_MS", "1500")
-        .set("SCALESHOP_EVENT_POLL_MS", "100");
-    let url = deployment.database_url.clone().expect("postgres url");
-    let a = deployment.start().await;
-    let b = deployment.start().await;
+both!(
+    the_survivor_takes_over_a_killed_process_consumer,
+    [postgres, nats],
+    |backend: Backend| async move {
+        let mut deployment = Deployment::fresh(backend).await;
+        deployment
+            .set("SCALESHOP_EVENT_LEASE_MS", "1500")
+            .set("SCALESHOP_EVENT_POLL_MS", "100");
+        let url = deployment.database_url.clone().expect("postgres url");
+        let a = deployment.start().await;
+        let b = deployment.start().await;
 
-    let owner = eventually(Duration::from_secs(20), || lease_owner(&url)).await;
-    let (holder, survivor) = if owner.starts_with(&format!("{}-", a.pid())) {
-        (a, b)
-    } else {
-        (b, a)
-    };
-    assert!(
-        owner.starts_with(&format!("{}-", holder.pid())),
-        "lease held by one of the two"
-    );
-    let survivor_pid = survivor.pid();
-    holder.kill9();
+        let owner = eventually(Duration::from_secs(20), || lease_owner(&url)).await;
+        let (holder, survivor) = if owner.starts_with(&format!("{}-", a.pid())) {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        assert!(
+            owner.starts_with(&format!("{}-", holder.pid())),
+            "lease held by one of the two"
+        );
+        let survivor_pid = survivor.pid();
+        holder.kill9();
 
-    let mut created = Vec::new();
-    for i in 0..5 {
-        let user: serde_json::Value = survivor
+        let mut created = Vec::new();
+        for i in 0..5 {
+            let user: serde_json::Value = survivor
             .client
             .post(survivor.url("/v1/users"))
             .json(&json!({"email": format!("after-{i}@example.com"), "name": "After", "password": "password-123"}))
@@ -54,28 +56,29 @@ async fn the_survivor_takes_over_a_killed_process_consumer_postgres() {
             .json()
             .await
             .expect("user");
-        created.push(user["id"].as_str().expect("id").to_owned());
+            created.push(user["id"].as_str().expect("id").to_owned());
+        }
+        let token = survivor.admin_token().await;
+        let notifications = eventually(Duration::from_secs(30), || async {
+            let all = survivor.all(&token, "/v1/notifications").await;
+            let done = created.iter().all(|id| {
+                all.iter()
+                    .any(|n| n["user_id"] == id.as_str() && n["status"] == "sent")
+            });
+            done.then_some(all)
+        })
+        .await;
+        for id in &created {
+            let count = notifications
+                .iter()
+                .filter(|n| n["user_id"] == id.as_str())
+                .count();
+            assert_eq!(count, 1, "user {id}");
+        }
+        let owner = lease_owner(&url).await.expect("lease owner");
+        assert!(
+            owner.starts_with(&format!("{survivor_pid}-")),
+            "the survivor holds the lease: {owner}"
+        );
     }
-    let token = survivor.admin_token().await;
-    let notifications = eventually(Duration::from_secs(30), || async {
-        let all = survivor.all(&token, "/v1/notifications").await;
-        let done = created.iter().all(|id| {
-            all.iter()
-                .any(|n| n["user_id"] == id.as_str() && n["status"] == "sent")
-        });
-        done.then_some(all)
-    })
-    .await;
-    for id in &created {
-        let count = notifications
-            .iter()
-            .filter(|n| n["user_id"] == id.as_str())
-            .count();
-        assert_eq!(count, 1, "user {id}");
-    }
-    let owner = lease_owner(&url).await.expect("lease owner");
-    assert!(
-        owner.starts_with(&format!("{survivor_pid}-")),
-        "the survivor holds the lease: {owner}"
-    );
-}
+);
