@@ -56,8 +56,11 @@ impl OrderSaga {
     /// Ends the order and appends `order.processed` or `order.failed`.
     async fn end(&self, order: &Order, reason: Option<FailureReason>) -> Result<(), JobError> {
         let mut tx = self.store.db().begin().await?;
-        self.end_in(&mut tx, order, reason).await?;
+        let ended = self.end_in(&mut tx, order, reason).await?;
         tx.commit().await?;
+        if ended {
+            count_outcome(reason);
+        }
         Ok(())
     }
 
@@ -238,9 +241,28 @@ impl JobHandler for OrderSaga {
             return Ok(());
         };
         if let Some(order) = self.store.get(order_id).await? {
-            self.end_in(tx, &order, Some(FailureReason::PaymentError))
-                .await?;
+            // Counted with the dead job's transition, which the worker commits.
+            if self
+                .end_in(tx, &order, Some(FailureReason::PaymentError))
+                .await?
+            {
+                count_outcome(Some(FailureReason::PaymentError));
+            }
         }
         Ok(())
     }
+}
+
+/// `order_outcomes_total{outcome, reason}`: one more order the saga ended.
+fn count_outcome(reason: Option<FailureReason>) {
+    let (outcome, reason) = match reason {
+        None => ("completed", "none"),
+        Some(reason) => ("failed", reason.as_str()),
+    };
+    metrics::counter!(
+        scaleshop_telemetry::names::ORDER_OUTCOMES,
+        "outcome" => outcome,
+        "reason" => reason
+    )
+    .increment(1);
 }

@@ -39,6 +39,9 @@ pub mod names {
     pub const EVENT_CONSUMER_LAG: &str = "event_consumer_lag";
     /// Counter: `consumer`, `outcome` (`delivered`, `duplicate`, `retried`, `dead`).
     pub const EVENT_DELIVERIES: &str = "event_deliveries_total";
+    /// Counter: `outcome` (`completed`, `failed`), `reason` (`none`,
+    /// `out_of_stock`, `payment_declined`, `payment_error`); orders the saga ended.
+    pub const ORDER_OUTCOMES: &str = "order_outcomes_total";
     /// Gauge: `queue`, `state`.
     pub const JOBS: &str = "jobs";
     /// Counter: `queue`, `outcome` (`completed`, `retried`, `dead`).
@@ -167,6 +170,10 @@ fn describe() {
         "Event deliveries by consumer and outcome."
     );
     metrics::describe_gauge!(names::JOBS, "Jobs by queue and state.");
+    metrics::describe_counter!(
+        names::ORDER_OUTCOMES,
+        "Orders the saga ended, by outcome (completed, failed) and failure reason."
+    );
     metrics::describe_counter!(names::JOB_RUNS, "Job runs by queue and outcome.");
     metrics::describe_counter!(
         names::CACHE_REQUESTS,

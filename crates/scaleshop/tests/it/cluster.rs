@@ -944,3 +944,235 @@ async fn cluster_with_a_lagging_replica_reads_from_it() {
     assert!(left.is_empty(), "still running after down: {left:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every PromQL expression of the Grafana dashboard and of the recording rules,
+/// and every metric the alert rules read, returns data from a real Prometheus
+/// that scrapes a running cluster (one instance of target `all` on PostgreSQL with
+/// a read replica, Redis and NATS) after a short load: no panel or rule reads a
+/// metric that does not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_reads_every_dashboard_and_rule_query_from_a_running_cluster() {
+    const TEST: &str = "prometheus_reads_every_dashboard_and_rule_query_from_a_running_cluster";
+    if skip_without_haproxy(TEST) {
+        return;
+    }
+    let prometheus_bin =
+        std::env::var("SCALESHOP_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
+    let dir = scaleshop_testkit::temp_dir("scaleshop-prometheus");
+    let _down = Down(dir.join("cluster"));
+    let (recorded, env) = up(
+        &dir.join("cluster"),
+        &["--instances", "1", "--replicas", "1", "--nats"],
+        &["all-1", "gateway", "postgres", "replica-1", "redis", "nats"],
+    );
+    assert!(recorded.iter().any(|p| p.kind == "instance"));
+    let instance = std::fs::read_to_string(dir.join("cluster/parts"))
+        .expect("DIR/parts")
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split('\t').collect();
+            (fields[1] == "instance").then(|| fields[5].to_owned())
+        })
+        .expect("an instance");
+
+    // A short load through the gateway: reads (cache hits and misses, a 404),
+    // sign-ups, orders that complete and one that fails.
+    let gateway = Api::new(env["SCALESHOP_URL"].clone());
+    let admin = gateway
+        .sign_in(
+            &env["SCALESHOP_ADMIN_EMAIL"],
+            &env["SCALESHOP_ADMIN_PASSWORD"],
+        )
+        .await;
+    let product_id = product(&gateway, &admin, "P-1", 3).await;
+    let token = customer(&gateway, "watcher@example.com").await;
+    for i in 0..4 {
+        let r = gateway
+            .client
+            .post(gateway.url("/v1/orders"))
+            .bearer_auth(&token)
+            .header("Idempotency-Key", format!("prometheus-{i}"))
+            .json(&json!({"items": [{"product_id": product_id, "quantity": 1}], "payment_method": "pm_card_visa"}))
+            .send()
+            .await
+            .expect("order");
+        assert_eq!(r.status().as_u16(), 202);
+    }
+    for _ in 0..20 {
+        gateway
+            .get_json(&format!("/v1/products/{product_id}"), None)
+            .await;
+    }
+    let missing = gateway
+        .client
+        .get(gateway.url("/v1/products/00000000-0000-7000-8000-000000000000"))
+        .send()
+        .await
+        .expect("a missing product");
+    assert_eq!(missing.status().as_u16(), 404);
+
+    // Prometheus scraping the instance every second, evaluating the rules every
+    // second.
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/prometheus/rules");
+    let port = scaleshop_testkit::gateway::free_port();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}/*.yml\n\
+             scrape_configs:\n  - job_name: scaleshop\n    static_configs:\n      - targets: [\"{instance}\"]\n",
+            rules.display()
+        ),
+    )
+    .expect("prometheus.yml");
+    let prometheus = Command::new(&prometheus_bin)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("{prometheus_bin} ({e}): scripts/test installs Debian's prometheus")
+        });
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _stop = Stop(prometheus);
+
+    let mut queries: Vec<(String, String)> = Vec::new();
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana/scaleshop.json"),
+        )
+        .expect("the dashboard"),
+    )
+    .expect("dashboard JSON");
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            queries.push((
+                format!("panel {}", panel["title"]),
+                target["expr"].as_str().expect("expr").to_owned(),
+            ));
+        }
+    }
+    for file in ["recording.yml", "alerts.yml"] {
+        let rules: Value =
+            serde_norway::from_str(&std::fs::read_to_string(rules.join(file)).expect("rules"))
+                .expect("rules YAML");
+        for group in rules["groups"].as_array().expect("groups") {
+            for rule in group["rules"].as_array().expect("rules") {
+                if let Some(record) = rule["record"].as_str() {
+                    queries.push((format!("recording rule {record}"), record.to_owned()));
+                } else {
+                    let alert = rule["alert"].as_str().expect("alert");
+                    let expr = rule["expr"].as_str().expect("expr");
+                    for name in metric_names(expr) {
+                        queries.push((
+                            format!("alert {alert}"),
+                            format!("count({{__name__=\"{name}\"}})"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let api = format!("http://127.0.0.1:{port}/api/v1/query");
+    let http = client();
+    let mut missing = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        missing.clear();
+        for (origin, query) in &queries {
+            let answer: Option<Value> = match http.get(&api).query(&[("query", query)]).send().await
+            {
+                Ok(r) => r.json().await.ok(),
+                Err(_) => None,
+            };
+            let has_data = answer
+                .as_ref()
+                .and_then(|a| a["data"]["result"].as_array())
+                .is_some_and(|r| !r.is_empty());
+            if !has_data {
+                missing.push(format!("{origin}: {query}"));
+            }
+        }
+        if missing.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        // More traffic, so that every rate has two samples.
+        gateway
+            .get_json(&format!("/v1/products/{product_id}"), None)
+            .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(
+        missing.is_empty(),
+        "queries without data after 60 s:\n{}",
+        missing.join("\n")
+    );
+    eprintln!("{TEST}: {} queries answered with data", queries.len());
+}
+
+/// The metric names a PromQL expression reads (identifiers followed by `{`, `[`
+/// or `)`, that are not functions, keywords or recording-rule names).
+fn metric_names(expr: &str) -> Vec<String> {
+    const NOT_METRICS: &[&str] = &[
+        "sum",
+        "max",
+        "min",
+        "by",
+        "and",
+        "or",
+        "rate",
+        "increase",
+        "count",
+        "histogram_quantile",
+        "label_replace",
+    ];
+    let mut names = Vec::new();
+    let chars: Vec<char> = expr.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i].is_ascii_alphabetic() || chars[i] == '_' {
+            let start = i;
+            while i < chars.len()
+                && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':')
+            {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let inside_quotes = chars[..start].iter().filter(|c| **c == '"').count() % 2 == 1;
+            let next = chars[i..].iter().find(|c| !c.is_whitespace());
+            let inside_labels =
+                chars[..start].iter().rev().find(|c| matches!(c, '{' | '}')) == Some(&'{');
+            // `by (queue)`: a list of labels, not a metric.
+            let before: String = chars[..start].iter().collect();
+            let before = before.trim_end();
+            let label_list = before.strip_suffix('(').is_some_and(|b| {
+                let b = b.trim_end();
+                b.ends_with("by") || b.ends_with("without")
+            });
+            if !inside_quotes
+                && !inside_labels
+                && !label_list
+                && !word.contains(':')
+                && !NOT_METRICS.contains(&word.as_str())
+                && matches!(next, Some('{') | Some('[') | Some(')') | Some(' ') | None)
+                && !names.contains(&word)
+            {
+                names.push(word);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
