@@ -201,11 +201,45 @@ impl TestApp {
         for base in &bases {
             app.wait_ready(base).await;
         }
-        if app.gateway.is_some() {
+        if let Some(gateway) = &app.gateway {
             let base = app.base.clone();
             app.wait_ready(&base).await;
+            app.wait_gateway_servers_up(&gateway.stats_url()).await;
         }
         app
+    }
+
+    /// Waits (bounded) until the gateway's health checks have marked every
+    /// instance of every backend up: a backend whose servers are not up yet
+    /// answers 503 "no instance is available".
+    async fn wait_gateway_servers_up(&self, stats_url: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut last = String::new();
+        loop {
+            if let Ok(r) = self.client.get(format!("{stats_url};csv")).send().await
+                && let Ok(csv) = r.text().await
+            {
+                let servers: Vec<(String, String)> = csv
+                    .lines()
+                    .filter(|line| !line.starts_with('#'))
+                    .filter_map(|line| {
+                        let fields: Vec<&str> = line.split(',').collect();
+                        let (name, status) = (*fields.get(1)?, *fields.get(17)?);
+                        (name != "FRONTEND" && name != "BACKEND")
+                            .then(|| (name.to_owned(), status.to_owned()))
+                    })
+                    .collect();
+                if !servers.is_empty() && servers.iter().all(|(_, status)| status == "UP") {
+                    return;
+                }
+                last = format!("{servers:?}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gateway servers not all up in 30 s: {last}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Two instances of each service group of `scripts/cluster up --split`, on
