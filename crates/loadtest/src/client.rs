@@ -394,6 +394,27 @@ impl Setup<'_> {
             .or_else(|| body.get("title"))
             .and_then(Value::as_str)
             .unwrap_or("");
+        let fields: Vec<String> = body
+            .get("errors")
+            .and_then(Value::as_array)
+            .map(|errors| {
+                errors
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{}: {}",
+                            e.get("field").and_then(Value::as_str).unwrap_or("?"),
+                            e.get("message").and_then(Value::as_str).unwrap_or("?")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let detail = if fields.is_empty() {
+            detail.to_owned()
+        } else {
+            format!("{detail} ({})", fields.join("; "))
+        };
         let hint = if status == StatusCode::TOO_MANY_REQUESTS {
             " (rate limited: raise the server's signup_rate_per_address / login_rate_per_address for load tests)"
         } else {
@@ -456,7 +477,7 @@ pub async fn prepare(
                 "description": format!("A {colour} {word} made for load tests."),
                 "price_cents": 100 + (i * 37) % 9900,
                 "currency": "EUR",
-                "initial_stock": 1_000_000_000,
+                "initial_stock": 1_000_000,
             });
             let request = http
                 .post(format!("{}/v1/products", conn.url))

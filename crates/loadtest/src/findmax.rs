@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::recorder::Recorder;
-use crate::report::{Report, escape, page, write_pair};
+use crate::report::{Report, Table, escape, page, write_pair};
 use crate::scenario::Scenario;
 use crate::{Error, RunArgs};
 
@@ -113,7 +113,7 @@ pub fn next_rate(held: Option<f64>, broke: Option<f64>, last: f64) -> Option<f64
     }
 }
 
-/// Runs the search on one target.
+/// Prepares the target, then runs the search on it.
 pub async fn find_max(
     args: &RunArgs,
     scenario: &Scenario,
@@ -121,6 +121,16 @@ pub async fn find_max(
 ) -> Result<Search, Error> {
     let seed_recorder = Recorder::new();
     let target = crate::prepare(args, scenario, &seed_recorder).await?;
+    Ok(find_max_on(args, scenario, target, stop).await)
+}
+
+/// Runs the search on a prepared target.
+pub async fn find_max_on(
+    args: &RunArgs,
+    scenario: &Scenario,
+    target: Arc<crate::client::Target>,
+    stop: watch::Receiver<bool>,
+) -> Search {
     let bound = Bound {
         max_p99_ms: args.max_p99.as_secs_f64() * 1000.0,
         max_error_percent: args.max_error_percent,
@@ -188,10 +198,30 @@ pub async fn find_max(
         // Let the server settle (backlogs drain) between steps.
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
-    Ok(search)
+    search
 }
 
 impl Search {
+    /// One row per step, in the order they ran.
+    fn table(&self) -> Table {
+        let mut table = Table::new(&["rate", "sent/s", "p50 ms", "p99 ms", "errors %", "verdict"]);
+        for s in &self.steps {
+            table.row(vec![
+                s.rate.to_string(),
+                format!("{:.1}", s.achieved_rate),
+                format!("{:.2}", s.p50_ms),
+                format!("{:.2}", s.p99_ms),
+                format!("{:.2}", s.error_percent),
+                if s.held {
+                    "held".to_owned()
+                } else {
+                    s.broke.join("; ")
+                },
+            ]);
+        }
+        table
+    }
+
     pub fn text(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(
@@ -203,27 +233,7 @@ impl Search {
             self.bound.max_error_percent,
             self.step_seconds
         );
-        let _ = writeln!(
-            out,
-            "{:>10} {:>10} {:>9} {:>9} {:>8}  verdict",
-            "rate", "sent/s", "p50 ms", "p99 ms", "err %"
-        );
-        for s in &self.steps {
-            let _ = writeln!(
-                out,
-                "{:>10} {:>10.1} {:>9.2} {:>9.2} {:>8.2}  {}",
-                s.rate,
-                s.achieved_rate,
-                s.p50_ms,
-                s.p99_ms,
-                s.error_percent,
-                if s.held {
-                    "held".to_owned()
-                } else {
-                    s.broke.join("; ")
-                }
-            );
-        }
+        out.push_str(&self.table().text());
         match self.max_sustainable_rate {
             Some(rate) => {
                 let _ = writeln!(out, "highest sustainable rate: {rate}/s");
@@ -239,23 +249,7 @@ impl Search {
     }
 
     pub fn html(&self) -> String {
-        let mut rows = String::new();
-        for s in &self.steps {
-            let _ = write!(
-                rows,
-                "<tr><td>{}</td><td>{:.1}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>",
-                s.rate,
-                s.achieved_rate,
-                s.p50_ms,
-                s.p99_ms,
-                s.error_percent,
-                if s.held {
-                    "held".to_owned()
-                } else {
-                    escape(&s.broke.join("; "))
-                }
-            );
-        }
+        let table = self.table().html();
         let mut sorted = self.steps.clone();
         sorted.sort_by(|a, b| a.rate.total_cmp(&b.rate));
         let bars: Vec<(String, f64)> = sorted
@@ -278,8 +272,7 @@ impl Search {
             &format!("scaleshop loadtest --find-max: {}", self.scenario),
             &format!(
                 "<p>Against <code>{}</code>; bound: p99 at most {:.1} ms, errors at most {:.2} %; {:.0} s per step. \
-                 <strong>{}</strong>.</p><table><thead><tr><th>rate</th><th>sent/s</th><th>p50 ms</th><th>p99 ms</th>\
-                 <th>errors %</th><th>verdict</th></tr></thead><tbody>{rows}</tbody></table><figure>{chart}</figure>{best}",
+                 <strong>{}</strong>.</p>{table}<figure>{chart}</figure>{best}",
                 escape(&self.url),
                 self.bound.max_p99_ms,
                 self.bound.max_error_percent,

@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use std::process::Command;
 use tokio::sync::watch;
 
-use crate::findmax::{Bound, Search, find_max};
+use crate::findmax::{Bound, Search, find_max_on};
 use crate::recorder::Recorder;
-use crate::report::{escape, page, write_pair};
+use crate::report::{Table, page, write_pair};
 use crate::scenario::Scenario;
 use crate::{Error, RunArgs};
 
@@ -327,6 +327,12 @@ async fn transactions(url: &str) -> Option<u64> {
     String::from_utf8_lossy(&output.stdout).trim().parse().ok()
 }
 
+/// What makes two variants the same cluster: the script's flags and the environment.
+type Topology = (
+    &'static [&'static str],
+    &'static [(&'static str, &'static str)],
+);
+
 /// Runs the lab; prints the table and writes `lab.json` and `lab.html`.
 pub async fn main(args: LabArgs) -> Result<(), Error> {
     let variants = select(&args.variants)?;
@@ -353,13 +359,13 @@ pub async fn main(args: LabArgs) -> Result<(), Error> {
         variants: Vec::new(),
     };
     // A topology measured once answers for every variant that is the same one.
-    let mut measured: Vec<(Vec<&str>, Vec<(&str, &str)>, usize)> = Vec::new();
+    let mut measured: Vec<(Topology, usize)> = Vec::new();
     for variant in &variants {
         if *stop.borrow() {
             break;
         }
-        let key = (variant.cluster_flags.to_vec(), variant.env.to_vec());
-        if let Some((_, _, index)) = measured.iter().find(|(f, e, _)| (f, e) == (&key.0, &key.1)) {
+        let key: Topology = (variant.cluster_flags, variant.env);
+        if let Some((_, index)) = measured.iter().find(|(t, _)| *t == key) {
             let mut copy = report.variants[*index].clone();
             copy.same_as = Some(copy.name.clone());
             copy.name = variant.name.to_owned();
@@ -386,7 +392,7 @@ pub async fn main(args: LabArgs) -> Result<(), Error> {
                     .map_or_else(String::new, |r| format!(", {r}/s held"))
             );
         }
-        measured.push((key.0, key.1, report.variants.len()));
+        measured.push((key, report.variants.len()));
         report.variants.push(result);
     }
     print!("{}", report.text());
@@ -490,10 +496,12 @@ async fn measure_up(
     }
     run.admin_email = env.get("SCALESHOP_ADMIN_EMAIL").cloned();
     run.admin_password = env.get("SCALESHOP_ADMIN_PASSWORD").cloned();
-    let search = match find_max(&run, scenario, stop.clone()).await {
-        Ok(search) => search,
+    let seed_recorder = Recorder::new();
+    let target = match crate::prepare(&run, scenario, &seed_recorder).await {
+        Ok(target) => target,
         Err(e) => return VariantResult::new(variant, "failed", Some(e.to_string())),
     };
+    let search = find_max_on(&run, scenario, target.clone(), stop.clone()).await;
     let mut result = VariantResult::new(variant, "measured", None);
     result.max_rate = search.max_sustainable_rate;
     if let Some(rate) = search.max_sustainable_rate {
@@ -516,8 +524,7 @@ async fn measure_up(
         for url in &replicas {
             before_replicas.push(transactions(url).await);
         }
-        let seed_recorder = Recorder::new();
-        if let Ok(target) = crate::prepare(&run, scenario, &seed_recorder).await {
+        {
             let recorder = Arc::new(Recorder::new());
             let label = format!("{} at {rate}/s", variant.name);
             let confirm =
@@ -554,6 +561,40 @@ fn cell(value: Option<f64>, digits: usize) -> String {
 }
 
 impl LabReport {
+    /// One row per variant.
+    fn table(&self) -> Table {
+        let mut table = Table::new(&[
+            "pattern",
+            "variant",
+            "max/s",
+            "p50 ms",
+            "p99 ms",
+            "primary tx/s",
+            "replica tx/s",
+            "tx/request",
+            "status",
+        ]);
+        for v in &self.variants {
+            let status = match (&v.same_as, &v.reason) {
+                (Some(same), _) => format!("{} (same topology as {same})", v.status),
+                (None, Some(reason)) => format!("{}: {reason}", v.status),
+                (None, None) => v.status.clone(),
+            };
+            table.row(vec![
+                v.pattern.clone(),
+                v.name.clone(),
+                cell(v.max_rate, 0),
+                cell(v.p50_ms, 2),
+                cell(v.p99_ms, 2),
+                cell(v.primary_tx_per_s, 0),
+                cell(v.replica_tx_per_s, 0),
+                cell(v.primary_tx_per_request, 2),
+                status,
+            ]);
+        }
+        table
+    }
+
     pub fn text(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(
@@ -561,56 +602,12 @@ impl LabReport {
             "pattern lab, scenario {}: highest rate with p99 <= {:.1} ms and errors <= {:.2} % ({:.0} s steps)",
             self.scenario, self.bound.max_p99_ms, self.bound.max_error_percent, self.step_seconds
         );
-        let _ = writeln!(
-            out,
-            "{:<9} {:<13} {:>9} {:>8} {:>8} {:>10} {:>10} {:>8}  status",
-            "pattern", "variant", "max/s", "p50 ms", "p99 ms", "primary/s", "replicas/s", "tx/req"
-        );
-        for v in &self.variants {
-            let status = match (&v.same_as, &v.reason) {
-                (Some(same), _) => format!("{} (same topology as {same})", v.status),
-                (None, Some(reason)) => format!("{}: {reason}", v.status),
-                (None, None) => v.status.clone(),
-            };
-            let _ = writeln!(
-                out,
-                "{:<9} {:<13} {:>9} {:>8} {:>8} {:>10} {:>10} {:>8}  {}",
-                v.pattern,
-                v.name,
-                cell(v.max_rate, 0),
-                cell(v.p50_ms, 2),
-                cell(v.p99_ms, 2),
-                cell(v.primary_tx_per_s, 0),
-                cell(v.replica_tx_per_s, 0),
-                cell(v.primary_tx_per_request, 2),
-                status
-            );
-        }
+        out.push_str(&self.table().text());
         out
     }
 
     pub fn html(&self) -> String {
-        let mut rows = String::new();
-        for v in &self.variants {
-            let status = match (&v.same_as, &v.reason) {
-                (Some(same), _) => format!("{} (same topology as {same})", v.status),
-                (None, Some(reason)) => format!("{}: {reason}", v.status),
-                (None, None) => v.status.clone(),
-            };
-            let _ = write!(
-                rows,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                escape(&v.pattern),
-                escape(&v.name),
-                cell(v.max_rate, 0),
-                cell(v.p50_ms, 2),
-                cell(v.p99_ms, 2),
-                cell(v.primary_tx_per_s, 0),
-                cell(v.replica_tx_per_s, 0),
-                cell(v.primary_tx_per_request, 2),
-                escape(&status)
-            );
-        }
+        let table = self.table().html();
         let bars: Vec<(String, f64)> = self
             .variants
             .iter()
@@ -627,9 +624,7 @@ impl LabReport {
                 "<p>Each variant is started with scripts/cluster (one instance per service group), searched for its \
                  highest rate with p99 at most {:.1} ms and errors at most {:.2} % ({:.0} s steps), then run once more \
                  at that rate while the databases' transaction counters are read. A variant whose part has not landed \
-                 is listed as not available.</p><table><thead><tr><th>pattern</th><th>variant</th><th>max/s</th>\
-                 <th>p50 ms</th><th>p99 ms</th><th>primary tx/s</th><th>replica tx/s</th><th>primary tx/request</th>\
-                 <th>status</th></tr></thead><tbody>{rows}</tbody></table><figure>{chart}</figure>",
+                 is listed as not available.</p>{table}<figure>{chart}</figure>",
                 self.bound.max_p99_ms, self.bound.max_error_percent, self.step_seconds
             ),
         )

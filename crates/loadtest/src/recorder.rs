@@ -90,6 +90,17 @@ impl Recorder {
 
     /// A request of `kind` that succeeded after `latency`.
     pub fn ok(&self, kind: &'static str, latency: Duration) {
+        self.record(kind, latency, None);
+    }
+
+    /// A request of `kind` that failed: `why` is the status code or the
+    /// transport error's class (`timeout`, `connect`, ...). Its latency still
+    /// counts, so that errors never make the histogram look better.
+    pub fn error(&self, kind: &'static str, why: &str, latency: Duration) {
+        self.record(kind, latency, Some(why));
+    }
+
+    fn record(&self, kind: &'static str, latency: Duration, error: Option<&str>) {
         let value = micros(latency);
         let mut state = self.state.lock();
         let entry = state.kinds.entry(kind).or_default();
@@ -102,36 +113,16 @@ impl Recorder {
             .window
             .get_or_insert_with(histogram)
             .saturating_record(value);
+        if let Some(why) = error {
+            *entry.errors.entry(why.to_owned()).or_default() += 1;
+            entry.window_errors += 1;
+            state.window_errors += 1;
+        }
         state
             .window_all
             .get_or_insert_with(histogram)
             .saturating_record(value);
         state.window_count += 1;
-    }
-
-    /// A request of `kind` that failed: `why` is the status code or the
-    /// transport error's class (`timeout`, `connect`, ...). Its latency still
-    /// counts, so that errors never make the histogram look better.
-    pub fn error(&self, kind: &'static str, why: &str, latency: Duration) {
-        let value = micros(latency);
-        let mut state = self.state.lock();
-        let entry = state.kinds.entry(kind).or_default();
-        entry
-            .total
-            .get_or_insert_with(histogram)
-            .saturating_record(value);
-        entry
-            .window
-            .get_or_insert_with(histogram)
-            .saturating_record(value);
-        *entry.errors.entry(why.to_owned()).or_default() += 1;
-        entry.window_errors += 1;
-        state
-            .window_all
-            .get_or_insert_with(histogram)
-            .saturating_record(value);
-        state.window_count += 1;
-        state.window_errors += 1;
     }
 
     /// A counted outcome that is not a latency (`order.completed`, `order.failed.payment_declined`).
@@ -179,13 +170,12 @@ impl Recorder {
         }
         state.timeline.extend(points);
         let all = state.window_all.take();
-        let tick = Tick {
+        Tick {
             count: std::mem::take(&mut state.window_count),
             errors: std::mem::take(&mut state.window_errors),
             p50_ms: all.as_ref().map_or(0.0, |h| ms(h.value_at_quantile(0.5))),
             p99_ms: all.as_ref().map_or(0.0, |h| ms(h.value_at_quantile(0.99))),
-        };
-        tick
+        }
     }
 
     /// Everything recorded, for the report.

@@ -203,6 +203,27 @@ impl Report {
         hints
     }
 
+    /// The figures of every kind, "all requests" first.
+    fn table(&self) -> Table {
+        let mut table = Table::new(&[
+            "kind", "count", "errors", "per s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms",
+        ]);
+        for k in self.all_requests.iter().chain(self.kinds.iter()) {
+            table.row(vec![
+                k.kind.clone(),
+                k.count.to_string(),
+                k.errors.to_string(),
+                format!("{:.1}", k.rate),
+                format!("{:.2}", k.p50_ms),
+                format!("{:.2}", k.p90_ms),
+                format!("{:.2}", k.p99_ms),
+                format!("{:.2}", k.p999_ms),
+                format!("{:.2}", k.max_ms),
+            ]);
+        }
+        table
+    }
+
     /// Errors (every kind but the derived ones, plus dropped arrivals) over requests.
     pub fn error_ratio(&self) -> f64 {
         let (count, errors) = self
@@ -245,29 +266,9 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "latency from each request's scheduled time (coordinated omission corrected), ms:"
+            "latency from each request's scheduled time (coordinated omission corrected):"
         );
-        let _ = writeln!(
-            out,
-            "{:<14} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "kind", "count", "errors", "per s", "p50", "p90", "p99", "p99.9", "max"
-        );
-        let rows = self.all_requests.iter().chain(self.kinds.iter());
-        for k in rows {
-            let _ = writeln!(
-                out,
-                "{:<14} {:>9} {:>7} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
-                k.kind,
-                k.count,
-                k.errors,
-                k.rate,
-                k.p50_ms,
-                k.p90_ms,
-                k.p99_ms,
-                k.p999_ms,
-                k.max_ms
-            );
-        }
+        out.push_str(&self.table().text());
         for k in &self.kinds {
             if !k.error_classes.is_empty() {
                 let classes: Vec<String> = k
@@ -299,22 +300,7 @@ impl Report {
 
     /// The HTML page: the summary table and two SVG plots, nothing fetched.
     pub fn html(&self) -> String {
-        let mut rows = String::new();
-        for k in self.all_requests.iter().chain(self.kinds.iter()) {
-            let _ = write!(
-                rows,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td></tr>",
-                escape(&k.kind),
-                k.count,
-                k.errors,
-                k.rate,
-                k.p50_ms,
-                k.p90_ms,
-                k.p99_ms,
-                k.p999_ms,
-                k.max_ms
-            );
-        }
+        let table = self.table().html();
         let over_time = crate::plot::latency_over_time(&self.timeline);
         let percentiles = crate::plot::percentiles(&self.kinds);
         let notes: String = self
@@ -336,9 +322,7 @@ impl Report {
             &format!(
                 "<p>{} against <code>{}</code>, started {}: {:.1} s planned, {:.1} s run{}. Arrivals: {} scheduled, {} sent \
                  ({:.1}/s achieved), {} dropped, {} unfinished. Latency counts from each request's scheduled time \
-                 (coordinated omission corrected).</p>\
-                 <table><thead><tr><th>kind</th><th>count</th><th>errors</th><th>per s</th><th>p50 ms</th><th>p90 ms</th>\
-                 <th>p99 ms</th><th>p99.9 ms</th><th>max ms</th></tr></thead><tbody>{rows}</tbody></table>\
+                 (coordinated omission corrected).</p>{table}\
                  <ul>{outcomes}</ul><ul>{notes}</ul>\
                  <h2>Latency over time</h2><figure>{over_time}</figure>\
                  <h2>Latency by percentile</h2><figure>{percentiles}</figure>",
@@ -386,6 +370,74 @@ pub(crate) fn write_pair(
     std::fs::write(&html_path, html)
         .map_err(|e| Error::Report(format!("cannot write {}: {e}", html_path.display())))?;
     Ok((json_path, html_path))
+}
+
+/// A table of cells, written as aligned text (first column left, the others
+/// right) or as an HTML table: the figures of a report are formatted once.
+pub(crate) struct Table {
+    pub headers: Vec<&'static str>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(headers: &[&'static str]) -> Self {
+        Self {
+            headers: headers.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn text(&self) -> String {
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.len()).collect();
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate() {
+                if let Some(w) = widths.get_mut(i) {
+                    *w = (*w).max(cell.chars().count());
+                }
+            }
+        }
+        let line = |cells: &mut dyn Iterator<Item = &str>| {
+            let mut out = String::new();
+            for (i, cell) in cells.enumerate() {
+                let width = widths.get(i).copied().unwrap_or(0);
+                if i == 0 {
+                    let _ = write!(out, "{cell:<width$}");
+                } else {
+                    let _ = write!(out, "  {cell:>width$}");
+                }
+            }
+            out.trim_end().to_owned() + "\n"
+        };
+        let mut out = line(&mut self.headers.iter().copied());
+        for row in &self.rows {
+            out.push_str(&line(&mut row.iter().map(String::as_str)));
+        }
+        out
+    }
+
+    pub fn html(&self) -> String {
+        let head: String = self
+            .headers
+            .iter()
+            .map(|h| format!("<th>{}</th>", escape(h)))
+            .collect();
+        let body: String = self
+            .rows
+            .iter()
+            .map(|row| {
+                let cells: String = row
+                    .iter()
+                    .map(|c| format!("<td>{}</td>", escape(c)))
+                    .collect();
+                format!("<tr>{cells}</tr>")
+            })
+            .collect();
+        format!("<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    }
 }
 
 pub(crate) fn escape(s: &str) -> String {

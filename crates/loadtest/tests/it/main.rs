@@ -2,6 +2,12 @@
 //! records when each request arrives (the schedule), one that stalls (the
 //! coordinated-omission correction), one of limited capacity (--find-max).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed expectation is a failed test"
+)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
