@@ -177,6 +177,9 @@ pub struct Config {
     pub nats_duplicate_window_secs: u64,
     /// How long the event stream keeps an event (the outbox keeps them all).
     pub nats_max_age_secs: u64,
+    /// `false` turns the read cache off (every read goes to the database): the
+    /// baseline that shows what the cache buys (the loadtest lab's `cache-off`).
+    pub cache_enabled: bool,
     pub cache_l1_ttl_secs: u64,
     pub cache_l1_capacity: u64,
     pub cache_l2_ttl_secs: u64,
@@ -273,6 +276,7 @@ impl Default for Config {
             nats_ack_wait_ms: 30_000,
             nats_duplicate_window_secs: 120,
             nats_max_age_secs: 7 * 24 * 3600,
+            cache_enabled: true,
             cache_l1_ttl_secs: 300,
             cache_l1_capacity: 100_000,
             cache_l2_ttl_secs: 3600,
@@ -357,6 +361,7 @@ const ENV_KEYS: &[&str] = &[
     "nats_ack_wait_ms",
     "nats_duplicate_window_secs",
     "nats_max_age_secs",
+    "cache_enabled",
     "cache_l1_ttl_secs",
     "cache_l1_capacity",
     "cache_l2_ttl_secs",
@@ -739,6 +744,7 @@ impl Config {
 
     pub fn cache_settings(&self) -> scaleshop_cache::CacheSettings {
         scaleshop_cache::CacheSettings {
+            enabled: self.cache_enabled,
             l1_ttl: Duration::from_secs(self.cache_l1_ttl_secs),
             l1_capacity: self.cache_l1_capacity,
             l2_ttl: Duration::from_secs(self.cache_l2_ttl_secs),
@@ -759,6 +765,9 @@ impl Config {
     /// The sessions cache: in-process only, entries kept `session_cache_ttl_secs`.
     pub fn session_cache_settings(&self) -> scaleshop_cache::CacheSettings {
         scaleshop_cache::CacheSettings {
+            // Session state stays cached with `cache_enabled = false`: that key
+            // is about the read cache of the data, not about authentication.
+            enabled: true,
             l1_ttl: Duration::from_secs(self.session_cache_ttl_secs),
             ..self.cache_settings()
         }

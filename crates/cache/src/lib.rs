@@ -38,6 +38,8 @@ pub use redis_tier::{CHANNEL, RateDecision, Redis, RedisError};
 
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
+    /// `false`: no tier keeps anything; every read loads from the database.
+    pub enabled: bool,
     pub l1_ttl: Duration,
     pub l1_capacity: u64,
     pub l2_ttl: Duration,
@@ -52,6 +54,7 @@ pub struct CacheSettings {
 impl Default for CacheSettings {
     fn default() -> Self {
         Self {
+            enabled: true,
             l1_ttl: Duration::from_secs(300),
             l1_capacity: 100_000,
             l2_ttl: Duration::from_secs(3600),
@@ -273,6 +276,13 @@ where
         Fut: Future<Output = Result<L, E>>,
         L: Into<Loaded<T>>,
     {
+        if !self.settings.enabled {
+            let started = self.clock.fetch_add(1, Ordering::SeqCst);
+            let entry = Box::pin(self.load_from_database(key, started, load))
+                .await
+                .map_err(Arc::new)?;
+            return Ok(entry.value);
+        }
         // The hit path, kept small: moka's lookup future is large (it may run
         // maintenance) and almost always ready at once, so it is polled here, on
         // the stack, not made part of this future; everything else (a lookup that

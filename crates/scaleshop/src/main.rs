@@ -72,6 +72,10 @@ enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
+    /// Load a running scaleshop API: open-loop arrivals at a rate, latency from
+    /// each scheduled time (coordinated omission corrected), HDR histograms, a
+    /// live progress line, terminal/JSON/HTML reports; --find-max; `lab`.
+    Loadtest(Box<scaleshop_loadtest::LoadtestArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,9 +108,11 @@ fn main() -> ExitCode {
         target: Target::ALL,
         http_addr: None,
     });
-    let http_addr = match &command {
-        Command::Serve { http_addr, .. } => http_addr.clone(),
+    let http_addr = match command {
+        Command::Serve { ref http_addr, .. } => http_addr.clone(),
         Command::Migrate { .. } | Command::Keys { .. } => None,
+        // A client of the API: no server configuration, no data folder.
+        Command::Loadtest(args) => return loadtest(*args),
     };
     let config = match load(&cli.common, http_addr) {
         Ok(config) => config,
@@ -148,6 +154,7 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
+            Command::Loadtest(_) => Ok(()),
             Command::Keys { action: KeysAction::List } => {
                 let keys = scaleshop_app::keys::list(&config).await?;
                 println!("{:<16}  {:>10}  {:<27}  {:<27}  active", "kid", "generation", "created", "retired");
@@ -173,6 +180,31 @@ fn main() -> ExitCode {
             tracing::error!(error = %e, "scaleshop stopped with an error");
             eprintln!("scaleshop: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `scaleshop loadtest`: exit 0 when the run or search completed, 2 for a usage
+/// error, 1 when the target could not be prepared or a report not written.
+fn loadtest(args: scaleshop_loadtest::LoadtestArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("scaleshop loadtest: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(scaleshop_loadtest::main(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("scaleshop loadtest: {e}");
+            match e {
+                scaleshop_loadtest::Error::Usage(_) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

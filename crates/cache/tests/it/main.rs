@@ -67,6 +67,28 @@ async fn l1_hit_after_a_miss_without_redis() {
 }
 
 #[tokio::test]
+async fn a_disabled_cache_keeps_nothing_in_either_tier() {
+    let server = RedisServer::start();
+    let cache = TieredCache::new(
+        "t",
+        Some(redis(&server)),
+        CacheSettings {
+            enabled: false,
+            ..settings()
+        },
+    );
+    let source = Source::default();
+    source.set(Some("v1"));
+    assert_eq!(read(&cache, &source, "k").await.as_deref(), Some("v1"));
+    assert_eq!(read(&cache, &source, "k").await.as_deref(), Some("v1"));
+    assert_eq!(source.loads(), 2);
+    // Nothing went to L2 either: another process's cache sees no entry.
+    let other = TieredCache::new("t", Some(redis(&server)), settings());
+    assert_eq!(read(&other, &source, "k").await.as_deref(), Some("v1"));
+    assert_eq!(source.loads(), 3);
+}
+
+#[tokio::test]
 async fn a_missing_value_is_cached_briefly_not_taken_for_a_miss() {
     let settings = CacheSettings {
         negative_ttl: Duration::from_millis(300),

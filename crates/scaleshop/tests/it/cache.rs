@@ -24,6 +24,22 @@ async fn product(server: &Server, id: &str, token: Option<&str>) -> Value {
     response.json().await.expect("product")
 }
 
+/// The admin creates a product (stock 5, 1.00 EUR); its id.
+async fn create_product(server: &Server, admin: &str, sku: &str, name: &str) -> String {
+    let created: Value = server
+        .client
+        .post(server.url("/v1/products"))
+        .bearer_auth(admin)
+        .json(&json!({"sku": sku, "name": name, "price_cents": 100, "currency": "EUR", "initial_stock": 5}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    created["id"].as_str().unwrap().to_owned()
+}
+
 async fn two_processes(redis: &RedisServer) -> (Deployment, Server, Server) {
     let mut deployment = Deployment::fresh(Backend::Postgres).await;
     deployment.set("SCALESHOP_REDIS_URL", &redis.url());
@@ -37,18 +53,7 @@ async fn two_processes_share_the_cache_and_see_each_others_writes() {
     let redis = RedisServer::start();
     let (_deployment, a, b) = two_processes(&redis).await;
     let admin = a.admin_token().await;
-    let created: Value = a
-        .client
-        .post(a.url("/v1/products"))
-        .bearer_auth(&admin)
-        .json(&json!({"sku": "CACHE-1", "name": "Before", "price_cents": 100, "currency": "EUR", "initial_stock": 5}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["id"].as_str().unwrap().to_owned();
+    let id = create_product(&a, &admin, "CACHE-1", "Before").await;
 
     // 1000 concurrent reads of a cold key, over both processes: one load each at most,
     // one in the whole cluster thanks to the Redis lease.
@@ -228,4 +233,28 @@ async fn redis_stopped_killed_and_back_reads_keep_working() {
         .await
         .unwrap();
     assert_eq!(ready["components"]["cache"], "up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_cache_off_every_read_goes_to_the_database() {
+    let mut deployment = Deployment::fresh(Backend::Sqlite).await;
+    deployment.set("SCALESHOP_CACHE_ENABLED", "false");
+    let server = deployment.start().await;
+    let admin = server.admin_token().await;
+    let id = create_product(&server, &admin, "NOCACHE-1", "Plain").await;
+    let before = loads(&server).await;
+    for _ in 0..5 {
+        assert_eq!(product(&server, &id, None).await["name"], "Plain");
+    }
+    assert_eq!(loads(&server).await - before, 5.0, "five reads, five loads");
+    let l1_hits = crate::process::gauge(
+        &server,
+        "cache_requests_total{cache=\"products\",tier=\"l1\",result=\"hit\"}",
+    )
+    .await;
+    assert_eq!(
+        l1_hits.unwrap_or(0.0),
+        0.0,
+        "nothing was ever served from L1"
+    );
 }

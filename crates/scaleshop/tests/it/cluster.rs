@@ -189,7 +189,7 @@ fn is_down(servers: &HashMap<String, String>, name: &str) -> bool {
     servers.get(name).is_some_and(|s| s.starts_with("DOWN"))
 }
 
-fn skip_without_haproxy(test: &str) -> bool {
+pub(crate) fn skip_without_haproxy(test: &str) -> bool {
     if !has_haproxy() && !is_root() {
         eprintln!(
             "SKIPPED {test}: haproxy is not installed and cannot be (not root): apt-get install \

@@ -19,6 +19,7 @@ mod deploy;
 mod faults;
 mod hashing;
 mod keys;
+mod loadtest;
 mod recovery;
 mod saga_crash;
 mod signals;
