@@ -28,12 +28,24 @@ pub struct Clients {
     pub settings: ClientSettings,
 }
 
+/// The gateway's keep-alive timeout for idle client connections
+/// (`timeout http-keep-alive` in deploy/haproxy/haproxy.cfg.in).
+pub const GATEWAY_KEEP_ALIVE_MS: u64 = 5_000;
+
+/// How long a service client keeps an idle connection: four fifths of the
+/// shorter of the callees' idle timeout (`http_idle_timeout_ms`, one setting
+/// for the deployment) and the gateway's, so this side always lets go first.
+pub fn pooled_idle(http_idle_timeout_ms: u64) -> Duration {
+    Duration::from_millis((http_idle_timeout_ms.min(GATEWAY_KEEP_ALIVE_MS) * 4 / 5).max(50))
+}
+
 impl Clients {
     pub fn new(config: &crate::Config, keys: Arc<scaleshop_web::Keys>) -> Self {
         Self {
             keys,
             settings: ClientSettings {
                 timeout: Duration::from_millis(config.service_timeout_ms),
+                idle: pooled_idle(config.http_idle_timeout_ms),
                 retries: config.service_retries,
                 breaker_failures: config.service_breaker_failures,
                 breaker_open: Duration::from_millis(config.service_breaker_open_ms),
@@ -393,4 +405,22 @@ fn url_encode(value: &str) -> String {
             other => format!("%{other:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use super::*;
+
+    #[test]
+    fn a_pooled_connection_is_let_go_before_the_gateway_or_the_callee_closes_it() {
+        let template = include_str!("../../../deploy/haproxy/haproxy.cfg.in");
+        let line = format!("timeout http-keep-alive {}s", GATEWAY_KEEP_ALIVE_MS / 1000);
+        assert!(
+            template.contains(&line),
+            "the gateway template no longer says `{line}`"
+        );
+        assert_eq!(pooled_idle(5_000), Duration::from_millis(4_000));
+        assert_eq!(pooled_idle(60_000), Duration::from_millis(4_000));
+        assert_eq!(pooled_idle(1_000), Duration::from_millis(800));
+    }
 }

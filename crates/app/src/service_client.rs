@@ -27,6 +27,11 @@ const TOKEN_TTL: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Copy)]
 pub struct ClientSettings {
     pub timeout: Duration,
+    /// How long an idle pooled connection is kept. Shorter than the callee's
+    /// and the gateway's keep-alive timeouts, so that a connection is never
+    /// reused just as the other side closes it (the request would be lost on
+    /// the wire, and an unsafe one could not be sent again).
+    pub idle: Duration,
     pub retries: u32,
     pub breaker_failures: u32,
     pub breaker_open: Duration,
@@ -124,7 +129,7 @@ impl ServiceClient {
     ) -> Result<Self, String> {
         let http = reqwest::Client::builder()
             .connect_timeout(settings.timeout)
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(settings.idle)
             .pool_max_idle_per_host(32)
             .build()
             .map_err(|e| e.to_string())?;
@@ -368,6 +373,7 @@ mod tests {
     fn client(base: &str, retries: u32, breaker_failures: u32) -> ServiceClient {
         let settings = ClientSettings {
             timeout: Duration::from_millis(300),
+            idle: Duration::from_secs(4),
             retries,
             breaker_failures,
             breaker_open: Duration::from_secs(30),

@@ -124,6 +124,9 @@ struct Answer {
 pub fn http_client(conn: &Connection) -> Result<reqwest::Client, Error> {
     reqwest::Client::builder()
         .pool_max_idle_per_host(conn.connections)
+        // Under scaleshop's and its gateway's keep-alive timeouts (5 s by
+        // default): an idle connection is let go before the server closes it.
+        .pool_idle_timeout(Duration::from_secs(4))
         .tcp_nodelay(true)
         .timeout(conn.timeout)
         .connect_timeout(conn.timeout.min(Duration::from_secs(5)))

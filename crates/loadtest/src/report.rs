@@ -391,23 +391,27 @@ impl Table {
         self.rows.push(cells);
     }
 
+    /// Columns of figures are right-aligned (every cell a number or `-`), the
+    /// others left-aligned.
     pub fn text(&self) -> String {
+        let columns = self.headers.len();
         let mut widths: Vec<usize> = self.headers.iter().map(|h| h.len()).collect();
+        let mut numeric = vec![true; columns];
         for row in &self.rows {
-            for (i, cell) in row.iter().enumerate() {
-                if let Some(w) = widths.get_mut(i) {
-                    *w = (*w).max(cell.chars().count());
-                }
+            for (i, cell) in row.iter().enumerate().take(columns) {
+                widths[i] = widths[i].max(cell.chars().count());
+                numeric[i] &= cell == "-" || cell.parse::<f64>().is_ok();
             }
         }
         let line = |cells: &mut dyn Iterator<Item = &str>| {
             let mut out = String::new();
-            for (i, cell) in cells.enumerate() {
-                let width = widths.get(i).copied().unwrap_or(0);
-                if i == 0 {
-                    let _ = write!(out, "{cell:<width$}");
+            for (i, cell) in cells.enumerate().take(columns) {
+                let width = widths[i];
+                let sep = if i == 0 { "" } else { "  " };
+                if numeric[i] && i > 0 {
+                    let _ = write!(out, "{sep}{cell:>width$}");
                 } else {
-                    let _ = write!(out, "  {cell:>width$}");
+                    let _ = write!(out, "{sep}{cell:<width$}");
                 }
             }
             out.trim_end().to_owned() + "\n"
@@ -458,4 +462,34 @@ pub(crate) fn page(title: &str, body: &str) -> String {
          </style></head><body><h1>{t}</h1>{body}</body></html>\n",
         t = escape(title)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_align_right_and_words_left() {
+        let mut table = Table::new(&["kind", "count", "status"]);
+        table.row(vec![
+            "product".to_owned(),
+            "1200".to_owned(),
+            "measured".to_owned(),
+        ]);
+        table.row(vec![
+            "search".to_owned(),
+            "-".to_owned(),
+            "not available".to_owned(),
+        ]);
+        assert_eq!(
+            table.text(),
+            "kind     count  status\nproduct   1200  measured\nsearch       -  not available\n"
+        );
+        let html = table.html();
+        assert!(
+            html.starts_with("<table><thead><tr><th>kind</th>"),
+            "{html}"
+        );
+        assert!(html.contains("<td>not available</td>"), "{html}");
+    }
 }

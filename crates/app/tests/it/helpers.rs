@@ -188,6 +188,9 @@ impl TestApp {
             base,
             client: Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
+                // Under the server's and the gateway's keep-alive (5 s): a
+                // connection is never reused just as the other side closes it.
+                .pool_idle_timeout(std::time::Duration::from_secs(4))
                 .timeout(std::time::Duration::from_secs(30))
                 .build()
                 .expect("client"),

@@ -162,6 +162,9 @@ impl Deployment {
 pub fn client() -> Client {
     Client::builder()
         .timeout(Duration::from_secs(30))
+        // Under the server's and the gateway's keep-alive (5 s): a connection
+        // is never reused just as the other side closes it.
+        .pool_idle_timeout(Duration::from_secs(4))
         .build()
         .expect("client")
 }
