@@ -2,6 +2,7 @@
 //! stock (the inventory's API) and images (the [`ProductImages`] hook), through
 //! the product cache.
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use chrono::SubsecRound;
@@ -40,6 +41,13 @@ pub struct Listed {
 #[async_trait::async_trait]
 pub trait ProductImages: Send + Sync + 'static {
     async fn images_of(&self, product_id: Uuid) -> Result<Vec<serde_json::Value>, StoreError>;
+
+    /// The images of several products at once (a page of search results): an
+    /// entry for each product that has images.
+    async fn images_of_products(
+        &self,
+        product_ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Vec<serde_json::Value>>, StoreError>;
 }
 
 /// A product.
@@ -274,17 +282,20 @@ impl Catalog {
     /// Adds the images and `available`: the inventory's figure, or the initial stock while the
     /// inventory has not made the record yet (nothing can have been reserved then).
     async fn with_stock(&self, products: Vec<Product>) -> Result<Vec<Listed>, CatalogError> {
+        // One read for the stock and one for the images of the whole page,
+        // not one of each per product.
         let ids: Vec<Uuid> = products.iter().map(|p| p.id).collect();
         let levels = self.inventory.levels(&ids).await?;
+        let mut images = match self.images.get() {
+            Some(media) => media.images_of_products(&ids).await?,
+            None => HashMap::new(),
+        };
         let mut listed = Vec::with_capacity(products.len());
         for product in products {
             let available = levels
                 .get(&product.id)
                 .map_or(product.initial_stock.get(), |s| s.available);
-            let images = match self.images.get() {
-                Some(media) => media.images_of(product.id).await?,
-                None => Vec::new(),
-            };
+            let images = images.remove(&product.id).unwrap_or_default();
             listed.push(Listed {
                 product,
                 available,

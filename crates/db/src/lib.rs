@@ -589,6 +589,16 @@ impl From<sqlx::Error> for StoreError {
 }
 
 /// A `LIKE` pattern matching values that contain `text` (lower-cased), with the
+/// `$first, $first+1, ...`: `count` numbered placeholders for an `IN (...)` list
+/// (both backends take `$N`). Callers bound `count` (a page of ids, at most a
+/// few hundred), so that one statement reads a batch instead of one per id.
+pub fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// pattern characters of `text` escaped (use `ESCAPE '\\'`).
 pub fn like_contains(text: &str) -> String {
     let mut pattern = String::with_capacity(text.len() + 2);
@@ -681,6 +691,13 @@ macro_rules! with_tx {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn placeholders_number_an_in_list() {
+        assert_eq!(super::placeholders(1, 3), "$1, $2, $3");
+        assert_eq!(super::placeholders(4, 1), "$4");
+        assert_eq!(super::placeholders(1, 0), "");
+    }
+
     use super::*;
 
     #[test]

@@ -30,6 +30,9 @@ pub struct Inventory {
     db: Database,
 }
 
+/// Ids per batched read (a page of products is at most 100).
+const BATCH: usize = 200;
+
 impl Inventory {
     pub fn new(db: Database) -> Self {
         Self { db }
@@ -54,12 +57,12 @@ impl Inventory {
         Ok(None)
     }
 
-    /// Stock of several products (those with a record).
+    /// Stock of several products (those with a record), in one read.
     pub async fn levels(&self, product_ids: &[Uuid]) -> Result<HashMap<Uuid, Stock>, StoreError> {
         let mut levels = HashMap::with_capacity(product_ids.len());
-        for id in product_ids {
-            if let Some(stock) = self.get(*id).await? {
-                levels.insert(*id, stock);
+        for chunk in product_ids.chunks(BATCH) {
+            for stock in store::get_many(&self.db, chunk).await? {
+                levels.insert(stock.product_id, stock);
             }
         }
         Ok(levels)

@@ -45,6 +45,26 @@ pub async fn get(db: &Database, product_id: Uuid) -> Result<Option<Stock>, Store
     Ok(row.map(Stock::from))
 }
 
+/// The stock records of several products (those that have one), in one read.
+pub async fn get_many(db: &Database, product_ids: &[Uuid]) -> Result<Vec<Stock>, StoreError> {
+    if product_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Only numbered placeholders are put into the text; the ids are bound.
+    let q = format!(
+        "SELECT product_id, available, reserved, sold FROM stock WHERE product_id IN ({})",
+        scaleshop_db::placeholders(1, product_ids.len())
+    );
+    let rows: Vec<StockRow> = with_pool!(db, pool => {
+        let mut query = sqlx::query_as(sqlx::AssertSqlSafe(q.clone()));
+        for id in product_ids {
+            query = query.bind(*id);
+        }
+        query.fetch_all(pool).await?
+    });
+    Ok(rows.into_iter().map(Stock::from).collect())
+}
+
 /// The stock record a `product.created` makes (nothing if it is there already).
 pub async fn create_stock(tx: &mut Tx, product_id: Uuid, initial: i64) -> Result<(), StoreError> {
     let at = now();

@@ -2,6 +2,8 @@
 //! images and variants, and process an image (the `images` job's work); the
 //! catalog's [`ProductImages`] hook.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use scaleshop_catalog::{Catalog, CatalogError, ProductImages};
@@ -340,14 +342,29 @@ impl Media {
 #[async_trait]
 impl ProductImages for Media {
     async fn images_of(&self, product_id: Uuid) -> Result<Vec<serde_json::Value>, StoreError> {
+        views(&self.store.of_product(product_id).await?)
+    }
+
+    async fn images_of_products(
+        &self,
+        product_ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Vec<serde_json::Value>>, StoreError> {
         self.store
-            .of_product(product_id)
+            .of_products(product_ids)
             .await?
-            .iter()
-            .map(|image| {
-                serde_json::to_value(ImageView::from(image))
-                    .map_err(|e| StoreError::Other(e.to_string()))
-            })
+            .into_iter()
+            .map(|(product_id, images)| Ok((product_id, views(&images)?)))
             .collect()
     }
+}
+
+/// Images as `GET /v1/images/{id}` shows them.
+fn views(images: &[Image]) -> Result<Vec<serde_json::Value>, StoreError> {
+    images
+        .iter()
+        .map(|image| {
+            serde_json::to_value(ImageView::from(image))
+                .map_err(|e| StoreError::Other(e.to_string()))
+        })
+        .collect()
 }

@@ -228,6 +228,63 @@ impl MediaStore {
         group(rows, variants)
     }
 
+    /// The images of several products (oldest first), in two reads whatever
+    /// their number; products without images have no entry.
+    pub async fn of_products(
+        &self,
+        product_ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Vec<Image>>, StoreError> {
+        if product_ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        // Only numbered placeholders are put into the texts; the ids are bound.
+        let list = scaleshop_db::placeholders(1, product_ids.len());
+        let images = format!(
+            "SELECT id, product_id, status, error, source_url, created_at, updated_at \
+             FROM images WHERE product_id IN ({list}) ORDER BY id"
+        );
+        let rows: Vec<ImageRow> = with_pool!(self.db, pool => {
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(images.clone()));
+            for id in product_ids {
+                query = query.bind(*id);
+            }
+            query.fetch_all(pool).await?
+        });
+        if rows.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let variants = format!(
+            "SELECT v.image_id, v.name, v.width, v.height, v.content_type, v.etag, v.size_bytes, v.object_key \
+             FROM image_variants v JOIN images i ON i.id = v.image_id WHERE i.product_id IN ({list}) \
+             ORDER BY v.image_id"
+        );
+        let variant_rows: Vec<VariantRow> = with_pool!(self.db, pool => {
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(variants.clone()));
+            for id in product_ids {
+                query = query.bind(*id);
+            }
+            query.fetch_all(pool).await?
+        });
+        let mut by_product: HashMap<Uuid, Vec<ImageRow>> = HashMap::new();
+        for row in rows {
+            by_product.entry(row.product_id).or_default().push(row);
+        }
+        let mut variants_by_image: HashMap<Uuid, Vec<VariantRow>> = HashMap::new();
+        for row in variant_rows {
+            variants_by_image.entry(row.image_id).or_default().push(row);
+        }
+        by_product
+            .into_iter()
+            .map(|(product_id, rows)| {
+                let variants = rows
+                    .iter()
+                    .flat_map(|row| variants_by_image.remove(&row.id).unwrap_or_default())
+                    .collect();
+                Ok((product_id, group(rows, variants)?))
+            })
+            .collect()
+    }
+
     /// A variant of a `ready` image.
     pub async fn ready_variant(&self, id: Uuid, name: &str) -> Result<Option<Variant>, StoreError> {
         let row: Option<VariantRow> = with_pool!(self.db, pool => {

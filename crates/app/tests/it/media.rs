@@ -1180,3 +1180,50 @@ async fn storage_down_is_a_503() {
     assert_eq!(product["images"], json!([]));
     assert_eq!(app.get("/healthz").send().await.unwrap().status(), 200);
 }
+
+both!(
+    a_search_lists_each_product_with_its_own_images,
+    [sqlite, postgres],
+    |app: TestApp| async move {
+        // The images of a page of products are read in one batch: each product
+        // must still get exactly its own, in the order they were added.
+        let admin = app.admin_token().await;
+        let products = [
+            product(&app, &admin).await,
+            product(&app, &admin).await,
+            product(&app, &admin).await,
+        ];
+        let png = || picture(40, 30, ImageFormat::Png, false);
+        let mut expected: Vec<Vec<String>> = vec![Vec::new(), Vec::new(), Vec::new()];
+        let mut token = String::new();
+        for (index, count) in [(0, 2), (1, 1)] {
+            for _ in 0..count {
+                let response = upload(&app, &admin, &products[index], "image/png", png()).await;
+                token = header(&response, "x-consistency-token").unwrap();
+                expected[index].push(accepted(response, &products[index]).await);
+            }
+        }
+        let page = body(
+            app.get("/v1/products?q=Pictured&limit=100")
+                .header("x-consistency-token", &token)
+                .send()
+                .await
+                .unwrap(),
+            200,
+        )
+        .await;
+        let items = page["items"].as_array().unwrap();
+        assert_eq!(items.len(), 3, "{page}");
+        for (id, want) in products.iter().zip(&expected) {
+            let item = items.iter().find(|p| p["id"] == id.as_str()).unwrap();
+            let got: Vec<String> = item["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| text(i, "id"))
+                .collect();
+            assert_eq!(&got, want, "product {id}");
+            assert_eq!(item["available"], 1, "{item}");
+        }
+    }
+);

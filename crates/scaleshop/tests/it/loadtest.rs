@@ -364,3 +364,52 @@ fn the_server_configuration_for_load_tests_is_valid() {
     assert!(output.status.success(), "{}", text(&output));
     let _ = std::fs::remove_dir_all(&data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_the_run_and_writes_a_partial_report() {
+    let (_deployment, server) = server().await;
+    let out = out_dir("loadtest-interrupted");
+    let child = Command::new(env!("CARGO_BIN_EXE_scaleshop"))
+        .args([
+            "loadtest",
+            "--url",
+            &server.base,
+            "--scenario",
+            "health",
+            "--rate",
+            "50",
+        ])
+        .args(["--duration", "60s", "--quiet", "--out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // SIGINT, as Ctrl-C sends it, to the process this test started.
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let started = std::time::Instant::now();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("interrupted: partial report"));
+    let report = report(&out, "report");
+    assert_eq!(report["interrupted"], true);
+    let sent = report["arrivals_sent"].as_u64().unwrap();
+    assert!(
+        (50..=200).contains(&sent),
+        "{sent} arrivals in about 2 s at 50/s"
+    );
+    assert_eq!(kind(&report, "healthz")["count"].as_u64(), Some(sent));
+    let _ = std::fs::remove_dir_all(&out);
+}
