@@ -72,8 +72,9 @@ const PERCENTILES: [f64; 15] = [
     100.0,
 ];
 
+/// Histogram values are whole microseconds: in milliseconds they keep 3 decimals.
 fn ms(micros: u64) -> f64 {
-    (micros as f64 / 1000.0 * 1000.0).round() / 1000.0
+    micros as f64 / 1000.0
 }
 
 fn summarize(
