@@ -208,6 +208,12 @@ pub struct Config {
     pub service_breaker_open_ms: u64,
     /// Log filter when `RUST_LOG` is unset.
     pub log_filter: String,
+    /// The OpenTelemetry collector's OTLP/HTTP address (`http://host:4318`):
+    /// traces are exported there when set, and cost next to nothing when not.
+    pub otlp_endpoint: Option<String>,
+    /// The share of new traces recorded (0.0 to 1.0); a trace that arrives with
+    /// a parent follows the parent's decision.
+    pub otlp_sample_ratio: f64,
     /// How long SIGTERM waits for in-flight requests, in seconds.
     pub shutdown_grace_secs: u64,
 }
@@ -294,6 +300,8 @@ impl Default for Config {
             service_breaker_failures: 5,
             service_breaker_open_ms: 2000,
             log_filter: "info".to_owned(),
+            otlp_endpoint: None,
+            otlp_sample_ratio: 1.0,
             shutdown_grace_secs: 20,
         }
     }
@@ -379,6 +387,8 @@ const ENV_KEYS: &[&str] = &[
     "service_breaker_failures",
     "service_breaker_open_ms",
     "log_filter",
+    "otlp_endpoint",
+    "otlp_sample_ratio",
     "shutdown_grace_secs",
 ];
 
@@ -555,6 +565,17 @@ impl Config {
         }
         if self.replica_max_lag_ms == 0 {
             return bad("replica_max_lag_ms", "must be greater than 0");
+        }
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !endpoint.starts_with("http://")
+        {
+            return bad(
+                "otlp_endpoint",
+                "expected the collector's OTLP/HTTP address, http://host:4318",
+            );
+        }
+        if !(0.0..=1.0).contains(&self.otlp_sample_ratio) {
+            return bad("otlp_sample_ratio", "must be between 0 and 1");
         }
         if let Some(url) = &self.smtp_url {
             let url = url.expose();
@@ -740,6 +761,25 @@ impl Config {
         };
         full.parse()
             .map_err(|_| ConfigError(format!("http_addr: cannot parse {raw:?}")))
+    }
+
+    /// Where this process sends its traces, if anywhere: `service.name` is
+    /// `scaleshop` for the whole system, `scaleshop-<services>` for a part.
+    pub fn trace_settings(
+        &self,
+        target: crate::Target,
+    ) -> Option<scaleshop_telemetry::TraceSettings> {
+        let endpoint = self.otlp_endpoint.clone()?;
+        let service_name = if target.is_all() {
+            "scaleshop".to_owned()
+        } else {
+            format!("scaleshop-{}", target.to_string().replace(',', "+"))
+        };
+        Some(scaleshop_telemetry::TraceSettings {
+            endpoint,
+            sample_ratio: self.otlp_sample_ratio,
+            service_name,
+        })
     }
 
     pub fn cache_settings(&self) -> scaleshop_cache::CacheSettings {

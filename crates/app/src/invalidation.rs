@@ -152,6 +152,7 @@ mod tests {
             aggregate_id: aggregate,
             occurred_at: chrono::Utc::now(),
             data: Json(payload.encode().unwrap()),
+            traceparent: None,
         }
     }
 

@@ -17,7 +17,25 @@ use scaleshop_web::Keys;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use tracing::Instrument;
+
 use crate::breaker::Breaker;
+
+/// A call's path without its query and with ids folded (`/internal/orders/{id}`),
+/// so a span name stays one of few.
+fn route_of(path: &str) -> String {
+    let path = path.split('?').next().unwrap_or(path);
+    path.split('/')
+        .map(|segment| {
+            if segment.len() >= 32 && segment.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+                "{id}"
+            } else {
+                segment
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
 
 /// The header that carries how long the caller still waits, in milliseconds.
 pub use scaleshop_web::observe::DEADLINE_HEADER;
@@ -267,6 +285,18 @@ impl ServiceClient {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body);
         }
+        // One client span per try; the callee's request span is its child.
+        let span = tracing::info_span!(
+            target: scaleshop_telemetry::trace::SPANS,
+            "call",
+            otel.name = format!("{} {target}{}", method.as_str(), route_of(path)),
+            otel.kind = "client",
+            peer.service = target,
+            http.response.status_code = tracing::field::Empty,
+        );
+        if let Some(traceparent) = scaleshop_telemetry::trace::traceparent_of(&span) {
+            request = request.header(scaleshop_telemetry::trace::TRACEPARENT, traceparent);
+        }
         let started = Instant::now();
         let sent = async {
             let response = request.send().await?;
@@ -274,7 +304,11 @@ impl ServiceClient {
             let bytes = response.bytes().await?;
             Ok::<_, reqwest::Error>((status, bytes))
         }
+        .instrument(span.clone())
         .await;
+        if let Ok((status, _)) = &sent {
+            span.record("http.response.status_code", status.as_u16());
+        }
         metrics::histogram!(names::SERVICE_CLIENT_DURATION, "target" => target)
             .record(started.elapsed().as_secs_f64());
         let (outcome, result, failed) = match sent {

@@ -30,9 +30,10 @@ use std::time::{Duration, Instant};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use scaleshop_telemetry::names;
+use scaleshop_telemetry::{names, trace};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 pub use redis_tier::{CHANNEL, RateDecision, Redis, RedisError};
 
@@ -294,9 +295,16 @@ where
             && self.servable(key, &entry, fresh_since)
         {
             self.counters.l1_hit.increment(1);
+            if trace::enabled() {
+                cache_span(self.name).record("cache.tier", "l1");
+            }
             return Ok(entry.value.clone());
         }
-        Box::pin(self.get_or_load_slowly(key, fresh_since, load)).await
+        Box::pin(
+            self.get_or_load_slowly(key, fresh_since, load)
+                .instrument(cache_span(self.name)),
+        )
+        .await
     }
 
     /// An entry that may answer a read.
@@ -321,6 +329,7 @@ where
         if let Some(entry) = self.l1.get(key).await {
             if self.servable(key, &entry, fresh_since) {
                 self.counters.l1_hit.increment(1);
+                tracing::Span::current().record("cache.tier", "l1");
                 return Ok(entry.value.clone());
             }
             self.l1.invalidate(key).await;
@@ -364,10 +373,12 @@ where
             return self.load_from_database(key, started, load).await;
         };
         let (l2_key, generation_key, lease_key) = self.l2_keys(key);
-        let generation = match redis.get(&l2_key, &generation_key).await {
+        let l2 = tracing::info_span!(target: trace::SPANS, "redis", otel.name = "cache l2 get", otel.kind = "client", db.system.name = "redis");
+        let generation = match redis.get(&l2_key, &generation_key).instrument(l2).await {
             Ok((Some(bytes), _)) => {
                 if let Some(entry) = self.decode(&bytes, started) {
                     self.counters.l2_hit.increment(1);
+                    tracing::Span::current().record("cache.tier", "l2");
                     return Ok(entry);
                 }
                 None
@@ -443,6 +454,7 @@ where
         // Taken before the read: the entry is at least this fresh (or as fresh
         // as the loader says, when it read a replica that is behind).
         let before = now_micros();
+        tracing::Span::current().record("cache.tier", "database");
         let loaded: Loaded<T> = load().await?.into();
         let loaded_at_micros = loaded.as_of_micros.map_or(before, |at| at.min(before));
         let value = loaded.value;
@@ -502,6 +514,18 @@ where
             handle.spawn(async move { l1.invalidate(&key).await });
         }
     }
+}
+
+/// The span of one cache lookup, for traces only; `cache.tier` says which tier
+/// answered (`l1`, `l2`, `database`).
+fn cache_span(cache: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        target: trace::SPANS,
+        "cache",
+        otel.name = format!("cache {cache}"),
+        cache.name = cache,
+        cache.tier = tracing::field::Empty,
+    )
 }
 
 /// Routes invalidation messages (`"<cache>\u{1f}<key>"`) to the named caches.

@@ -98,11 +98,35 @@ pub enum Tx {
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>, Wake),
 }
 
-/// Whom a transaction wakes at commit.
+/// Whom a transaction wakes at commit; and its span, open from begin to commit
+/// or rollback, for traces.
 #[derive(Debug)]
 pub struct Wake {
     signal: Arc<Notify>,
     armed: bool,
+    _span: tracing::Span,
+}
+
+/// A span of a database call, for traces only (see `scaleshop_telemetry::trace`):
+/// `what` is `transaction`, `query` or `read`. Only inside a trace (a request,
+/// an event's handling, a job): off, or in a background poll, it costs one check.
+#[doc(hidden)]
+pub fn db_span(what: &'static str, pool: &Pool) -> tracing::Span {
+    if !scaleshop_telemetry::trace::in_a_trace() {
+        return tracing::Span::none();
+    }
+    let system = match pool {
+        Pool::Sqlite(_) => "sqlite",
+        Pool::Postgres(_) => "postgresql",
+    };
+    tracing::info_span!(
+        target: scaleshop_telemetry::trace::SPANS,
+        "db",
+        otel.name = what,
+        otel.kind = "client",
+        db.system.name = system,
+        db.replica = tracing::field::Empty,
+    )
 }
 
 impl Tx {
@@ -400,6 +424,7 @@ impl Database {
         Wake {
             signal: self.committed.clone(),
             armed: false,
+            _span: db_span("transaction", &self.pool),
         }
     }
 
@@ -617,12 +642,15 @@ pub fn like_contains(text: &str) -> String {
 /// per backend, so one SQL text serves both (write `$1`-style parameters).
 #[macro_export]
 macro_rules! with_pool {
-    ($db:expr, $pool:ident => $body:expr) => {
-        match $db.pool() {
+    ($db:expr, $pool:ident => $body:expr) => {{
+        let pool = $db.pool();
+        // Open while the body runs: the call's duration, for traces.
+        let _span = $crate::db_span("query", pool);
+        match pool {
             $crate::Pool::Sqlite($pool) => $body,
             $crate::Pool::Postgres($pool) => $body,
         }
-    };
+    }};
 }
 
 /// A read that tolerates staleness: runs `$body` (`?` works inside) with `$pool`

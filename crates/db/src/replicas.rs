@@ -401,7 +401,13 @@ impl Reader {
         &self,
         read: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        use tracing::Instrument;
+        let span = crate::db_span("read", &self.pool);
+        if let Some(replica) = &self.replica {
+            span.record("db.replica", replica.label.as_str());
+        }
         tokio::time::timeout(self.timeout, read)
+            .instrument(span)
             .await
             .unwrap_or(Err(StoreError::Unavailable))
     }

@@ -20,6 +20,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -589,7 +590,19 @@ impl Runner {
         Ok(inserted == 1)
     }
 
+    /// Delivers `event` in its consumer's transaction, inside the span of its
+    /// consumption (a child of the span that published it).
     pub(crate) async fn deliver(
+        &self,
+        event: &Event,
+        prior_attempts: i32,
+    ) -> Result<Delivery, StoreError> {
+        self.deliver_traced(event, prior_attempts)
+            .instrument(consume_span(self.name(), event))
+            .await
+    }
+
+    async fn deliver_traced(
         &self,
         event: &Event,
         prior_attempts: i32,
@@ -687,10 +700,6 @@ impl Runner {
     pub(crate) async fn redeliver_one(&self) -> Result<bool, StoreError> {
         const NEXT: &str = "SELECT event_id FROM event_dead WHERE consumer = $1 AND state = 'redeliver' \
                             ORDER BY sequence LIMIT 1";
-        const DONE: &str =
-            "UPDATE event_dead SET state = 'redelivered' WHERE consumer = $1 AND event_id = $2";
-        const AGAIN: &str = "UPDATE event_dead SET state = 'dead', attempts = attempts + 1, last_error = $3, \
-                             died_at = $4 WHERE consumer = $1 AND event_id = $2";
         let next: Option<Uuid> = with_pool!(self.db, pool => {
             sqlx::query_scalar(NEXT).bind(self.name()).fetch_optional(pool).await?
         });
@@ -698,6 +707,24 @@ impl Runner {
             return Ok(false);
         };
         let event = EventLog::new(self.db.clone()).get(event_id).await?;
+        let span = match &event {
+            Some(event) => consume_span(self.name(), event),
+            None => tracing::Span::none(),
+        };
+        self.redeliver_traced(event_id, event)
+            .instrument(span)
+            .await
+    }
+
+    async fn redeliver_traced(
+        &self,
+        event_id: Uuid,
+        event: Option<Event>,
+    ) -> Result<bool, StoreError> {
+        const DONE: &str =
+            "UPDATE event_dead SET state = 'redelivered' WHERE consumer = $1 AND event_id = $2";
+        const AGAIN: &str = "UPDATE event_dead SET state = 'dead', attempts = attempts + 1, last_error = $3, \
+                             died_at = $4 WHERE consumer = $1 AND event_id = $2";
         let mut tx = self.db.begin().await?;
         let outcome = match &event {
             Some(event) => {
@@ -730,6 +757,26 @@ impl Runner {
         }
         Ok(true)
     }
+}
+
+/// The span of one consumer's handling of one event: a child of the span that
+/// published it (its `traceparent`), so a saga is one trace across processes.
+fn consume_span(consumer: &'static str, event: &Event) -> tracing::Span {
+    let span = tracing::info_span!(
+        "consume",
+        consumer,
+        event_type = %event.kind,
+        event_id = %event.id,
+        trace_id = tracing::field::Empty,
+        otel.name = tracing::field::Empty,
+        otel.kind = tracing::field::Empty,
+    );
+    if scaleshop_telemetry::trace::enabled() {
+        span.record("otel.kind", "consumer");
+        span.record("otel.name", format!("consume {}", event.kind));
+        scaleshop_telemetry::trace::adopt(&span, event.traceparent.as_deref());
+    }
+    span
 }
 
 /// Waits (at most `timeout`) until `consumer` has handled every event committed

@@ -95,6 +95,11 @@ pub struct Event {
     pub occurred_at: DateTime<Utc>,
     #[schema(value_type = Object)]
     pub data: Json<serde_json::Value>,
+    /// The trace the event belongs to (W3C `traceparent`), when traces are on.
+    /// Carried beside the event, never in it: a column of the log and a header
+    /// of the NATS message.
+    #[serde(skip)]
+    pub traceparent: Option<String>,
 }
 
 impl Envelope for Event {
@@ -119,8 +124,8 @@ impl Event {
     }
 }
 
-const INSERT: &str = "INSERT INTO events (id, type, version, aggregate_id, occurred_at, data) \
-                      VALUES ($1, $2, $3, $4, $5, $6) RETURNING sequence";
+const INSERT: &str = "INSERT INTO events (id, type, version, aggregate_id, occurred_at, data, traceparent) \
+                      VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING sequence";
 
 /// Appends inside the caller's transaction; returns the sequence.
 ///
@@ -134,6 +139,18 @@ pub async fn append(tx: &mut Tx, event: &NewEvent) -> Result<i64, StoreError> {
     let version = i32::try_from(event.version).map_err(|_| {
         StoreError::Other(format!("event version {} is out of range", event.version))
     })?;
+    // The publication's span; its consumers' spans are its children.
+    let span = tracing::info_span!(
+        target: scaleshop_telemetry::trace::SPANS,
+        "publish",
+        otel.name = format!("publish {}", event.kind),
+        otel.kind = "producer",
+        messaging.destination.name = event.kind,
+        messaging.message.id = %event.id,
+    );
+    let traceparent = scaleshop_telemetry::trace::traceparent_of(&span);
+    // Not entered (it would be held across awaits): open while the insert runs.
+    let _span = span;
     tx.wake_on_commit();
     if let Tx::Postgres(tx, _) = tx {
         sqlx::query("SELECT pg_advisory_xact_lock(727001), pg_notify('scaleshop_commits', '')")
@@ -148,13 +165,14 @@ pub async fn append(tx: &mut Tx, event: &NewEvent) -> Result<i64, StoreError> {
             .bind(event.aggregate_id)
             .bind(event.occurred_at)
             .bind(Json(&event.data))
+            .bind(traceparent.as_deref())
             .fetch_one(conn)
             .await?
     });
     Ok(sequence)
 }
 
-const COLUMNS: &str = "sequence, id, type, version, aggregate_id, occurred_at, data";
+const COLUMNS: &str = "sequence, id, type, version, aggregate_id, occurred_at, data, traceparent";
 
 /// Read access to the log.
 #[derive(Debug, Clone)]
@@ -169,8 +187,8 @@ impl EventLog {
 
     /// Events after `after` (exclusive), ascending.
     pub async fn list(&self, after: i64, limit: i64) -> Result<Vec<Event>, StoreError> {
-        const Q: &str = "SELECT sequence, id, type, version, aggregate_id, occurred_at, data \
-                         FROM events WHERE sequence > $1 ORDER BY sequence LIMIT $2";
+        const Q: &str = "SELECT sequence, id, type, version, aggregate_id, occurred_at, data, \
+                         traceparent FROM events WHERE sequence > $1 ORDER BY sequence LIMIT $2";
         debug_assert!(Q.contains(COLUMNS));
         Ok(with_pool!(self.db, pool => {
             sqlx::query_as(Q).bind(after).bind(limit).fetch_all(pool).await?
@@ -179,8 +197,8 @@ impl EventLog {
 
     /// One event by id.
     pub async fn get(&self, id: Uuid) -> Result<Option<Event>, StoreError> {
-        const Q: &str = "SELECT sequence, id, type, version, aggregate_id, occurred_at, data \
-                         FROM events WHERE id = $1";
+        const Q: &str = "SELECT sequence, id, type, version, aggregate_id, occurred_at, data, \
+                         traceparent FROM events WHERE id = $1";
         Ok(with_pool!(self.db, pool => {
             sqlx::query_as(Q).bind(id).fetch_optional(pool).await?
         }))

@@ -30,6 +30,7 @@
 //! starts again from the slowest consumer's position: consumers skip what their
 //! position and inbox say they have handled, so nothing is lost or applied twice.
 
+use scaleshop_telemetry::trace::TRACEPARENT;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -387,10 +388,13 @@ impl Relay {
         for event in events {
             let payload =
                 serde_json::to_vec(event).map_err(|e| TransportError::of("encode event", e))?;
-            let message = PublishMessage::build()
+            let mut message = PublishMessage::build()
                 .payload(payload.into())
                 .message_id(event.id.to_string())
                 .expected_last_sequence(stream_last);
+            if let Some(traceparent) = &event.traceparent {
+                message = message.header(TRACEPARENT, traceparent.as_str());
+            }
             let ack = bounded(
                 "publish",
                 self.settings.timeout,
@@ -675,8 +679,15 @@ impl Pull {
         passed: &mut Option<i64>,
     ) -> Result<Option<Ended>, StoreError> {
         let runner = &self.runner;
-        let event: Event = match serde_json::from_slice(&message.payload) {
-            Ok(event) => event,
+        let event = match serde_json::from_slice::<Event>(&message.payload) {
+            Ok(mut event) => {
+                event.traceparent = message
+                    .headers
+                    .as_ref()
+                    .and_then(|headers| headers.get(TRACEPARENT))
+                    .map(|value| value.as_str().to_owned());
+                event
+            }
             Err(e) => {
                 tracing::error!(consumer = runner.name(), subject = %message.subject, error = %e,
                     "not an event: dropped from the consumer");

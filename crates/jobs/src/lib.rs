@@ -77,6 +77,9 @@ pub struct Job {
     pub run_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The trace of the span that enqueued it (W3C `traceparent`), when traces
+    /// are on: its runs are spans of that trace.
+    pub traceparent: Option<String>,
 }
 
 /// A job as the admin API shows it.
@@ -110,14 +113,14 @@ impl From<Job> for JobView {
     }
 }
 
-pub(crate) const COLUMNS: &str =
-    "id, queue, payload, state, attempts, max_attempts, last_error, run_at, created_at, updated_at";
+pub(crate) const COLUMNS: &str = "id, queue, payload, state, attempts, max_attempts, last_error, run_at, \
+                                  created_at, updated_at, traceparent";
 
 /// Enqueues inside the caller's transaction: the job exists if and only if the
 /// caller's change commits. Wakes workers in every process at commit.
 pub async fn enqueue(tx: &mut Tx, job: &NewJob) -> Result<Uuid, StoreError> {
     const INSERT: &str = "INSERT INTO jobs (id, queue, payload, state, attempts, max_attempts, run_at, \
-                          created_at, updated_at) VALUES ($1, $2, $3, 'scheduled', 0, $4, $5, $6, $6)";
+                          created_at, updated_at, traceparent) VALUES ($1, $2, $3, 'scheduled', 0, $4, $5, $6, $6, $7)";
     let id = Uuid::now_v7();
     let created = now();
     let max_attempts =
@@ -136,6 +139,7 @@ pub async fn enqueue(tx: &mut Tx, job: &NewJob) -> Result<Uuid, StoreError> {
             .bind(max_attempts)
             .bind(job.run_at.unwrap_or(created))
             .bind(created)
+            .bind(scaleshop_telemetry::trace::current_traceparent())
             .execute(conn)
             .await?;
     });
@@ -172,7 +176,7 @@ impl JobQueue {
 
     pub async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
         const Q: &str = "SELECT id, queue, payload, state, attempts, max_attempts, last_error, run_at, \
-                         created_at, updated_at FROM jobs WHERE id = $1";
+                         created_at, updated_at, traceparent FROM jobs WHERE id = $1";
         debug_assert!(Q.contains(COLUMNS));
         Ok(with_pool!(self.db, pool => sqlx::query_as(Q).bind(id).fetch_optional(pool).await?))
     }
@@ -186,7 +190,7 @@ impl JobQueue {
         limit: i64,
     ) -> Result<Vec<Job>, StoreError> {
         const Q: &str = "SELECT id, queue, payload, state, attempts, max_attempts, last_error, run_at, \
-                         created_at, updated_at FROM jobs WHERE ($1 IS NULL OR queue = $1) \
+                         created_at, updated_at, traceparent FROM jobs WHERE ($1 IS NULL OR queue = $1) \
                          AND ($2 IS NULL OR state = $2) AND ($3 IS NULL OR id > $3) ORDER BY id LIMIT $4";
         Ok(with_pool!(self.db, pool => {
             sqlx::query_as(Q).bind(queue).bind(state).bind(after).bind(limit).fetch_all(pool).await?
@@ -199,7 +203,7 @@ impl JobQueue {
         const Q: &str = "UPDATE jobs SET state = 'scheduled', attempts = 0, run_at = $2, updated_at = $2, \
                          lease_owner = NULL, lease_until = NULL WHERE id = $1 AND state IN ('dead', 'failed') \
                          RETURNING id, queue, payload, state, attempts, max_attempts, last_error, run_at, \
-                         created_at, updated_at";
+                         created_at, updated_at, traceparent";
         let mut tx = self.db.begin().await?;
         tx.wake_on_commit();
         if let Tx::Postgres(tx, _) = &mut tx {

@@ -20,6 +20,7 @@ use scaleshop_db::{Backend, Database, StoreError, Tx, with_pool, with_tx};
 use scaleshop_telemetry::{Collector, Heartbeat, names};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{Job, STATES};
@@ -237,7 +238,8 @@ const CLAIM_POSTGRES: &str = "UPDATE jobs SET state = 'running', attempts = atte
     lease_until = $3, updated_at = $4 WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND \
     ((state IN ('scheduled', 'failed') AND run_at <= $4) OR (state = 'running' AND lease_until < $4)) \
     ORDER BY run_at LIMIT $5 FOR UPDATE SKIP LOCKED) \
-    RETURNING id, queue, payload, state, attempts, max_attempts, last_error, run_at, created_at, updated_at";
+    RETURNING id, queue, payload, state, attempts, max_attempts, last_error, run_at, created_at, updated_at, \
+    traceparent";
 
 // One statement: SQLite takes the write lock for it, so claims never overlap.
 const CLAIM_SQLITE: &str = "UPDATE jobs SET state = 'running', attempts = attempts + 1, \
@@ -245,7 +247,8 @@ const CLAIM_SQLITE: &str = "UPDATE jobs SET state = 'running', attempts = attemp
     lease_until = $3, updated_at = $4 WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND \
     ((state IN ('scheduled', 'failed') AND run_at <= $4) OR (state = 'running' AND lease_until < $4)) \
     ORDER BY run_at LIMIT $5) \
-    RETURNING id, queue, payload, state, attempts, max_attempts, last_error, run_at, created_at, updated_at";
+    RETURNING id, queue, payload, state, attempts, max_attempts, last_error, run_at, created_at, updated_at, \
+    traceparent";
 
 impl QueueRunner {
     async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
@@ -359,7 +362,9 @@ impl QueueRunner {
             let handler = self.handler.clone();
             let running = job.clone();
             // Its own task, so a panicking handler fails the job, not the worker.
-            let result = tokio::spawn(async move { handler.run(&running).await }).await;
+            let span = run_span(self.name, &job);
+            let result =
+                tokio::spawn(async move { handler.run(&running).await }.instrument(span)).await;
             renew.abort();
             match result {
                 Ok(result) => result,
@@ -479,6 +484,26 @@ impl QueueRunner {
         tracing::info!(queue = self.name, job_id = %job.id, error = %error, %retry_at, "job could not reach the database; will run again (not counted)");
         Ok(())
     }
+}
+
+/// The span of one run of a job: a child of the span that enqueued it, so a
+/// job is part of the trace of what asked for it (an order's saga, its email).
+fn run_span(queue: &'static str, job: &Job) -> tracing::Span {
+    let span = tracing::info_span!(
+        "job",
+        queue,
+        job_id = %job.id,
+        attempt = job.attempts,
+        trace_id = tracing::field::Empty,
+        otel.name = tracing::field::Empty,
+        otel.kind = tracing::field::Empty,
+    );
+    if scaleshop_telemetry::trace::enabled() {
+        span.record("otel.kind", "consumer");
+        span.record("otel.name", format!("job {queue}"));
+        scaleshop_telemetry::trace::adopt(&span, job.traceparent.as_deref());
+    }
+    span
 }
 
 /// Makes every running job claimable at once, as if its lease had run out. Only

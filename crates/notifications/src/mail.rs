@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
+use tracing::Instrument;
 
 use lettre::message::{Mailbox, header::ContentType};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -84,6 +85,21 @@ impl Mailer {
 
     pub async fn send(&self, notification: &Notification) -> Result<(), JobError> {
         let message = self.render(notification)?;
+        let transport = match self {
+            Self::Files { .. } => "file",
+            Self::Smtp { .. } => "smtp",
+        };
+        let span = tracing::info_span!(
+            target: scaleshop_telemetry::trace::SPANS,
+            "email",
+            otel.name = format!("email send ({transport})"),
+            otel.kind = "client",
+            notification_id = %notification.id,
+        );
+        self.deliver(message, notification).instrument(span).await
+    }
+
+    async fn deliver(&self, message: Message, notification: &Notification) -> Result<(), JobError> {
         match self {
             Self::Files { dir, .. } => {
                 let path = dir.join(format!("{}.eml", notification.id));

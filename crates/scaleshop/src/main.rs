@@ -121,7 +121,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    scaleshop_telemetry::init_tracing(&config.log_filter);
+    let traced = match command {
+        Command::Serve { target, .. } => config.trace_settings(target),
+        _ => None,
+    };
+    if let Err(message) = scaleshop_telemetry::init_tracing(&config.log_filter, traced.as_ref()) {
+        eprintln!("scaleshop: {message}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -174,6 +181,8 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Spans still buffered leave before the process does.
+    scaleshop_telemetry::trace::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -10,6 +10,10 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+pub mod trace;
+
+pub use trace::TraceSettings;
+
 /// Metric names, as promised by the contract.
 pub mod names {
     /// Histogram: `method`, `route` (template), `status`.
@@ -64,26 +68,55 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// Installs the global tracing subscriber: JSON lines when stdout is not a terminal
 /// (logs are for machines then), human-readable text otherwise. `RUST_LOG` overrides
-/// `default_filter`. Calling it twice is harmless (the second call does nothing).
-pub fn init_tracing(default_filter: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(true);
-    let result = if std::io::stdout().is_terminal() {
-        builder.try_init()
-    } else {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init()
+/// `default_filter`. With `traces`, spans are also exported over OTLP (see
+/// [`trace`]); without, the spans that exist only for traces are off at their call
+/// sites. Calling it twice is harmless (the second call does nothing); the error
+/// is a trace configuration that cannot work.
+pub fn init_tracing(default_filter: &str, traces: Option<&TraceSettings>) -> Result<(), String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|value| !value.is_empty())
+        .unwrap_or_else(|| default_filter.to_owned());
+    // The spans that exist only for traces: on with traces, off at their call
+    // sites without (one relaxed load each).
+    let spans = if traces.is_some() { "info" } else { "off" };
+    let filter = EnvFilter::try_new(format!("{filter},{}={spans}", trace::SPANS))
+        .unwrap_or_else(|_| EnvFilter::new(format!("info,{}={spans}", trace::SPANS)));
+    let fmt = tracing_subscriber::fmt::layer().with_target(true);
+    let mut logs: Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync> =
+        if std::io::stdout().is_terminal() {
+            fmt.boxed()
+        } else {
+            fmt.json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .boxed()
+        };
+    if traces.is_some() {
+        // ... and never reach the logs.
+        let not_traces_only =
+            tracing_subscriber::filter::filter_fn(|meta| meta.target() != trace::SPANS);
+        logs = logs.with_filter(not_traces_only).boxed();
+    }
+    let registry = tracing_subscriber::registry().with(logs).with(filter);
+    let result = match traces {
+        Some(settings) => {
+            // Only our own spans, never an event: logs are the logs' job.
+            let ours = tracing_subscriber::filter::filter_fn(|meta| {
+                meta.is_span() && meta.target().starts_with("scaleshop")
+            });
+            let otel = trace::layer(settings)?.with_filter(ours);
+            registry.with(otel).try_init()
+        }
+        None => registry.try_init(),
     };
     // An error only means a subscriber is already installed (tests start many apps).
     drop(result);
+    Ok(())
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

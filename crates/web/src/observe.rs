@@ -362,7 +362,15 @@ impl tower::Service<Request> for Observe {
             request_id = request_id.to_str().unwrap_or("-"),
             method,
             route = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            otel.kind = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
         );
+        if scaleshop_telemetry::trace::enabled() {
+            span.record("otel.kind", "server");
+            // A caller's trace (another service, a client) goes on here.
+            scaleshop_telemetry::trace::adopt_from_headers(&span, req.headers());
+        }
         // A panic while routing is caught like one in a handler.
         let (inner, panic) = {
             let _entered = span.enter();
@@ -532,6 +540,13 @@ fn finish(request: &mut Started, response: Response) -> Response {
         }
     };
     route.record(request.method, status, elapsed.as_secs_f64());
+    if scaleshop_telemetry::trace::enabled() {
+        scaleshop_telemetry::trace::rename(
+            span,
+            format!("{} {}", request.method, route.template.as_str()),
+        );
+        span.record("http.response.status_code", status);
+    }
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
     if let Some(InternalCause(cause)) = response.extensions().get::<InternalCause>() {
         tracing::error!(parent: span, status, latency_ms, cause = %cause, "request failed");

@@ -162,7 +162,7 @@ impl TestApp {
     /// Like [`TestApp::spawn`], from this configuration; a PostgreSQL case
     /// without a `redis_url` gets its own Redis server.
     pub async fn spawn_with(mut config: Config, backend: Backend) -> Self {
-        scaleshop_telemetry::init_tracing(&config.log_filter);
+        drop(scaleshop_telemetry::init_tracing(&config.log_filter, None));
         let redis = (backend != Backend::Sqlite && config.redis_url.is_none())
             .then(|| Arc::new(RedisServer::start()));
         if let Some(redis) = &redis {

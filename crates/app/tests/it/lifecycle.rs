@@ -35,7 +35,7 @@ impl Manual {
 
     /// Starts the app; the start error if it stops during start-up.
     pub async fn try_start(config: &Config) -> Result<Self, String> {
-        scaleshop_telemetry::init_tracing(&config.log_filter);
+        drop(scaleshop_telemetry::init_tracing(&config.log_filter, None));
         let listener = scaleshop_app::bind(config).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();

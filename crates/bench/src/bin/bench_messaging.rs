@@ -473,6 +473,7 @@ async fn raw_publishes(
             aggregate_id: uuid::Uuid::now_v7(),
             occurred_at: chrono::Utc::now(),
             data: sqlx::types::Json(serde_json::json!({ "n": 1 })),
+            traceparent: None,
         })
         .map_err(|e| e.to_string())?,
     );

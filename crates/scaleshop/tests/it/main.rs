@@ -26,3 +26,4 @@ mod signals;
 mod split;
 mod takeover;
 mod targets;
+mod traces;

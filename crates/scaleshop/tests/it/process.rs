@@ -55,6 +55,19 @@ impl Deployment {
         }
     }
 
+    /// `--target orders`, calling the services it needs (users, catalog,
+    /// inventory, payments) at `rest`, the base URL of the process that runs them.
+    pub fn orders_calling(&self, rest: &str) -> Self {
+        let mut orders = self.with_target("orders");
+        for service in ["users", "catalog", "inventory", "payments"] {
+            orders.set(
+                &format!("SCALESHOP_SERVICE_URL_{}", service.to_uppercase()),
+                rest,
+            );
+        }
+        orders
+    }
+
     pub fn set(&mut self, key: &str, value: &str) -> &mut Self {
         self.extra.insert(key.to_owned(), value.to_owned());
         self
@@ -148,11 +161,23 @@ impl Deployment {
                 break rest[..end].to_owned();
             }
         };
-        // Keep draining the log so the child never blocks on a full pipe.
-        std::thread::spawn(move || while lines_rx.recv().is_ok() {});
+        // Keep draining the log so the child never blocks on a full pipe; the
+        // newest lines are kept for tests that read the log.
+        let log = Arc::new(parking_lot::Mutex::new(std::collections::VecDeque::new()));
+        let kept = log.clone();
+        std::thread::spawn(move || {
+            while let Ok(line) = lines_rx.recv() {
+                let mut kept = kept.lock();
+                if kept.len() == LOG_LINES_KEPT {
+                    kept.pop_front();
+                }
+                kept.push_back(line);
+            }
+        });
         let server = Server {
             child,
             api: Api::new(format!("http://{addr}")),
+            log,
         };
         server.wait_ready().await;
         server
@@ -179,7 +204,11 @@ pub struct Api {
 pub struct Server {
     pub child: Child,
     api: Api,
+    log: Arc<parking_lot::Mutex<std::collections::VecDeque<String>>>,
 }
+
+/// How many of its newest log lines a [`Server`] keeps.
+const LOG_LINES_KEPT: usize = 20_000;
 
 impl std::ops::Deref for Server {
     type Target = Api;
@@ -190,6 +219,11 @@ impl std::ops::Deref for Server {
 }
 
 impl Server {
+    /// The newest lines of its log (stdout), oldest first.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().iter().cloned().collect()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -58,14 +58,7 @@ both!(
         // Its restart comes back on the same address, where the orders process calls it.
         let addr = rest.base.trim_start_matches("http://").to_owned();
         rest_deployment.set("SCALESHOP_HTTP_ADDR", &addr);
-        let mut orders_deployment = base.with_target("orders");
-        for service in ["users", "catalog", "inventory", "payments"] {
-            orders_deployment.set(
-                &format!("SCALESHOP_SERVICE_URL_{}", service.to_uppercase()),
-                &rest.base,
-            );
-        }
-        let orders = orders_deployment.start().await;
+        let orders = base.orders_calling(&rest.base).start().await;
 
         let admin = rest.admin_token().await;
         let item = product(&rest, &admin, "SPLIT-A", 1000).await;
