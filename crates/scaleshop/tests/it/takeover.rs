@@ -82,3 +82,65 @@ both!(
         );
     }
 );
+
+/// Signs up a user through `server`; its id.
+async fn sign_up(server: &crate::process::Api, email: &str) -> String {
+    let user: serde_json::Value = server
+        .client
+        .post(server.url("/v1/users"))
+        .json(&json!({"email": email, "name": "Woken", "password": "password-123"}))
+        .send()
+        .await
+        .expect("sign up")
+        .json()
+        .await
+        .expect("user");
+    user["id"].as_str().expect("id").to_owned()
+}
+
+/// Waits (at most `limit`) until the welcome email of `user` is sent.
+async fn welcomed(server: &crate::process::Api, token: &str, user: &str, limit: Duration) {
+    eventually(limit, || async {
+        let all = server.all(token, "/v1/notifications").await;
+        all.iter()
+            .any(|n| n["user_id"] == user && n["status"] == "sent")
+            .then_some(())
+    })
+    .await;
+}
+
+// Nothing polls: with both safety nets at ten minutes, a commit in one process
+// wakes the consumer in the other at once (LISTEN/NOTIFY), and when the holder
+// dies the survivor takes its consumers over when their lease ends.
+both!(
+    with_no_polling_a_commit_elsewhere_wakes_the_consumer_and_a_standby_takes_over,
+    [postgres, nats],
+    |backend: Backend| async move {
+        let mut deployment = Deployment::fresh(backend).await;
+        deployment
+            .set("SCALESHOP_EVENT_LEASE_MS", "1500")
+            .set("SCALESHOP_EVENT_POLL_MS", "600000")
+            .set("SCALESHOP_JOB_POLL_MS", "600000");
+        let url = deployment.database_url.clone().expect("postgres url");
+        let a = deployment.start().await;
+        let b = deployment.start().await;
+        let owner = eventually(Duration::from_secs(20), || lease_owner(&url)).await;
+        let (holder, other) = if owner.starts_with(&format!("{}-", a.pid())) {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        let token = other.admin_token().await;
+
+        // The commit happens in the process that does not hold the consumer.
+        let user = sign_up(&other, "woken-1@example.com").await;
+        welcomed(&other, &token, &user, Duration::from_secs(10)).await;
+
+        // The holder dies; the survivor's standby wakes when the lease ends.
+        holder.kill9();
+        let user = sign_up(&other, "woken-2@example.com").await;
+        welcomed(&other, &token, &user, Duration::from_secs(15)).await;
+        let owner = lease_owner(&url).await.expect("lease owner");
+        assert!(owner.starts_with(&format!("{}-", other.pid())), "{owner}");
+    }
+);
