@@ -500,6 +500,9 @@ impl Database {
                             () = tokio::time::sleep(Duration::from_secs(1)) => {}
                             _ = shutdown.changed() => return,
                         }
+                        // No one hears the other processes' commits now: every
+                        // waiter looks once a second until the listener is back.
+                        signal.notify_waiters();
                     }
                     _ = shutdown.changed() => return,
                 }

@@ -7,7 +7,7 @@ use scaleshop_db::sqlx::{self, Connection};
 use scaleshop_testkit::{Backend, both, fixture};
 use serde_json::json;
 
-use crate::process::{Deployment, eventually};
+use crate::process::{Deployment, Server, eventually};
 
 async fn lease_owner(url: &str) -> Option<String> {
     let mut conn = sqlx::PgConnection::connect(url).await.ok()?;
@@ -19,44 +19,43 @@ async fn lease_owner(url: &str) -> Option<String> {
         .flatten()
 }
 
+/// Two processes on one fresh database, with 1.5 s consumer leases and both
+/// safety-net polls at `poll_ms`: (the one holding the `notifications`
+/// consumer's lease, the other, the database's URL, the deployment, which keeps
+/// its NATS server for as long as it lives).
+async fn two_processes(backend: Backend, poll_ms: &str) -> (Server, Server, String, Deployment) {
+    let mut deployment = Deployment::fresh(backend).await;
+    deployment
+        .set("SCALESHOP_EVENT_LEASE_MS", "1500")
+        .set("SCALESHOP_EVENT_POLL_MS", poll_ms)
+        .set("SCALESHOP_JOB_POLL_MS", poll_ms);
+    let url = deployment.database_url.clone().expect("postgres url");
+    let a = deployment.start().await;
+    let b = deployment.start().await;
+    let owner = eventually(Duration::from_secs(20), || lease_owner(&url)).await;
+    let (holder, other) = if owner.starts_with(&format!("{}-", a.pid())) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    assert!(
+        owner.starts_with(&format!("{}-", holder.pid())),
+        "lease held by one of the two"
+    );
+    (holder, other, url, deployment)
+}
+
 both!(
     the_survivor_takes_over_a_killed_process_consumer,
     [postgres, nats],
     |backend: Backend| async move {
-        let mut deployment = Deployment::fresh(backend).await;
-        deployment
-            .set("SCALESHOP_EVENT_LEASE_MS", "1500")
-            .set("SCALESHOP_EVENT_POLL_MS", "100");
-        let url = deployment.database_url.clone().expect("postgres url");
-        let a = deployment.start().await;
-        let b = deployment.start().await;
-
-        let owner = eventually(Duration::from_secs(20), || lease_owner(&url)).await;
-        let (holder, survivor) = if owner.starts_with(&format!("{}-", a.pid())) {
-            (a, b)
-        } else {
-            (b, a)
-        };
-        assert!(
-            owner.starts_with(&format!("{}-", holder.pid())),
-            "lease held by one of the two"
-        );
+        let (holder, survivor, url, _deployment) = two_processes(backend, "100").await;
         let survivor_pid = survivor.pid();
         holder.kill9();
 
         let mut created = Vec::new();
         for i in 0..5 {
-            let user: serde_json::Value = survivor
-            .client
-            .post(survivor.url("/v1/users"))
-            .json(&json!({"email": format!("after-{i}@example.com"), "name": "After", "password": "password-123"}))
-            .send()
-            .await
-            .expect("sign up")
-            .json()
-            .await
-            .expect("user");
-            created.push(user["id"].as_str().expect("id").to_owned());
+            created.push(sign_up(&survivor, &format!("after-{i}@example.com")).await);
         }
         let token = survivor.admin_token().await;
         let notifications = eventually(Duration::from_secs(30), || async {
@@ -88,7 +87,7 @@ async fn sign_up(server: &crate::process::Api, email: &str) -> String {
     let user: serde_json::Value = server
         .client
         .post(server.url("/v1/users"))
-        .json(&json!({"email": email, "name": "Woken", "password": "password-123"}))
+        .json(&json!({"email": email, "name": "Signed Up", "password": "password-123"}))
         .send()
         .await
         .expect("sign up")
@@ -116,20 +115,7 @@ both!(
     with_no_polling_a_commit_elsewhere_wakes_the_consumer_and_a_standby_takes_over,
     [postgres, nats],
     |backend: Backend| async move {
-        let mut deployment = Deployment::fresh(backend).await;
-        deployment
-            .set("SCALESHOP_EVENT_LEASE_MS", "1500")
-            .set("SCALESHOP_EVENT_POLL_MS", "600000")
-            .set("SCALESHOP_JOB_POLL_MS", "600000");
-        let url = deployment.database_url.clone().expect("postgres url");
-        let a = deployment.start().await;
-        let b = deployment.start().await;
-        let owner = eventually(Duration::from_secs(20), || lease_owner(&url)).await;
-        let (holder, other) = if owner.starts_with(&format!("{}-", a.pid())) {
-            (a, b)
-        } else {
-            (b, a)
-        };
+        let (holder, other, url, _deployment) = two_processes(backend, "600000").await;
         let token = other.admin_token().await;
 
         // The commit happens in the process that does not hold the consumer.
