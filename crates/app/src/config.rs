@@ -109,7 +109,8 @@ pub struct Config {
     /// How often a heartbeat renews the consumer leases (unset: a quarter of
     /// `event_lease_ms`); must be less than the lease.
     pub event_lease_renew_ms: Option<u64>,
-    /// Safety-net poll of the event log (commits wake dispatchers at once).
+    /// Safety-net poll of the event log: commits wake the dispatchers at once (in
+    /// this process, and through `LISTEN` from others on PostgreSQL).
     pub event_poll_ms: u64,
     /// How long a worker holds a job without renewing (a dead worker's job runs
     /// again after this).
@@ -117,7 +118,7 @@ pub struct Config {
     /// How often a running job's lease is renewed (unset: a quarter of
     /// `job_lease_ms`); must be less than the lease.
     pub job_lease_renew_ms: Option<u64>,
-    /// Safety-net poll of the job queue.
+    /// Safety-net poll of the job queue: commits and due times wake the workers.
     pub job_poll_ms: u64,
     /// First retry delay of a failed job (doubles each attempt, with jitter).
     pub job_min_backoff_ms: u64,
@@ -252,12 +253,12 @@ impl Default for Config {
             event_max_attempts: 8,
             event_min_backoff_ms: 100,
             event_max_backoff_ms: 30_000,
-            event_lease_ms: 4000,
+            event_lease_ms: 6000,
             event_lease_renew_ms: None,
-            event_poll_ms: 500,
+            event_poll_ms: 300_000,
             job_lease_ms: 4000,
             job_lease_renew_ms: None,
-            job_poll_ms: 1000,
+            job_poll_ms: 300_000,
             job_min_backoff_ms: 500,
             job_max_backoff_ms: 300_000,
             email_concurrency: 5,
@@ -684,8 +685,9 @@ impl Config {
     }
 
     /// A lease's renewal interval: as configured, or a quarter of the lease.
-    fn renew_every(renew_ms: Option<u64>, lease_ms: u64) -> Duration {
-        Duration::from_millis(renew_ms.unwrap_or(lease_ms / 4).max(1))
+    /// `renew_ms`, or the `1/parts` of the lease.
+    fn renew_every(renew_ms: Option<u64>, lease_ms: u64, parts: u64) -> Duration {
+        Duration::from_millis(renew_ms.unwrap_or(lease_ms / parts).max(1))
     }
 
     fn validate_s3(&self) -> Result<(), ConfigError> {
@@ -854,7 +856,9 @@ impl Config {
                 self.event_max_backoff_ms.max(self.event_min_backoff_ms),
             ),
             lease: Duration::from_millis(self.event_lease_ms),
-            renew: Self::renew_every(self.event_lease_renew_ms, self.event_lease_ms),
+            // The only renewal an idle process makes: a third of the lease keeps
+            // it to one tiny UPDATE every 2 s by default, with 4 s of slack.
+            renew: Self::renew_every(self.event_lease_renew_ms, self.event_lease_ms, 3),
             poll: Duration::from_millis(self.event_poll_ms),
             ..scaleshop_events::DispatcherSettings::default()
         }
@@ -875,7 +879,7 @@ impl Config {
     pub fn worker_settings(&self) -> scaleshop_jobs::WorkerSettings {
         scaleshop_jobs::WorkerSettings {
             lease: Duration::from_millis(self.job_lease_ms),
-            renew: Self::renew_every(self.job_lease_renew_ms, self.job_lease_ms),
+            renew: Self::renew_every(self.job_lease_renew_ms, self.job_lease_ms, 4),
             poll: Duration::from_millis(self.job_poll_ms),
             min_backoff: Duration::from_millis(self.job_min_backoff_ms),
             max_backoff: Duration::from_millis(
@@ -1002,7 +1006,7 @@ mod tests {
     #[test]
     fn lease_renewal_must_be_inside_the_lease() {
         let c = Config::default();
-        assert_eq!(c.dispatcher_settings().renew, Duration::from_secs(1));
+        assert_eq!(c.dispatcher_settings().renew, Duration::from_secs(2));
         assert_eq!(c.worker_settings().renew, Duration::from_secs(1));
         let c = Config {
             job_lease_renew_ms: Some(4000),

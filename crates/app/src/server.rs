@@ -159,6 +159,8 @@ pub struct App {
     redis: Option<scaleshop_cache::Redis>,
     keys: Arc<Keys>,
     key_refresh: Duration,
+    /// The cache-invalidating tail's safety-net poll (`event_poll_ms`).
+    tail_poll: Duration,
     users_cache: Arc<TieredCache<scaleshop_users::domain::User>>,
     products_cache: Arc<TieredCache<scaleshop_catalog::ProductView>>,
     sessions_cache: Arc<TieredCache<scaleshop_users::domain::SessionState>>,
@@ -326,6 +328,7 @@ impl App {
             redis,
             keys,
             key_refresh: Duration::from_secs(config.key_refresh_secs),
+            tail_poll: Duration::from_millis(config.event_poll_ms),
             users_cache,
             products_cache,
             sessions_cache,
@@ -372,7 +375,7 @@ impl App {
         let sessions = self.sessions_cache.clone();
         tasks.push(scaleshop_events::tail::spawn_tail(
             self.db.clone(),
-            Duration::from_millis(500),
+            self.tail_poll,
             move |event| {
                 let caches = crate::invalidation::Caches {
                     users: users.as_ref(),

@@ -479,12 +479,17 @@ impl Database {
                         .await?;
                     let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
                     listener.listen(COMMIT_CHANNEL).await?;
-                    loop {
-                        listener.recv().await?;
+                    // Whatever committed while no one listened was not announced:
+                    // every waiter looks once now.
+                    signal.notify_waiters();
+                    // `None`: the connection was lost (notifications may be lost
+                    // with it): start over, and look again once listening.
+                    while listener.try_recv().await?.is_some() {
                         signal.notify_waiters();
                     }
-                    #[allow(unreachable_code, reason = "the loop only ends by error")]
-                    Ok::<(), sqlx::Error>(())
+                    Err::<(), sqlx::Error>(sqlx::Error::Protocol(
+                        "the LISTEN connection was closed".to_owned(),
+                    ))
                 };
                 tokio::select! {
                     result = listen => {
@@ -495,6 +500,9 @@ impl Database {
                             () = tokio::time::sleep(Duration::from_secs(1)) => {}
                             _ = shutdown.changed() => return,
                         }
+                        // No one hears the other processes' commits now: every
+                        // waiter looks once a second until the listener is back.
+                        signal.notify_waiters();
                     }
                     _ = shutdown.changed() => return,
                 }

@@ -473,7 +473,7 @@ impl Runner {
                     .to_std()
                     .unwrap_or_default()
                     .min(self.settings.poll),
-                Ok(Step::NotLeader) => self.settings.poll,
+                Ok(Step::NotLeader) => self.lease_wait().await,
                 Err(e) => {
                     tracing::warn!(consumer = self.name(), error = %e, "dispatch step failed");
                     Duration::from_secs(1)
@@ -487,6 +487,19 @@ impl Runner {
             }
         }
         self.release_lease().await;
+    }
+
+    /// How long until the lease another process holds on this consumer runs
+    /// out, when this one may take over (at most the safety-net poll): a standby
+    /// waits for exactly that, not for a timer.
+    pub(crate) async fn lease_wait(&self) -> Duration {
+        const Q: &str = "SELECT lease_until FROM event_consumers WHERE name = $1";
+        let until = async {
+            Ok(with_pool!(self.db, pool => {
+                sqlx::query_scalar(Q).bind(self.name()).fetch_optional(pool).await?
+            }))
+        };
+        until_lease_ends(until.await, self.settings.poll)
     }
 
     /// Hands the consumer over at once instead of after the lease runs out.
@@ -756,6 +769,22 @@ impl Runner {
             }
         }
         Ok(true)
+    }
+}
+
+/// The wait until a lease read from the database (`lease_until`) runs out, plus a
+/// little for clocks, at most `cap`; `cap` when there is none, a second when the
+/// read failed.
+pub(crate) fn until_lease_ends(
+    until: Result<Option<Option<DateTime<Utc>>>, StoreError>,
+    cap: Duration,
+) -> Duration {
+    match until {
+        Ok(Some(Some(until))) => {
+            ((until - now()).to_std().unwrap_or_default() + Duration::from_millis(10)).min(cap)
+        }
+        Ok(_) => cap,
+        Err(_) => cap.min(Duration::from_secs(1)),
     }
 }
 

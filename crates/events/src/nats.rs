@@ -297,7 +297,13 @@ impl Relay {
             notified.as_mut().enable();
             let wait = match self.step(&mut cursor, &mut held).await {
                 Ok(true) => continue,
-                Ok(false) => self.dispatch.poll,
+                // Idle: come back before the lease runs out, to keep it.
+                Ok(false) if held => self
+                    .dispatch
+                    .poll
+                    .min(self.dispatch.renew.min(self.dispatch.lease / 2)),
+                // Another relay holds it: take over when its lease runs out.
+                Ok(false) => self.lease_wait().await,
                 Err(e) => {
                     tracing::warn!(error = %e, "event relay step failed");
                     cursor = None;
@@ -320,6 +326,17 @@ impl Relay {
                 tracing::debug!(error = %e, "relay lease not released");
             }
         }
+    }
+
+    /// How long until the other relay's lease runs out (at most the poll).
+    async fn lease_wait(&self) -> Duration {
+        const Q: &str = "SELECT lease_until FROM event_relays WHERE name = $1";
+        let until = async {
+            Ok(with_pool!(self.db, pool => {
+                sqlx::query_scalar(Q).bind(RELAY).fetch_optional(pool).await?
+            }))
+        };
+        crate::dispatch::until_lease_ends(until.await, self.dispatch.poll)
     }
 
     async fn acquire(&self) -> Result<bool, StoreError> {
@@ -515,13 +532,13 @@ impl Pull {
             let wait = match self.runner.acquire_lease().await {
                 Ok(true) => match self.session(&mut shutdown).await {
                     Ended::Shutdown => break,
-                    Ended::LostLease => self.runner.settings.poll,
+                    Ended::LostLease => self.runner.lease_wait().await,
                     Ended::Failed(error) => {
                         tracing::warn!(consumer = self.runner.name(), error, "event pull failed");
                         Duration::from_millis(500)
                     }
                 },
-                Ok(false) => self.runner.settings.poll,
+                Ok(false) => self.runner.lease_wait().await,
                 Err(e) => {
                     tracing::warn!(consumer = self.runner.name(), error = %e, "consumer lease check failed");
                     Duration::from_secs(1)

@@ -256,6 +256,7 @@ impl QueueRunner {
         let finished = Arc::new(Notify::new());
         let signal = self.db.commit_signal();
         while !*shutdown.borrow() {
+            self.heartbeat.beat();
             let committed = signal.notified();
             tokio::pin!(committed);
             committed.as_mut().enable();
@@ -297,7 +298,8 @@ impl QueueRunner {
                     }
                 }
             }
-            self.heartbeat.beat();
+            // Waiting is not being stuck: alive until the next turn, however long.
+            self.heartbeat.park();
             tokio::select! {
                 () = &mut committed => {}
                 () = finished.notified() => {}
@@ -338,8 +340,11 @@ impl QueueRunner {
     }
 
     async fn next_due(&self) -> Result<Option<chrono::DateTime<chrono::Utc>>, StoreError> {
-        const Q: &str =
-            "SELECT MIN(run_at) FROM jobs WHERE queue = $1 AND state IN ('scheduled', 'failed')";
+        // A job waiting for its time, or one whose worker may have died (claimable
+        // when its lease runs out).
+        const Q: &str = "SELECT MIN(due) FROM (\
+            SELECT MIN(run_at) AS due FROM jobs WHERE queue = $1 AND state IN ('scheduled', 'failed') \
+            UNION ALL SELECT MIN(lease_until) FROM jobs WHERE queue = $1 AND state = 'running') AS next";
         Ok(
             with_pool!(self.db, pool => sqlx::query_scalar(Q).bind(self.name).fetch_one(pool).await?),
         )

@@ -222,6 +222,9 @@ fn describe() {
     );
 }
 
+/// [`Heartbeat`]'s value for a loop parked until woken.
+const PARKED: u64 = u64::MAX;
+
 /// A liveness stamp for background loops (the event dispatcher, the job workers):
 /// the loop beats on every turn; readiness asks whether it beat recently.
 #[derive(Debug, Clone, Default)]
@@ -239,11 +242,17 @@ impl Heartbeat {
             .store(Self::now_millis(), std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Did the loop beat within `window`?
+    /// The loop waits for work with nothing to do until woken (a commit, a due
+    /// time): alive, however long the wait. Its next turn beats again.
+    pub fn park(&self) {
+        self.0.store(PARKED, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Did the loop beat within `window`, or is it parked?
     pub fn alive(&self, window: std::time::Duration) -> bool {
         let last = self.0.load(std::sync::atomic::Ordering::Relaxed);
         let window = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-        last != 0 && Self::now_millis().saturating_sub(last) <= window
+        last == PARKED || (last != 0 && Self::now_millis().saturating_sub(last) <= window)
     }
 }
 
