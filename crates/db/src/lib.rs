@@ -437,6 +437,20 @@ impl Database {
         self.committed.clone()
     }
 
+    /// Wakes the waiters of [`Database::commit_signal`] here and, on PostgreSQL,
+    /// in every other process: for a change made outside a transaction that asked
+    /// for it, such as a lease handed back, which a standby elsewhere waits for.
+    pub async fn announce(&self) -> Result<(), StoreError> {
+        self.committed.notify_waiters();
+        if let Pool::Postgres(pool) = &self.pool {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(COMMIT_CHANNEL)
+                .execute(pool)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Applies a service's migrations (idempotent; safe to run from several processes
     /// on PostgreSQL, which takes an advisory lock).
     pub async fn migrate(&self, migrations: &Migrations) -> Result<(), ConnectError> {

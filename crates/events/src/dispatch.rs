@@ -511,6 +511,9 @@ impl Runner {
         });
         if let Err(e) = released {
             tracing::debug!(consumer = self.name(), error = %e, "lease not released");
+        } else if let Err(e) = self.db.announce().await {
+            // The standby then takes over when the lease would have ended.
+            tracing::debug!(consumer = self.name(), error = %e, "lease release not announced");
         }
     }
 
@@ -773,8 +776,8 @@ impl Runner {
 }
 
 /// The wait until a lease read from the database (`lease_until`) runs out, plus a
-/// little for clocks, at most `cap`; `cap` when there is none, a second when the
-/// read failed.
+/// little for clocks, at most `cap`; a moment when no one holds it any more, `cap`
+/// when there is no such lease, a second when the read failed.
 pub(crate) fn until_lease_ends(
     until: Result<Option<Option<DateTime<Utc>>>, StoreError>,
     cap: Duration,
@@ -783,7 +786,9 @@ pub(crate) fn until_lease_ends(
         Ok(Some(Some(until))) => {
             ((until - now()).to_std().unwrap_or_default() + Duration::from_millis(10)).min(cap)
         }
-        Ok(_) => cap,
+        // Handed back since the attempt: try again at once.
+        Ok(Some(None)) => Duration::from_millis(10).min(cap),
+        Ok(None) => cap,
         Err(_) => cap.min(Duration::from_secs(1)),
     }
 }

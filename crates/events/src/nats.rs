@@ -324,6 +324,8 @@ impl Relay {
             });
             if let Err(e) = released {
                 tracing::debug!(error = %e, "relay lease not released");
+            } else if let Err(e) = self.db.announce().await {
+                tracing::debug!(error = %e, "relay lease release not announced");
             }
         }
     }

@@ -19,14 +19,18 @@ async fn lease_owner(url: &str) -> Option<String> {
         .flatten()
 }
 
-/// Two processes on one fresh database, with 1.5 s consumer leases and both
-/// safety-net polls at `poll_ms`: (the one holding the `notifications`
+/// Two processes on one fresh database, with consumer leases of `lease_ms` and
+/// both safety-net polls at `poll_ms`: (the one holding the `notifications`
 /// consumer's lease, the other, the database's URL, the deployment, which keeps
 /// its NATS server for as long as it lives).
-async fn two_processes(backend: Backend, poll_ms: &str) -> (Server, Server, String, Deployment) {
+async fn two_processes(
+    backend: Backend,
+    lease_ms: &str,
+    poll_ms: &str,
+) -> (Server, Server, String, Deployment) {
     let mut deployment = Deployment::fresh(backend).await;
     deployment
-        .set("SCALESHOP_EVENT_LEASE_MS", "1500")
+        .set("SCALESHOP_EVENT_LEASE_MS", lease_ms)
         .set("SCALESHOP_EVENT_POLL_MS", poll_ms)
         .set("SCALESHOP_JOB_POLL_MS", poll_ms);
     let url = deployment.database_url.clone().expect("postgres url");
@@ -49,7 +53,7 @@ both!(
     the_survivor_takes_over_a_killed_process_consumer,
     [postgres, nats],
     |backend: Backend| async move {
-        let (holder, survivor, url, _deployment) = two_processes(backend, "100").await;
+        let (holder, survivor, url, _deployment) = two_processes(backend, "1500", "100").await;
         let survivor_pid = survivor.pid();
         holder.kill9();
 
@@ -115,7 +119,7 @@ both!(
     with_no_polling_a_commit_elsewhere_wakes_the_consumer_and_a_standby_takes_over,
     [postgres, nats],
     |backend: Backend| async move {
-        let (holder, other, url, _deployment) = two_processes(backend, "600000").await;
+        let (holder, other, url, _deployment) = two_processes(backend, "1500", "600000").await;
         let token = other.admin_token().await;
 
         // The commit happens in the process that does not hold the consumer.
@@ -125,6 +129,26 @@ both!(
         // The holder dies; the survivor's standby wakes when the lease ends.
         holder.kill9();
         let user = sign_up(&other, "woken-2@example.com").await;
+        welcomed(&other, &token, &user, Duration::from_secs(15)).await;
+        let owner = lease_owner(&url).await.expect("lease owner");
+        assert!(owner.starts_with(&format!("{}-", other.pid())), "{owner}");
+    }
+);
+
+// A process stopped with SIGTERM hands its consumers back and says so: with a
+// lease of a minute and both polls at ten minutes, the other process takes them
+// over at once, not when the lease would have ended.
+both!(
+    a_stopped_process_hands_its_consumers_over_at_once,
+    [postgres, nats],
+    |backend: Backend| async move {
+        let (holder, other, url, _deployment) = two_processes(backend, "60000", "600000").await;
+        let token = other.admin_token().await;
+        assert!(
+            holder.terminate().success(),
+            "SIGTERM ends the holder cleanly"
+        );
+        let user = sign_up(&other, "handed-over@example.com").await;
         welcomed(&other, &token, &user, Duration::from_secs(15)).await;
         let owner = lease_owner(&url).await.expect("lease owner");
         assert!(owner.starts_with(&format!("{}-", other.pid())), "{owner}");
