@@ -226,7 +226,8 @@ fn describe() {
 const PARKED: u64 = u64::MAX;
 
 /// A liveness stamp for background loops (the event dispatcher, the job workers):
-/// the loop beats on every turn; readiness asks whether it beat recently.
+/// the loop beats on every turn (or parks while it waits for work); readiness asks
+/// whether it beat recently or is parked.
 #[derive(Debug, Clone, Default)]
 pub struct Heartbeat(std::sync::Arc<std::sync::atomic::AtomicU64>);
 
