@@ -124,7 +124,12 @@ impl Gateway {
                 .arg(&cfg)
                 .stdin(Stdio::null())
                 .stdout(std::fs::File::create(&log).expect("gateway log"))
-                .stderr(Stdio::null())
+                .stderr(
+                    std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(&log)
+                        .expect("gateway log"),
+                )
                 .spawn()
                 .expect("start haproxy");
             let deadline = Instant::now() + Duration::from_secs(10);
