@@ -316,6 +316,9 @@ impl App {
                     // No call to the public validator: the page works offline.
                     .config(utoipa_swagger_ui::Config::from("/openapi.json").validator_url("none")),
             )
+            // The storefront and the operations console: static pages, clients of
+            // the API above, served by every process.
+            .merge(scaleshop_ui::router())
             .fallback(|| async { ApiError::not_found().detail("no such route") });
         Ok(Self {
             router,

@@ -456,3 +456,71 @@ async fn docs_page_works_offline() {
         }
     }
 }
+
+/// The storefront and the console are served by the app (every process), work
+/// offline (every file they load is the app's own), and are not API routes: no
+/// entry in the API document, and a route label of their own template.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storefront_and_console_are_served_offline_under_a_content_security_policy() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let own_host = app.base.trim_start_matches("http://").to_owned();
+    for path in [
+        "/",
+        "/cart",
+        "/orders/0190a8e4-0000-7000-8000-000000000000",
+        "/console",
+    ] {
+        let response = app.get(path).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "text/html; charset=utf-8"
+        );
+        let csp = response.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+            "{csp}"
+        );
+        assert!(response.headers().contains_key("x-request-id"), "{path}");
+        let html = response.text().await.unwrap();
+        for host in origins(&html) {
+            assert_eq!(host, own_host, "{path} references {host}");
+        }
+        let mut assets = attribute_values(&html, "src");
+        assets.extend(
+            attribute_values(&html, "href")
+                .into_iter()
+                .filter(|h| h.starts_with("/assets/")),
+        );
+        assert!(assets.iter().any(|a| a.ends_with(".js")), "{html}");
+        for asset in assets {
+            let response = app.get(&asset).send().await.unwrap();
+            assert_eq!(response.status(), 200, "{asset}");
+            let etag = response.headers()["etag"].clone();
+            let again = app
+                .get(&asset)
+                .header("if-none-match", etag)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(again.status(), 304, "{asset}");
+        }
+    }
+    let openapi = app.get("/openapi.json").send().await.unwrap();
+    let document: serde_json::Value = openapi.json().await.unwrap();
+    let paths = document["paths"].as_object().unwrap();
+    assert!(
+        !paths.contains_key("/") && !paths.contains_key("/console"),
+        "pages are not API routes"
+    );
+    let labelled = app
+        .metric(
+            "http_request_duration_seconds_count",
+            &["route=\"/orders/{id}\""],
+        )
+        .await;
+    assert_eq!(labelled, 1.0, "a page is labelled by its template");
+}
