@@ -22,9 +22,10 @@
 //!   event is parked in `event_dead` (it shows in `GET /v1/events/dead` and can be
 //!   redelivered from the outbox as before) and a copy goes to the dead-letter
 //!   stream [`DEAD_STREAM`].
-//! - **Lag.** `event_consumer_lag{consumer}` is the consumer's pending plus
-//!   unacknowledged count from its info; `relay_backlog` counts the outbox events
-//!   not yet published.
+//! - **Lag.** `relay_backlog` counts the outbox events not yet published;
+//!   `event_consumer_lag{consumer}` is the consumer's pending plus unacknowledged
+//!   count from its info plus that backlog: the events behind the head of the
+//!   log, as without NATS.
 //!
 //! If the broker loses its store (a new server, a deleted stream), the relay
 //! starts again from the slowest consumer's position: consumers skip what their
@@ -801,7 +802,9 @@ impl Pull {
 }
 
 /// `relay_backlog` from the outbox, and `event_consumer_lag{consumer}` from each
-/// durable consumer's info (pending plus unacknowledged). Each broker call is
+/// durable consumer's info (pending plus unacknowledged) plus that backlog (read
+/// first: the relay saves its position only after the PubAcks, so an event is
+/// counted in the backlog or in the stream, never in neither). Each broker call is
 /// bounded so that a scrape never hangs on a dead broker.
 pub(crate) async fn report(db: &Database, settings: &NatsSettings, consumers: &[&'static str]) {
     const BACKLOG: &str = "SELECT COUNT(*) FROM events \
@@ -812,10 +815,20 @@ pub(crate) async fn report(db: &Database, settings: &NatsSettings, consumers: &[
         }))
     }
     .await;
-    match backlog {
-        Ok(backlog) => metrics::gauge!(names::RELAY_BACKLOG).set(backlog as f64),
-        Err(e) => tracing::warn!(error = %e, "relay backlog unavailable"),
-    }
+    // The events not yet in the stream are behind every consumer too: the lag
+    // counts from the head of the log, not from the head of the stream, so a
+    // lag of 0 means caught up with every committed event. Without the backlog
+    // the lag is not reported (never under-reported).
+    let unrelayed = match backlog {
+        Ok(backlog) => {
+            metrics::gauge!(names::RELAY_BACKLOG).set(backlog as f64);
+            u64::try_from(backlog).unwrap_or(0)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "relay backlog unavailable");
+            return;
+        }
+    };
     let within = settings.timeout.min(Duration::from_secs(1));
     let lags = async {
         let context = connect(settings).await?;
@@ -827,7 +840,7 @@ pub(crate) async fn report(db: &Database, settings: &NatsSettings, consumers: &[
                 stream.consumer_info(durable_name(name)),
             )
             .await?;
-            let lag = info.num_pending + info.num_ack_pending as u64;
+            let lag = info.num_pending + info.num_ack_pending as u64 + unrelayed;
             metrics::gauge!(names::EVENT_CONSUMER_LAG, "consumer" => *name).set(lag as f64);
         }
         Ok::<(), TransportError>(())
