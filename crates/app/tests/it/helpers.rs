@@ -188,9 +188,10 @@ impl TestApp {
             base,
             client: Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
-                // Under the server's and the gateway's keep-alive (5 s): a
-                // connection is never reused just as the other side closes it.
-                .pool_idle_timeout(std::time::Duration::from_secs(4))
+                // Well under the server's and the gateway's keep-alive (5 s): a
+                // connection is never reused just as the other side closes it,
+                // even when a loaded machine delays a request by seconds.
+                .pool_idle_timeout(std::time::Duration::from_secs(1))
                 .timeout(std::time::Duration::from_secs(30))
                 .build()
                 .expect("client"),
