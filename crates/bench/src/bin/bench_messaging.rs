@@ -12,6 +12,9 @@
 //!   transaction, from T tasks, while a `Dispatcher` with one no-op `Consumer` runs;
 //!   timed from the first append until `event_consumers.position` reaches the last
 //!   sequence (appends/s, the time until the last append committed, is shown too);
+//! - (b2) drain/s: the dispatcher's own rate: N more events appended with no
+//!   dispatcher running, then a dispatcher started; timed from its start until the
+//!   consumer's position reaches the last sequence;
 //! - (c) jobs/s: N no-op jobs enqueued with `JobQueue::enqueue` (one transaction
 //!   each, from T tasks; enqueues/s is shown too), then `Workers` with one queue of
 //!   concurrency 5; timed from the workers' start until every job is `completed`.
@@ -109,6 +112,8 @@ struct RunFigures {
     inserts: f64,
     appends: f64,
     events: f64,
+    /// (b2): the dispatcher draining a backlog.
+    drain: f64,
     enqueues: f64,
     jobs: f64,
     nats: Option<NatsFigures>,
@@ -303,6 +308,53 @@ async fn events(
 
     let start = Instant::now();
     let deadline = start + timeout;
+    let last = append_all(db, n, tasks).await?;
+    let appended = start.elapsed();
+    let mut relayed = None;
+    if nats.is_some() {
+        while relay_position(db)
+            .await
+            .map_err(err("read the relay's position"))?
+            < last
+        {
+            if Instant::now() >= deadline {
+                return Err("timed out waiting for the relay".to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        relayed = Some(start.elapsed());
+    }
+    delivered_up_to(db, &seen, &notify, last, deadline).await?;
+    let delivered = start.elapsed();
+
+    stop_dispatcher(&stop_tx, running).await?;
+    if last < i64::from(n) {
+        return Err(format!(
+            "expected at least sequence {n}, the last is {last}"
+        ));
+    }
+    Ok(Timings {
+        appended,
+        relayed,
+        delivered,
+    })
+}
+
+/// Stops a dispatcher started with `stop`'s receiver and waits (bounded) for it.
+async fn stop_dispatcher<E: std::fmt::Display>(
+    stop: &watch::Sender<bool>,
+    running: impl std::future::Future<Output = Result<(), E>>,
+) -> BenchResult<()> {
+    let _ = stop.send(true);
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .map_err(|_| "the dispatcher did not stop within 30 s".to_owned())?
+        .map_err(|e| format!("dispatcher task: {e}"))
+}
+
+/// N `scaleshop_events::append` calls, one transaction each, from T tasks; the
+/// last sequence.
+async fn append_all(db: &Database, n: u32, tasks: u32) -> BenchResult<i64> {
     let mut handles = Vec::new();
     for task in 0..tasks {
         let db = db.clone();
@@ -322,53 +374,55 @@ async fn events(
             .map_err(err("append"))?;
         last = last.max(task_last);
     }
-    let appended = start.elapsed();
-    let mut relayed = None;
-    if nats.is_some() {
-        while relay_position(db)
-            .await
-            .map_err(err("read the relay's position"))?
-            < last
-        {
-            if Instant::now() >= deadline {
-                return Err("timed out waiting for the relay".to_owned());
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        relayed = Some(start.elapsed());
-    }
-    // Handed to the consumer (no database load while waiting)...
-    wait_until("the consumer", deadline, &notify, || {
+    Ok(last)
+}
+
+/// Waits until the consumer was handed `last` (no database load while waiting),
+/// then until its position, committed, reaches it.
+async fn delivered_up_to(
+    db: &Database,
+    seen: &AtomicI64,
+    notify: &Notify,
+    last: i64,
+    deadline: Instant,
+) -> BenchResult<()> {
+    wait_until("the consumer", deadline, notify, || {
         seen.load(Ordering::Relaxed) >= last
     })
     .await?;
-    // ...then the position committed.
     loop {
         if consumer_position(db).await.map_err(err("read position"))? >= last {
-            break;
+            return Ok(());
         }
         if Instant::now() >= deadline {
             return Err("timed out waiting for the consumer position".to_owned());
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let delivered = start.elapsed();
+}
 
-    let _ = stop_tx.send(true);
-    tokio::time::timeout(Duration::from_secs(30), running)
+/// (b2) The dispatcher's own rate: N events appended first, with no dispatcher
+/// running; then a dispatcher starts, timed from its start until the consumer's
+/// position reaches the last sequence.
+async fn drain(db: &Database, n: u32, tasks: u32, timeout: Duration) -> BenchResult<Duration> {
+    let last = append_all(db, n, tasks).await?;
+    let seen = Arc::new(AtomicI64::new(0));
+    let notify = Arc::new(Notify::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let consumer = NoopConsumer {
+        seen: seen.clone(),
+        notify: notify.clone(),
+        latencies: None,
+    };
+    let start = Instant::now();
+    let running = dispatcher(db, None, consumer)
+        .start(stop_rx)
         .await
-        .map_err(|_| "the dispatcher did not stop within 30 s".to_owned())?
-        .map_err(|e| format!("dispatcher task: {e}"))?;
-    if last < i64::from(n) {
-        return Err(format!(
-            "expected at least sequence {n}, the last is {last}"
-        ));
-    }
-    Ok(Timings {
-        appended,
-        relayed,
-        delivered,
-    })
+        .map_err(err("start dispatcher"))?;
+    delivered_up_to(db, &seen, &notify, last, start + timeout).await?;
+    let drained = start.elapsed();
+    stop_dispatcher(&stop_tx, running).await?;
+    Ok(drained)
 }
 
 /// M events at `rate` a second on a fixed schedule, one transaction each; the
@@ -416,11 +470,7 @@ async fn latency(
         seen.load(Ordering::Relaxed) >= last
     })
     .await?;
-    let _ = stop_tx.send(true);
-    tokio::time::timeout(Duration::from_secs(30), running)
-        .await
-        .map_err(|_| "the dispatcher did not stop within 30 s".to_owned())?
-        .map_err(|e| format!("dispatcher task: {e}"))?;
+    stop_dispatcher(&stop_tx, running).await?;
     let latencies = latencies.lock().await.clone();
     Ok((
         percentile(&latencies, 50.0).unwrap_or(f64::NAN),
@@ -749,6 +799,7 @@ async fn measure(
         .await
         .map_err(|_| "timed out inserting rows".to_owned())??;
     let over_db = events(db, None, args.events, args.tasks, timeout).await?;
+    let drained = drain(db, args.events, args.tasks, timeout).await?;
     let (enqueued, completed) = tokio::time::timeout(
         timeout.saturating_mul(2),
         jobs(db, args.jobs, args.tasks, timeout),
@@ -760,6 +811,7 @@ async fn measure(
             inserts: per_second(args.events, inserted),
             appends: per_second(args.events, over_db.appended),
             events: per_second(args.events, over_db.delivered),
+            drain: per_second(args.events, drained),
             enqueues: per_second(args.jobs, enqueued),
             jobs: per_second(args.jobs, completed),
             nats: None,
@@ -866,7 +918,9 @@ fn report(args: &Args, description: &str, runs: &[RunFigures]) {
     let events = column(|r| r.events);
     let enqueues = column(|r| r.enqueues);
     let jobs = column(|r| r.jobs);
+    let drain = column(|r| r.drain);
     let events_ratio = column(|r| r.events / r.inserts);
+    let drain_ratio = column(|r| r.drain / r.inserts);
     let jobs_ratio = column(|r| r.jobs / r.inserts);
 
     let name = match args.backend {
@@ -881,38 +935,44 @@ fn report(args: &Args, description: &str, runs: &[RunFigures]) {
     println!("{description}");
     println!();
     println!(
-        "| run | inserts/s | appends/s | events/s | enqueues/s | jobs/s | events/s ÷ inserts/s | jobs/s ÷ inserts/s |"
+        "| run | inserts/s | appends/s | events/s | drain/s | enqueues/s | jobs/s | events/s ÷ inserts/s | drain/s ÷ inserts/s | jobs/s ÷ inserts/s |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, r) in runs.iter().enumerate() {
         println!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} |",
             i + 1,
             r.inserts,
             r.appends,
             r.events,
+            r.drain,
             r.enqueues,
             r.jobs,
             r.events / r.inserts,
+            r.drain / r.inserts,
             r.jobs / r.inserts
         );
     }
     println!(
-        "| **median** | **{}** | **{}** | **{}** | **{}** | **{}** | **{}** | **{}** |",
+        "| **median** | **{}** | **{}** | **{}** | **{}** | **{}** | **{}** | **{}** | **{}** | **{}** |",
         show(median(&inserts), 0),
         show(median(&appends), 0),
         show(median(&events), 0),
+        show(median(&drain), 0),
         show(median(&enqueues), 0),
         show(median(&jobs), 0),
         show(median(&events_ratio), 3),
+        show(median(&drain_ratio), 3),
         show(median(&jobs_ratio), 3)
     );
     println!();
     println!(
         "Ratios (median of the per-run ratios; ratio of the medians in brackets): \
-         events/s ÷ inserts/s = {} ({}), jobs/s ÷ inserts/s = {} ({}).",
+         events/s ÷ inserts/s = {} ({}), drain/s ÷ inserts/s = {} ({}), jobs/s ÷ inserts/s = {} ({}).",
         show(median(&events_ratio), 3),
         show(ratio(median(&events), median(&inserts)), 3),
+        show(median(&drain_ratio), 3),
+        show(ratio(median(&drain), median(&inserts)), 3),
         show(median(&jobs_ratio), 3),
         show(ratio(median(&jobs), median(&inserts)), 3)
     );

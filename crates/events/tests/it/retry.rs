@@ -22,17 +22,11 @@ scaleshop_testkit::both!(
         let running = start(&db, settings.clone(), std::slice::from_ref(&consumer)).await;
 
         eventually("three effects", async || effect_count(&db, NAME).await == 3).await;
-        let top = head(&db).await;
-        eventually("the position at the head", async || {
-            position(&db, NAME).await == top
-        })
-        .await;
+        at_the_head(&db, NAME).await;
         running.stop().await;
 
         // The failed attempts' effects were rolled back with their transaction.
-        for (id, _) in &appended {
-            assert_eq!(effects_of_event(&db, NAME, *id).await, 1, "effect of {id}");
-        }
+        each_effect_once(&db, NAME, &appended).await;
         let attempts = consumer.calls_for(flaky).await;
         assert_eq!(
             attempts.len(),
@@ -101,9 +95,78 @@ scaleshop_testkit::both!(
          lease still owned by {owner:?}",
             effect_count(&db, NAME).await
         );
-        for (id, _) in &appended {
-            assert_eq!(effects_of_event(&db, NAME, *id).await, 1, "effect of {id}");
-        }
+        each_effect_once(&db, NAME, &appended).await;
         assert_eq!(calls, 2);
     }
 );
+
+scaleshop_testkit::both!(
+    a_failure_inside_a_batch_undoes_only_its_own_event,
+    |backend| async move {
+        const NAME: &str = "batch_probe";
+        let db = fresh(backend).await;
+        // One transaction, so the dispatcher finds all 80 at once: more than one
+        // batch (60 at most), with a failing event in the middle of the first.
+        let kinds: Vec<&'static str> = (0..80)
+            .map(|i| if i == 29 { "test.flaky" } else { "test.fine" })
+            .collect();
+        let appended = append_in_one_tx(&db, &kinds).await;
+        let flaky = appended[29].0;
+        let before_flaky = appended[28].1;
+        let consumer = Recorder::new(NAME)
+            .failing(move |event, prior| {
+                (event.id == flaky && prior < 2).then(|| format!("attempt {} fails", prior + 1))
+            })
+            .build();
+        let mut settings = settings();
+        // Long enough to look at the position between the attempts.
+        settings.min_backoff = Duration::from_millis(400);
+        settings.max_backoff = Duration::from_millis(400);
+        let running = start(&db, settings, std::slice::from_ref(&consumer)).await;
+
+        // The events before the failing one committed, without waiting for it.
+        eventually("the events before the failing one", async || {
+            position(&db, NAME).await == before_flaky
+        })
+        .await;
+        assert_eq!(effect_count(&db, NAME).await, 29);
+        assert_eq!(consumer.calls_for(flaky).await.len(), 1);
+
+        eventually("every effect", async || effect_count(&db, NAME).await == 80).await;
+        at_the_head(&db, NAME).await;
+        running.stop().await;
+
+        // Each event's effect once (the failed attempts' were undone with their
+        // savepoint), each handler called once per attempt, in log order.
+        each_effect_once(&db, NAME, &appended).await;
+        let order: Vec<i64> = consumer.calls().await.iter().map(|c| c.sequence).collect();
+        let mut expected: Vec<i64> = appended.iter().map(|(_, s)| *s).collect();
+        expected.splice(29..30, [appended[29].1; 3]);
+        assert_eq!(order, expected);
+        assert_eq!(inbox(&db, NAME).await, (80, 80));
+    }
+);
+
+/// Waits until the consumer's position is the head of the log.
+async fn at_the_head(db: &scaleshop_db::Database, consumer: &str) {
+    let top = head(db).await;
+    eventually("the position at the head", async || {
+        position(db, consumer).await == top
+    })
+    .await;
+}
+
+/// Every appended event left exactly one effect.
+async fn each_effect_once(
+    db: &scaleshop_db::Database,
+    consumer: &str,
+    appended: &[(uuid::Uuid, i64)],
+) {
+    for (id, _) in appended {
+        assert_eq!(
+            effects_of_event(db, consumer, *id).await,
+            1,
+            "effect of {id}"
+        );
+    }
+}
