@@ -144,7 +144,10 @@ impl Report {
             tool: format!("scaleshop loadtest {}", env!("CARGO_PKG_VERSION")),
             url: url.to_owned(),
             scenario: scenario.clone(),
-            started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            // The report is made as the run ends: its start is that long ago.
+            started_at: (chrono::Utc::now()
+                - chrono::Duration::from_std(ran.elapsed).unwrap_or_default())
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             target_rate: load.rate,
             planned_seconds: load.duration.as_secs_f64(),
             elapsed_seconds: round(seconds),
