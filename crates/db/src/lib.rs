@@ -73,6 +73,10 @@ pub enum Pool {
 #[derive(Debug, Clone)]
 pub struct Database {
     pool: Pool,
+    /// One connection of its own for [`Database::ping`] (readiness): a pool
+    /// busy with work must not read as a database that is down, or a load
+    /// burst would take every instance out of its load balancer at once.
+    probe: Pool,
     reads: Reads,
     /// Client-side bound of one read (statement plus connection wait).
     read_timeout: Duration,
@@ -196,6 +200,15 @@ pub struct Migrations {
     pub postgres: &'static Migrator,
 }
 
+/// The probe's pool: one connection, opened on first use.
+fn probe_options(settings: &PoolSettings) -> SqlitePoolOptions {
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .idle_timeout(Some(settings.idle_timeout))
+        .acquire_timeout(settings.acquire_timeout)
+}
+
 impl Database {
     /// Opens the pool. `url` is `None` for SQLite in `data_dir`, or a `postgres://` URL.
     /// Never logs the URL (it may hold a password).
@@ -246,7 +259,8 @@ impl Database {
             .connect_with(options.clone())
             .await
             .map_err(|e| ConnectError::Connect(e.to_string()))?;
-        let mut db = Self::new(Pool::Sqlite(pool), settings);
+        let probe = Pool::Sqlite(probe_options(settings).connect_lazy_with(options.clone()));
+        let mut db = Self::new(Pool::Sqlite(pool), probe, settings);
         if !in_memory {
             // The file exists and is in WAL mode now: readers never block the
             // writer, and a reader opened after a commit sees it.
@@ -276,15 +290,24 @@ impl Database {
             .min_connections(settings.min_connections)
             .idle_timeout(Some(settings.idle_timeout))
             .acquire_timeout(settings.acquire_timeout)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|e| ConnectError::Connect(redact(&e.to_string())))?;
-        Ok(Self::new(Pool::Postgres(pool), settings))
+        let probe = Pool::Postgres(
+            PgPoolOptions::new()
+                .max_connections(1)
+                .min_connections(0)
+                .idle_timeout(Some(settings.idle_timeout))
+                .acquire_timeout(settings.acquire_timeout)
+                .connect_lazy_with(options.application_name("scaleshop-probe")),
+        );
+        Ok(Self::new(Pool::Postgres(pool), probe, settings))
     }
 
-    fn new(pool: Pool, settings: &PoolSettings) -> Self {
+    fn new(pool: Pool, probe: Pool, settings: &PoolSettings) -> Self {
         Self {
             pool,
+            probe,
             reads: Reads::Primary,
             read_timeout: settings.statement_timeout + settings.acquire_timeout,
             committed: Arc::new(Notify::new()),
@@ -527,7 +550,7 @@ impl Database {
     /// A round trip to the database, bounded by `timeout`.
     pub async fn ping(&self, timeout: Duration) -> bool {
         let fut = async {
-            match &self.pool {
+            match &self.probe {
                 Pool::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
                 Pool::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
             }
@@ -553,9 +576,11 @@ impl Database {
             Reads::Sqlite(pool) => pool.close().await,
             Reads::Primary => {}
         }
-        match &self.pool {
-            Pool::Sqlite(pool) => pool.close().await,
-            Pool::Postgres(pool) => pool.close().await,
+        for pool in [&self.probe, &self.pool] {
+            match pool {
+                Pool::Sqlite(pool) => pool.close().await,
+                Pool::Postgres(pool) => pool.close().await,
+            }
         }
     }
 }

@@ -860,6 +860,23 @@ async fn cancel(app: &TestApp, token: &str, order_id: &str) -> Response {
         .unwrap()
 }
 
+/// A GET, sent again (at most twice) when the connection failed before an answer
+/// came, as HTTP lets a client do with a safe request (RFC 9110, 9.2.2): through
+/// the gateway on a loaded machine, a kept-alive connection can close under it.
+async fn get_retrying(app: &TestApp, url: &str, token: &str) -> Response {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match app.get(url).bearer_auth(token).send().await {
+            Ok(response) => return response,
+            Err(e) if tries < 3 && (e.is_request() || e.is_connect()) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("GET {url}: {e:?}"),
+        }
+    }
+}
+
 /// Every page of a list route (the path without paging parameters).
 async fn list_all(app: &TestApp, token: &str, path: &str) -> Vec<Value> {
     let separator = if path.contains('?') { '&' } else { '?' };
@@ -870,7 +887,7 @@ async fn list_all(app: &TestApp, token: &str, path: &str) -> Vec<Value> {
         if let Some(cursor) = &cursor {
             url.push_str(&format!("&cursor={cursor}"));
         }
-        let page = body(app.get(&url).bearer_auth(token).send().await.unwrap(), 200).await;
+        let page = body(get_retrying(app, &url, token).await, 200).await;
         items.extend(page["items"].as_array().unwrap().iter().cloned());
         match page["next_cursor"].as_str() {
             Some(next) => cursor = Some(next.to_owned()),

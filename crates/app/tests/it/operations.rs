@@ -524,3 +524,29 @@ async fn storefront_and_console_are_served_offline_under_a_content_security_poli
         .await;
     assert_eq!(labelled, 1.0, "a page is labelled by its template");
 }
+
+/// Readiness asks the database on a connection of its own: a pool whose every
+/// connection is busy is a database at work, not one that is down (else a burst
+/// of load would take every instance out of the gateway at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_probe_answers_while_every_pooled_connection_is_busy() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let (url, dir) = scaleshop_testkit::fresh(backend).await;
+        let settings = scaleshop_db::PoolSettings {
+            max_connections: 1,
+            min_connections: 0,
+            acquire_timeout: std::time::Duration::from_secs(3),
+            ..scaleshop_db::PoolSettings::default()
+        };
+        let db = scaleshop_db::Database::connect(url.as_deref(), &dir, &settings)
+            .await
+            .unwrap();
+        let held = db.begin().await.unwrap();
+        assert!(
+            db.ping(std::time::Duration::from_secs(1)).await,
+            "{backend:?}: the probe waited for the busy pool"
+        );
+        held.rollback().await.unwrap();
+        db.close().await;
+    }
+}
