@@ -94,15 +94,17 @@ async fn console(headers: HeaderMap) -> Response {
 }
 
 async fn icon(headers: HeaderMap) -> Response {
-    match ASSETS.iter().find(|a| a.name == "icon.svg") {
-        Some(found) => serve(found, &headers, false),
-        None => ApiError::not_found().into_response(),
-    }
+    named("icon.svg", &headers)
 }
 
 async fn asset(Path(name): Path<String>, headers: HeaderMap) -> Response {
+    named(&name, &headers)
+}
+
+/// The embedded file `name`, or a 404 problem document.
+fn named(name: &str, headers: &HeaderMap) -> Response {
     match ASSETS.iter().find(|a| a.name == name) {
-        Some(found) => serve(found, &headers, false),
+        Some(found) => serve(found, headers, false),
         None => ApiError::not_found()
             .detail("no such asset")
             .into_response(),
@@ -234,6 +236,9 @@ mod tests {
         let again = get("/assets/shop.js", Some(&tag)).await;
         assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
         assert_eq!(again.headers()[header::ETAG], tag);
+        let icon = get("/favicon.ico", None).await;
+        assert_eq!(icon.status(), StatusCode::OK);
+        assert_eq!(icon.headers()[header::CONTENT_TYPE], "image/svg+xml");
         let other = get("/assets/style.css", Some(&tag)).await;
         assert_eq!(
             other.status(),

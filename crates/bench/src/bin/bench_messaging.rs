@@ -284,6 +284,21 @@ fn dispatcher(db: &Database, nats: Option<&NatsSettings>, consumer: NoopConsumer
     dispatcher
 }
 
+impl NoopConsumer {
+    /// A consumer that only records the highest sequence it was handed (and
+    /// wakes `notify`): the sequence and the notifier to wait on.
+    fn counting() -> (Self, Arc<AtomicI64>, Arc<Notify>) {
+        let seen = Arc::new(AtomicI64::new(0));
+        let notify = Arc::new(Notify::new());
+        let consumer = Self {
+            seen: seen.clone(),
+            notify: notify.clone(),
+            latencies: None,
+        };
+        (consumer, seen, notify)
+    }
+}
+
 /// N events from T tasks, over the database or over NATS.
 async fn events(
     db: &Database,
@@ -292,14 +307,8 @@ async fn events(
     tasks: u32,
     timeout: Duration,
 ) -> BenchResult<Timings> {
-    let seen = Arc::new(AtomicI64::new(0));
-    let notify = Arc::new(Notify::new());
+    let (consumer, seen, notify) = NoopConsumer::counting();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let consumer = NoopConsumer {
-        seen: seen.clone(),
-        notify: notify.clone(),
-        latencies: None,
-    };
     let dispatcher = dispatcher(db, nats, consumer);
     let running = dispatcher
         .start(stop_rx)
@@ -406,14 +415,8 @@ async fn delivered_up_to(
 /// position reaches the last sequence.
 async fn drain(db: &Database, n: u32, tasks: u32, timeout: Duration) -> BenchResult<Duration> {
     let last = append_all(db, n, tasks).await?;
-    let seen = Arc::new(AtomicI64::new(0));
-    let notify = Arc::new(Notify::new());
+    let (consumer, seen, notify) = NoopConsumer::counting();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let consumer = NoopConsumer {
-        seen: seen.clone(),
-        notify: notify.clone(),
-        latencies: None,
-    };
     let start = Instant::now();
     let running = dispatcher(db, None, consumer)
         .start(stop_rx)
