@@ -54,6 +54,13 @@ pub struct Config {
     /// How long a read with a consistency token waits for a replica that has the
     /// write before it reads the primary.
     pub replica_wait_ms: u64,
+    /// How long a search with a consistency token waits for the search
+    /// projection to apply the log up to the write before the command side
+    /// answers it.
+    pub projection_wait_ms: u64,
+    /// Keep the product search projection (a tantivy index in
+    /// `data_dir/search`); off: searches read the products table.
+    pub search_enabled: bool,
     pub admin_email: Option<String>,
     pub admin_password: Option<Secret>,
     /// Send email over SMTP instead of writing `.eml` files.
@@ -228,6 +235,8 @@ impl Default for Config {
             read_replica_urls: None,
             replica_max_lag_ms: 1000,
             replica_wait_ms: 200,
+            projection_wait_ms: 200,
+            search_enabled: true,
             admin_email: None,
             admin_password: None,
             smtp_url: None,
@@ -316,6 +325,8 @@ const ENV_KEYS: &[&str] = &[
     "read_replica_urls",
     "replica_max_lag_ms",
     "replica_wait_ms",
+    "projection_wait_ms",
+    "search_enabled",
     "admin_email",
     "admin_password",
     "smtp_url",
@@ -729,6 +740,11 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// Where the search projection keeps its index (`data_dir/search/products`).
+    pub fn search_dir(&self) -> PathBuf {
+        self.data_dir.join("search").join("products")
     }
 
     /// Where image files go: the S3 bucket when set, else `data_dir/images`.

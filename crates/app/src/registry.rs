@@ -156,7 +156,13 @@ pub struct Registration {
     pub forget_idle: Vec<Box<dyn Fn() + Send + Sync>>,
     /// What decides whether a token's session is live (the users service).
     pub session_check: Option<Arc<dyn scaleshop_web::SessionCheck>>,
+    /// Loops the service runs until shutdown (a projection's follower).
+    pub background: Vec<Background>,
 }
+
+/// A loop started with the process's shutdown signal.
+pub type Background =
+    Box<dyn FnOnce(tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> + Send>;
 
 /// The platform parts and the in-process APIs of the services registered so far.
 pub struct Context<'a> {
@@ -251,8 +257,38 @@ fn catalog(cx: &mut Context<'_>) -> Result<Registration, StartError> {
         .inventory
         .clone()
         .ok_or_else(|| cx.missing(Service::Inventory))?;
-    let catalog = scaleshop_catalog::Catalog::new(cx.db.clone(), inventory)
+    let mut catalog = scaleshop_catalog::Catalog::new(cx.db.clone(), inventory)
         .with_cache(cx.products_cache.clone());
+    let mut routes = Vec::new();
+    let mut background: Vec<Background> = Vec::new();
+    // The query side: the search projection in this process's data folder. A
+    // folder it cannot open (another process holds it) leaves searches to the
+    // products table, and says so.
+    let search = cx
+        .config
+        .search_enabled
+        .then(|| scaleshop_search::ProductSearch::open(&cx.config.search_dir()))
+        .and_then(|opened| {
+            opened
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "no search projection here: searches read the products table");
+                })
+                .ok()
+        });
+    if let Some(index) = search {
+        let log = scaleshop_events::EventLog::new(cx.db.clone());
+        catalog = catalog.with_search(scaleshop_catalog::query::SearchSide {
+            index: index.clone(),
+            log: log.clone(),
+            wait: Duration::from_millis(cx.config.projection_wait_ms),
+        });
+        routes.push(scaleshop_search::http::router(index.clone(), log));
+        let (db, poll) = (
+            cx.db.clone(),
+            Duration::from_millis(cx.config.event_poll_ms),
+        );
+        background.push(Box::new(move |shutdown| index.spawn(db, poll, shutdown)));
+    }
     cx.catalog = Some(catalog.clone());
     let mut consumers: Vec<Arc<dyn Consumer>> = Vec::new();
     if cx.config.redis_url.is_some() {
@@ -261,9 +297,11 @@ fn catalog(cx: &mut Context<'_>) -> Result<Registration, StartError> {
             cache: cx.products_cache.clone(),
         }));
     }
+    routes.push(scaleshop_catalog::http::router(catalog));
     Ok(Registration {
-        routes: vec![scaleshop_catalog::http::router(catalog)],
+        routes,
         consumers,
+        background,
         ..Registration::default()
     })
 }

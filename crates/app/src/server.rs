@@ -156,6 +156,8 @@ pub struct App {
     forget_idle: Vec<Box<dyn Fn() + Send + Sync>>,
     /// Housekeeping run every so often (e.g. expired idempotency keys).
     periodic: Vec<(Duration, Collector)>,
+    /// The services' own loops (the search projection's follower).
+    background: Vec<crate::registry::Background>,
     redis: Option<scaleshop_cache::Redis>,
     keys: Arc<Keys>,
     key_refresh: Duration,
@@ -207,6 +209,7 @@ impl App {
         }
         let mut forget_idle: Vec<Box<dyn Fn() + Send + Sync>> = Vec::new();
         let mut periodic: Vec<(Duration, Collector)> = Vec::new();
+        let mut background: Vec<crate::registry::Background> = Vec::new();
         // The shared cache tier, when configured (a lazy connection: the process
         // starts even while Redis is down).
         let redis = match &config.redis_url {
@@ -270,6 +273,7 @@ impl App {
                 }
             }
             periodic.extend(registration.periodic);
+            background.extend(registration.background);
             forget_idle.extend(registration.forget_idle);
             session_check = session_check.or(registration.session_check);
         }
@@ -328,6 +332,7 @@ impl App {
             workers,
             forget_idle,
             periodic,
+            background,
             redis,
             keys,
             key_refresh: Duration::from_secs(config.key_refresh_secs),
@@ -399,6 +404,9 @@ impl App {
         }
         if let Some(workers) = self.workers.take() {
             tasks.push(workers.start(shutdown.clone()));
+        }
+        for start in std::mem::take(&mut self.background) {
+            tasks.push(start(shutdown.clone()));
         }
         for (every, task) in std::mem::take(&mut self.periodic) {
             let mut stop = shutdown.clone();

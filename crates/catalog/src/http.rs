@@ -5,14 +5,15 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 
+use scaleshop_search::{Facets, Highlight, SearchQuery, Sort};
 use scaleshop_web::page::PageParams;
 use scaleshop_web::{
-    ApiError, Caller, ConsistencyToken, Fields, Id, JsonObject, Page, Paginated, Problem,
+    ApiError, Caller, ConsistencyToken, FieldError, Fields, Id, JsonObject, Page, Problem,
     ReadConsistency, RequestKeys,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -21,6 +22,7 @@ use uuid::Uuid;
 use crate::domain::{
     Currency, Description, InitialStock, NewProduct, PriceCents, ProductName, ProductPatch, Sku,
 };
+use crate::query::Source;
 use crate::{Catalog, CatalogError, Listed, ProductView};
 
 pub fn router(catalog: Catalog) -> OpenApiRouter {
@@ -199,38 +201,216 @@ async fn patch_product(
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-struct SearchQuery {
-    /// Text matched against name, sku and description (case-insensitive).
+struct SearchParams {
+    /// Words matched against name, sku and description: every word must match,
+    /// exactly, as a prefix, or with one typo in words of five letters or more;
+    /// letter case and accents do not matter. Ranked by relevance.
     q: Option<String>,
+    /// Lowest price, inclusive (0..=100000000).
+    min_price_cents: Option<String>,
+    /// Highest price, inclusive (0..=100000000).
+    max_price_cents: Option<String>,
+    /// `true`: only products with `available` above 0.
+    in_stock: Option<String>,
+    /// `relevance` (the default with words), `price_asc`, `price_desc` or
+    /// `newest` (the default without words).
+    sort: Option<String>,
+}
+
+/// A result: the product, and where the words matched (`<mark>` in
+/// HTML-escaped text).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SearchItem {
+    #[serde(flatten)]
+    product: ProductView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    highlight: Option<Highlight>,
+}
+
+/// A page of products; with words, filters or a sort also the number of matches
+/// and the facet counts (`price`: bands with `min_price_cents`,
+/// `max_price_cents` (inclusive, null for the last) and `count`;
+/// `availability`: `in_stock`, `out_of_stock`), counted over every match of the
+/// words whatever the filters.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SearchPage {
+    items: Vec<SearchItem>,
+    next_cursor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    facets: Option<Facets>,
+}
+
+/// Where a page of search results resumes.
+#[derive(Debug, Serialize, Deserialize)]
+struct SearchCursor {
+    /// Results already shown.
+    o: usize,
+}
+
+/// Results beyond this are not paged to (as in other search engines).
+const MAX_OFFSET: usize = 10_000;
+const READ_MODEL: HeaderName = HeaderName::from_static("x-read-model");
+
+fn price_param(value: Option<&str>, field: &str, errors: &mut Vec<FieldError>) -> Option<i64> {
+    let value = value?.trim();
+    match value
+        .parse::<i64>()
+        .ok()
+        .and_then(|v| PriceCents::parse(v).ok())
+    {
+        Some(price) => Some(price.get()),
+        None => {
+            errors.push(FieldError::new(
+                field,
+                "must be an integer in 0..=100000000",
+            ));
+            None
+        }
+    }
 }
 
 /// Search products.
 #[utoipa::path(
-    get, path = "/v1/products", tag = "catalog", params(SearchQuery, PageParams),
+    get, path = "/v1/products", tag = "catalog", params(SearchParams, PageParams),
     responses(
-        (status = 200, description = "Matching products", body = Paginated<ProductView>),
+        (status = 200, description = "Matching products", body = SearchPage,
+         headers(("X-Read-Model" = String, description = "`projection` (the search index) or `command` (the products table)"))),
         (status = 400, description = "Bad cursor", body = Problem),
-        (status = 422, description = "Bad limit", body = Problem),
+        (status = 422, description = "Bad limit or filter", body = Problem),
     )
 )]
 async fn search_products(
     State(catalog): State<Arc<Catalog>>,
     page: Page,
     consistency: ReadConsistency,
-    Query(query): Query<SearchQuery>,
-) -> Result<Json<Paginated<ProductView>>, ApiError> {
-    let after = page.after::<Uuid>()?;
+    Query(params): Query<SearchParams>,
+) -> Result<Response, ApiError> {
+    let text = scaleshop_web::page::search_text(params.q.as_deref())?;
+    let mut errors = Vec::new();
+    let min_price_cents = price_param(
+        params.min_price_cents.as_deref(),
+        "min_price_cents",
+        &mut errors,
+    );
+    let max_price_cents = price_param(
+        params.max_price_cents.as_deref(),
+        "max_price_cents",
+        &mut errors,
+    );
+    if let (Some(min), Some(max)) = (min_price_cents, max_price_cents)
+        && min > max
+    {
+        errors.push(FieldError::new(
+            "max_price_cents",
+            "must not be below min_price_cents",
+        ));
+    }
+    let in_stock = match params.in_stock.as_deref().map(str::trim) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            errors.push(FieldError::new("in_stock", "must be true or false"));
+            false
+        }
+    };
+    let sort = match params.sort.as_deref().map(str::trim) {
+        None => None,
+        Some(s) => match s.parse::<Sort>() {
+            Ok(sort) => Some(sort),
+            Err(()) => {
+                errors.push(FieldError::new(
+                    "sort",
+                    "must be relevance, price_asc, price_desc or newest",
+                ));
+                None
+            }
+        },
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    let searching = text.is_some()
+        || min_price_cents.is_some()
+        || max_price_cents.is_some()
+        || in_stock
+        || sort.is_some();
+    if !searching {
+        // Every product, in the order they were made: the products table, paged
+        // by id.
+        let after = page.after::<Uuid>()?;
+        let found = catalog
+            .search(None, after, page.fetch(), consistency.database())
+            .await?;
+        let page = page.finish(found, |l| l.product.id);
+        return Ok(Json(SearchPage {
+            items: page
+                .items
+                .into_iter()
+                .map(|l| SearchItem {
+                    product: l.into(),
+                    highlight: None,
+                })
+                .collect(),
+            next_cursor: page.next_cursor,
+            total: None,
+            facets: None,
+        })
+        .into_response());
+    }
+    let offset = page.after::<SearchCursor>()?.map_or(0, |c| c.o);
+    if offset > MAX_OFFSET {
+        return Err(ApiError::invalid(
+            "cursor",
+            "results beyond 10000 are not paged to",
+        ));
+    }
     let found = catalog
-        .search(
-            scaleshop_web::page::search_text(query.q.as_deref())?.as_deref(),
-            after,
-            page.fetch(),
+        .find(
+            SearchQuery {
+                text,
+                min_price_cents,
+                max_price_cents,
+                in_stock,
+                sort: sort.unwrap_or_default(),
+                offset,
+                limit: usize::try_from(page.fetch()).unwrap_or(21),
+            },
+            consistency.0.is_some(),
             consistency.database(),
         )
         .await?;
-    let page = page.finish(found, |l| l.product.id);
-    Ok(Json(Paginated {
-        items: page.items.into_iter().map(ProductView::from).collect(),
+    let source = match found.source {
+        Source::Projection => "projection",
+        Source::CommandSide => "command",
+    };
+    let rows: Vec<(usize, SearchItem)> = found
+        .items
+        .into_iter()
+        .enumerate()
+        .map(|(i, (listed, highlight))| {
+            (
+                offset + i + 1,
+                SearchItem {
+                    product: listed.into(),
+                    highlight,
+                },
+            )
+        })
+        .collect();
+    let page = page.finish(rows, |(shown, _)| SearchCursor { o: *shown });
+    let mut response = Json(SearchPage {
+        items: page.items.into_iter().map(|(_, item)| item).collect(),
         next_cursor: page.next_cursor,
-    }))
+        total: Some(found.total),
+        facets: Some(found.facets),
+    })
+    .into_response();
+    response
+        .headers_mut()
+        .insert(READ_MODEL, HeaderValue::from_static(source));
+    Ok(response)
 }

@@ -4,12 +4,16 @@
 //! publishes `product.updated`. A product's `available` comes from the inventory
 //! service's API, never its tables.
 //!
+//! Searches go to the query side ([`query`]): the search projection of
+//! `scaleshop_search`, fed by events, or the command side while it cannot answer.
+//!
 //! Layers: [`domain`] (types that cannot hold a bad value) <- [`service`] (use
 //! cases, the cache) <- [`http`] (routes). Only `store` names sqlx; only `http`
 //! names axum.
 
 pub mod domain;
 pub mod http;
+pub mod query;
 pub mod service;
 mod store;
 

@@ -94,10 +94,12 @@ impl From<Listed> for ProductView {
 /// The catalog's in-process API.
 #[derive(Clone)]
 pub struct Catalog {
-    store: ProductStore,
+    pub(crate) store: ProductStore,
     inventory: Inventory,
     images: Arc<OnceLock<Arc<dyn ProductImages>>>,
     cache: Arc<TieredCache<ProductView>>,
+    /// The search projection, when this process keeps one (`crate::query`).
+    pub(crate) search_side: Option<Arc<crate::query::SearchSide>>,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -116,6 +118,7 @@ fn created_event(product: &Product) -> Result<NewEvent, StoreError> {
             price_cents: product.price_cents.get(),
             currency: product.currency.as_str().to_owned(),
             initial_stock: product.initial_stock.get(),
+            description: Some(product.description.as_str().to_owned()),
         },
     )
 }
@@ -131,6 +134,7 @@ fn updated_event(product: &Product, changed: &[&str]) -> Result<NewEvent, StoreE
             currency: product.currency.as_str().to_owned(),
             initial_stock: product.initial_stock.get(),
             changed: changed.iter().map(|c| (*c).to_owned()).collect(),
+            description: Some(product.description.as_str().to_owned()),
         },
     )
 }
@@ -142,6 +146,7 @@ impl Catalog {
             inventory,
             images: Arc::new(OnceLock::new()),
             cache: Arc::new(TieredCache::new("products", None, CacheSettings::default())),
+            search_side: None,
         }
     }
 
@@ -281,7 +286,10 @@ impl Catalog {
 
     /// Adds the images and `available`: the inventory's figure, or the initial stock while the
     /// inventory has not made the record yet (nothing can have been reserved then).
-    async fn with_stock(&self, products: Vec<Product>) -> Result<Vec<Listed>, CatalogError> {
+    pub(crate) async fn with_stock(
+        &self,
+        products: Vec<Product>,
+    ) -> Result<Vec<Listed>, CatalogError> {
         // One read for the stock and one for the images of the whole page,
         // not one of each per product.
         let ids: Vec<Uuid> = products.iter().map(|p| p.id).collect();

@@ -146,6 +146,32 @@ impl ProductStore {
         Ok((row.map(Product::try_from).transpose()?, as_of))
     }
 
+    /// Products by id (those that exist), in one read that may be served by a
+    /// replica (within `consistency`).
+    pub async fn read_many(
+        &self,
+        ids: &[Uuid],
+        consistency: Consistency,
+    ) -> Result<Vec<Product>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Only numbered placeholders are put into the text; the ids are bound.
+        let q = format!(
+            "SELECT id, sku, name, description, price_cents, currency, initial_stock, created_at, \
+             updated_at FROM products WHERE id IN ({})",
+            scaleshop_db::placeholders(1, ids.len())
+        );
+        let rows: Vec<Row> = read_with!(self.db, consistency, pool => {
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(q.clone()));
+            for id in ids {
+                query = query.bind(*id);
+            }
+            query.fetch_all(pool).await?
+        })?;
+        rows.into_iter().map(Product::try_from).collect()
+    }
+
     /// May be served by a replica.
     pub async fn search(
         &self,

@@ -15,6 +15,9 @@ pub struct ProductCreated {
     pub price_cents: i64,
     pub currency: String,
     pub initial_stock: i64,
+    /// Added later (an optional field, same version): absent in older events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 contract!(ProductCreated, "product.created", 1);
 
@@ -29,5 +32,8 @@ pub struct ProductUpdated {
     pub currency: String,
     pub initial_stock: i64,
     pub changed: Vec<String>,
+    /// Added later (an optional field, same version): absent in older events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 contract!(ProductUpdated, "product.updated", 1);

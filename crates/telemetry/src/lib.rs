@@ -41,6 +41,9 @@ pub mod names {
     pub const EVENTS_RELAYED: &str = "events_relayed_total";
     /// Gauge: `consumer`; events behind the head of the log.
     pub const EVENT_CONSUMER_LAG: &str = "event_consumer_lag";
+    /// Gauge: `projection`; events of the log this process's read model has not
+    /// applied yet (0: caught up).
+    pub const PROJECTION_LAG: &str = "projection_lag";
     /// Counter: `consumer`, `outcome` (`delivered`, `duplicate`, `retried`, `dead`).
     pub const EVENT_DELIVERIES: &str = "event_deliveries_total";
     /// Counter: `outcome` (`completed`, `failed`), `reason` (`none`,

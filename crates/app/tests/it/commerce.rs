@@ -192,7 +192,15 @@ async fn search_all(app: &TestApp, query: &str, limit: u32) -> (Vec<String>, usi
         if let Some(cursor) = &cursor {
             path.push_str(&format!("&cursor={cursor}"));
         }
-        let page = body(app.get(&path).send().await.unwrap(), 200).await;
+        let page = body(
+            app.get(&path)
+                .header("x-consistency-token", read_token(app).await)
+                .send()
+                .await
+                .unwrap(),
+            200,
+        )
+        .await;
         pages += 1;
         let items = page["items"].as_array().unwrap();
         assert!(items.len() <= limit as usize, "page over the limit: {page}");
@@ -205,9 +213,36 @@ async fn search_all(app: &TestApp, query: &str, limit: u32) -> (Vec<String>, usi
     }
 }
 
+/// The consistency token of a write made now (a sign-up): a search that sends
+/// it sees every write made before, whichever side answers it.
+async fn read_token(app: &TestApp) -> String {
+    let response = app
+        .post("/v1/users")
+        .json(
+            &json!({"email": format!("reader-{}@example.com", Uuid::now_v7()),
+                      "name": "Reader", "password": "password-123"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    response.headers()["x-consistency-token"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
 async fn search_ids(app: &TestApp, q: &str) -> BTreeSet<String> {
     let path = format!("/v1/products?limit=100&q={}", urlencode(q));
-    let page = body(app.get(&path).send().await.unwrap(), 200).await;
+    let page = body(
+        app.get(&path)
+            .header("x-consistency-token", read_token(app).await)
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
     page["items"].as_array().unwrap().iter().map(id).collect()
 }
 

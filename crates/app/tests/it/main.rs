@@ -24,5 +24,6 @@ mod messaging;
 mod operations;
 mod ratelimit;
 mod replicas;
+mod search;
 mod sessions;
 mod users;

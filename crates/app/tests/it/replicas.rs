@@ -364,7 +364,9 @@ async fn a_lagging_replica_gets_reads_again_once_caught_up() {
     };
     let search = |app: Arc<TestApp>| async move {
         for _ in 0..20 {
-            let r = app.get("/v1/products?q=lag").send().await.unwrap();
+            // The product list: the products table (a search by words goes to the
+            // search projection, which needs no replica when nothing matches).
+            let r = app.get("/v1/products?limit=20").send().await.unwrap();
             assert_eq!(r.status(), StatusCode::OK);
         }
     };

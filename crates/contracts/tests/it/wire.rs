@@ -77,10 +77,17 @@ fn catalog_events_keep_their_wire_form() {
             price_cents: 1250,
             currency: "EUR".into(),
             initial_stock: 7,
+            description: Some("Holds tea".into()),
         },
         json!({"product_id": id(3), "sku": "MUG-1", "name": "Mug", "price_cents": 1250,
-               "currency": "EUR", "initial_stock": 7}),
+               "currency": "EUR", "initial_stock": 7, "description": "Holds tea"}),
     );
+    // An event from before the description was carried still reads.
+    let older: ProductCreated = serde_json::from_value(json!({"product_id": id(3),
+        "sku": "MUG-1", "name": "Mug", "price_cents": 1250, "currency": "EUR",
+        "initial_stock": 7}))
+    .unwrap();
+    assert_eq!(older.description, None);
     pins(
         "product.updated",
         &ProductUpdated {
@@ -91,6 +98,7 @@ fn catalog_events_keep_their_wire_form() {
             currency: "EUR".into(),
             initial_stock: 7,
             changed: vec!["name".into(), "price_cents".into()],
+            description: None,
         },
         json!({"product_id": id(3), "sku": "MUG-1", "name": "Big mug", "price_cents": 1400,
                "currency": "EUR", "initial_stock": 7, "changed": ["name", "price_cents"]}),
