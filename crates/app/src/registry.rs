@@ -413,7 +413,7 @@ fn media(cx: &mut Context<'_>) -> Result<Registration, StartError> {
     // Production configuration leaves the overrides empty: every SSRF rule applies.
     let fetcher = scaleshop_media::Fetcher::with_overrides(config.image_fetch_test_hosts.clone())
         .map_err(|e| fail(&e))?;
-    let media = scaleshop_media::Media::new(cx.db.clone(), catalog.clone(), storage, fetcher);
+    let media = scaleshop_media::Media::new(cx.db.clone(), catalog.directory(), storage, fetcher);
     // The catalog lists a product's images through the media service.
     catalog.set_images(Arc::new(media.clone()));
     Ok(Registration {

@@ -17,5 +17,5 @@ pub mod query;
 pub mod service;
 mod store;
 
-pub use service::{Catalog, CatalogError, Listed, ProductImages, ProductView};
+pub use service::{Catalog, CatalogError, Listed, ProductDirectory, ProductImages, ProductView};
 pub use store::migrations;

@@ -91,6 +91,18 @@ impl From<Listed> for ProductView {
     }
 }
 
+/// Whether products exist, and nothing more (see [`Catalog::directory`]).
+#[derive(Debug, Clone)]
+pub struct ProductDirectory {
+    store: ProductStore,
+}
+
+impl ProductDirectory {
+    pub async fn exists(&self, id: Uuid) -> Result<bool, CatalogError> {
+        Ok(self.store.get(id).await?.is_some())
+    }
+}
+
 /// The catalog's in-process API.
 #[derive(Clone)]
 pub struct Catalog {
@@ -207,6 +219,16 @@ impl Catalog {
     /// Whether a product exists (for other services).
     pub async fn exists(&self, id: Uuid) -> Result<bool, CatalogError> {
         Ok(self.store.get(id).await?.is_some())
+    }
+
+    /// What a service the catalog itself calls may ask of it (the media service:
+    /// does this product exist?), without holding the catalog and its hooks: a
+    /// `Catalog` inside the media service would make a cycle of references that
+    /// keeps both, and their database pool, alive for ever.
+    pub fn directory(&self) -> ProductDirectory {
+        ProductDirectory {
+            store: self.store.clone(),
+        }
     }
 
     pub async fn create(&self, new: NewProduct) -> Result<Product, CatalogError> {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use scaleshop_catalog::{Catalog, CatalogError, ProductImages};
+use scaleshop_catalog::{CatalogError, ProductDirectory, ProductImages};
 use scaleshop_contracts::{ImageProcessed, ImageVariant};
 use scaleshop_db::clock::now;
 use scaleshop_db::{Database, StoreError, Tx};
@@ -121,7 +121,7 @@ pub struct Media {
     store: MediaStore,
     storage: Storage,
     fetcher: Fetcher,
-    catalog: Catalog,
+    catalog: ProductDirectory,
 }
 
 fn processed_event(
@@ -162,7 +162,12 @@ pub(crate) async fn fail_in(tx: &mut Tx, id: Uuid, reason: &str) -> Result<(), S
 }
 
 impl Media {
-    pub fn new(db: Database, catalog: Catalog, storage: Storage, fetcher: Fetcher) -> Self {
+    pub fn new(
+        db: Database,
+        catalog: ProductDirectory,
+        storage: Storage,
+        fetcher: Fetcher,
+    ) -> Self {
         Self {
             store: MediaStore::new(db),
             storage,

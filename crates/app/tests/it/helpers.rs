@@ -387,11 +387,31 @@ impl TestApp {
 }
 
 impl Drop for TestApp {
+    /// Stops the servers as SIGTERM does and waits (at most 10 s) until they have
+    /// drained and closed their database pools. Without the wait the test's
+    /// runtime would drop them mid-drain, and connections still referenced from
+    /// parts that outlive it stay open on the shared test PostgreSQL until the test
+    /// binary exits (a suite of hundreds of tests then runs out of connections).
     fn drop(&mut self) {
         for instance in &mut self.instances {
             if let Some(stop) = instance.stop.take() {
                 let _ = stop.send(());
             }
+        }
+        let tasks: Vec<_> = self
+            .instances
+            .iter_mut()
+            .filter_map(|instance| instance.task.take())
+            .collect();
+        if let Ok(handle) = tokio::runtime::Handle::try_current()
+            && handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            tokio::task::block_in_place(|| {
+                handle.block_on(async {
+                    let all = futures::future::join_all(tasks);
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), all).await;
+                });
+            });
         }
         let _ = std::fs::remove_dir_all(&self.config.data_dir);
     }
