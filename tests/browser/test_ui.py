@@ -310,7 +310,14 @@ class Ui(unittest.TestCase):
         self.screenshot("order-completed")
 
         token = self.server.api.sign_in(email, "a-good-password")
-        orders = self.server.api.ok("GET", "/v1/orders", token=token)["items"]
+        # The order list is a read model that follows the log: a moment behind
+        # the order page at most (bounded wait).
+        deadline = time.monotonic() + 10
+        while True:
+            orders = self.server.api.ok("GET", "/v1/orders", token=token)["items"]
+            if (orders and orders[0]["status"] == "completed") or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         self.assertEqual([o["id"] for o in orders], [order_id], "exactly one order")
         self.assertEqual(orders[0]["status"], "completed")
         self.assertEqual(sorted(i["product_id"] for i in orders[0]["items"]),

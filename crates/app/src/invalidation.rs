@@ -193,6 +193,7 @@ mod tests {
         let created = scaleshop_contracts::OrderCancelled {
             order_id: o,
             user_id: u,
+            at: None,
         };
         on_event(&event(o, &created), &caches);
         let ended = SessionEnded {

@@ -14,6 +14,7 @@ mod listener;
 mod local;
 pub mod lock;
 pub mod modules;
+pub mod projections;
 mod ops;
 mod ratelimit;
 mod recovery;

@@ -338,7 +338,14 @@ fn orders(cx: &mut Context<'_>) -> Result<Registration, StartError> {
     orders.idempotency = orders
         .idempotency
         .abandoned_after(Duration::from_millis(config.request_timeout_ms) + Duration::from_secs(2));
+    // The read side: the order-history projection, fed by its own consumer.
+    let orders = orders.with_history(scaleshop_orders::history::OrderHistory::new(
+        cx.db.clone(),
+        Duration::from_millis(config.projection_wait_ms),
+    ));
     let mut reg = Registration::default();
+    reg.consumers
+        .push(Arc::new(scaleshop_orders::history::OrderHistoryProjection));
     reg.consumers
         .push(Arc::new(scaleshop_orders::OrderProcessor {
             max_attempts: config.order_max_attempts,

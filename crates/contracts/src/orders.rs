@@ -1,5 +1,6 @@
 //! Events of the orders service.
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -22,6 +23,11 @@ pub struct OrderCreated {
     pub items: Vec<OrderItem>,
     pub total_cents: i64,
     pub currency: String,
+    /// When the order entered this state (its `created_at`, or the `updated_at`
+    /// of the change). Added later (optional, same version): absent in older
+    /// events, whose readers take the event's `occurred_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
 }
 contract!(OrderCreated, "order.created", 1);
 
@@ -33,6 +39,11 @@ pub struct OrderProcessed {
     pub items: Vec<OrderItem>,
     pub total_cents: i64,
     pub currency: String,
+    /// When the order entered this state (its `created_at`, or the `updated_at`
+    /// of the change). Added later (optional, same version): absent in older
+    /// events, whose readers take the event's `occurred_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
 }
 contract!(OrderProcessed, "order.processed", 1);
 
@@ -46,6 +57,11 @@ pub struct OrderFailed {
     pub currency: String,
     /// `out_of_stock`, `payment_declined` or `payment_error`.
     pub reason: String,
+    /// When the order entered this state (its `created_at`, or the `updated_at`
+    /// of the change). Added later (optional, same version): absent in older
+    /// events, whose readers take the event's `occurred_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
 }
 contract!(OrderFailed, "order.failed", 1);
 
@@ -54,5 +70,10 @@ contract!(OrderFailed, "order.failed", 1);
 pub struct OrderCancelled {
     pub order_id: Uuid,
     pub user_id: Uuid,
+    /// When the order entered this state (its `created_at`, or the `updated_at`
+    /// of the change). Added later (optional, same version): absent in older
+    /// events, whose readers take the event's `occurred_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
 }
 contract!(OrderCancelled, "order.cancelled", 1);

@@ -98,6 +98,11 @@ pub trait Consumer: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Does it react to events of this type? Others are passed over.
     fn wants(&self, event_type: &str) -> bool;
+    /// A read model (CQRS): its lag is also reported as
+    /// `projection_lag{projection = name}`.
+    fn is_projection(&self) -> bool {
+        false
+    }
     async fn handle(&self, event: &Event, tx: &mut Tx) -> Result<(), HandlerError>;
 }
 
@@ -298,12 +303,19 @@ impl Dispatcher {
         let db = self.db.clone();
         let nats = self.nats.clone();
         let consumers: Vec<&'static str> = self.consumers.iter().map(|c| c.name()).collect();
+        let projections: Arc<[&'static str]> = self
+            .consumers
+            .iter()
+            .filter(|c| c.is_projection())
+            .map(|c| c.name())
+            .collect();
         Arc::new(move || {
             let db = db.clone();
             let nats = nats.clone();
             let consumers = consumers.clone();
+            let projections = projections.clone();
             Box::pin(async move {
-                if let Err(e) = report_lag(&db, nats.is_none()).await {
+                if let Err(e) = report_lag(&db, nats.is_none(), &projections).await {
                     tracing::warn!(error = %e, "event lag metrics unavailable");
                 }
                 if let Some(nats) = nats {
@@ -417,7 +429,14 @@ pub async fn release_all_leases(db: &Database) -> Result<u64, StoreError> {
     Ok(released)
 }
 
-async fn report_lag(db: &Database, per_consumer: bool) -> Result<(), StoreError> {
+/// `outbox_backlog`; `event_consumer_lag` per consumer (unless NATS reports it);
+/// `projection_lag` for the consumers that are read models, from their
+/// positions in the database (kept there on either transport).
+async fn report_lag(
+    db: &Database,
+    per_consumer: bool,
+    projections: &[&'static str],
+) -> Result<(), StoreError> {
     const POSITIONS: &str = "SELECT name, position FROM event_consumers";
     const BEHIND: &str = "SELECT COUNT(*) FROM events WHERE sequence > $1";
     let positions: Vec<(String, i64)> =
@@ -425,13 +444,19 @@ async fn report_lag(db: &Database, per_consumer: bool) -> Result<(), StoreError>
     let mut slowest: Option<i64> = None;
     for (name, position) in positions {
         slowest = Some(slowest.map_or(position, |s| s.min(position)));
-        if !per_consumer {
+        let projection = projections.iter().find(|p| **p == name).copied();
+        if !per_consumer && projection.is_none() {
             continue;
         }
         let behind: i64 = with_pool!(db, pool => {
             sqlx::query_scalar(BEHIND).bind(position).fetch_one(pool).await?
         });
-        metrics::gauge!(names::EVENT_CONSUMER_LAG, "consumer" => name).set(behind as f64);
+        if let Some(projection) = projection {
+            metrics::gauge!(names::PROJECTION_LAG, "projection" => projection).set(behind as f64);
+        }
+        if per_consumer {
+            metrics::gauge!(names::EVENT_CONSUMER_LAG, "consumer" => name).set(behind as f64);
+        }
     }
     let backlog: i64 = match slowest {
         Some(position) => with_pool!(db, pool => {

@@ -18,6 +18,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
+use crate::history::{OrderRecord, TimelineEntry};
 use crate::domain::{
     Currency, FailureReason, Order, OrderLine, PaymentMethod, PlaceOrder, Quantity, Status,
     WantedLine,
@@ -91,10 +92,12 @@ pub struct OrderView {
     pub failure_reason: Option<FailureReason>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Each status the order has had, oldest first.
+    pub timeline: Vec<TimelineEntry>,
 }
 
-impl From<Order> for OrderView {
-    fn from(order: Order) -> Self {
+impl From<OrderRecord> for OrderView {
+    fn from(order: OrderRecord) -> Self {
         Self {
             id: order.id,
             user_id: order.user_id,
@@ -105,7 +108,14 @@ impl From<Order> for OrderView {
             failure_reason: order.failure_reason,
             created_at: order.created_at,
             updated_at: order.updated_at,
+            timeline: order.timeline,
         }
+    }
+}
+
+impl From<Order> for OrderView {
+    fn from(order: Order) -> Self {
+        OrderRecord::from(order).into()
     }
 }
 
@@ -359,7 +369,9 @@ async fn get_order(
     Id(id): Id,
     consistency: ReadConsistency,
 ) -> Result<Json<OrderView>, ApiError> {
-    let order = orders.read(id, consistency.database()).await?;
+    let order = orders
+        .read_record(id, consistency.0.is_some(), consistency.database())
+        .await?;
     if !caller.may_access(order.user_id) {
         return Err(ApiError::not_found());
     }
@@ -406,7 +418,13 @@ async fn list_orders(
     };
     let before = page.after::<Uuid>()?;
     let rows = orders
-        .list(user_id, before, page.fetch(), consistency.database())
+        .list_records(
+            user_id,
+            before,
+            page.fetch(),
+            consistency.0.is_some(),
+            consistency.database(),
+        )
         .await?;
     let page = page.finish(rows, |o| o.id);
     Ok(Json(Paginated {

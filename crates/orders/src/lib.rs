@@ -12,6 +12,9 @@
 //! where the saga is (`step`), so a crash resumes it; each step is idempotent, so a
 //! re-run changes nothing twice.
 //!
+//! Reads go to the read side: [`history`], the order-history projection built
+//! from `order.*` events (the command side answers what it cannot yet).
+//!
 //! Layers: [`domain`] (parsed types: status, step, failure reason, currency,
 //! payment method) <- [`service`] (use cases, over the [`ports`] of the other
 //! services) <- [`http`] (routes); [`consumer`] turns `order.created` into a
@@ -20,6 +23,7 @@
 
 pub mod consumer;
 pub mod domain;
+pub mod history;
 pub mod http;
 pub mod idempotency;
 pub mod ports;

@@ -76,6 +76,7 @@ impl OrderSaga {
             order.total_cents,
             order.currency.to_string(),
         );
+        let at = scaleshop_db::clock::now().max(order.updated_at);
         let (status, event) = match reason {
             None => (
                 Status::Completed,
@@ -87,6 +88,7 @@ impl OrderSaga {
                         items,
                         total_cents,
                         currency,
+                        at: Some(at),
                     },
                 )?,
             ),
@@ -101,6 +103,7 @@ impl OrderSaga {
                         total_cents,
                         currency,
                         reason: reason.as_str().to_owned(),
+                        at: Some(at),
                     },
                 )?,
             ),
@@ -112,6 +115,7 @@ impl OrderSaga {
                 &[Step::Placed, Step::Reserved, Step::Charging],
                 status,
                 reason,
+                at,
                 &event,
             )
             .await

@@ -10,6 +10,7 @@ use scaleshop_db::{Consistency, Database, StoreError};
 use scaleshop_events::NewEvent;
 use uuid::Uuid;
 
+use crate::history::{OrderHistory, OrderRecord};
 use crate::domain::{Currency, Order, OrderLine, PlaceOrder, Status, Step};
 use crate::idempotency::{Idempotency, KeyRef, Stored};
 use crate::ports::{CatalogPort, PaymentsPort, PortError, UsersPort};
@@ -65,6 +66,8 @@ pub struct Orders {
     catalog: Arc<dyn CatalogPort>,
     payments: Arc<dyn PaymentsPort>,
     pub idempotency: Idempotency,
+    /// The read side (`crate::history`), when this process registers it.
+    history: Option<OrderHistory>,
 }
 
 /// The lines of an order as its events carry them.
@@ -93,7 +96,56 @@ impl Orders {
             catalog,
             payments,
             idempotency: Idempotency::new(db),
+            history: None,
         }
+    }
+
+    /// Reads go to the order-history projection (the command side answers what
+    /// it cannot).
+    pub fn with_history(mut self, history: OrderHistory) -> Self {
+        self.history = Some(history);
+        self
+    }
+
+    /// An order for a reader: from the projection when it may answer (see
+    /// [`OrderHistory::usable`]; `token`: the read carries a consistency token)
+    /// and holds it, else from the command side.
+    pub async fn read_record(
+        &self,
+        id: Uuid,
+        token: bool,
+        consistency: Consistency,
+    ) -> Result<OrderRecord, OrdersError> {
+        if let Some(history) = &self.history
+            && history.usable(token).await?
+            && let Some(record) = history.get(id, consistency).await?
+        {
+            return Ok(record);
+        }
+        Ok(self.read(id, consistency).await?.into())
+    }
+
+    /// A user's orders for a reader, newest first: from the projection when it
+    /// may answer, else from the command side.
+    pub async fn list_records(
+        &self,
+        user_id: Uuid,
+        before: Option<Uuid>,
+        limit: i64,
+        token: bool,
+        consistency: Consistency,
+    ) -> Result<Vec<OrderRecord>, OrdersError> {
+        if let Some(history) = &self.history
+            && history.usable(token).await?
+        {
+            return Ok(history.list(user_id, before, limit, consistency).await?);
+        }
+        Ok(self
+            .list(user_id, before, limit, consistency)
+            .await?
+            .into_iter()
+            .map(OrderRecord::from)
+            .collect())
     }
 
     /// Checks and prices an order; nothing is written.
@@ -175,6 +227,7 @@ impl Orders {
                 items: event_items(order),
                 total_cents: order.total_cents,
                 currency: order.currency.to_string(),
+                at: Some(order.created_at),
             },
         )?;
         scaleshop_events::append(&mut tx, &event).await?;
@@ -209,11 +262,13 @@ impl Orders {
     /// (the inventory service releases any reservation).
     pub async fn cancel(&self, id: Uuid) -> Result<Order, OrdersError> {
         let order = self.get(id).await?;
+        let at = scaleshop_db::clock::now().max(order.updated_at);
         let event = NewEvent::typed(
             order.id,
             &OrderCancelled {
                 order_id: order.id,
                 user_id: order.user_id,
+                at: Some(at),
             },
         )?;
         let mut tx = self.store.db().begin().await?;
@@ -225,6 +280,7 @@ impl Orders {
                 &[Step::Placed, Step::Reserved],
                 Status::Cancelled,
                 None,
+                at,
                 &event,
             )
             .await?;

@@ -181,6 +181,7 @@ impl OrderStore {
         from: &[Step],
         status: Status,
         reason: Option<FailureReason>,
+        at: DateTime<Utc>,
         event: &NewEvent,
     ) -> Result<bool, StoreError> {
         const Q: &str = "UPDATE orders SET status = $2, step = 'done', failure_reason = $3, updated_at = $4 \
@@ -191,7 +192,7 @@ impl OrderStore {
                 .bind(order.id)
                 .bind(status.as_str())
                 .bind(reason.map(FailureReason::as_str))
-                .bind(now())
+                .bind(at)
                 .bind(step(0))
                 .bind(step(1))
                 .bind(step(2))

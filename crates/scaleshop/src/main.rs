@@ -72,10 +72,35 @@ enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
+    /// The read models (projections) of a running instance, over its admin API
+    /// (signs in with SCALESHOP_ADMIN_EMAIL / SCALESHOP_ADMIN_PASSWORD).
+    Projections {
+        #[command(subcommand)]
+        action: ProjectionsAction,
+        /// The instance to ask (default: this configuration's `http_addr`).
+        #[arg(long, global = true, value_name = "URL")]
+        url: Option<String>,
+    },
     /// Load a running scaleshop API: open-loop arrivals at a rate, latency from
     /// each scheduled time (coordinated omission corrected), HDR histograms, a
     /// live progress line, terminal/JSON/HTML reports; --find-max; `lab`.
     Loadtest(Box<scaleshop_loadtest::LoadtestArgs>),
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectionsAction {
+    /// Each projection's state, log position, lag, documents and digest.
+    Status,
+    /// Build a projection again from the whole log while the old one serves,
+    /// then swap; waits until the new one serves.
+    Rebuild {
+        /// The projection (`product-search`).
+        #[arg(default_value = "product-search")]
+        name: String,
+        /// How long to wait for the rebuild, in seconds.
+        #[arg(long, default_value_t = 600)]
+        wait_secs: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -110,7 +135,7 @@ fn main() -> ExitCode {
     });
     let http_addr = match command {
         Command::Serve { ref http_addr, .. } => http_addr.clone(),
-        Command::Migrate { .. } | Command::Keys { .. } => None,
+        Command::Migrate { .. } | Command::Keys { .. } | Command::Projections { .. } => None,
         // A client of the API: no server configuration, no data folder.
         Command::Loadtest(args) => return loadtest(*args),
     };
@@ -162,6 +187,26 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Loadtest(_) => Ok(()),
+            Command::Projections { action: ProjectionsAction::Status, url } => {
+                for projection in scaleshop_app::projections::status(&config, url.as_deref()).await? {
+                    println!("{projection}");
+                }
+                Ok(())
+            }
+            Command::Projections {
+                action: ProjectionsAction::Rebuild { name, wait_secs },
+                url,
+            } => {
+                let done = scaleshop_app::projections::rebuild(
+                    &config,
+                    url.as_deref(),
+                    &name,
+                    std::time::Duration::from_secs(wait_secs),
+                )
+                .await?;
+                println!("{done}");
+                Ok(())
+            }
             Command::Keys { action: KeysAction::List } => {
                 let keys = scaleshop_app::keys::list(&config).await?;
                 println!("{:<16}  {:>10}  {:<27}  {:<27}  active", "kid", "generation", "created", "retired");

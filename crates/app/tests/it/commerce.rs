@@ -898,11 +898,15 @@ async fn cancel(app: &TestApp, token: &str, order_id: &str) -> Response {
 /// A GET, sent again (at most twice) when the connection failed before an answer
 /// came, as HTTP lets a client do with a safe request (RFC 9110, 9.2.2): through
 /// the gateway on a loaded machine, a kept-alive connection can close under it.
-async fn get_retrying(app: &TestApp, url: &str, token: &str) -> Response {
+async fn get_retrying(app: &TestApp, url: &str, token: &str, seen: &str) -> Response {
     let mut tries = 0;
     loop {
         tries += 1;
-        match app.get(url).bearer_auth(token).send().await {
+        let mut request = app.get(url).bearer_auth(token);
+        if !seen.is_empty() {
+            request = request.header("x-consistency-token", seen);
+        }
+        match request.send().await {
             Ok(response) => return response,
             Err(e) if tries < 3 && (e.is_request() || e.is_connect()) => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -917,12 +921,19 @@ async fn list_all(app: &TestApp, token: &str, path: &str) -> Vec<Value> {
     let separator = if path.contains('?') { '&' } else { '?' };
     let mut items = Vec::new();
     let mut cursor: Option<String> = None;
+    // The order list comes from a read model that follows the log: with the
+    // token of a write made now, it shows everything written before.
+    let seen = if path.starts_with("/v1/orders") {
+        read_token(app).await
+    } else {
+        String::new()
+    };
     for _ in 0..1000 {
         let mut url = format!("{path}{separator}limit=100");
         if let Some(cursor) = &cursor {
             url.push_str(&format!("&cursor={cursor}"));
         }
-        let page = body(get_retrying(app, &url, token).await, 200).await;
+        let page = body(get_retrying(app, &url, token, &seen).await, 200).await;
         items.extend(page["items"].as_array().unwrap().iter().cloned());
         match page["next_cursor"].as_str() {
             Some(next) => cursor = Some(next.to_owned()),
@@ -1580,10 +1591,13 @@ both!(
         }
         let bobs = id(&order(&app, &bob_token, json!([line(&product, 1)]), "pm_card_visa").await);
         let newest_first: Vec<String> = placed.iter().rev().cloned().collect();
+        // The list is the order-history projection: read after the orders.
+        let after = read_token(&app).await;
 
         let page = body(
             app.get("/v1/orders")
                 .bearer_auth(&alice_token)
+                .header("x-consistency-token", &after)
                 .send()
                 .await
                 .unwrap(),
@@ -1609,6 +1623,7 @@ both!(
             let page = body(
                 app.get(&path)
                     .bearer_auth(&alice_token)
+                    .header("x-consistency-token", &after)
                     .send()
                     .await
                     .unwrap(),

@@ -262,7 +262,8 @@ fn an_event_set_reads_its_events_and_passes_over_others() {
         read,
         Some(Reactions::Cancelled(scaleshop_contracts::OrderCancelled {
             order_id: order,
-            user_id: user
+            user_id: user,
+            at: None,
         }))
     );
     let read = Reactions::decode_parts(

@@ -201,6 +201,7 @@ fn orders_events_keep_their_wire_form() {
             items: items.clone(),
             total_cents: 2500,
             currency: "EUR".into(),
+            at: None,
         },
         order.clone(),
     );
@@ -212,6 +213,7 @@ fn orders_events_keep_their_wire_form() {
             items: items.clone(),
             total_cents: 2500,
             currency: "EUR".into(),
+            at: None,
         },
         order.clone(),
     );
@@ -226,6 +228,7 @@ fn orders_events_keep_their_wire_form() {
             total_cents: 2500,
             currency: "EUR".into(),
             reason: "out_of_stock".into(),
+            at: None,
         },
         failed,
     );
@@ -234,8 +237,20 @@ fn orders_events_keep_their_wire_form() {
         &OrderCancelled {
             order_id: id(5),
             user_id: id(1),
+            at: None,
         },
         json!({"order_id": id(5), "user_id": id(1)}),
+    );
+    // The time of the change, when carried, is RFC 3339.
+    let at = "2026-12-07T05:26:12.535024Z".parse().unwrap();
+    pins(
+        "order.cancelled",
+        &OrderCancelled {
+            order_id: id(5),
+            user_id: id(1),
+            at: Some(at),
+        },
+        json!({"order_id": id(5), "user_id": id(1), "at": "2026-12-07T05:26:12.535024Z"}),
     );
 }
 

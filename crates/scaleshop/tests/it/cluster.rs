@@ -417,7 +417,12 @@ async fn orders_survive_a_killed_instance(
             continue;
         };
         all = listed;
-        if all.iter().all(is_final) {
+        // Lists come from the order-history projection, which may be a moment
+        // behind: every accepted order listed, and each final.
+        let listed_all = accepted
+            .iter()
+            .all(|(id, _)| all.iter().any(|o| o["id"] == id.as_str()));
+        if listed_all && all.iter().all(is_final) {
             final_after = Some(killed.elapsed());
             break;
         }

@@ -20,6 +20,7 @@ mod faults;
 mod hashing;
 mod keys;
 mod loadtest;
+mod projections;
 mod recovery;
 mod saga_crash;
 mod signals;

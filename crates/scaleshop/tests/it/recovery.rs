@@ -291,7 +291,11 @@ both!(
             {
                 answered_final_after = Some(restarted.elapsed());
             }
-            if orders.iter().all(is_final) {
+            // Lists come from the order-history projection, which may be a
+            // moment behind: every accepted order listed, and each final.
+            if accepted.iter().all(|(id, _)| done.contains_key(id.as_str()))
+                && orders.iter().all(is_final)
+            {
                 final_after = Some(restarted.elapsed());
                 break;
             }
