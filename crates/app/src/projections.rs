@@ -55,7 +55,10 @@ impl AdminClient {
             .await
             .map_err(|e| error(format!("{base}: {e}")))?;
         if !response.status().is_success() {
-            return Err(error(format!("{base}: sign-in answered {}", response.status())));
+            return Err(error(format!(
+                "{base}: sign-in answered {}",
+                response.status()
+            )));
         }
         let body: Value = response.json().await.map_err(error)?;
         let token = body["token"]
@@ -112,7 +115,10 @@ pub async fn rebuild(
         .find(|p| p["name"] == name)
         .ok_or_else(|| error(format!("no projection named {name}")))?;
     admin
-        .call(reqwest::Method::POST, &format!("/v1/projections/{name}/rebuild"))
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/projections/{name}/rebuild"),
+        )
         .await?;
     let deadline = tokio::time::Instant::now() + wait;
     loop {

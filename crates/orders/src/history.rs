@@ -221,7 +221,10 @@ impl Consumer for OrderHistoryProjection {
             Changes::Created(e) => {
                 let at = e.at.unwrap_or(event.occurred_at);
                 let currency: Currency = e.currency.parse().map_err(|_| {
-                    HandlerError::permanent(format!("order {}: currency {:?}", e.order_id, e.currency))
+                    HandlerError::permanent(format!(
+                        "order {}: currency {:?}",
+                        e.order_id, e.currency
+                    ))
                 })?;
                 let items: Vec<OrderLine> = e
                     .items

@@ -18,11 +18,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::history::{OrderRecord, TimelineEntry};
 use crate::domain::{
     Currency, FailureReason, Order, OrderLine, PaymentMethod, PlaceOrder, Quantity, Status,
     WantedLine,
 };
+use crate::history::{OrderRecord, TimelineEntry};
 use crate::idempotency::{Claim, KeyRef, Stored};
 use crate::service::{Orders, OrdersError};
 

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::domain::{FailureReason, Order, Status, Step};
 use crate::ports::{InventoryPort, PaymentsPort};
 use crate::service::event_items;
-use crate::store::OrderStore;
+use crate::store::{Ending, OrderStore};
 
 /// The queue of saga runs.
 pub const SAGA_QUEUE: &str = "orders";
@@ -113,9 +113,7 @@ impl OrderSaga {
                 tx,
                 order,
                 &[Step::Placed, Step::Reserved, Step::Charging],
-                status,
-                reason,
-                at,
+                Ending { status, reason, at },
                 &event,
             )
             .await

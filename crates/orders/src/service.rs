@@ -10,11 +10,11 @@ use scaleshop_db::{Consistency, Database, StoreError};
 use scaleshop_events::NewEvent;
 use uuid::Uuid;
 
-use crate::history::{OrderHistory, OrderRecord};
 use crate::domain::{Currency, Order, OrderLine, PlaceOrder, Status, Step};
+use crate::history::{OrderHistory, OrderRecord};
 use crate::idempotency::{Idempotency, KeyRef, Stored};
 use crate::ports::{CatalogPort, PaymentsPort, PortError, UsersPort};
-use crate::store::OrderStore;
+use crate::store::{Ending, OrderStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrdersError {
@@ -278,9 +278,11 @@ impl Orders {
                 &mut tx,
                 &order,
                 &[Step::Placed, Step::Reserved],
-                Status::Cancelled,
-                None,
-                at,
+                Ending {
+                    status: Status::Cancelled,
+                    reason: None,
+                    at,
+                },
                 &event,
             )
             .await?;

@@ -79,6 +79,15 @@ pub struct OrderStore {
     db: Database,
 }
 
+/// How an order ends: its final status, the reason of a failure, and the time
+/// (the order's `updated_at`, and the `at` of its event).
+#[derive(Debug, Clone, Copy)]
+pub struct Ending {
+    pub status: Status,
+    pub reason: Option<FailureReason>,
+    pub at: DateTime<Utc>,
+}
+
 impl OrderStore {
     pub fn new(db: Database) -> Self {
         Self { db }
@@ -179,11 +188,10 @@ impl OrderStore {
         tx: &mut Tx,
         order: &Order,
         from: &[Step],
-        status: Status,
-        reason: Option<FailureReason>,
-        at: DateTime<Utc>,
+        ending: Ending,
         event: &NewEvent,
     ) -> Result<bool, StoreError> {
+        let Ending { status, reason, at } = ending;
         const Q: &str = "UPDATE orders SET status = $2, step = 'done', failure_reason = $3, updated_at = $4 \
                          WHERE id = $1 AND status = 'pending' AND (step = $5 OR step = $6 OR step = $7)";
         let step = |i: usize| from.get(i).or(from.first()).map_or("", |s| s.as_str());

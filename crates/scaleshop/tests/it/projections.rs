@@ -17,7 +17,12 @@ use crate::process::{ADMIN_EMAIL, ADMIN_PASSWORD, Api, Deployment, client};
 use crate::saga_crash::{customer, product};
 
 /// Creates products until `stop`; returns the skus the server accepted (201).
-async fn create_products(base: String, admin: String, prefix: usize, stop: Arc<AtomicBool>) -> Vec<String> {
+async fn create_products(
+    base: String,
+    admin: String,
+    prefix: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<String> {
     let http = client();
     let mut accepted = Vec::new();
     for n in 0..10_000 {
@@ -88,10 +93,24 @@ both!(
 
         let stop = Arc::new(AtomicBool::new(false));
         let makers: Vec<_> = (0..3)
-            .map(|c| tokio::spawn(create_products(server.base.clone(), admin.clone(), c, stop.clone())))
+            .map(|c| {
+                tokio::spawn(create_products(
+                    server.base.clone(),
+                    admin.clone(),
+                    c,
+                    stop.clone(),
+                ))
+            })
             .collect();
         let buyers: Vec<_> = (0..2)
-            .map(|_| tokio::spawn(place_orders(server.base.clone(), buyer.clone(), item.clone(), stop.clone())))
+            .map(|_| {
+                tokio::spawn(place_orders(
+                    server.base.clone(),
+                    buyer.clone(),
+                    item.clone(),
+                    stop.clone(),
+                ))
+            })
             .collect();
         // Kill while products and orders stream in (the index commits batches
         // all along).
@@ -106,7 +125,11 @@ both!(
         for b in buyers {
             b.await.expect("buyer");
         }
-        assert!(accepted.len() >= 10, "only {} products accepted", accepted.len());
+        assert!(
+            accepted.len() >= 10,
+            "only {} products accepted",
+            accepted.len()
+        );
 
         let server = deployment.start().await;
         let admin = server.admin_token().await;
@@ -118,7 +141,10 @@ both!(
             if status["state"] == "live" && status["lag"] == 0 && backlog == Some(0.0) {
                 break status;
             }
-            assert!(started.elapsed() < Duration::from_secs(60), "catches up: {status}");
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "catches up: {status}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         assert_eq!(
@@ -135,8 +161,22 @@ both!(
                 if let Some(c) = &cursor {
                     url.push_str(&format!("&cursor={c}"));
                 }
-                let page: Value = server.client.get(url).send().await.expect("search").json().await.expect("page");
-                found.extend(page["items"].as_array().expect("items").iter().map(|p| p["sku"].as_str().expect("sku").to_owned()));
+                let page: Value = server
+                    .client
+                    .get(url)
+                    .send()
+                    .await
+                    .expect("search")
+                    .json()
+                    .await
+                    .expect("page");
+                found.extend(
+                    page["items"]
+                        .as_array()
+                        .expect("items")
+                        .iter()
+                        .map(|p| p["sku"].as_str().expect("sku").to_owned()),
+                );
                 match page["next_cursor"].as_str() {
                     Some(c) => cursor = Some(c.to_owned()),
                     None => break,
@@ -148,7 +188,15 @@ both!(
 
         // The index built across the kill equals one built from the whole log.
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_scaleshop"))
-            .args(["projections", "rebuild", "product-search", "--url", &server.base, "--wait-secs", "60"])
+            .args([
+                "projections",
+                "rebuild",
+                "product-search",
+                "--url",
+                &server.base,
+                "--wait-secs",
+                "60",
+            ])
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("SCALESHOP_ADMIN_EMAIL", ADMIN_EMAIL)
@@ -157,10 +205,18 @@ both!(
             .env("SCALESHOP_LOG_FILTER", "warn")
             .output()
             .expect("scaleshop projections rebuild");
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        let rebuilt: Value = serde_json::from_slice(&output.stdout).expect("the rebuilt projection's state");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let rebuilt: Value =
+            serde_json::from_slice(&output.stdout).expect("the rebuilt projection's state");
         assert_ne!(rebuilt["generation"], caught_up["generation"]);
-        assert_eq!(rebuilt["digest"], caught_up["digest"], "{caught_up} {rebuilt}");
+        assert_eq!(
+            rebuilt["digest"], caught_up["digest"],
+            "{caught_up} {rebuilt}"
+        );
         assert_eq!(rebuilt["position"], caught_up["position"]);
         eprintln!(
             "search kill -9: {} products accepted, lag {lag_before_kill} at the kill, caught up {:.2} s after the restart",

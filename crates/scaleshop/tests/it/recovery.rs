@@ -293,7 +293,9 @@ both!(
             }
             // Lists come from the order-history projection, which may be a
             // moment behind: every accepted order listed, and each final.
-            if accepted.iter().all(|(id, _)| done.contains_key(id.as_str()))
+            if accepted
+                .iter()
+                .all(|(id, _)| done.contains_key(id.as_str()))
                 && orders.iter().all(is_final)
             {
                 final_after = Some(restarted.elapsed());
