@@ -133,19 +133,32 @@ both!(
 
         let server = deployment.start().await;
         let admin = server.admin_token().await;
-        // The sagas of the orders in flight finish, then the index catches up.
+        // The sagas of the orders in flight finish (every job final, every event
+        // delivered), then the index catches up and the log stands still.
         let started = Instant::now();
+        let mut last: Option<Value> = None;
         let caught_up = loop {
             let status = projection(&server, &admin).await;
             let backlog = crate::process::gauge(&server, "outbox_backlog").await;
-            if status["state"] == "live" && status["lag"] == 0 && backlog == Some(0.0) {
+            let jobs = server.all(&admin, "/v1/jobs").await;
+            let open = jobs
+                .iter()
+                .any(|j| j["state"] != "completed" && j["state"] != "dead");
+            let settled =
+                status["state"] == "live" && status["lag"] == 0 && backlog == Some(0.0) && !open;
+            if settled
+                && last
+                    .as_ref()
+                    .is_some_and(|l| l["position"] == status["position"])
+            {
                 break status;
             }
+            last = settled.then_some(status.clone());
             assert!(
-                started.elapsed() < Duration::from_secs(60),
+                started.elapsed() < Duration::from_secs(90),
                 "catches up: {status}"
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         };
         assert_eq!(
             caught_up["documents"].as_u64(),
