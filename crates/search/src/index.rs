@@ -36,6 +36,8 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 /// The indexer's memory before it writes a segment (tantivy's minimum is 15 MB).
 const WRITER_MEMORY: usize = 15_000_000;
+/// Decompressed blocks of stored documents kept per segment.
+const DOC_STORE_CACHE_BLOCKS: usize = 4;
 
 pub fn analyzer() -> TextAnalyzer {
     TextAnalyzer::builder(SimpleTokenizer::default())
@@ -168,8 +170,20 @@ impl Generation {
             reader: index
                 .reader_builder()
                 .reload_policy(ReloadPolicy::Manual)
+                // A page of hits reads ~20 stored documents: a small cache of
+                // decompressed blocks per segment (tantivy's default is 100).
+                .doc_store_cache_num_blocks(DOC_STORE_CACHE_BLOCKS)
+                .num_warming_threads(1)
                 .try_into()?,
-            writer: Mutex::new(index.writer_with_num_threads(1, WRITER_MEMORY)?),
+            writer: Mutex::new(
+                index.writer_with_options(
+                    tantivy::indexer::IndexWriterOptions::builder()
+                        .num_worker_threads(1)
+                        .num_merge_threads(1)
+                        .memory_budget_per_thread(WRITER_MEMORY)
+                        .build(),
+                )?,
+            ),
             index,
             fields,
         };
