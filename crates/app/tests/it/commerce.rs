@@ -2331,3 +2331,62 @@ both!(
         assert_eq!(entries[0]["status"], "succeeded");
     }
 );
+
+both!(
+    order_reads_come_from_the_history_projection_with_the_exact_times,
+    [sqlite, postgres, split],
+    |app: TestApp| async move {
+        let admin = app.admin_token().await;
+        let (_, token) = app.customer("history@example.com").await;
+        let product = create_product(&app, &admin, "HIST-1", 700, "EUR", 10).await;
+        let placed = order(&app, &token, json!([line(&product, 2)]), "pm_card_visa").await;
+        let oid = id(&placed);
+        // The read model holds what the 202 said, to the microsecond.
+        let done = settled(&app, &token, &oid).await;
+        assert_eq!(done["status"], "completed");
+        assert_eq!(done["created_at"], placed["created_at"]);
+        assert_eq!(done["items"], placed["items"]);
+        assert_eq!(done["total_cents"], 1400);
+        let timeline = done["timeline"].as_array().unwrap();
+        assert_eq!(timeline.len(), 2, "{done}");
+        assert_eq!(
+            timeline[0],
+            json!({"status": "pending", "at": placed["created_at"]})
+        );
+        assert_eq!(timeline[1]["status"], "completed");
+        assert_eq!(timeline[1]["at"], done["updated_at"]);
+        // The list shows the same order, the same way (with a token: after it).
+        let listed = list_all(&app, &token, "/v1/orders").await;
+        assert_eq!(listed, vec![done.clone()]);
+
+        // A cancelled order ends its timeline with the cancellation.
+        let slow = order(&app, &token, json!([line(&product, 1)]), "pm_card_visa").await;
+        let response = app
+            .post(&format!("/v1/orders/{}/cancel", id(&slow)))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 200 {
+            let cancelled: Value = response.json().await.unwrap();
+            let seen = read_token(&app).await;
+            let read = body(
+                app.get(&format!("/v1/orders/{}", id(&slow)))
+                    .bearer_auth(&token)
+                    .header("x-consistency-token", &seen)
+                    .send()
+                    .await
+                    .unwrap(),
+                200,
+            )
+            .await;
+            assert_eq!(read["status"], "cancelled");
+            let timeline = read["timeline"].as_array().unwrap();
+            assert_eq!(timeline.last().unwrap()["status"], "cancelled", "{read}");
+            assert_eq!(read["updated_at"], cancelled["updated_at"]);
+        } else {
+            // The saga was quicker than the cancel: 409, the order ended its way.
+            assert_eq!(response.status(), 409);
+        }
+    }
+);
