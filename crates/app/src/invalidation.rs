@@ -7,8 +7,9 @@ use std::sync::Arc;
 use scaleshop_cache::{Invalidate, TieredCache};
 use scaleshop_catalog::ProductView;
 use scaleshop_contracts::{
-    ImageProcessed, InventoryAdjusted, InventoryReleased, InventoryReserved, InventorySold,
-    ProductCreated, ProductUpdated, SessionEnded, StockLine, UserCreated, UserUpdated,
+    ImageAdded, ImageProcessed, InventoryAdjusted, InventoryReleased, InventoryReserved,
+    InventorySold, ProductCreated, ProductUpdated, SessionEnded, StockLine, UserCreated,
+    UserUpdated,
 };
 use scaleshop_db::Tx;
 use scaleshop_events::{Consumer, Contract, DecodeError, Event, HandlerError};
@@ -33,6 +34,7 @@ fn products_changed(event: &Event) -> Option<Result<Vec<Uuid>, DecodeError>> {
         InventoryAdjusted::NAME => event
             .decode::<InventoryAdjusted>()
             .map(|e| vec![e.product_id]),
+        ImageAdded::NAME => event.decode::<ImageAdded>().map(|e| vec![e.product_id]),
         ImageProcessed::NAME => event.decode::<ImageProcessed>().map(|e| vec![e.product_id]),
         InventoryReserved::NAME => event.decode::<InventoryReserved>().map(|e| lines(&e.items)),
         InventoryReleased::NAME => event.decode::<InventoryReleased>().map(|e| lines(&e.items)),
@@ -99,6 +101,7 @@ impl Consumer for ProductCacheConsumer {
         matches!(
             event_type,
             InventoryAdjusted::NAME
+                | ImageAdded::NAME
                 | ImageProcessed::NAME
                 | InventoryReserved::NAME
                 | InventoryReleased::NAME

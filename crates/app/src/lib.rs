@@ -17,6 +17,7 @@ pub mod modules;
 mod ops;
 pub mod projections;
 mod ratelimit;
+mod read_models;
 mod recovery;
 pub mod registry;
 pub mod server;

@@ -1,6 +1,7 @@
 //! `scaleshop projections status|rebuild`: the projections of a running
 //! instance, over its admin API (each instance keeps its own search index, so a
-//! rebuild is asked of the instance at `--url`). Signs in with the configured
+//! rebuild is asked of the instance at `--url`; the table projections are
+//! shared by every instance on the database, and any of them rebuilds them). Signs in with the configured
 //! admin account.
 
 use std::time::Duration;
@@ -128,7 +129,11 @@ pub async fn rebuild(
             .into_iter()
             .find(|p| p["name"] == name)
             .ok_or_else(|| error(format!("projection {name} went away")))?;
-        if now["generation"] != before["generation"] && now["state"] == "live" {
+        // The search index serves a new generation when done; a table
+        // projection (no generation) says `rebuilding` from the request on,
+        // until it has caught up.
+        let swapped = now["generation"].is_null() || now["generation"] != before["generation"];
+        if swapped && now["state"] == "live" {
             return Ok(now);
         }
         if tokio::time::Instant::now() >= deadline {

@@ -158,6 +158,11 @@ pub struct Registration {
     pub session_check: Option<Arc<dyn scaleshop_web::SessionCheck>>,
     /// Loops the service runs until shutdown (a projection's follower).
     pub background: Vec<Background>,
+    /// Read models in tables: delivered the log like `consumers`, and listed and
+    /// rebuilt by `/v1/projections`.
+    pub projections: Vec<Arc<dyn scaleshop_events::Projection>>,
+    /// The search index this process keeps (also listed by `/v1/projections`).
+    pub index: Option<scaleshop_search::ProductSearch>,
 }
 
 /// A loop started with the process's shutdown signal.
@@ -275,20 +280,23 @@ fn catalog(cx: &mut Context<'_>) -> Result<Registration, StartError> {
                 })
                 .ok()
         });
-    if let Some(index) = search {
-        let log = scaleshop_events::EventLog::new(cx.db.clone());
+    if let Some(index) = search.clone() {
         catalog = catalog.with_search(scaleshop_catalog::query::SearchSide {
             index: index.clone(),
-            log: log.clone(),
+            log: scaleshop_events::EventLog::new(cx.db.clone()),
             wait: Duration::from_millis(cx.config.projection_wait_ms),
         });
-        routes.push(scaleshop_search::http::router(index.clone(), log));
         let (db, poll) = (
             cx.db.clone(),
             Duration::from_millis(cx.config.event_poll_ms),
         );
         background.push(Box::new(move |shutdown| index.spawn(db, poll, shutdown)));
     }
+    // The listing projection: pages of products and of search results.
+    let catalog = catalog.with_listing(scaleshop_catalog::listing::ProductListing::new(
+        cx.db.clone(),
+        Duration::from_millis(cx.config.projection_wait_ms),
+    ));
     cx.catalog = Some(catalog.clone());
     let mut consumers: Vec<Arc<dyn Consumer>> = Vec::new();
     if cx.config.redis_url.is_some() {
@@ -302,6 +310,10 @@ fn catalog(cx: &mut Context<'_>) -> Result<Registration, StartError> {
         routes,
         consumers,
         background,
+        projections: vec![Arc::new(
+            scaleshop_catalog::listing::ProductListingProjection,
+        )],
+        index: search,
         ..Registration::default()
     })
 }
@@ -344,7 +356,7 @@ fn orders(cx: &mut Context<'_>) -> Result<Registration, StartError> {
         Duration::from_millis(config.projection_wait_ms),
     ));
     let mut reg = Registration::default();
-    reg.consumers
+    reg.projections
         .push(Arc::new(scaleshop_orders::history::OrderHistoryProjection));
     reg.consumers
         .push(Arc::new(scaleshop_orders::OrderProcessor {

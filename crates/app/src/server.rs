@@ -257,6 +257,12 @@ impl App {
             catalog: None,
             payments: None,
         };
+        let mut read_models = crate::read_models::ReadModels {
+            db: db.clone(),
+            settings: config.dispatcher_settings(),
+            index: None,
+            tables: Vec::new(),
+        };
         for service in target.services() {
             let registration = crate::registry::register(service, &mut cx).await?;
             for router in registration.routes {
@@ -266,7 +272,12 @@ impl App {
                 for consumer in registration.consumers {
                     dispatcher.subscribe(consumer);
                 }
+                for projection in &registration.projections {
+                    dispatcher.subscribe(projection.clone());
+                }
             }
+            read_models.tables.extend(registration.projections);
+            read_models.index = read_models.index.or(registration.index);
             if let Some(workers) = workers.as_mut() {
                 for job in registration.jobs {
                     workers.register(job.queue, job.concurrency, job.handler);
@@ -279,6 +290,9 @@ impl App {
         }
         if session_check.is_none() {
             session_check = crate::clients::remote_session_check(&cx)?;
+        }
+        if read_models.index.is_some() || !read_models.tables.is_empty() {
+            api = merge_api(api, crate::read_models::router(read_models))?;
         }
         if modules.contains(&Module::Operations) {
             let mut collectors = Vec::new();

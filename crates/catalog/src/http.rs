@@ -278,7 +278,7 @@ fn price_param(value: Option<&str>, field: &str, errors: &mut Vec<FieldError>) -
     get, path = "/v1/products", tag = "catalog", params(SearchParams, PageParams),
     responses(
         (status = 200, description = "Matching products", body = SearchPage,
-         headers(("X-Read-Model" = String, description = "`projection` (the search index) or `command` (the products table)"))),
+         headers(("X-Read-Model" = String, description = "`projection` (the search index and the product listing) or `command` (the products table)"))),
         (status = 400, description = "Bad cursor", body = Problem),
         (status = 422, description = "Bad limit or filter", body = Problem),
     )
@@ -339,14 +339,18 @@ async fn search_products(
         || in_stock
         || sort.is_some();
     if !searching {
-        // Every product, in the order they were made: the products table, paged
-        // by id.
+        // Every product, in the order they were made, paged by id.
         let after = page.after::<Uuid>()?;
-        let found = catalog
-            .search(None, after, page.fetch(), consistency.database())
+        let (found, source) = catalog
+            .list(
+                after,
+                page.fetch(),
+                consistency.0.is_some(),
+                consistency.database(),
+            )
             .await?;
         let page = page.finish(found, |l| l.product.id);
-        return Ok(Json(SearchPage {
+        let mut response = Json(SearchPage {
             items: page
                 .items
                 .into_iter()
@@ -359,7 +363,11 @@ async fn search_products(
             total: None,
             facets: None,
         })
-        .into_response());
+        .into_response();
+        response
+            .headers_mut()
+            .insert(READ_MODEL, read_model(source));
+        return Ok(response);
     }
     let offset = page.after::<SearchCursor>()?.map_or(0, |c| c.o);
     if offset > MAX_OFFSET {
@@ -383,10 +391,6 @@ async fn search_products(
             consistency.database(),
         )
         .await?;
-    let source = match found.source {
-        Source::Projection => "projection",
-        Source::CommandSide => "command",
-    };
     let rows: Vec<(usize, SearchItem)> = found
         .items
         .into_iter()
@@ -411,6 +415,13 @@ async fn search_products(
     .into_response();
     response
         .headers_mut()
-        .insert(READ_MODEL, HeaderValue::from_static(source));
+        .insert(READ_MODEL, read_model(found.source));
     Ok(response)
+}
+
+fn read_model(source: Source) -> HeaderValue {
+    HeaderValue::from_static(match source {
+        Source::Projection => "projection",
+        Source::CommandSide => "command",
+    })
 }

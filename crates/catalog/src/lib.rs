@@ -4,8 +4,9 @@
 //! publishes `product.updated`. A product's `available` comes from the inventory
 //! service's API, never its tables.
 //!
-//! Searches go to the query side ([`query`]): the search projection of
-//! `scaleshop_search`, fed by events, or the command side while it cannot answer.
+//! Reads of many products go to the query side ([`query`]): the product listing
+//! projection ([`listing`]) and the search projection of `scaleshop_search`,
+//! both fed by events, or the command side while they cannot answer.
 //!
 //! Layers: [`domain`] (types that cannot hold a bad value) <- [`service`] (use
 //! cases, the cache) <- [`http`] (routes). Only `store` names sqlx; only `http`
@@ -13,6 +14,7 @@
 
 pub mod domain;
 pub mod http;
+pub mod listing;
 pub mod query;
 pub mod service;
 mod store;

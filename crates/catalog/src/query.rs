@@ -1,4 +1,12 @@
-//! The query side of product search: who answers a search. The search
+//! The query side of the catalog: who answers a read of many products.
+//!
+//! A page of every product comes from the product listing projection
+//! ([`crate::listing`]) when it can answer (see [`ProductListing::usable`]),
+//! else from the command side (the products table, the inventory's stock and
+//! the media service's images). A page of search results is ranked as below,
+//! then read from the listing the same way.
+//!
+//! Who answers a search: the search
 //! projection (`scaleshop_search`, fed by events) answers when it can: always
 //! for a read without a token once it has caught up with the log; for a read
 //! with a consistency token, once it has applied the log up to the head as it is
@@ -16,6 +24,7 @@ use scaleshop_search::query::{Availability, PRICE_BANDS, PriceBand};
 use scaleshop_search::{Facets, Highlight, ProductSearch, SearchQuery, Sort};
 use uuid::Uuid;
 
+use crate::listing::ProductListing;
 use crate::{Catalog, CatalogError, Listed};
 
 /// The command side reads at most this many matches to filter, sort and count
@@ -53,6 +62,31 @@ impl Catalog {
         self
     }
 
+    /// Reads of many products go to this listing projection when it can answer.
+    pub fn with_listing(mut self, listing: ProductListing) -> Self {
+        self.listing = Some(listing);
+        self
+    }
+
+    /// Every product, in the order they were made, after `after`; `token`: the
+    /// caller sent a consistency token.
+    pub async fn list(
+        &self,
+        after: Option<Uuid>,
+        limit: i64,
+        token: bool,
+        consistency: Consistency,
+    ) -> Result<(Vec<Listed>, Source), CatalogError> {
+        if let Some(listing) = &self.listing
+            && listing.usable(token).await?
+        {
+            let page = listing.page(after, limit, consistency).await?;
+            return Ok((page, Source::Projection));
+        }
+        let page = self.search(None, after, limit, consistency).await?;
+        Ok((page, Source::CommandSide))
+    }
+
     /// A search: ranked by the projection, or answered by the command side (see
     /// the module's documentation). `token` says the caller sent a consistency
     /// token; `consistency` is where its rows may be read.
@@ -68,7 +102,7 @@ impl Catalog {
             match side.index.search(query.clone()).await {
                 Ok(hits) => {
                     let ids: Vec<Uuid> = hits.hits.iter().map(|h| h.id).collect();
-                    let mut products = self.read_many(&ids, consistency).await?;
+                    let mut products = self.read_many(&ids, token, consistency).await?;
                     let mut items = Vec::with_capacity(hits.hits.len());
                     for hit in hits.hits {
                         if let Some(at) = products.iter().position(|l| l.product.id == hit.id) {
@@ -90,13 +124,30 @@ impl Catalog {
         self.find_on_command_side(query, consistency).await
     }
 
+    /// The products of `ids`: from the listing when it can answer, any it does
+    /// not hold yet (and all of them otherwise) from the command side.
     async fn read_many(
         &self,
         ids: &[Uuid],
+        token: bool,
         consistency: Consistency,
     ) -> Result<Vec<Listed>, CatalogError> {
-        let products = self.store.read_many(ids, consistency).await?;
-        self.with_stock(products).await
+        let mut found = Vec::with_capacity(ids.len());
+        if let Some(listing) = &self.listing
+            && listing.usable(token).await?
+        {
+            found = listing.read_many(ids, consistency).await?;
+        }
+        let missing: Vec<Uuid> = ids
+            .iter()
+            .filter(|id| !found.iter().any(|l| l.product.id == **id))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            let products = self.store.read_many(&missing, consistency).await?;
+            found.extend(self.with_stock(products).await?);
+        }
+        Ok(found)
     }
 
     async fn find_on_command_side(

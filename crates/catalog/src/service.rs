@@ -112,6 +112,8 @@ pub struct Catalog {
     cache: Arc<TieredCache<ProductView>>,
     /// The search projection, when this process keeps one (`crate::query`).
     pub(crate) search_side: Option<Arc<crate::query::SearchSide>>,
+    /// The product listing projection (`crate::listing`), when registered.
+    pub(crate) listing: Option<crate::listing::ProductListing>,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -131,6 +133,7 @@ fn created_event(product: &Product) -> Result<NewEvent, StoreError> {
             currency: product.currency.as_str().to_owned(),
             initial_stock: product.initial_stock.get(),
             description: Some(product.description.as_str().to_owned()),
+            at: Some(product.created_at),
         },
     )
 }
@@ -147,6 +150,7 @@ fn updated_event(product: &Product, changed: &[&str]) -> Result<NewEvent, StoreE
             initial_stock: product.initial_stock.get(),
             changed: changed.iter().map(|c| (*c).to_owned()).collect(),
             description: Some(product.description.as_str().to_owned()),
+            at: Some(product.updated_at),
         },
     )
 }
@@ -159,6 +163,7 @@ impl Catalog {
             images: Arc::new(OnceLock::new()),
             cache: Arc::new(TieredCache::new("products", None, CacheSettings::default())),
             search_side: None,
+            listing: None,
         }
     }
 

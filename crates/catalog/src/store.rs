@@ -20,8 +20,9 @@ pub fn migrations() -> Migrations {
     }
 }
 
+/// A `products` row (also the product columns of `product_listing`).
 #[derive(Debug, FromRow)]
-struct Row {
+pub(crate) struct ProductRow {
     id: Uuid,
     sku: String,
     name: String,
@@ -33,10 +34,10 @@ struct Row {
     updated_at: DateTime<Utc>,
 }
 
-impl TryFrom<Row> for Product {
+impl TryFrom<ProductRow> for Product {
     type Error = StoreError;
 
-    fn try_from(row: Row) -> Result<Self, StoreError> {
+    fn try_from(row: ProductRow) -> Result<Self, StoreError> {
         let corrupt =
             |what: &str| StoreError::Other(format!("products row {}: bad {what}", row.id));
         Ok(Self {
@@ -129,7 +130,7 @@ impl ProductStore {
     }
 
     pub async fn get(&self, id: Uuid) -> Result<Option<Product>, StoreError> {
-        let row: Option<Row> =
+        let row: Option<ProductRow> =
             with_pool!(self.db, pool => sqlx::query_as(GET).bind(id).fetch_optional(pool).await?);
         row.map(Product::try_from).transpose()
     }
@@ -140,7 +141,7 @@ impl ProductStore {
         id: Uuid,
         consistency: Consistency,
     ) -> Result<(Option<Product>, i64), StoreError> {
-        let (row, as_of): (Option<Row>, i64) = read_with_as_of!(self.db, consistency, pool => {
+        let (row, as_of): (Option<ProductRow>, i64) = read_with_as_of!(self.db, consistency, pool => {
             sqlx::query_as(GET).bind(id).fetch_optional(pool).await?
         })?;
         Ok((row.map(Product::try_from).transpose()?, as_of))
@@ -162,7 +163,7 @@ impl ProductStore {
              updated_at FROM products WHERE id IN ({})",
             scaleshop_db::placeholders(1, ids.len())
         );
-        let rows: Vec<Row> = read_with!(self.db, consistency, pool => {
+        let rows: Vec<ProductRow> = read_with!(self.db, consistency, pool => {
             let mut query = sqlx::query_as(sqlx::AssertSqlSafe(q.clone()));
             for id in ids {
                 query = query.bind(*id);
@@ -181,7 +182,7 @@ impl ProductStore {
         consistency: Consistency,
     ) -> Result<Vec<Product>, StoreError> {
         let pattern = text.map(scaleshop_db::like_contains);
-        let rows: Vec<Row> = read_with!(self.db, consistency, pool => {
+        let rows: Vec<ProductRow> = read_with!(self.db, consistency, pool => {
             sqlx::query_as(SEARCH).bind(&pattern).bind(after).bind(limit).fetch_all(pool).await?
         })?;
         rows.into_iter().map(Product::try_from).collect()

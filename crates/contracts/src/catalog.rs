@@ -1,5 +1,6 @@
 //! Events of the catalog service.
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -18,6 +19,11 @@ pub struct ProductCreated {
     /// Added later (an optional field, same version): absent in older events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// When the product was made (created) or changed (updated), as its row says.
+    /// Added later (optional, same version): absent in older events, whose
+    /// readers take the event's `occurred_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
 }
 contract!(ProductCreated, "product.created", 1);
 
@@ -35,5 +41,10 @@ pub struct ProductUpdated {
     /// Added later (an optional field, same version): absent in older events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// When the product was made (created) or changed (updated), as its row says.
+    /// Added later (optional, same version): absent in older events, whose
+    /// readers take the event's `occurred_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
 }
 contract!(ProductUpdated, "product.updated", 1);

@@ -55,7 +55,7 @@ pub use catalog::{ProductCreated, ProductUpdated};
 pub use inventory::{
     InventoryAdjusted, InventoryReleased, InventoryReserved, InventorySold, StockLine,
 };
-pub use media::{ImageProcessed, ImageVariant};
+pub use media::{ImageAdded, ImageProcessed, ImageVariant};
 pub use notifications::NotificationSent;
 pub use orders::{OrderCancelled, OrderCreated, OrderFailed, OrderItem, OrderProcessed};
 pub use payments::{PaymentFailed, PaymentSucceeded};

@@ -5,6 +5,21 @@ use uuid::Uuid;
 
 use crate::contract;
 
+/// Where the bytes of an image's variant are served (`GET /v1/images/{id}/{name}`).
+pub fn variant_url(image_id: Uuid, name: &str) -> String {
+    format!("/v1/images/{image_id}/{name}")
+}
+
+/// `image.added`: an image of a product was accepted and is `processing`
+/// (aggregate: the image).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageAdded {
+    pub image_id: Uuid,
+    pub product_id: Uuid,
+}
+
+contract!(ImageAdded, "image.added", 1);
+
 /// One stored variant of an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageVariant {

@@ -230,7 +230,7 @@ impl std::fmt::Debug for Dispatcher {
 }
 
 #[derive(Debug)]
-enum Step {
+pub(crate) enum Step {
     Progress,
     Idle,
     RetryAt(DateTime<Utc>),
@@ -579,7 +579,7 @@ impl Runner {
         Ok(with_pool!(self.db, pool => sqlx::query_as(Q).bind(self.name()).fetch_one(pool).await?))
     }
 
-    async fn step(&self) -> Result<Step, StoreError> {
+    pub(crate) async fn step(&self) -> Result<Step, StoreError> {
         if !self.acquire_lease().await? {
             return Ok(Step::NotLeader);
         }

@@ -25,9 +25,11 @@ use uuid::Uuid;
 pub mod dispatch;
 pub mod http;
 pub mod nats;
+pub mod projection;
 pub mod tail;
 
 pub use dispatch::{Consumer, DeadEvent, Dispatcher, DispatcherSettings, HandlerError};
+pub use projection::Projection;
 pub use scaleshop_contracts::{Contract, DecodeError, Envelope, EventSet};
 
 /// The tables this crate owns.

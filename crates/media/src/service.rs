@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use scaleshop_catalog::{CatalogError, ProductDirectory, ProductImages};
-use scaleshop_contracts::{ImageProcessed, ImageVariant};
+use scaleshop_contracts::{ImageAdded, ImageProcessed, ImageVariant};
 use scaleshop_db::clock::now;
 use scaleshop_db::{Database, StoreError, Tx};
 use scaleshop_events::NewEvent;
@@ -65,7 +65,7 @@ impl From<&Image> for ImageView {
                     width: v.width,
                     height: v.height,
                     content_type: v.content_type.clone(),
-                    url: format!("/v1/images/{}/{}", image.id, v.name),
+                    url: scaleshop_contracts::media::variant_url(image.id, &v.name),
                 })
                 .collect()
         } else {
@@ -204,8 +204,16 @@ impl Media {
         };
         let mut job = NewJob::new(IMAGES_QUEUE, json!({"image_id": id}));
         job.max_attempts = Some(JOB_MAX_ATTEMPTS);
+        let added = NewEvent::typed(
+            id,
+            &ImageAdded {
+                image_id: id,
+                product_id,
+            },
+        )?;
         let mut tx = self.store.begin().await?;
         store::insert(&mut tx, &image).await?;
+        scaleshop_events::append(&mut tx, &added).await?;
         scaleshop_jobs::enqueue(&mut tx, &job).await?;
         tx.commit().await?;
         Ok(image)

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use scaleshop_contracts::{OrderCancelled, OrderCreated, OrderFailed, OrderProcessed};
 use scaleshop_db::sqlx::{self, FromRow, types::Json};
 use scaleshop_db::{Consistency, Database, StoreError, Tx, read_with, with_tx};
-use scaleshop_events::{Consumer, Event, EventSet, HandlerError};
+use scaleshop_events::{Consumer, Event, EventSet, HandlerError, Projection};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -139,14 +139,11 @@ impl OrderHistory {
         Self { db, wait }
     }
 
-    /// May the projection answer a read? Always without a token; with one, once
-    /// the consumer has handled the log up to its head as it is now (which holds
-    /// the token's write), waiting at most `projection_wait`.
+    /// May the projection answer a read? Not while it is being rebuilt; with a
+    /// token, once the consumer has handled the log up to its head as it is now
+    /// (which holds the token's write), waiting at most `projection_wait`.
     pub async fn usable(&self, token: bool) -> Result<bool, StoreError> {
-        if !token {
-            return Ok(true);
-        }
-        scaleshop_events::dispatch::wait_caught_up(&self.db, CONSUMER, self.wait).await
+        scaleshop_events::projection::serving(&self.db, CONSUMER, token, self.wait).await
     }
 
     /// One order (may be served by a replica within `consistency`).
@@ -296,5 +293,29 @@ impl Consumer for OrderHistoryProjection {
                 .map_err(StoreError::from)?;
         });
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Projection for OrderHistoryProjection {
+    async fn clear(&self, tx: &mut Tx) -> Result<(), StoreError> {
+        with_tx!(tx, conn => {
+            sqlx::query("DELETE FROM order_history").execute(conn).await?;
+        });
+        Ok(())
+    }
+
+    async fn digest(&self, db: &Database) -> Result<(u64, String), StoreError> {
+        const Q: &str = "SELECT order_id, user_id, status, items, total_cents, currency, \
+                         failure_reason, created_at, updated_at, timeline FROM order_history \
+                         ORDER BY order_id";
+        let rows: Vec<Row> = scaleshop_db::with_pool!(db, pool => {
+            sqlx::query_as(Q).fetch_all(pool).await?
+        });
+        let mut digest = scaleshop_events::projection::Digest::default();
+        for row in rows {
+            digest.row(&OrderRecord::try_from(row)?);
+        }
+        Ok(digest.finish())
     }
 }

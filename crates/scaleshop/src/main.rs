@@ -91,10 +91,13 @@ enum Command {
 enum ProjectionsAction {
     /// Each projection's state, log position, lag, documents and digest.
     Status,
-    /// Build a projection again from the whole log while the old one serves,
-    /// then swap; waits until the new one serves.
+    /// Build a projection again from the whole log and wait until it serves:
+    /// the search index is built beside the old one, which serves meanwhile,
+    /// then swapped; a table projection is emptied and refilled while the
+    /// command side answers its reads.
     Rebuild {
-        /// The projection (`product-search`).
+        /// The projection: `product-search`, `product-listing` or
+        /// `order-history`.
         #[arg(default_value = "product-search")]
         name: String,
         /// How long to wait for the rebuild, in seconds.

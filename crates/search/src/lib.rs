@@ -6,11 +6,10 @@
 //! facet counts and highlights (`query`); the catalog's search route asks it and
 //! falls back to the command side when it cannot answer in time. `index` is one
 //! generation of the index, `projection` the follower, the token wait and the
-//! rebuild, `http` the admin routes (`/v1/projections`).
+//! rebuild (the admin routes of `/v1/projections` are the composition root's).
 //!
 //! It never reads a service's tables: what it knows comes in the events.
 
-pub mod http;
 pub mod index;
 pub mod projection;
 pub mod query;

@@ -78,6 +78,7 @@ fn catalog_events_keep_their_wire_form() {
             currency: "EUR".into(),
             initial_stock: 7,
             description: Some("Holds tea".into()),
+            at: None,
         },
         json!({"product_id": id(3), "sku": "MUG-1", "name": "Mug", "price_cents": 1250,
                "currency": "EUR", "initial_stock": 7, "description": "Holds tea"}),
@@ -88,6 +89,23 @@ fn catalog_events_keep_their_wire_form() {
         "initial_stock": 7}))
     .unwrap();
     assert_eq!(older.description, None);
+    assert_eq!(older.at, None);
+    pins(
+        "product.created",
+        &ProductCreated {
+            product_id: id(3),
+            sku: "MUG-1".into(),
+            name: "Mug".into(),
+            price_cents: 1250,
+            currency: "EUR".into(),
+            initial_stock: 7,
+            description: Some(String::new()),
+            at: Some(at()),
+        },
+        json!({"product_id": id(3), "sku": "MUG-1", "name": "Mug", "price_cents": 1250,
+               "currency": "EUR", "initial_stock": 7, "description": "",
+               "at": "2026-12-01T10:30:00.123456Z"}),
+    );
     pins(
         "product.updated",
         &ProductUpdated {
@@ -99,6 +117,7 @@ fn catalog_events_keep_their_wire_form() {
             initial_stock: 7,
             changed: vec!["name".into(), "price_cents".into()],
             description: None,
+            at: None,
         },
         json!({"product_id": id(3), "sku": "MUG-1", "name": "Big mug", "price_cents": 1400,
                "currency": "EUR", "initial_stock": 7, "changed": ["name", "price_cents"]}),
@@ -281,6 +300,18 @@ fn notification_and_image_events_keep_their_wire_form() {
         .encode()
         .unwrap()["sent_at"],
         "2026-12-01T10:30:00.123456Z"
+    );
+    pins(
+        "image.added",
+        &ImageAdded {
+            image_id: id(7),
+            product_id: id(3),
+        },
+        json!({"image_id": id(7), "product_id": id(3)}),
+    );
+    assert_eq!(
+        scaleshop_contracts::media::variant_url(id(7), "thumb"),
+        format!("/v1/images/{}/thumb", id(7))
     );
     pins(
         "image.processed",

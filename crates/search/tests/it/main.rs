@@ -50,6 +50,7 @@ impl Log {
                 currency: "EUR".into(),
                 initial_stock: stock,
                 description: Some(description.into()),
+                at: None,
             },
         );
         id
@@ -262,6 +263,7 @@ fn stock_and_changes_follow_the_events_and_one_pass_equals_event_by_event() {
             initial_stock: 10,
             changed: vec!["name".into(), "price_cents".into()],
             description: None,
+            at: None,
         },
     );
     let order = Uuid::now_v7();

@@ -1,0 +1,151 @@
+//! Admin routes of the read models (CQRS projections) this process keeps: their
+//! state (`GET /v1/projections`) and a rebuild from the log
+//! (`POST /v1/projections/{name}/rebuild`, what `scaleshop projections rebuild`
+//! calls). Two kinds: the search index on this process's disk
+//! (`scaleshop_search`), rebuilt into a new generation while the old one
+//! serves; and projections in tables (`scaleshop_events::projection`), emptied
+//! and delivered the log again while the command side answers their reads.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use scaleshop_db::Database;
+use scaleshop_events::projection::{self, Projection};
+use scaleshop_events::{DispatcherSettings, EventLog};
+use scaleshop_search::{ProductSearch, SearchError};
+use scaleshop_web::{ApiError, Caller, Problem};
+use serde::Serialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// What this process keeps.
+#[derive(Clone)]
+pub struct ReadModels {
+    pub db: Database,
+    pub settings: DispatcherSettings,
+    pub index: Option<ProductSearch>,
+    pub tables: Vec<Arc<dyn Projection>>,
+}
+
+pub fn router(models: ReadModels) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(list_projections))
+        .routes(routes!(rebuild_projection))
+        .with_state(Arc::new(models))
+}
+
+/// A projection's state: the search index's also names its `generation`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+enum ProjectionStatus {
+    Index(scaleshop_search::Status),
+    Table(projection::Status),
+}
+
+/// `{"items": [Status]}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct Projections {
+    items: Vec<ProjectionStatus>,
+}
+
+fn search_error(error: SearchError) -> ApiError {
+    match error {
+        SearchError::Store(e) => e.into(),
+        other => ApiError::internal(other),
+    }
+}
+
+impl ReadModels {
+    async fn index_status(&self, index: &ProductSearch) -> Result<ProjectionStatus, ApiError> {
+        let log = EventLog::new(self.db.clone());
+        Ok(ProjectionStatus::Index(
+            index.status(&log).await.map_err(search_error)?,
+        ))
+    }
+
+    async fn all(&self) -> Result<Vec<ProjectionStatus>, ApiError> {
+        let mut items = Vec::new();
+        if let Some(index) = &self.index {
+            items.push(self.index_status(index).await?);
+        }
+        for table in &self.tables {
+            items.push(ProjectionStatus::Table(
+                projection::status(&self.db, table.as_ref()).await?,
+            ));
+        }
+        Ok(items)
+    }
+}
+
+/// The read models this process keeps, with their position and lag.
+#[utoipa::path(
+    get, path = "/v1/projections", tag = "projections", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The projections", body = Projections),
+        (status = 401, description = "Not signed in", body = Problem),
+        (status = 403, description = "Not an admin", body = Problem),
+    )
+)]
+async fn list_projections(
+    State(models): State<Arc<ReadModels>>,
+    caller: Caller,
+) -> Result<Json<Projections>, ApiError> {
+    caller.require_admin()?;
+    Ok(Json(Projections {
+        items: models.all().await?,
+    }))
+}
+
+/// Builds a projection again from the whole log (202: it runs in the
+/// background; watch `state`). The search index is built into a new generation
+/// while the old one serves, then swapped; a table is emptied at once and its
+/// reads go to the command side until it has caught up.
+#[utoipa::path(
+    post, path = "/v1/projections/{name}/rebuild", tag = "projections",
+    params(("name" = String, Path, description = "`product-search`, `product-listing` or `order-history`")),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Rebuild started", body = ProjectionStatus),
+        (status = 403, description = "Not an admin", body = Problem),
+        (status = 404, description = "No such projection here", body = Problem),
+    )
+)]
+async fn rebuild_projection(
+    State(models): State<Arc<ReadModels>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<ProjectionStatus>), ApiError> {
+    caller.require_admin()?;
+    if let Some(index) = models
+        .index
+        .as_ref()
+        .filter(|_| name == scaleshop_search::projection::NAME)
+    {
+        index.request_rebuild();
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(models.index_status(index).await?),
+        ));
+    }
+    let table = models
+        .tables
+        .iter()
+        .find(|t| t.name() == name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found().detail("no such projection here"))?;
+    let rebuild =
+        projection::begin_rebuild(&models.db, table.clone(), models.settings.clone()).await?;
+    tokio::spawn(async move {
+        if let Err(e) = rebuild.run().await {
+            tracing::warn!(error = %e, "projection rebuild stopped; the consumer's runner finishes it");
+        }
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(ProjectionStatus::Table(
+            projection::status(&models.db, table.as_ref()).await?,
+        )),
+    ))
+}
