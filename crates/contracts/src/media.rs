@@ -38,6 +38,7 @@ pub struct ImageProcessed {
     pub product_id: Uuid,
     /// `ready` or `failed`.
     pub status: String,
+    /// In the order the API lists them: smallest first.
     pub variants: Vec<ImageVariant>,
     pub error: Option<String>,
 }

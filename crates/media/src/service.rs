@@ -131,8 +131,12 @@ fn processed_event(
     variants: &[Variant],
     error: Option<&str>,
 ) -> Result<NewEvent, StoreError> {
+    // In the order the API lists them (smallest first), which readers of the
+    // event keep.
+    let mut variants: Vec<&Variant> = variants.iter().collect();
+    variants.sort_by_key(|v| domain::variant_rank(&v.name));
     let variants = variants
-        .iter()
+        .into_iter()
         .map(|v| ImageVariant {
             name: v.name.clone(),
             width: v.width,

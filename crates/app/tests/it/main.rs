@@ -19,6 +19,7 @@ mod conventions;
 mod hashing;
 mod lifecycle;
 mod limits;
+mod listing;
 mod media;
 mod messaging;
 mod operations;
