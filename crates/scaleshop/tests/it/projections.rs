@@ -5,6 +5,11 @@
 //! the whole log by `scaleshop projections rebuild` (same digest): nothing was
 //! lost and no event was applied twice. (A product whose answer the kill cut off
 //! after its commit exists too: the index holds every product the table holds.)
+//!
+//! The table projections (`product-listing`, `order-history`) under kill -9 in
+//! the middle of a rebuild: after the restart the consumer's usual runner goes
+//! on from the position the rebuild reached, and the tables end with the same
+//! rows as before the rebuild (same digest and count).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -246,6 +251,301 @@ both!(
             "search kill -9: {} products accepted, lag {lag_before_kill} at the kill, caught up {:.2} s after the restart",
             accepted.len(),
             started.elapsed().as_secs_f64()
+        );
+    }
+);
+
+/// The table projections the rebuild test kills midway.
+const TABLES: [&str; 2] = ["product-listing", "order-history"];
+
+/// Projection `name` as `GET /v1/projections` shows it.
+async fn named(api: &Api, admin: &str, name: &str) -> Value {
+    let body: Value = api
+        .client
+        .get(api.url("/v1/projections"))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .expect("projections")
+        .json()
+        .await
+        .expect("json");
+    body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .find(|p| p["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no projection {name}: {body}"))
+}
+
+/// Waits (at most `limit`) until every job is final, every event delivered, the
+/// table projections are live without lag, and the log stood still between two
+/// looks; their states then, in the order of [`TABLES`].
+async fn settled_tables(api: &Api, admin: &str, limit: Duration) -> Vec<Value> {
+    let started = Instant::now();
+    let mut last: Option<Vec<Value>> = None;
+    loop {
+        let mut states = Vec::new();
+        for name in TABLES {
+            states.push(named(api, admin, name).await);
+        }
+        let backlog = crate::process::gauge(api, "outbox_backlog").await;
+        let jobs = api.all(admin, "/v1/jobs").await;
+        let open = jobs
+            .iter()
+            .any(|j| j["state"] != "completed" && j["state"] != "dead");
+        let settled = !open
+            && backlog == Some(0.0)
+            && states.iter().all(|s| s["state"] == "live" && s["lag"] == 0);
+        if settled
+            && last.as_ref().is_some_and(|l| {
+                l.iter()
+                    .zip(&states)
+                    .all(|(a, b)| a["position"] == b["position"])
+            })
+        {
+            return states;
+        }
+        last = settled.then_some(states.clone());
+        assert!(
+            started.elapsed() < limit,
+            "the table projections settle within {limit:?}: {states:?} backlog {backlog:?}, jobs open: {open}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Creates `count` products (`REBUILD-{prefix}-{n}`) and returns their ids.
+async fn made_products(base: String, admin: String, prefix: usize, count: usize) -> Vec<String> {
+    let http = client();
+    let mut ids = Vec::new();
+    for n in 0..count {
+        let r = http
+            .post(format!("{base}/v1/products"))
+            .bearer_auth(&admin)
+            .json(&json!({"sku": format!("REBUILD-{prefix}-{n}"), "name": format!("Rebuilt chair {n}"),
+                          "description": "Read from the listing", "price_cents": 1000 + n,
+                          "currency": "EUR", "initial_stock": 40}))
+            .send()
+            .await
+            .expect("create product");
+        assert_eq!(r.status().as_u16(), 201, "create product");
+        let body: Value = r.json().await.expect("product");
+        ids.push(body["id"].as_str().expect("id").to_owned());
+    }
+    ids
+}
+
+/// The deployment's database, opened beside the server (SQLite in WAL mode lets
+/// another process read while it writes).
+async fn open_database(deployment: &Deployment) -> scaleshop_db::Database {
+    scaleshop_db::Database::connect(
+        deployment.database_url.as_deref(),
+        &deployment.data_dir,
+        &scaleshop_db::PoolSettings {
+            min_connections: 0,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("connect")
+}
+
+/// Where a consumer stands: its position and the `rebuild_to` of a rebuild.
+async fn consumer_row(db: &scaleshop_db::Database, name: &str) -> (i64, Option<i64>) {
+    scaleshop_db::with_pool!(db, pool => {
+        scaleshop_db::sqlx::query_as(
+            "SELECT position, rebuild_to FROM event_consumers WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_one(pool)
+        .await
+        .expect("consumer")
+    })
+}
+
+// A rebuild of the table projections killed with SIGKILL midway: after the
+// restart both are live again with the rows they held before (digest, count),
+// and the product list is read from the listing, every product once.
+both!(
+    a_table_projection_rebuild_killed_midway_resumes_to_the_same_rows,
+    [sqlite, postgres],
+    |backend: Backend| async move {
+        let deployment = Deployment::fresh(backend).await;
+        let server = deployment.start().await;
+        let admin = server.admin_token().await;
+        let begun = Instant::now();
+
+        // Enough of a log that a rebuild takes a while: 400 products, price
+        // changes, stock adjustments, and orders that reserve stock (some
+        // declined, which releases it again). The events that move stock by a
+        // delta come early in the log, so the rebuild is killed among them.
+        let mut ids = made_products(server.base.clone(), admin.clone(), 0, 50).await;
+        for (n, id) in ids.iter().enumerate() {
+            for delta in [5, -7].into_iter().take(1 + usize::from(n % 3 == 0)) {
+                let r = server
+                    .client
+                    .post(server.url(&format!("/v1/inventory/{id}/adjustments")))
+                    .bearer_auth(&admin)
+                    .json(&json!({"delta": delta, "reason": "stock count"}))
+                    .send()
+                    .await
+                    .expect("adjust");
+                assert_eq!(r.status().as_u16(), 200, "adjust stock");
+            }
+        }
+        let buyer = customer(&server, "rebuild-midway@example.com").await;
+        let orders = 30;
+        for n in 0..orders {
+            let method = if n % 5 == 4 {
+                "pm_card_chargeDeclined"
+            } else {
+                "pm_card_visa"
+            };
+            let r = server
+                .client
+                .post(server.url("/v1/orders"))
+                .bearer_auth(&buyer)
+                .json(&json!({"items": [{"product_id": ids[n], "quantity": 2},
+                                        {"product_id": ids[(n + 25) % 50], "quantity": 1}],
+                              "payment_method": method}))
+                .send()
+                .await
+                .expect("order");
+            assert_eq!(r.status().as_u16(), 202, "place order");
+        }
+        // The rest of the products while the orders are processed.
+        let makers: Vec<_> = (1..8)
+            .map(|p| tokio::spawn(made_products(server.base.clone(), admin.clone(), p, 50)))
+            .collect();
+        for m in makers {
+            ids.extend(m.await.expect("maker"));
+        }
+        assert_eq!(ids.len(), 400);
+        for (n, id) in ids.iter().enumerate().step_by(10) {
+            let r = server
+                .client
+                .patch(server.url(&format!("/v1/products/{id}")))
+                .bearer_auth(&admin)
+                .json(&json!({"price_cents": 2000 + n}))
+                .send()
+                .await
+                .expect("patch");
+            assert_eq!(r.status().as_u16(), 200, "patch product");
+        }
+        let before = settled_tables(&server, &admin, Duration::from_secs(60)).await;
+        let made = begun.elapsed();
+        assert_eq!(before[0]["documents"], 400, "{before:?}");
+        assert_eq!(before[1]["documents"], orders, "{before:?}");
+
+        // Rebuild both (the listing, with most of the log to apply, last), and
+        // kill the process once the listing's rebuild has applied a quarter of
+        // the log: its table then holds part of the rows, its inbox part of the
+        // events, and what is left holds reservations and releases.
+        let db = open_database(&deployment).await;
+        let mut answered = Vec::new();
+        for name in ["order-history", "product-listing"] {
+            let r = server
+                .client
+                .post(server.url(&format!("/v1/projections/{name}/rebuild")))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .expect("rebuild");
+            assert_eq!(r.status().as_u16(), 202, "rebuild {name}");
+            answered.push(r.json::<Value>().await.expect("rebuild state"));
+        }
+        let waited = Instant::now();
+        loop {
+            let (position, rebuild_to) = consumer_row(&db, "product-listing").await;
+            if position >= rebuild_to.expect("rebuild_to") / 4 {
+                break;
+            }
+            assert!(
+                waited.elapsed() < Duration::from_secs(10),
+                "the listing's rebuild is stuck at {position}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        server.kill9();
+        for state in &answered {
+            assert!(
+                state["state"] == "rebuilding" || (state["state"] == "live" && state["lag"] == 0),
+                "{state}"
+            );
+        }
+        let at_kill = [
+            consumer_row(&db, "order-history").await,
+            consumer_row(&db, "product-listing").await,
+        ];
+        db.close().await;
+        let (position, rebuild_to) = at_kill[1];
+        assert!(
+            rebuild_to.is_some_and(|to| 0 < position && position < to),
+            "the listing's rebuild was not cut midway: {at_kill:?}"
+        );
+
+        let server = deployment.start().await;
+        let admin = server.admin_token().await;
+        let restarted = Instant::now();
+        let after = settled_tables(&server, &admin, Duration::from_secs(60)).await;
+        let resumed = restarted.elapsed();
+        for (b, a) in before.iter().zip(&after) {
+            assert_eq!(a["digest"], b["digest"], "{}: {b} then {a}", b["name"]);
+            assert_eq!(
+                a["documents"], b["documents"],
+                "{}: {b} then {a}",
+                b["name"]
+            );
+        }
+        // The listing answers the product list again, every product once, with
+        // the stock the command side holds.
+        let mut listed = Vec::new();
+        let mut available = std::collections::HashMap::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..100 {
+            let mut url = server.url("/v1/products?limit=100");
+            if let Some(c) = &cursor {
+                url.push_str(&format!("&cursor={c}"));
+            }
+            let r = server.client.get(url).send().await.expect("list");
+            assert_eq!(r.status().as_u16(), 200);
+            assert_eq!(
+                r.headers()
+                    .get("x-read-model")
+                    .and_then(|v| v.to_str().ok()),
+                Some("projection")
+            );
+            let page: Value = r.json().await.expect("page");
+            for item in page["items"].as_array().expect("items") {
+                let id = item["id"].as_str().expect("id").to_owned();
+                available.insert(id.clone(), item["available"].clone());
+                listed.push(id);
+            }
+            cursor = page["next_cursor"].as_str().map(str::to_owned);
+            if cursor.is_none() {
+                break;
+            }
+        }
+        assert!(cursor.is_none(), "paging does not end");
+        let unique: BTreeSet<&String> = listed.iter().collect();
+        assert_eq!(unique.len(), listed.len(), "a product is listed twice");
+        assert_eq!(unique, ids.iter().collect::<BTreeSet<_>>());
+        // The products whose stock was adjusted, reserved and released.
+        for id in &ids[..50] {
+            let stock = server
+                .get_json(&format!("/v1/inventory/{id}"), None)
+                .await
+                .expect("stock");
+            assert_eq!(available[id], stock["available"], "{id}: {stock}");
+        }
+        eprintln!(
+            "rebuild kill -9 ({backend:?}): data made and settled in {:.2} s; at the kill (position, rebuild_to) of order-history {:?}, product-listing {:?}; resumed in {:.2} s",
+            made.as_secs_f64(),
+            at_kill[0],
+            at_kill[1],
+            resumed.as_secs_f64()
         );
     }
 );
