@@ -54,9 +54,9 @@ pub struct Config {
     /// How long a read with a consistency token waits for a replica that has the
     /// write before it reads the primary.
     pub replica_wait_ms: u64,
-    /// How long a search with a consistency token waits for the search
-    /// projection to apply the log up to the write before the command side
-    /// answers it.
+    /// How long a read waits for a read model (search index, product listing,
+    /// order history) to apply the log up to its head as it is at the read
+    /// before the command side answers it.
     pub projection_wait_ms: u64,
     /// Keep the product search projection (a tantivy index in
     /// `data_dir/search`); off: searches read the products table.

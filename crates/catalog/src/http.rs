@@ -342,12 +342,7 @@ async fn search_products(
         // Every product, in the order they were made, paged by id.
         let after = page.after::<Uuid>()?;
         let (found, source) = catalog
-            .list(
-                after,
-                page.fetch(),
-                consistency.0.is_some(),
-                consistency.database(),
-            )
+            .list(after, page.fetch(), consistency.database())
             .await?;
         let page = page.finish(found, |l| l.product.id);
         let mut response = Json(SearchPage {
@@ -387,7 +382,6 @@ async fn search_products(
                 offset,
                 limit: usize::try_from(page.fetch()).unwrap_or(21),
             },
-            consistency.0.is_some(),
             consistency.database(),
         )
         .await?;

@@ -12,10 +12,9 @@
 //!
 //! `GET /v1/products` without search parameters pages through it, and a page of
 //! search results is read from it: one read where the command side needs three
-//! (products, stock, images). A read with a consistency token first waits (at
-//! most `projection_wait`) until the consumer has handled the log up to the head
-//! as it is at the read; while it cannot answer (behind, being rebuilt), the
-//! command side does.
+//! (products, stock, images). A read first waits (at most `projection_wait`)
+//! until the consumer has handled the log up to the head as it is at the read;
+//! while it cannot answer (behind, being rebuilt), the command side does.
 
 use std::time::Duration;
 
@@ -102,11 +101,11 @@ impl ProductListing {
         Self { db, wait }
     }
 
-    /// May the projection answer a read? Not while it is being rebuilt; with a
-    /// token, once it has handled the log up to its head as it is now (which
-    /// holds the token's write), waiting at most `projection_wait`.
-    pub async fn usable(&self, token: bool) -> Result<bool, StoreError> {
-        scaleshop_events::projection::serving(&self.db, CONSUMER, token, self.wait).await
+    /// May the projection answer a read? Not while it is being rebuilt;
+    /// otherwise once it has handled the log up to its head as it is now (every
+    /// write committed before the read), waiting at most `projection_wait`.
+    pub async fn usable(&self) -> Result<bool, StoreError> {
+        scaleshop_events::projection::serving(&self.db, CONSUMER, self.wait).await
     }
 
     /// Every product in the order they were made (ids are time-ordered), after

@@ -6,13 +6,13 @@
 //! the media service's images). A page of search results is ranked as below,
 //! then read from the listing the same way.
 //!
-//! Who answers a search: the search
-//! projection (`scaleshop_search`, fed by events) answers when it can: always
-//! for a read without a token once it has caught up with the log; for a read
-//! with a consistency token, once it has applied the log up to the head as it is
-//! at the read (which holds the token's write), waiting at most
-//! `projection_wait`. Otherwise the command side answers: the products table
-//! matched by substring, with the same filters, order, facets and paging.
+//! Who answers a search: the search projection (`scaleshop_search`, fed by
+//! events) once it has caught up with the log since the start and has applied
+//! the log up to the head as it is at the read (every write committed before
+//! the read, a token's included), waiting at most `projection_wait`. Otherwise
+//! the command side answers: the products table matched by substring, with the
+//! same filters, order, facets and paging. So a read model never answers with
+//! something older than the command side would.
 
 use std::cmp::Reverse;
 use std::sync::Arc;
@@ -68,17 +68,15 @@ impl Catalog {
         self
     }
 
-    /// Every product, in the order they were made, after `after`; `token`: the
-    /// caller sent a consistency token.
+    /// Every product, in the order they were made, after `after`.
     pub async fn list(
         &self,
         after: Option<Uuid>,
         limit: i64,
-        token: bool,
         consistency: Consistency,
     ) -> Result<(Vec<Listed>, Source), CatalogError> {
         if let Some(listing) = &self.listing
-            && listing.usable(token).await?
+            && listing.usable().await?
         {
             let page = listing.page(after, limit, consistency).await?;
             return Ok((page, Source::Projection));
@@ -88,21 +86,19 @@ impl Catalog {
     }
 
     /// A search: ranked by the projection, or answered by the command side (see
-    /// the module's documentation). `token` says the caller sent a consistency
-    /// token; `consistency` is where its rows may be read.
+    /// the module's documentation); `consistency` is where its rows may be read.
     pub async fn find(
         &self,
         query: SearchQuery,
-        token: bool,
         consistency: Consistency,
     ) -> Result<Found, CatalogError> {
         if let Some(side) = &self.search_side
-            && side.usable(token).await?
+            && side.usable().await?
         {
             match side.index.search(query.clone()).await {
                 Ok(hits) => {
                     let ids: Vec<Uuid> = hits.hits.iter().map(|h| h.id).collect();
-                    let mut products = self.read_many(&ids, token, consistency).await?;
+                    let mut products = self.read_many(&ids, consistency).await?;
                     let mut items = Vec::with_capacity(hits.hits.len());
                     for hit in hits.hits {
                         if let Some(at) = products.iter().position(|l| l.product.id == hit.id) {
@@ -129,12 +125,11 @@ impl Catalog {
     async fn read_many(
         &self,
         ids: &[Uuid],
-        token: bool,
         consistency: Consistency,
     ) -> Result<Vec<Listed>, CatalogError> {
         let mut found = Vec::with_capacity(ids.len());
         if let Some(listing) = &self.listing
-            && listing.usable(token).await?
+            && listing.usable().await?
         {
             found = listing.read_many(ids, consistency).await?;
         }
@@ -225,12 +220,13 @@ impl Catalog {
 }
 
 impl SearchSide {
-    /// May the projection answer this read?
-    async fn usable(&self, token: bool) -> Result<bool, StoreError> {
-        if !token {
-            return Ok(self.index.serving());
+    /// May the projection answer this read? Once it serves (it has caught up
+    /// with the log since the start) and has applied the log up to the head as
+    /// it is now, which holds every write committed before the read.
+    async fn usable(&self) -> Result<bool, StoreError> {
+        if !self.index.serving() {
+            return Ok(false);
         }
-        // Read after the token's write committed, so the head holds it.
         let head = self.log.head().await?;
         Ok(self.index.position() >= head || self.index.wait_for(head, self.wait).await)
     }

@@ -134,23 +134,17 @@ pub async fn status(db: &Database, projection: &dyn Projection) -> Result<Status
     })
 }
 
-/// May the projection answer a read? Not while it is being rebuilt. With a
-/// token (`token`), only once it has applied the log up to its head as it is
-/// now (which holds the token's write), waiting at most `wait`.
-pub async fn serving(
-    db: &Database,
-    name: &str,
-    token: bool,
-    wait: Duration,
-) -> Result<bool, StoreError> {
+/// May the projection answer a read? Not while it is being rebuilt; otherwise
+/// once it has applied the log up to its head as it is now (which holds every
+/// write committed before the read, the reader's own included), waiting at
+/// most `wait`. A read answered by a read model is then never older than one
+/// answered by the command side at the same moment.
+pub async fn serving(db: &Database, name: &str, wait: Duration) -> Result<bool, StoreError> {
     let Some(state) = row(db, name).await? else {
         return Ok(false);
     };
     if state.rebuild_to.is_some_and(|to| state.position < to) {
         return Ok(false);
-    }
-    if !token {
-        return Ok(true);
     }
     crate::dispatch::wait_caught_up(db, name, wait).await
 }

@@ -2,11 +2,11 @@
 //! order in `order_history`, with its items, totals and status timeline, built
 //! only from `order.*` events by the `order-history` consumer (in the delivery's
 //! transaction, so each event is applied once). `GET /v1/orders` and
-//! `GET /v1/orders/{id}` read it: a read with a consistency token first waits (at
-//! most `projection_wait`) until the consumer has handled the log up to the
-//! head as it is at the read, else the command side (`orders`) answers; an order
-//! the view does not hold yet is read from the command side too, so a placed
-//! order is never a 404.
+//! `GET /v1/orders/{id}` read it: a read first waits (at most
+//! `projection_wait`) until the consumer has handled the log up to the head as
+//! it is at the read, else the command side (`orders`) answers; an order the
+//! view does not hold yet is read from the command side too, so a placed order
+//! is never a 404.
 
 use std::time::Duration;
 
@@ -139,11 +139,12 @@ impl OrderHistory {
         Self { db, wait }
     }
 
-    /// May the projection answer a read? Not while it is being rebuilt; with a
-    /// token, once the consumer has handled the log up to its head as it is now
-    /// (which holds the token's write), waiting at most `projection_wait`.
-    pub async fn usable(&self, token: bool) -> Result<bool, StoreError> {
-        scaleshop_events::projection::serving(&self.db, CONSUMER, token, self.wait).await
+    /// May the projection answer a read? Not while it is being rebuilt;
+    /// otherwise once the consumer has handled the log up to its head as it is
+    /// now (every write committed before the read), waiting at most
+    /// `projection_wait`.
+    pub async fn usable(&self) -> Result<bool, StoreError> {
+        scaleshop_events::projection::serving(&self.db, CONSUMER, self.wait).await
     }
 
     /// One order (may be served by a replica within `consistency`).

@@ -369,9 +369,7 @@ async fn get_order(
     Id(id): Id,
     consistency: ReadConsistency,
 ) -> Result<Json<OrderView>, ApiError> {
-    let order = orders
-        .read_record(id, consistency.0.is_some(), consistency.database())
-        .await?;
+    let order = orders.read_record(id, consistency.database()).await?;
     if !caller.may_access(order.user_id) {
         return Err(ApiError::not_found());
     }
@@ -418,13 +416,7 @@ async fn list_orders(
     };
     let before = page.after::<Uuid>()?;
     let rows = orders
-        .list_records(
-            user_id,
-            before,
-            page.fetch(),
-            consistency.0.is_some(),
-            consistency.database(),
-        )
+        .list_records(user_id, before, page.fetch(), consistency.database())
         .await?;
     let page = page.finish(rows, |o| o.id);
     Ok(Json(Paginated {

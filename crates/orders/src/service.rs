@@ -108,16 +108,14 @@ impl Orders {
     }
 
     /// An order for a reader: from the projection when it may answer (see
-    /// [`OrderHistory::usable`]; `token`: the read carries a consistency token)
-    /// and holds it, else from the command side.
+    /// [`OrderHistory::usable`]) and holds it, else from the command side.
     pub async fn read_record(
         &self,
         id: Uuid,
-        token: bool,
         consistency: Consistency,
     ) -> Result<OrderRecord, OrdersError> {
         if let Some(history) = &self.history
-            && history.usable(token).await?
+            && history.usable().await?
             && let Some(record) = history.get(id, consistency).await?
         {
             return Ok(record);
@@ -132,11 +130,10 @@ impl Orders {
         user_id: Uuid,
         before: Option<Uuid>,
         limit: i64,
-        token: bool,
         consistency: Consistency,
     ) -> Result<Vec<OrderRecord>, OrdersError> {
         if let Some(history) = &self.history
-            && history.usable(token).await?
+            && history.usable().await?
         {
             return Ok(history.list(user_id, before, limit, consistency).await?);
         }
