@@ -39,7 +39,7 @@ pub fn router(models: ReadModels) -> OpenApiRouter {
 /// A projection's state: the search index's also names its `generation`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
-enum ProjectionStatus {
+enum ReadModelStatus {
     Index(scaleshop_search::Status),
     Table(projection::Status),
 }
@@ -47,7 +47,7 @@ enum ProjectionStatus {
 /// `{"items": [Status]}`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 struct Projections {
-    items: Vec<ProjectionStatus>,
+    items: Vec<ReadModelStatus>,
 }
 
 fn search_error(error: SearchError) -> ApiError {
@@ -58,20 +58,20 @@ fn search_error(error: SearchError) -> ApiError {
 }
 
 impl ReadModels {
-    async fn index_status(&self, index: &ProductSearch) -> Result<ProjectionStatus, ApiError> {
+    async fn index_status(&self, index: &ProductSearch) -> Result<ReadModelStatus, ApiError> {
         let log = EventLog::new(self.db.clone());
-        Ok(ProjectionStatus::Index(
+        Ok(ReadModelStatus::Index(
             index.status(&log).await.map_err(search_error)?,
         ))
     }
 
-    async fn all(&self) -> Result<Vec<ProjectionStatus>, ApiError> {
+    async fn all(&self) -> Result<Vec<ReadModelStatus>, ApiError> {
         let mut items = Vec::new();
         if let Some(index) = &self.index {
             items.push(self.index_status(index).await?);
         }
         for table in &self.tables {
-            items.push(ProjectionStatus::Table(
+            items.push(ReadModelStatus::Table(
                 projection::status(&self.db, table.as_ref()).await?,
             ));
         }
@@ -107,7 +107,7 @@ async fn list_projections(
     params(("name" = String, Path, description = "`product-search`, `product-listing` or `order-history`")),
     security(("bearer" = [])),
     responses(
-        (status = 202, description = "Rebuild started", body = ProjectionStatus),
+        (status = 202, description = "Rebuild started", body = ReadModelStatus),
         (status = 403, description = "Not an admin", body = Problem),
         (status = 404, description = "No such projection here", body = Problem),
     )
@@ -116,7 +116,7 @@ async fn rebuild_projection(
     State(models): State<Arc<ReadModels>>,
     caller: Caller,
     Path(name): Path<String>,
-) -> Result<(StatusCode, Json<ProjectionStatus>), ApiError> {
+) -> Result<(StatusCode, Json<ReadModelStatus>), ApiError> {
     caller.require_admin()?;
     if let Some(index) = models
         .index
@@ -144,7 +144,7 @@ async fn rebuild_projection(
     });
     Ok((
         StatusCode::ACCEPTED,
-        Json(ProjectionStatus::Table(
+        Json(ReadModelStatus::Table(
             projection::status(&models.db, table.as_ref()).await?,
         )),
     ))

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use scaleshop_db::Database;
 use scaleshop_events::{Event, EventLog};
 use serde::Serialize;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::SearchError;
@@ -70,6 +70,10 @@ struct Inner {
     state: Mutex<(State, Option<String>)>,
     rebuild: AtomicBool,
     wake: Notify,
+    /// Searches running at once: one per core. A search is CPU work on the
+    /// blocking pool; more at once only queue for the cores, and each extra
+    /// pool thread keeps an allocator heap of its own.
+    searches: Semaphore,
 }
 
 /// What `GET /v1/projections` shows of one projection.
@@ -170,6 +174,9 @@ impl ProductSearch {
                 state: Mutex::new((State::CatchingUp, None)),
                 rebuild: AtomicBool::new(false),
                 wake: Notify::new(),
+                searches: Semaphore::new(
+                    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+                ),
             }),
         })
     }
@@ -201,6 +208,12 @@ impl ProductSearch {
 
     /// Runs a search on the serving generation (on the blocking pool).
     pub async fn search(&self, query: SearchQuery) -> Result<SearchHits, SearchError> {
+        let _turn = self
+            .inner
+            .searches
+            .acquire()
+            .await
+            .map_err(|e| SearchError::Index(e.to_string()))?;
         let generation = self.inner.current.load_full();
         tokio::task::spawn_blocking(move || generation.search(&query))
             .await
@@ -230,11 +243,11 @@ impl ProductSearch {
         let digest = {
             let generation = generation.clone();
             tokio::task::spawn_blocking(move || -> Result<String, SearchError> {
-                let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+                let mut digest = scaleshop_events::projection::Digest::default();
                 for doc in generation.all()? {
-                    sha2::Digest::update(&mut hasher, format!("{doc:?}\n").as_bytes());
+                    digest.row(&doc);
                 }
-                Ok(hex::encode(sha2::Digest::finalize(hasher)))
+                Ok(digest.finish().1)
             })
             .await
             .map_err(|e| SearchError::Index(e.to_string()))??
@@ -322,7 +335,7 @@ impl ProductSearch {
             let fresh = tokio::task::spawn_blocking(move || fresh_generation(&dir))
                 .await
                 .map_err(|e| SearchError::Index(e.to_string()))??;
-            self.swap(fresh)?;
+            self.swap(fresh, 0)?;
         }
         Ok(())
     }
@@ -386,20 +399,22 @@ impl ProductSearch {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "search index rebuilt from the log"
         );
-        self.swap(fresh)?;
+        self.swap(fresh, position)?;
         self.set_state(State::Live, None);
         Ok(())
     }
 
-    /// Makes `generation` the serving one (on disk first), removes the old one.
-    fn swap(&self, generation: Generation) -> Result<(), SearchError> {
+    /// Makes `generation` the serving one (on disk first), removes the old one;
+    /// `reached`: the last event it was given (after its last commit when the
+    /// events since changed no document).
+    fn swap(&self, generation: Generation, reached: i64) -> Result<(), SearchError> {
         let name = generation
             .dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         write_current(&self.inner.dir, &name)?;
-        let position = generation.position()?;
+        let position = generation.position()?.max(reached);
         let old = self.inner.current.swap(Arc::new(generation));
         self.inner.position.send_replace(position);
         tokio::task::spawn_blocking(move || remove_generation(old));

@@ -141,7 +141,18 @@ impl Gateway {
                     );
                     break;
                 }
+                // Someone listens there; it is this haproxy only if it is still
+                // running a moment later (one that could not bind the port,
+                // taken since it was picked, exits at once).
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if let Ok(Some(status)) = child.try_wait() {
+                        last_error = format!(
+                            "haproxy exited ({status}): {}",
+                            std::fs::read_to_string(&log).unwrap_or_default()
+                        );
+                        break;
+                    }
                     return Self {
                         child,
                         port,

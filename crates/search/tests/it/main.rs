@@ -320,3 +320,46 @@ fn stock_and_changes_follow_the_events_and_one_pass_equals_event_by_event() {
     }
     assert_eq!(index.all().unwrap(), docs);
 }
+
+#[test]
+fn a_batch_that_touches_no_product_commits_nothing() {
+    let mut log = Log::new();
+    let p = Uuid::now_v7();
+    log.push(
+        p,
+        &ProductCreated {
+            product_id: p,
+            sku: "TEA-1".into(),
+            name: "Green tea".into(),
+            price_cents: 500,
+            currency: "EUR".into(),
+            initial_stock: 3,
+            description: None,
+            at: None,
+        },
+    );
+    let order = Uuid::now_v7();
+    log.push(
+        order,
+        &scaleshop_contracts::OrderCancelled {
+            order_id: order,
+            user_id: Uuid::now_v7(),
+            at: None,
+        },
+    );
+    let folder = tempfile::tempdir().unwrap();
+    {
+        let index = Generation::open(folder.path()).unwrap();
+        assert_eq!(index.apply(&log.events[..1]).unwrap(), 1);
+        assert_eq!(index.position().unwrap(), 1);
+        // Another service's event: nothing is written, not even the position.
+        assert_eq!(index.apply(&log.events[1..]).unwrap(), 0);
+        assert_eq!(index.position().unwrap(), 1);
+        index.close();
+    }
+    // After a restart the event is read again and passed over again.
+    let index = Generation::open(folder.path()).unwrap();
+    assert_eq!(index.apply(&log.events[1..]).unwrap(), 0);
+    assert_eq!(index.len(), 1);
+    assert_eq!(ids(&index, &query("tea")), vec![p]);
+}
