@@ -76,6 +76,16 @@ impl Process {
         let mut env = image_env.clone();
         env.extend(self.env.clone());
         for (name, value) in &env {
+            // The allocator's own setting (docs/operations.md): read by mimalloc
+            // before the program starts, not by the configuration.
+            if name == "MIMALLOC_PURGE_DELAY" {
+                assert!(
+                    value.parse::<i64>().is_ok(),
+                    "{}: {name}={value} is not a number of milliseconds",
+                    self.origin
+                );
+                continue;
+            }
             let key = name
                 .strip_prefix("SCALESHOP_")
                 .unwrap_or_else(|| panic!("{}: {name} is not a SCALESHOP_ variable", self.origin))
