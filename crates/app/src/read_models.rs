@@ -36,12 +36,69 @@ pub fn router(models: ReadModels) -> OpenApiRouter {
         .with_state(Arc::new(models))
 }
 
-/// A projection's state: the search index's also names its `generation`.
+/// A read model's state, whichever kind it is.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-#[serde(untagged)]
-enum ReadModelStatus {
-    Index(scaleshop_search::Status),
-    Table(projection::Status),
+struct ReadModelStatus {
+    name: &'static str,
+    /// `catching_up` (the search index at start), `live`, `rebuilding` or
+    /// `stuck`.
+    state: &'static str,
+    /// The last event of the log applied.
+    position: i64,
+    /// Events of the log not applied yet.
+    lag: i64,
+    /// Documents (the index) or rows (a table).
+    documents: u64,
+    /// SHA-256 of every document or row in key order: equal for equal read
+    /// models.
+    digest: String,
+    /// The search index's serving generation (its folder).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generation: Option<String>,
+    /// Why it is stuck, when it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl From<scaleshop_search::Status> for ReadModelStatus {
+    fn from(s: scaleshop_search::Status) -> Self {
+        use scaleshop_search::State;
+        Self {
+            name: s.name,
+            state: match s.state {
+                State::CatchingUp => "catching_up",
+                State::Live => "live",
+                State::Rebuilding => "rebuilding",
+                State::Stuck => "stuck",
+            },
+            position: s.position,
+            lag: s.lag,
+            documents: s.documents,
+            digest: s.digest,
+            generation: Some(s.generation),
+            error: s.error,
+        }
+    }
+}
+
+impl From<projection::Status> for ReadModelStatus {
+    fn from(s: projection::Status) -> Self {
+        use projection::State;
+        Self {
+            name: s.name,
+            state: match s.state {
+                State::Live => "live",
+                State::Rebuilding => "rebuilding",
+                State::Stuck => "stuck",
+            },
+            position: s.position,
+            lag: s.lag,
+            documents: s.documents,
+            digest: s.digest,
+            generation: None,
+            error: s.error,
+        }
+    }
 }
 
 /// `{"items": [Status]}`.
@@ -60,9 +117,7 @@ fn search_error(error: SearchError) -> ApiError {
 impl ReadModels {
     async fn index_status(&self, index: &ProductSearch) -> Result<ReadModelStatus, ApiError> {
         let log = EventLog::new(self.db.clone());
-        Ok(ReadModelStatus::Index(
-            index.status(&log).await.map_err(search_error)?,
-        ))
+        Ok(index.status(&log).await.map_err(search_error)?.into())
     }
 
     async fn all(&self) -> Result<Vec<ReadModelStatus>, ApiError> {
@@ -71,9 +126,7 @@ impl ReadModels {
             items.push(self.index_status(index).await?);
         }
         for table in &self.tables {
-            items.push(ReadModelStatus::Table(
-                projection::status(&self.db, table.as_ref()).await?,
-            ));
+            items.push(projection::status(&self.db, table.as_ref()).await?.into());
         }
         Ok(items)
     }
@@ -144,8 +197,6 @@ async fn rebuild_projection(
     });
     Ok((
         StatusCode::ACCEPTED,
-        Json(ReadModelStatus::Table(
-            projection::status(&models.db, table.as_ref()).await?,
-        )),
+        Json(projection::status(&models.db, table.as_ref()).await?.into()),
     ))
 }
