@@ -63,11 +63,66 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// A new empty folder under the system's temporary folder.
+/// A new empty folder under the system's temporary folder; removed when the
+/// test that made it passes (see [`cleaned`]).
 pub fn temp_dir(prefix: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(unique(prefix));
     std::fs::create_dir_all(&dir).expect("create temp dir");
+    remember(|left| left.dirs.push(dir.clone()));
     dir
+}
+
+/// What a test made on disk: its databases on the shared test cluster and its
+/// folders. A suite of hundreds of tests would otherwise keep every one of them
+/// until `scripts/test` removes the cluster, gigabytes on a machine whose disk is
+/// shared.
+#[derive(Debug, Default)]
+struct Leftovers {
+    databases: Vec<String>,
+    dirs: Vec<PathBuf>,
+}
+
+tokio::task_local! {
+    static LEFTOVERS: std::sync::Arc<parking_lot::Mutex<Leftovers>>;
+}
+
+/// Notes something to remove, when called inside [`cleaned`] (elsewhere, for
+/// example from a task the test spawned, it is left for `scripts/test`).
+fn remember(note: impl FnOnce(&mut Leftovers)) {
+    let _ = LEFTOVERS.try_with(|left| {
+        note(&mut left.lock());
+    });
+}
+
+/// Runs a test, then drops the databases and removes the folders it made. Only
+/// when it passed: a failed test's panic goes straight through, and its
+/// database and folder stay for a look. [`both!`] runs every case in here.
+pub async fn cleaned(test: impl std::future::Future<Output = ()>) {
+    let left = std::sync::Arc::default();
+    LEFTOVERS.scope(std::sync::Arc::clone(&left), test).await;
+    let Leftovers { databases, dirs } = std::mem::take(&mut *left.lock());
+    if !databases.is_empty() {
+        let drop_all = async {
+            let mut conn = sqlx::PgConnection::connect(&pg_admin_url()).await?;
+            for name in &databases {
+                // FORCE: the servers of the test may still hold a connection.
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await?;
+            }
+            Ok::<_, sqlx::Error>(())
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(30), drop_all).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("testkit: could not drop {databases:?}: {e}"),
+            Err(_) => eprintln!("testkit: dropping {databases:?} timed out"),
+        }
+    }
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// The admin URL of the throwaway PostgreSQL cluster.
@@ -88,6 +143,7 @@ pub async fn fresh_pg_url() -> String {
         .execute(&mut conn)
         .await
         .expect("create test database");
+    remember(|left| left.databases.push(name.clone()));
     let base = admin
         .rsplit_once('/')
         .map(|(base, _)| base.to_owned())
@@ -146,7 +202,10 @@ macro_rules! both {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    ($body)(fixture_with($crate::backend!($case), $configure).await).await;
+                    $crate::cleaned(async {
+                        ($body)(fixture_with($crate::backend!($case), $configure).await).await;
+                    })
+                    .await;
                 }
             )+
         }
@@ -158,7 +217,10 @@ macro_rules! both {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    ($body)(fixture($crate::backend!($case)).await).await;
+                    $crate::cleaned(async {
+                        ($body)(fixture($crate::backend!($case)).await).await;
+                    })
+                    .await;
                 }
             )+
         }
