@@ -26,8 +26,87 @@ use replicas::ReplicaSet;
 pub use replicas::{Consistency, Reader, ReplicaHealth, ReplicaSettings, WalPosition};
 
 /// PostgreSQL channel notified (at commit) by writes that background loops wait
-/// for: event appends and job enqueues.
+/// for: event appends and job enqueues. The payload is [`Tx::notice`]'s: the
+/// topic, so only that topic's waiters wake, and the sending process's instance,
+/// so it does not wake itself twice (it woke its own waiters at commit).
 pub const COMMIT_CHANNEL: &str = "scaleshop_commits";
+
+/// What a commit wakes background loops for: the event log's readers (the
+/// dispatcher's consumers, the relay, the projections) or the job workers. A
+/// commit that enqueues a job does not wake every consumer, nor an event append
+/// every worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    Events,
+    Jobs,
+}
+
+impl Topic {
+    const ALL: [Topic; 2] = [Topic::Events, Topic::Jobs];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Events => "events",
+            Self::Jobs => "jobs",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            Self::Events => 1,
+            Self::Jobs => 2,
+        }
+    }
+}
+
+/// The commit signals of one [`Database`] (shared by its clones) and the
+/// instance name its notifications carry.
+#[derive(Debug)]
+struct Signals {
+    events: Arc<Notify>,
+    jobs: Arc<Notify>,
+    instance: String,
+}
+
+impl Signals {
+    fn new() -> Self {
+        Self {
+            events: Arc::new(Notify::new()),
+            jobs: Arc::new(Notify::new()),
+            instance: uuid::Uuid::now_v7().simple().to_string(),
+        }
+    }
+
+    fn of(&self, topic: Topic) -> &Arc<Notify> {
+        match topic {
+            Topic::Events => &self.events,
+            Topic::Jobs => &self.jobs,
+        }
+    }
+
+    fn notice(&self, topic: Topic) -> String {
+        format!("{}:{}", topic.name(), self.instance)
+    }
+
+    /// A notification from `COMMIT_CHANNEL`: wakes its topic's waiters unless
+    /// this instance sent it; an unknown payload (another version) wakes all.
+    fn heard(&self, payload: &str) {
+        let (topic, instance) = payload.split_once(':').unwrap_or((payload, ""));
+        if instance == self.instance {
+            return;
+        }
+        match Topic::ALL.into_iter().find(|t| t.name() == topic) {
+            Some(topic) => self.of(topic).notify_waiters(),
+            None => self.wake_all(),
+        }
+    }
+
+    fn wake_all(&self) {
+        for topic in Topic::ALL {
+            self.of(topic).notify_waiters();
+        }
+    }
+}
 
 /// Pool settings. The defaults are the seed's: max 20, min 5, idle 30 s, acquire 2 s.
 #[derive(Debug, Clone)]
@@ -80,7 +159,7 @@ pub struct Database {
     reads: Reads,
     /// Client-side bound of one read (statement plus connection wait).
     read_timeout: Duration,
-    committed: Arc<Notify>,
+    committed: Arc<Signals>,
 }
 
 /// Where reads that tolerate staleness go.
@@ -106,8 +185,9 @@ pub enum Tx {
 /// or rollback, for traces.
 #[derive(Debug)]
 pub struct Wake {
-    signal: Arc<Notify>,
-    armed: bool,
+    signals: Arc<Signals>,
+    /// The [`Topic::bit`]s to wake at commit.
+    armed: u8,
     _span: tracing::Span,
 }
 
@@ -134,11 +214,40 @@ pub fn db_span(what: &'static str, pool: &Pool) -> tracing::Span {
 }
 
 impl Tx {
-    /// Wake the waiters of the commit signal when this transaction commits.
-    pub fn wake_on_commit(&mut self) {
+    fn wake(&self) -> &Wake {
         match self {
-            Self::Sqlite(_, wake) | Self::Postgres(_, wake) => wake.armed = true,
+            Self::Sqlite(_, wake) | Self::Postgres(_, wake) => wake,
         }
+    }
+
+    /// Wake this process's waiters of `topic`'s commit signal when this
+    /// transaction commits. Other processes hear of it only through a
+    /// `pg_notify` of [`Tx::notice`] in the transaction ([`Tx::wake_everywhere_on_commit`]).
+    pub fn wake_on_commit(&mut self, topic: Topic) {
+        match self {
+            Self::Sqlite(_, wake) | Self::Postgres(_, wake) => wake.armed |= topic.bit(),
+        }
+    }
+
+    /// The payload of this process's `pg_notify(COMMIT_CHANNEL, ..)` for `topic`,
+    /// for a caller that sends it in a statement of its own.
+    pub fn notice(&self, topic: Topic) -> String {
+        self.wake().signals.notice(topic)
+    }
+
+    /// [`Tx::wake_on_commit`], and on PostgreSQL a notification that wakes the
+    /// waiters of `topic` in every other process once this transaction commits.
+    pub async fn wake_everywhere_on_commit(&mut self, topic: Topic) -> Result<(), StoreError> {
+        self.wake_on_commit(topic);
+        let notice = self.notice(topic);
+        if let Self::Postgres(tx, _) = self {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(COMMIT_CHANNEL)
+                .bind(notice)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
     }
 
     pub fn backend(&self) -> Backend {
@@ -159,8 +268,10 @@ impl Tx {
                 wake
             }
         };
-        if wake.armed {
-            wake.signal.notify_waiters();
+        for topic in Topic::ALL {
+            if wake.armed & topic.bit() != 0 {
+                wake.signals.of(topic).notify_waiters();
+            }
         }
         Ok(())
     }
@@ -310,7 +421,7 @@ impl Database {
             probe,
             reads: Reads::Primary,
             read_timeout: settings.statement_timeout + settings.acquire_timeout,
-            committed: Arc::new(Notify::new()),
+            committed: Arc::new(Signals::new()),
         }
     }
 
@@ -445,29 +556,30 @@ impl Database {
 
     fn wake(&self) -> Wake {
         Wake {
-            signal: self.committed.clone(),
-            armed: false,
+            signals: self.committed.clone(),
+            armed: 0,
             _span: db_span("transaction", &self.pool),
         }
     }
 
-    /// Notified after every commit of a transaction that asked to wake waiters
-    /// ([`Tx::wake_on_commit`]), and on PostgreSQL after such commits in other
-    /// processes ([`Database::spawn_commit_listener`]). Register interest
-    /// (`notified()` + `enable()`), then look at the state, then wait: no wake-up is
-    /// missed.
-    pub fn commit_signal(&self) -> Arc<Notify> {
-        self.committed.clone()
+    /// Notified after every commit of a transaction that asked to wake the
+    /// waiters of `topic` ([`Tx::wake_on_commit`]), and on PostgreSQL after such
+    /// commits in other processes ([`Database::spawn_commit_listener`]). Register
+    /// interest (`notified()` + `enable()`), then look at the state, then wait: no
+    /// wake-up is missed.
+    pub fn commit_signal(&self, topic: Topic) -> Arc<Notify> {
+        self.committed.of(topic).clone()
     }
 
-    /// Wakes the waiters of [`Database::commit_signal`] here and, on PostgreSQL,
-    /// in every other process: for a change made outside a transaction that asked
+    /// Wakes the waiters of `topic`'s commit signal here and, on PostgreSQL, in
+    /// every other process: for a change made outside a transaction that asked
     /// for it, such as a lease handed back, which a standby elsewhere waits for.
-    pub async fn announce(&self) -> Result<(), StoreError> {
-        self.committed.notify_waiters();
+    pub async fn announce(&self, topic: Topic) -> Result<(), StoreError> {
+        self.committed.of(topic).notify_waiters();
         if let Pool::Postgres(pool) = &self.pool {
-            sqlx::query("SELECT pg_notify($1, '')")
+            sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(COMMIT_CHANNEL)
+                .bind(self.committed.notice(topic))
                 .execute(pool)
                 .await?;
         }
@@ -501,7 +613,7 @@ impl Database {
             return None;
         };
         let pool = pool.clone();
-        let signal = self.committed.clone();
+        let signals = self.committed.clone();
         Some(tokio::spawn(async move {
             loop {
                 let listen = async {
@@ -518,11 +630,11 @@ impl Database {
                     listener.listen(COMMIT_CHANNEL).await?;
                     // Whatever committed while no one listened was not announced:
                     // every waiter looks once now.
-                    signal.notify_waiters();
+                    signals.wake_all();
                     // `None`: the connection was lost (notifications may be lost
                     // with it): start over, and look again once listening.
-                    while listener.try_recv().await?.is_some() {
-                        signal.notify_waiters();
+                    while let Some(notification) = listener.try_recv().await? {
+                        signals.heard(notification.payload());
                     }
                     Err::<(), sqlx::Error>(sqlx::Error::Protocol(
                         "the LISTEN connection was closed".to_owned(),
@@ -539,7 +651,7 @@ impl Database {
                         }
                         // No one hears the other processes' commits now: every
                         // waiter looks once a second until the listener is back.
-                        signal.notify_waiters();
+                        signals.wake_all();
                     }
                     _ = shutdown.changed() => return,
                 }

@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use scaleshop_db::clock::{after, backoff, now};
 use scaleshop_db::sqlx::{self, FromRow};
-use scaleshop_db::{Database, StoreError, Tx, with_pool, with_tx};
+use scaleshop_db::{Database, StoreError, Topic, Tx, with_pool, with_tx};
 use scaleshop_telemetry::{Collector, Heartbeat, names};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -184,7 +184,7 @@ impl DeadEvents {
         const Q: &str = "UPDATE event_dead SET state = 'redeliver' \
                          WHERE consumer = $1 AND event_id = $2 AND state = 'dead'";
         let mut tx = self.db.begin().await?;
-        tx.wake_on_commit();
+        tx.wake_everywhere_on_commit(Topic::Events).await?;
         let done = with_tx!(&mut tx, conn => {
             sqlx::query(Q).bind(consumer).bind(event_id).execute(conn).await?.rows_affected()
         });
@@ -231,7 +231,11 @@ impl std::fmt::Debug for Dispatcher {
 
 #[derive(Debug)]
 pub(crate) enum Step {
+    /// Delivered (or passed) events, and there may be more after them.
     Progress,
+    /// Delivered every event up to the head the step read: nothing more until
+    /// the next commit.
+    Drained,
     Idle,
     RetryAt(DateTime<Utc>),
     NotLeader,
@@ -421,7 +425,7 @@ pub async fn release_all_leases(db: &Database) -> Result<u64, StoreError> {
     const Q: &str = "UPDATE event_consumers SET lease_owner = NULL, lease_until = NULL \
                      WHERE lease_owner IS NOT NULL";
     let mut tx = db.begin().await?;
-    tx.wake_on_commit();
+    tx.wake_on_commit(Topic::Events);
     let released = with_tx!(&mut tx, conn => {
         sqlx::query(Q).execute(conn).await?.rows_affected()
     });
@@ -498,7 +502,7 @@ impl Runner {
     }
 
     async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let signal = self.db.commit_signal();
+        let signal = self.db.commit_signal(Topic::Events);
         while !*shutdown.borrow() {
             let notified = signal.notified();
             tokio::pin!(notified);
@@ -509,7 +513,9 @@ impl Runner {
                     self.heartbeat.beat();
                     continue;
                 }
-                Ok(Step::Idle) => self.settings.poll,
+                // A commit since `notified` was enabled (another event, or
+                // one this consumer's own handlers appended) wakes it at once.
+                Ok(Step::Drained | Step::Idle) => self.settings.poll,
                 Ok(Step::RetryAt(at)) => (at - now())
                     .to_std()
                     .unwrap_or_default()
@@ -552,7 +558,7 @@ impl Runner {
         });
         if let Err(e) = released {
             tracing::debug!(consumer = self.name(), error = %e, "lease not released");
-        } else if let Err(e) = self.db.announce().await {
+        } else if let Err(e) = self.db.announce(Topic::Events).await {
             // The standby then takes over when the lease would have ended.
             tracing::debug!(consumer = self.name(), error = %e, "lease release not announced");
         }
@@ -579,14 +585,30 @@ impl Runner {
         Ok(with_pool!(self.db, pool => sqlx::query_as(Q).bind(self.name()).fetch_one(pool).await?))
     }
 
+    /// Takes (or keeps) the lease and reads the consumer's state in one
+    /// statement; `None` when another process holds the lease.
+    async fn lease_and_state(&self) -> Result<Option<ConsumerState>, StoreError> {
+        const Q: &str = "UPDATE event_consumers SET lease_owner = $2, lease_until = $3 \
+                         WHERE name = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < $4) \
+                         RETURNING position, attempts, retry_at";
+        Ok(with_pool!(self.db, pool => {
+            sqlx::query_as(Q)
+                .bind(self.name())
+                .bind(&self.owner)
+                .bind(after(self.settings.lease))
+                .bind(now())
+                .fetch_optional(pool)
+                .await?
+        }))
+    }
+
     pub(crate) async fn step(&self) -> Result<Step, StoreError> {
-        if !self.acquire_lease().await? {
+        let Some(state) = self.lease_and_state().await? else {
             return Ok(Step::NotLeader);
-        }
+        };
         if self.redeliver_one().await? {
             return Ok(Step::Progress);
         }
-        let state = self.state().await?;
         if let Some(at) = state.retry_at
             && at > now()
         {
@@ -627,7 +649,11 @@ impl Runner {
         if events.last().is_some_and(|e| !self.consumer.wants(&e.kind)) {
             self.advance(last).await?;
         }
-        Ok(Step::Progress)
+        if i64::try_from(events.len()).is_ok_and(|n| n < self.settings.batch) {
+            Ok(Step::Drained)
+        } else {
+            Ok(Step::Progress)
+        }
     }
 
     /// Delivers the first events of `events` in one transaction: one commit and

@@ -18,7 +18,9 @@
 use chrono::{DateTime, SubsecRound, Utc};
 use scaleshop_db::sqlx::types::Json;
 use scaleshop_db::sqlx::{self, FromRow};
-use scaleshop_db::{Database, Migrations, StoreError, Tx, with_pool, with_tx};
+use scaleshop_db::{
+    COMMIT_CHANNEL, Database, Migrations, StoreError, Topic, Tx, with_pool, with_tx,
+};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -153,9 +155,12 @@ pub async fn append(tx: &mut Tx, event: &NewEvent) -> Result<i64, StoreError> {
     let traceparent = scaleshop_telemetry::trace::traceparent_of(&span);
     // Not entered (it would be held across awaits): open while the insert runs.
     let _span = span;
-    tx.wake_on_commit();
+    tx.wake_on_commit(Topic::Events);
+    let notice = tx.notice(Topic::Events);
     if let Tx::Postgres(tx, _) = tx {
-        sqlx::query("SELECT pg_advisory_xact_lock(727001), pg_notify('scaleshop_commits', '')")
+        sqlx::query("SELECT pg_advisory_xact_lock(727001), pg_notify($1, $2)")
+            .bind(COMMIT_CHANNEL)
+            .bind(notice)
             .execute(&mut **tx)
             .await?;
     }

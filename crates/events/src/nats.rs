@@ -40,7 +40,7 @@ use async_nats::jetstream::{self, AckKind, Context, consumer, message::PublishMe
 use futures::StreamExt;
 use scaleshop_db::clock::{after, now};
 use scaleshop_db::sqlx;
-use scaleshop_db::{Database, StoreError, with_pool};
+use scaleshop_db::{Database, StoreError, Topic, with_pool};
 use scaleshop_telemetry::names;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -263,7 +263,7 @@ pub(crate) async fn start(
 
 /// Waits `wait`, or less when a commit wakes us or shutdown begins.
 async fn pause(db: &Database, wait: Duration, shutdown: &mut watch::Receiver<bool>) {
-    let signal = db.commit_signal();
+    let signal = db.commit_signal(Topic::Events);
     tokio::select! {
         () = signal.notified() => {}
         () = tokio::time::sleep(wait) => {}
@@ -292,7 +292,7 @@ impl Relay {
         let mut cursor: Option<Cursor> = None;
         let mut held = false;
         while !*shutdown.borrow() {
-            let signal = self.db.commit_signal();
+            let signal = self.db.commit_signal(Topic::Events);
             let notified = signal.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -325,7 +325,7 @@ impl Relay {
             });
             if let Err(e) = released {
                 tracing::debug!(error = %e, "relay lease not released");
-            } else if let Err(e) = self.db.announce().await {
+            } else if let Err(e) = self.db.announce(Topic::Events).await {
                 tracing::debug!(error = %e, "relay lease release not announced");
             }
         }

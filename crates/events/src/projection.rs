@@ -223,7 +223,7 @@ impl Rebuild {
         let outcome = loop {
             match self.runner.step().await {
                 Ok(Step::Progress) => {}
-                Ok(Step::Idle) => break Ok(()),
+                Ok(Step::Drained | Step::Idle) => break Ok(()),
                 Ok(Step::RetryAt(_)) => {
                     break Err(StoreError::Other(format!(
                         "projection {name}: an event failed during the rebuild; it is retried"

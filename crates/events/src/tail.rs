@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use scaleshop_db::Database;
+use scaleshop_db::{Database, Topic};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -22,7 +22,7 @@ pub fn spawn_tail(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let log = EventLog::new(db.clone());
-        let signal = db.commit_signal();
+        let signal = db.commit_signal(Topic::Events);
         let mut position = None;
         while !*shutdown.borrow() {
             let notified = signal.notified();

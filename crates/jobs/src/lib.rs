@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use scaleshop_db::clock::now;
 use scaleshop_db::sqlx::types::Json;
 use scaleshop_db::sqlx::{self, FromRow};
-use scaleshop_db::{Database, Migrations, StoreError, Tx, with_pool, with_tx};
+use scaleshop_db::{Database, Migrations, StoreError, Topic, Tx, with_pool, with_tx};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -125,12 +125,7 @@ pub async fn enqueue(tx: &mut Tx, job: &NewJob) -> Result<Uuid, StoreError> {
     let created = now();
     let max_attempts =
         i32::try_from(job.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS).max(1)).unwrap_or(i32::MAX);
-    tx.wake_on_commit();
-    if let Tx::Postgres(tx, _) = tx {
-        sqlx::query("SELECT pg_notify('scaleshop_commits', '')")
-            .execute(&mut **tx)
-            .await?;
-    }
+    tx.wake_everywhere_on_commit(Topic::Jobs).await?;
     with_tx!(tx, conn => {
         sqlx::query(INSERT)
             .bind(id)
@@ -205,12 +200,7 @@ impl JobQueue {
                          RETURNING id, queue, payload, state, attempts, max_attempts, last_error, run_at, \
                          created_at, updated_at, traceparent";
         let mut tx = self.db.begin().await?;
-        tx.wake_on_commit();
-        if let Tx::Postgres(tx, _) = &mut tx {
-            sqlx::query("SELECT pg_notify('scaleshop_commits', '')")
-                .execute(&mut **tx)
-                .await?;
-        }
+        tx.wake_everywhere_on_commit(Topic::Jobs).await?;
         let job: Option<Job> = with_tx!(&mut tx, conn => {
             sqlx::query_as(Q).bind(id).bind(now()).fetch_optional(conn).await?
         });

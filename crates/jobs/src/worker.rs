@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use scaleshop_db::clock::{after, backoff, now};
 use scaleshop_db::sqlx;
-use scaleshop_db::{Backend, Database, StoreError, Tx, with_pool, with_tx};
+use scaleshop_db::{Backend, Database, StoreError, Topic, Tx, with_pool, with_tx};
 use scaleshop_telemetry::{Collector, Heartbeat, names};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -254,7 +254,7 @@ impl QueueRunner {
     async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let finished = Arc::new(Notify::new());
-        let signal = self.db.commit_signal();
+        let signal = self.db.commit_signal(Topic::Jobs);
         while !*shutdown.borrow() {
             self.heartbeat.beat();
             let committed = signal.notified();
@@ -265,6 +265,9 @@ impl QueueRunner {
             if free > 0 {
                 match self.claim(free).await {
                     Ok(jobs) if !jobs.is_empty() => {
+                        // Fewer than asked for: every job due now is taken, so
+                        // wait for the next one rather than claim again.
+                        let took_all_due = jobs.len() < free;
                         for job in jobs {
                             match permits.clone().try_acquire_owned() {
                                 Ok(permit) => {
@@ -282,16 +285,12 @@ impl QueueRunner {
                             }
                         }
                         self.heartbeat.beat();
-                        continue;
-                    }
-                    Ok(_) => {
-                        if let Ok(Some(due)) = self.next_due().await {
-                            wait = (due - now())
-                                .to_std()
-                                .unwrap_or_default()
-                                .min(self.settings.poll);
+                        if !took_all_due {
+                            continue;
                         }
+                        wait = self.until_next_due().await;
                     }
+                    Ok(_) => wait = self.until_next_due().await,
                     Err(e) => {
                         tracing::warn!(queue = self.name, error = %e, "claiming jobs failed");
                         wait = Duration::from_secs(1);
@@ -337,6 +336,17 @@ impl QueueRunner {
                 .fetch_all(pool)
                 .await?
         }))
+    }
+
+    /// How long until the next job is due (at most the safety-net poll).
+    async fn until_next_due(&self) -> Duration {
+        match self.next_due().await {
+            Ok(Some(due)) => (due - now())
+                .to_std()
+                .unwrap_or_default()
+                .min(self.settings.poll),
+            _ => self.settings.poll,
+        }
     }
 
     async fn next_due(&self) -> Result<Option<chrono::DateTime<chrono::Utc>>, StoreError> {
@@ -519,7 +529,7 @@ pub async fn expire_all_leases(db: &Database) -> Result<u64, StoreError> {
     const Q: &str = "UPDATE jobs SET lease_until = $1 WHERE state = 'running'";
     let past = now() - chrono::Duration::seconds(1);
     let mut tx = db.begin().await?;
-    tx.wake_on_commit();
+    tx.wake_on_commit(Topic::Jobs);
     let expired = with_tx!(&mut tx, conn => {
         sqlx::query(Q).bind(past).execute(conn).await?.rows_affected()
     });

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use scaleshop_db::Database;
+use scaleshop_db::{Database, Topic};
 use scaleshop_events::{Event, EventLog};
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, watch};
@@ -287,7 +287,7 @@ impl ProductSearch {
         let this = self.clone();
         tokio::spawn(async move {
             let log = EventLog::new(db.clone());
-            let signal = db.commit_signal();
+            let signal = db.commit_signal(Topic::Events);
             if let Err(e) = this.check_against_log(&log).await {
                 tracing::warn!(error = %e, "search index: the log's head could not be read at start");
             }

@@ -101,3 +101,120 @@ async fn commit_in_another_process_wakes_through_listen() {
         .expect("listener stops")
         .unwrap();
 }
+
+/// Whether `signal` fires within `within`, having been armed before `act` ran.
+async fn fires(signal: &tokio::sync::Notify, within: Duration, act: impl AsyncFnOnce()) -> bool {
+    let notified = signal.notified();
+    tokio::pin!(notified);
+    notified.as_mut().enable();
+    act().await;
+    tokio::time::timeout(within, notified).await.is_ok()
+}
+
+/// Long enough for a notification to come back from the server; a wake-up
+/// that should not happen and came later would go unseen, never fail the test.
+const QUIET: Duration = Duration::from_secs(1);
+
+scaleshop_testkit::both!(
+    a_commit_wakes_the_waiters_of_its_topic_only,
+    |backend| async move {
+        use scaleshop_db::Topic;
+        let (url, dir) = scaleshop_testkit::fresh(backend).await;
+        let here = open(url.as_deref(), &dir).await;
+        // On PostgreSQL, another process: it hears `here`'s commits through LISTEN.
+        let there = open(url.as_deref(), &dir).await;
+        let (stop, shutdown) = watch::channel(false);
+        let listener = there.spawn_commit_listener(shutdown);
+        if listener.is_some() {
+            // The listener wakes everyone once it listens: let that pass.
+            eventually("the LISTEN connection", async || {
+                let n: i64 = scaleshop_db::with_pool!(here, pool => {
+                    sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM pg_stat_activity \
+                         WHERE datname = current_database() AND query LIKE 'LISTEN %'",
+                    )
+                    .fetch_one(pool)
+                    .await
+                    .unwrap()
+                });
+                n == 1
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let jobs_commit = async || {
+            let mut tx = here.begin().await.unwrap();
+            tx.wake_everywhere_on_commit(Topic::Jobs).await.unwrap();
+            tx.commit().await.unwrap();
+        };
+
+        // In this process: the topic's waiters wake, the other topic's do not.
+        let events = here.commit_signal(Topic::Events);
+        let jobs = here.commit_signal(Topic::Jobs);
+        assert!(
+            fires(&jobs, PROMPT, jobs_commit).await,
+            "a job commit wakes the workers"
+        );
+        assert!(
+            !fires(&events, QUIET, jobs_commit).await,
+            "a job commit wakes no consumer"
+        );
+        assert!(
+            fires(&events, PROMPT, async || {
+                append_one(&here, "test.wake").await;
+            })
+            .await,
+            "an append wakes the consumers"
+        );
+        assert!(
+            !fires(&jobs, QUIET, async || {
+                append_one(&here, "test.wake").await;
+            })
+            .await,
+            "an append wakes no worker"
+        );
+
+        if listener.is_some() {
+            // Its own notification coming back through LISTEN does not wake this
+            // process a second time: `here` has no listener, so listen in `there`
+            // for `there`'s own commit.
+            let there_events = there.commit_signal(Topic::Events);
+            let notified = there_events.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            append_one(&there, "test.wake").await;
+            tokio::time::timeout(PROMPT, notified)
+                .await
+                .expect("woken at commit");
+            assert!(
+                !fires(&there_events, QUIET, async || {}).await,
+                "the process's own notification wakes it again"
+            );
+            // Another process's commits reach it, by topic.
+            let there_jobs = there.commit_signal(Topic::Jobs);
+            assert!(
+                fires(&there_jobs, PROMPT, jobs_commit).await,
+                "another process's job commit"
+            );
+            assert!(
+                !fires(&there_events, QUIET, jobs_commit).await,
+                "wakes no consumer there"
+            );
+            assert!(
+                fires(&there_events, PROMPT, async || {
+                    append_one(&here, "test.wake").await;
+                })
+                .await,
+                "another process's append wakes its consumers"
+            );
+        }
+        // No receiver on SQLite: there is no listener.
+        let _ = stop.send(true);
+        if let Some(listener) = listener {
+            tokio::time::timeout(WAIT, listener)
+                .await
+                .expect("listener stops")
+                .unwrap();
+        }
+    }
+);
