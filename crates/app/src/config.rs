@@ -926,6 +926,7 @@ impl Config {
                 .and_then(|n| std::num::NonZeroUsize::new(usize::try_from(n).ok()?))
                 .unwrap_or(cores.concurrency),
             queue_wait: Duration::from_millis(self.password_hash_queue_ms),
+            arena_keep: cores.arena_keep,
         }
     }
 }

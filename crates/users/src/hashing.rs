@@ -4,9 +4,11 @@
 //! Each hash or verify needs 19 MiB of working memory and 7 to 17 ms of one core,
 //! depending on the SIMD the CPU has. At most `concurrency` of them run at once in
 //! a process; each runs on the blocking pool with one of at most `concurrency`
-//! working arenas, allocated on first use and kept (so no hash pays for fresh
-//! pages, and the memory held for hashing is bounded by `concurrency` × 19 MiB
-//! whatever the load). An arena is wiped after each use. A caller waits for its
+//! working arenas, allocated on first use and kept while they are in use (so a
+//! burst of sign-ins pays for fresh pages once, and the memory held for hashing
+//! is bounded by `concurrency` × 19 MiB whatever the load); an arena unused for
+//! `arena_keep` (5 s) is freed, so a quiet process gives the memory back. An
+//! arena is wiped after each use. A caller waits for its
 //! turn at most `queue_wait`, then gets [`UsersError::Busy`] (503 with
 //! `Retry-After`).
 //!
@@ -20,7 +22,7 @@
 //! honours the algorithm, version and parameters written in the stored string.
 
 use std::num::NonZeroUsize;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use argon2_rust::params::{Memory, TagLen};
@@ -37,11 +39,18 @@ const T_COST: u32 = 2;
 const P_COST: u32 = 1;
 const OUTPUT_LEN: u64 = 32;
 
-/// How many hashes run at once and how long a caller waits for its turn.
+/// How long an arena is kept after its last use: long enough for a burst of
+/// sign-ins to reuse it, short enough that a quiet process does not hold
+/// `concurrency` × 19 MiB for good.
+pub const ARENA_KEEP: Duration = Duration::from_secs(5);
+
+/// How many hashes run at once, how long a caller waits for its turn, and how
+/// long an unused arena is kept.
 #[derive(Debug, Clone, Copy)]
 pub struct HashSettings {
     pub concurrency: NonZeroUsize,
     pub queue_wait: Duration,
+    pub arena_keep: Duration,
 }
 
 impl HashSettings {
@@ -50,6 +59,7 @@ impl HashSettings {
         Self {
             concurrency: std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
             queue_wait: Duration::from_secs(2),
+            arena_keep: ARENA_KEEP,
         }
     }
 }
@@ -69,10 +79,18 @@ pub struct Hasher {
 #[derive(Debug)]
 struct Inner {
     permits: Arc<Semaphore>,
-    /// Idle working arenas (each with the policy's parameters); never more than
-    /// `concurrency` exist.
-    arenas: Mutex<Vec<argon2_rust::Hasher>>,
+    arenas: Mutex<Arenas>,
     queue_wait: Duration,
+    arena_keep: Duration,
+}
+
+/// Idle working arenas (each with the policy's parameters) and when each was
+/// last given back; never more than `concurrency` exist. `trimming`: a task
+/// frees the ones unused for `arena_keep`, until none is left.
+#[derive(Debug, Default)]
+struct Arenas {
+    idle: Vec<(argon2_rust::Hasher, tokio::time::Instant)>,
+    trimming: bool,
 }
 
 impl Default for Hasher {
@@ -90,8 +108,52 @@ struct Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(arena) = self.arena.take() {
-            self.inner.arenas.lock().push(arena);
+        let Some(arena) = self.arena.take() else {
+            return;
+        };
+        let mut arenas = self.inner.arenas.lock();
+        arenas.idle.push((arena, tokio::time::Instant::now()));
+        // Outside a runtime (never, in the server) the arena is simply kept.
+        if !arenas.trimming
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            arenas.trimming = true;
+            runtime.spawn(trim(Arc::downgrade(&self.inner)));
+        }
+    }
+}
+
+/// Frees the arenas unused for `arena_keep`, waking when the oldest would be
+/// due, until none is left (the next use starts it again).
+async fn trim(inner: Weak<Inner>) {
+    let mut wait = inner.upgrade().map_or(ARENA_KEEP, |inner| inner.arena_keep);
+    loop {
+        tokio::time::sleep(wait).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let keep = inner.arena_keep;
+        let (stale, next): (Vec<_>, _) = {
+            let mut arenas = inner.arenas.lock();
+            let (stale, kept) = std::mem::take(&mut arenas.idle)
+                .into_iter()
+                .partition(|(_, used)| used.elapsed() >= keep);
+            arenas.idle = kept;
+            let next = arenas
+                .idle
+                .iter()
+                .map(|(_, used)| keep.saturating_sub(used.elapsed()))
+                .min();
+            if next.is_none() {
+                arenas.trimming = false;
+            }
+            (stale, next)
+        };
+        // Freed outside the lock: 19 MiB each.
+        drop(stale);
+        match next {
+            Some(until_next) => wait = until_next,
+            None => return,
         }
     }
 }
@@ -144,8 +206,12 @@ impl Hasher {
         Self {
             inner: Arc::new(Inner {
                 permits: Arc::new(Semaphore::new(concurrency)),
-                arenas: Mutex::new(Vec::with_capacity(concurrency)),
+                arenas: Mutex::new(Arenas {
+                    idle: Vec::with_capacity(concurrency),
+                    trimming: false,
+                }),
                 queue_wait: settings.queue_wait,
+                arena_keep: settings.arena_keep,
             }),
         }
     }
@@ -159,7 +225,7 @@ impl Hasher {
         .await
         .map_err(|_| UsersError::Busy)?
         .map_err(hashing_error)?;
-        let idle = self.inner.arenas.lock().pop();
+        let idle = self.inner.arenas.lock().idle.pop().map(|(arena, _)| arena);
         Ok(Lease {
             inner: self.inner.clone(),
             arena: idle,
@@ -345,6 +411,7 @@ mod tests {
         let hasher = Hasher::new(HashSettings {
             concurrency: NonZeroUsize::MIN,
             queue_wait: Duration::from_millis(20),
+            arena_keep: ARENA_KEEP,
         });
         let password = Password::parse("password-123").unwrap();
         let held = hasher.lease().await.unwrap();
@@ -357,8 +424,47 @@ mod tests {
         assert!(hasher.verify("password-123", &hash).await.unwrap());
         assert!(!hasher.verify("password-124", &hash).await.unwrap());
         // The one arena is back in the pool, and no second one was made.
-        let idle = hasher.inner.arenas.lock();
-        assert_eq!(idle.len(), 1);
-        assert_eq!(idle[0].reserved_blocks(), M_COST_KIB as usize);
+        let arenas = hasher.inner.arenas.lock();
+        assert_eq!(arenas.idle.len(), 1);
+        assert_eq!(arenas.idle[0].0.reserved_blocks(), M_COST_KIB as usize);
+    }
+
+    #[tokio::test]
+    async fn an_arena_unused_for_its_keep_time_is_freed_and_made_again_on_use() {
+        let keep = Duration::from_millis(300);
+        let hasher = Hasher::new(HashSettings {
+            concurrency: NonZeroUsize::new(2).unwrap(),
+            queue_wait: Duration::from_secs(5),
+            arena_keep: keep,
+        });
+        let password = Password::parse("password-123").unwrap();
+        // Two at once: two arenas.
+        let (a, b) = tokio::join!(hasher.hash(&password), hasher.hash(&password));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(hasher.inner.arenas.lock().idle.len(), 2);
+        // Used again before its time: one is kept; the other goes at its time.
+        tokio::time::sleep(keep / 2).await;
+        assert!(hasher.verify("password-123", &a).await.unwrap());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while hasher.inner.arenas.lock().idle.len() == 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "an arena was never freed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Then the last one, and the trimming task ends.
+        while !hasher.inner.arenas.lock().idle.is_empty() || hasher.inner.arenas.lock().trimming {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the last arena was never freed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A hash after that makes a new one, and verifies as before.
+        assert!(hasher.verify("password-123", &b).await.unwrap());
+        let arenas = hasher.inner.arenas.lock();
+        assert_eq!(arenas.idle.len(), 1);
+        assert!(arenas.trimming);
     }
 }
