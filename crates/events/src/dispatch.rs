@@ -358,6 +358,7 @@ impl Dispatcher {
             settings: self.settings.clone(),
             owner: self.owner.clone(),
             heartbeat: self.heartbeat.clone(),
+            leased_at: None,
         });
         match &self.nats {
             None => {
@@ -478,6 +479,12 @@ pub(crate) struct Runner {
     pub(crate) settings: DispatcherSettings,
     pub(crate) owner: String,
     pub(crate) heartbeat: Heartbeat,
+    /// When this runner last took or confirmed the lease with a write: within
+    /// `renew` of it (the heartbeat extends every lease this process holds), a
+    /// step only reads the state, still fenced by the owner. A write per step
+    /// would be a commit per consumer per event (on SQLite, the one writer's
+    /// lock, which the API's writes wait for).
+    pub(crate) leased_at: Option<tokio::time::Instant>,
 }
 
 impl Runner {
@@ -501,7 +508,7 @@ impl Runner {
         }
     }
 
-    async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let signal = self.db.commit_signal(Topic::Events);
         while !*shutdown.borrow() {
             let notified = signal.notified();
@@ -586,23 +593,46 @@ impl Runner {
     }
 
     /// Takes (or keeps) the lease and reads the consumer's state in one
-    /// statement; `None` when another process holds the lease.
-    async fn lease_and_state(&self) -> Result<Option<ConsumerState>, StoreError> {
-        const Q: &str = "UPDATE event_consumers SET lease_owner = $2, lease_until = $3 \
-                         WHERE name = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < $4) \
-                         RETURNING position, attempts, retry_at";
-        Ok(with_pool!(self.db, pool => {
-            sqlx::query_as(Q)
-                .bind(self.name())
-                .bind(&self.owner)
-                .bind(after(self.settings.lease))
-                .bind(now())
-                .fetch_optional(pool)
-                .await?
-        }))
+    /// statement; `None` when another process holds the lease. Within `renew`
+    /// of the last time it did, only reads the state, if the lease is still
+    /// this runner's: every delivery's position move is fenced by the owner
+    /// anyway, so a lease lost meanwhile loses nothing.
+    async fn lease_and_state(&mut self) -> Result<Option<ConsumerState>, StoreError> {
+        const TAKE: &str = "UPDATE event_consumers SET lease_owner = $2, lease_until = $3 \
+                            WHERE name = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < $4) \
+                            RETURNING position, attempts, retry_at";
+        const HELD: &str = "SELECT position, attempts, retry_at FROM event_consumers \
+                            WHERE name = $1 AND lease_owner = $2";
+        let fresh = self
+            .leased_at
+            .is_some_and(|at| at.elapsed() < self.settings.renew.min(self.settings.lease / 3));
+        let state: Option<ConsumerState> = if fresh {
+            with_pool!(self.db, pool => {
+                sqlx::query_as(HELD).bind(self.name()).bind(&self.owner).fetch_optional(pool).await?
+            })
+        } else {
+            let at = tokio::time::Instant::now();
+            let state = with_pool!(self.db, pool => {
+                sqlx::query_as(TAKE)
+                    .bind(self.name())
+                    .bind(&self.owner)
+                    .bind(after(self.settings.lease))
+                    .bind(now())
+                    .fetch_optional(pool)
+                    .await?
+            });
+            if state.is_some() {
+                self.leased_at = Some(at);
+            }
+            state
+        };
+        if state.is_none() {
+            self.leased_at = None;
+        }
+        Ok(state)
     }
 
-    pub(crate) async fn step(&self) -> Result<Step, StoreError> {
+    pub(crate) async fn step(&mut self) -> Result<Step, StoreError> {
         let Some(state) = self.lease_and_state().await? else {
             return Ok(Step::NotLeader);
         };

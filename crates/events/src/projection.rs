@@ -210,6 +210,7 @@ pub async fn begin_rebuild(
             settings,
             owner,
             heartbeat: scaleshop_telemetry::Heartbeat::default(),
+            leased_at: None,
         },
     })
 }
@@ -218,7 +219,7 @@ impl Rebuild {
     /// Delivers the log to the projection until it has caught up with the head,
     /// then hands the lease back. On an error (an event that fails, a lease
     /// taken over) the consumer's usual runner finishes the rebuild.
-    pub async fn run(self) -> Result<(), StoreError> {
+    pub async fn run(mut self) -> Result<(), StoreError> {
         let name = self.runner.name();
         let outcome = loop {
             match self.runner.step().await {
