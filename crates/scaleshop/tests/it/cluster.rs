@@ -382,8 +382,10 @@ async fn orders_survive_a_killed_instance(
         .send()
         .await
         .expect("order through the gateway");
-    assert_eq!(r.status().as_u16(), 202, "an order after the kill");
-    let after_kill: Value = r.json().await.expect("order");
+    let status = r.status().as_u16();
+    let body = r.text().await.expect("order");
+    assert_eq!(status, 202, "an order after the kill: {body}");
+    let after_kill: Value = serde_json::from_str(&body).expect("order");
     let mut accepted = vec![(
         after_kill["id"].as_str().expect("id").to_owned(),
         "pm_card_visa",
