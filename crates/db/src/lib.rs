@@ -229,6 +229,12 @@ impl Tx {
         }
     }
 
+    /// Whether this transaction will wake the waiters of `topic` at commit (for
+    /// `Events`: whether it appended to the event log).
+    pub fn wakes(&self, topic: Topic) -> bool {
+        self.wake().armed & topic.bit() != 0
+    }
+
     /// The payload of this process's `pg_notify(COMMIT_CHANNEL, ..)` for `topic`,
     /// for a caller that sends it in a statement of its own.
     pub fn notice(&self, topic: Topic) -> String {

@@ -712,6 +712,16 @@ impl Runner {
             if last.is_some() && started.elapsed() > BATCH_TIME {
                 break;
             }
+            // On PostgreSQL an append holds the log's lock until commit: a later
+            // handler of the batch that then waited for a row lock could close a
+            // cycle with a transaction that holds the row and waits for the log
+            // (a deadlock, one side aborted). Commit right after an append.
+            if last.is_some()
+                && tx.backend() == scaleshop_db::Backend::Postgres
+                && tx.wakes(Topic::Events)
+            {
+                break;
+            }
             with_tx!(&mut tx, conn => {
                 sqlx::query("SAVEPOINT delivery").execute(conn).await?;
             });
