@@ -572,19 +572,24 @@ impl Runner {
     }
 
     pub(crate) async fn acquire_lease(&self) -> Result<bool, StoreError> {
+        Ok(self.take_lease().await?.is_some())
+    }
+
+    /// Takes (or keeps) the lease and reads the consumer's state in one
+    /// statement; `None` when another process holds the lease.
+    async fn take_lease(&self) -> Result<Option<ConsumerState>, StoreError> {
         const Q: &str = "UPDATE event_consumers SET lease_owner = $2, lease_until = $3 \
-                         WHERE name = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < $4)";
-        let done = with_pool!(self.db, pool => {
-            sqlx::query(Q)
+                         WHERE name = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < $4) \
+                         RETURNING position, attempts, retry_at";
+        Ok(with_pool!(self.db, pool => {
+            sqlx::query_as(Q)
                 .bind(self.name())
                 .bind(&self.owner)
                 .bind(after(self.settings.lease))
                 .bind(now())
-                .execute(pool)
+                .fetch_optional(pool)
                 .await?
-                .rows_affected()
-        });
-        Ok(done == 1)
+        }))
     }
 
     pub(crate) async fn state(&self) -> Result<ConsumerState, StoreError> {
@@ -598,9 +603,6 @@ impl Runner {
     /// this runner's: every delivery's position move is fenced by the owner
     /// anyway, so a lease lost meanwhile loses nothing.
     async fn lease_and_state(&mut self) -> Result<Option<ConsumerState>, StoreError> {
-        const TAKE: &str = "UPDATE event_consumers SET lease_owner = $2, lease_until = $3 \
-                            WHERE name = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < $4) \
-                            RETURNING position, attempts, retry_at";
         const HELD: &str = "SELECT position, attempts, retry_at FROM event_consumers \
                             WHERE name = $1 AND lease_owner = $2";
         let fresh = self
@@ -612,15 +614,7 @@ impl Runner {
             })
         } else {
             let at = tokio::time::Instant::now();
-            let state = with_pool!(self.db, pool => {
-                sqlx::query_as(TAKE)
-                    .bind(self.name())
-                    .bind(&self.owner)
-                    .bind(after(self.settings.lease))
-                    .bind(now())
-                    .fetch_optional(pool)
-                    .await?
-            });
+            let state = self.take_lease().await?;
             if state.is_some() {
                 self.leased_at = Some(at);
             }
