@@ -15,6 +15,7 @@
 mod helpers;
 
 mod dead;
+mod deadlock;
 mod dedup;
 mod delivery;
 mod lease;
