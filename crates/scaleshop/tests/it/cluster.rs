@@ -51,6 +51,12 @@ fn has_haproxy() -> bool {
 
 /// `scripts/cluster COMMAND DIR ARGS...`, bounded by `timeout`; its status and output.
 fn cluster(command: &str, dir: &Path, args: &[&str]) -> (bool, String) {
+    cluster_with(command, dir, args, &[])
+}
+
+/// [`cluster`] with more variables in its environment (`SCALESHOP_*` ones reach
+/// every instance).
+fn cluster_with(command: &str, dir: &Path, args: &[&str], vars: &[(&str, &str)]) -> (bool, String) {
     let output = Command::new("timeout")
         .arg("300")
         .arg(script())
@@ -58,6 +64,7 @@ fn cluster(command: &str, dir: &Path, args: &[&str]) -> (bool, String) {
         .arg(dir)
         .args(args)
         .env("SCALESHOP_BIN", env!("CARGO_BIN_EXE_scaleshop"))
+        .envs(vars.iter().copied())
         .output()
         .expect("run scripts/cluster");
     let text = format!(
@@ -69,7 +76,7 @@ fn cluster(command: &str, dir: &Path, args: &[&str]) -> (bool, String) {
 }
 
 /// Stops the cluster when the test ends, passed or not.
-struct Down(PathBuf);
+pub(crate) struct Down(pub(crate) PathBuf);
 
 impl Drop for Down {
     fn drop(&mut self) {
@@ -105,7 +112,7 @@ fn sourced_env(dir: &Path) -> HashMap<String, String> {
 
 /// A recorded part of `DIR/parts`: name, kind, pid and the process's start time.
 #[derive(Debug, Clone)]
-struct Part {
+pub(crate) struct Part {
     name: String,
     kind: String,
     pid: u32,
@@ -203,8 +210,18 @@ pub(crate) fn skip_without_haproxy(test: &str) -> bool {
 /// `scripts/cluster up DIR ARGS...`: every expected part recorded and running,
 /// `status` clean, `cluster.env` complete. The recorded parts and the environment.
 fn up(dir: &Path, args: &[&str], expected: &[&str]) -> (Vec<Part>, HashMap<String, String>) {
+    up_with(dir, args, expected, &[])
+}
+
+/// [`up`] with more variables in the environment of every instance.
+pub(crate) fn up_with(
+    dir: &Path,
+    args: &[&str],
+    expected: &[&str],
+    vars: &[(&str, &str)],
+) -> (Vec<Part>, HashMap<String, String>) {
     let started = Instant::now();
-    let (ok, text) = cluster("up", dir, args);
+    let (ok, text) = cluster_with("up", dir, args, vars);
     assert!(ok, "scripts/cluster up failed:\n{text}");
     eprintln!("cluster up {args:?} in {:?}", started.elapsed());
     let recorded = parts(dir);
@@ -527,7 +544,7 @@ async fn cluster_of_two_behind_haproxy_survives_a_killed_instance() {
 
 /// The split groups of `scripts/cluster up --split`, as their instances are named
 /// and the targets they run.
-const SPLIT: [(&str, &str); 5] = [
+pub(crate) const SPLIT: [(&str, &str); 5] = [
     ("users", "users"),
     ("catalog", "catalog,inventory,media"),
     ("payments", "payments"),

@@ -468,7 +468,7 @@ fn prometheus_in_compose_scrapes_every_instance() {
     let image = image();
     let processes = compose_processes(&compose(), &image);
     let prometheus: Value =
-        serde_norway::from_str(&read("deploy/compose/prometheus.yml")).expect("YAML");
+        serde_norway::from_str(&read("deploy/prometheus/compose.yml")).expect("YAML");
     let job = &prometheus["scrape_configs"][0];
     assert_eq!(job["metrics_path"].as_str(), Some("/metrics"));
     let scraped: BTreeSet<String> = strings(&job["static_configs"][0]["targets"])
@@ -874,7 +874,7 @@ async fn the_paths_the_files_probe_are_served_by_the_binary() {
         }
     }
     let prometheus: Value =
-        serde_norway::from_str(&read("deploy/compose/prometheus.yml")).expect("YAML");
+        serde_norway::from_str(&read("deploy/prometheus/compose.yml")).expect("YAML");
     paths.insert(scalar(&prometheus["scrape_configs"][0]["metrics_path"]));
     assert_eq!(
         paths,

@@ -36,6 +36,25 @@ struct Seen {
     parent: String,
     name: String,
     service: String,
+    /// The span's attributes, each value as text.
+    attributes: HashMap<String, String>,
+}
+
+impl Seen {
+    fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes.get(key).map(String::as_str)
+    }
+}
+
+/// An attribute's value as text.
+fn text(value: &AnyValue) -> String {
+    match value {
+        AnyValue::StringValue(s) => s.clone(),
+        AnyValue::IntValue(i) => i.to_string(),
+        AnyValue::BoolValue(b) => b.to_string(),
+        AnyValue::DoubleValue(d) => d.to_string(),
+        other => format!("{other:?}"),
+    }
 }
 
 /// An OTLP/HTTP receiver on a free port of 127.0.0.1.
@@ -85,10 +104,7 @@ async fn receive(State(spans): State<Arc<Mutex<Vec<Seen>>>>, body: Bytes) -> imp
             .flat_map(|resource| resource.attributes.iter())
             .find(|kv| kv.key == "service.name")
             .and_then(|kv| kv.value.as_ref()?.value.as_ref())
-            .map(|value| match value {
-                AnyValue::StringValue(name) => name.clone(),
-                other => format!("{other:?}"),
-            })
+            .map(text)
             .unwrap_or_default();
         for scope in resource_spans.scope_spans {
             for span in scope.spans {
@@ -98,6 +114,13 @@ async fn receive(State(spans): State<Arc<Mutex<Vec<Seen>>>>, body: Bytes) -> imp
                     parent: hex(&span.parent_span_id),
                     name: span.name,
                     service: service.clone(),
+                    attributes: span
+                        .attributes
+                        .iter()
+                        .filter_map(|kv| {
+                            Some((kv.key.clone(), text(kv.value.as_ref()?.value.as_ref()?)))
+                        })
+                        .collect(),
                 });
             }
         }
@@ -241,10 +264,73 @@ both!(
         })
         .await;
         let spans = connected_trace(&receiver, &request.trace_id, "").await;
-        // The database and the cache show up inside it.
+        // The database shows up inside it.
         assert!(spans.iter().any(|s| s.name == "transaction"), "{spans:?}");
         assert!(spans.iter().all(|s| s.service == "scaleshop"));
         assert!(logs_name(&server, &request.trace_id));
+        assert_eq!(request.attribute("route"), Some("/v1/orders"));
+        assert_eq!(request.attribute("http.response.status_code"), Some("202"));
+
+        // Reads, each its own trace. The request span is named by the route's
+        // template, not by the path, and carries the answer's status (an
+        // unknown id is a 404 on the same template); the cache lookup inside
+        // says which tier answered: the first read of a new product is loaded
+        // from the database, a later one is an L1 hit. (The product's own
+        // `product.created` may evict the first load when it reaches the cache's
+        // invalidation consumer, so up to 10 reads, 100 ms apart, look for the hit.)
+        let admin = server.admin_token().await;
+        let fresh = product(&server, &admin, "TRACE-1B", 10).await;
+        let path = format!("/v1/products/{fresh}");
+        let unknown = format!("/v1/products/{}", uuid::Uuid::now_v7());
+        let read = async |n: u128, path: &str, status: u16| {
+            let trace_id = format!("{:032x}", 0x7ead_0000_u128 + n);
+            let r = server
+                .client
+                .get(server.url(path))
+                .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+                .send()
+                .await
+                .expect("read");
+            assert_eq!(r.status().as_u16(), status);
+            // The request span and the tier of its cache lookup.
+            eventually(Duration::from_secs(30), || async {
+                let spans = receiver.trace(&trace_id);
+                let request = spans.iter().find(|s| s.name.starts_with("GET "))?.clone();
+                let tier = spans
+                    .iter()
+                    .find(|s| s.name == "cache products")
+                    .and_then(|s| s.attribute("cache.tier"))
+                    .map(str::to_owned);
+                (status != 200 || tier.is_some()).then_some((request, tier))
+            })
+            .await
+        };
+        let (missing, _) = read(0, &unknown, 404).await;
+        assert_eq!(missing.name, "GET /v1/products/{id}");
+        assert_eq!(missing.attribute("route"), Some("/v1/products/{id}"));
+        assert_eq!(missing.attribute("http.response.status_code"), Some("404"));
+        let (first, tier) = read(1, &path, 200).await;
+        assert_eq!(first.name, "GET /v1/products/{id}");
+        assert_eq!(first.attribute("http.response.status_code"), Some("200"));
+        assert_eq!(
+            tier.as_deref(),
+            Some("database"),
+            "the first read is loaded"
+        );
+        let mut tiers = Vec::new();
+        for n in 2..12 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (_, tier) = read(n, &path, 200).await;
+            tiers.extend(tier);
+            if tiers.last().is_some_and(|t| t == "l1") {
+                break;
+            }
+        }
+        assert_eq!(
+            tiers.last().map(String::as_str),
+            Some("l1"),
+            "a later read is an L1 hit: {tiers:?}"
+        );
     }
 );
 
@@ -296,6 +382,85 @@ both!(
         assert!(logs_name(&rest, trace_id));
     }
 );
+
+// The split cluster of `scripts/cluster up --split` (one instance of each
+// group behind the HAProxy gateway, events over NATS): the client's trace goes
+// through the gateway into the orders instance, across the calls between
+// services (which also pass the gateway) and the event bus, to the email sent by
+// the notifications instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_is_one_trace_across_the_split_cluster_behind_its_gateway() {
+    const TEST: &str = "an_order_is_one_trace_across_the_split_cluster_behind_its_gateway";
+    if crate::cluster::skip_without_haproxy(TEST) {
+        return;
+    }
+    let receiver = Receiver::start().await;
+    let dir = scaleshop_testkit::temp_dir("scaleshop-traced-cluster");
+    let _down = crate::cluster::Down(dir.clone());
+    let mut expected: Vec<String> = crate::cluster::SPLIT
+        .iter()
+        .map(|(name, _)| format!("{name}-1"))
+        .collect();
+    expected.extend(["gateway", "postgres", "redis", "nats"].map(str::to_owned));
+    let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+    let (_, env) = crate::cluster::up_with(
+        &dir,
+        &["--split", "--instances", "1", "--nats"],
+        &expected,
+        &[
+            ("SCALESHOP_OTLP_ENDPOINT", receiver.url.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let gateway = Api::new(env["SCALESHOP_URL"].clone());
+    let admin = gateway
+        .sign_in(
+            &env["SCALESHOP_ADMIN_EMAIL"],
+            &env["SCALESHOP_ADMIN_PASSWORD"],
+        )
+        .await;
+    let item = product(&gateway, &admin, "TRACE-4", 100).await;
+    let token = customer(&gateway, "trace-4@example.com").await;
+
+    let trace_id = "5cf92f3577b34da6a3ce929d0e0e4737";
+    let client_span = "10f067aa0ba902b8";
+    let traceparent = format!("00-{trace_id}-{client_span}-01");
+    order(&gateway, &token, &item, Some(&traceparent)).await;
+
+    let spans = connected_trace(&receiver, trace_id, client_span).await;
+    let service_of = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.service.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(service_of(CHAIN[0]), "scaleshop-orders", "{spans:?}");
+    assert_eq!(service_of(CHAIN[6]), "scaleshop-notifications", "{spans:?}");
+    // The saga's calls reach the inventory (in the catalog group) and the
+    // payments instance through the gateway, each a child of the orders
+    // instance's client span.
+    let by_id: HashMap<&str, &Seen> = spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let callees: HashSet<&str> = spans
+        .iter()
+        .filter(|s| {
+            s.name.contains("/internal/")
+                && by_id
+                    .get(s.parent.as_str())
+                    .is_some_and(|caller| caller.service == "scaleshop-orders")
+        })
+        .map(|s| s.service.as_str())
+        .collect();
+    assert!(
+        callees.contains("scaleshop-payments"),
+        "{callees:?} in {spans:?}"
+    );
+    assert!(
+        callees.iter().any(|s| s.contains("inventory")),
+        "{callees:?} in {spans:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
 // Sampling: with a ratio of 0 no new trace is recorded, but a request that
 // arrives with a sampled trace is followed whole (the parent's decision wins).
