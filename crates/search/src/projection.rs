@@ -3,9 +3,23 @@
 //! of a read that carries a consistency token, and the rebuild that makes a new
 //! generation from the whole log while the old one serves, then swaps.
 //!
+//! During a rebuild the old generation keeps following the log beside the
+//! build, so a write committed meanwhile is searchable as soon as outside a
+//! rebuild, and a read that waits for the log's head is still answered by the
+//! index. The new generation is swapped in once it has read the log to its head
+//! and reached at least the position the old one served: the position never
+//! goes back. A shutdown during the build leaves the old generation current (the
+//! next start removes the half-built folder).
+//!
 //! On disk: `DIR/current` names the serving generation's folder (`DIR/gN`),
 //! written by rename. A generation of an older schema, one that cannot be
 //! opened, or one ahead of the log (the database was replaced) is built again.
+//!
+//! There is no check for an index too far behind the log: the log (the outbox,
+//! the `events` table) is never compacted, so an index can always catch up from
+//! its position, however old. Should the log ever drop old events, an index
+//! whose position is below the oldest event kept must be built again, as one
+//! ahead of the log is.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,7 +56,8 @@ pub enum State {
     CatchingUp,
     /// Serving, and following the log.
     Live,
-    /// Serving from the old generation while a new one is built from the log.
+    /// Serving from the old generation, which keeps following the log, while a
+    /// new one is built from the whole log.
     Rebuilding,
     /// An event could not be applied; retried, searches with a token go to the
     /// command side meanwhile.
@@ -229,7 +244,8 @@ impl ProductSearch {
     }
 
     /// Asks the follower to build a new generation from the whole log and swap
-    /// to it; searches keep the current one meanwhile.
+    /// to it; searches keep the current one meanwhile, which keeps following
+    /// the log.
     pub fn request_rebuild(&self) {
         self.inner.rebuild.store(true, Ordering::SeqCst);
         self.inner.wake.notify_one();
@@ -297,7 +313,7 @@ impl ProductSearch {
                 notified.as_mut().enable();
                 let mut wait = poll;
                 if this.inner.rebuild.swap(false, Ordering::SeqCst) {
-                    if let Err(e) = this.rebuild(&log, &shutdown).await {
+                    if let Err(e) = this.rebuild(&log, &signal, poll, &shutdown).await {
                         tracing::error!(error = %e, "search index rebuild failed; the old index serves");
                         this.set_state(State::Live, None);
                     }
@@ -365,11 +381,21 @@ impl ProductSearch {
         Ok(true)
     }
 
-    /// Builds a new generation from the whole log while the current one serves,
-    /// then swaps to it.
+    /// Builds a new generation from the whole log while the current one serves
+    /// and keeps following the log, then swaps to it once it has reached the
+    /// head and at least the position served (a swap never goes back).
+    ///
+    /// The build and the follower of the serving generation run side by side on
+    /// this task (their batches on the blocking pool): a write committed during
+    /// the rebuild reaches the serving generation as it would outside one, so a
+    /// read that waits for the log's head is still answered by the index. The
+    /// follower stops only between its steps, never inside one, so the position
+    /// it published is always what its generation has committed.
     async fn rebuild(
         &self,
         log: &EventLog,
+        signal: &Notify,
+        poll: Duration,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<(), SearchError> {
         self.set_state(State::Rebuilding, None);
@@ -380,18 +406,16 @@ impl ProductSearch {
                 .map_err(|e| SearchError::Index(e.to_string()))??,
         );
         let started = std::time::Instant::now();
-        let mut position = 0;
-        loop {
-            if *shutdown.borrow() {
-                // The next start finds the old generation current and removes this one.
-                return Ok(());
+        let position = match self.build_beside(log, signal, poll, shutdown, &fresh).await {
+            Ok(Some(position)) => position,
+            // Shut down: the next start finds the old generation current and
+            // removes this one.
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                let _ = tokio::task::spawn_blocking(move || remove_generation(fresh)).await;
+                return Err(e);
             }
-            let events = log.list(position, BUILD_BATCH).await?;
-            if events.is_empty() {
-                break;
-            }
-            position = apply(fresh.clone(), events).await?;
-        }
+        };
         let fresh = Arc::try_unwrap(fresh)
             .map_err(|_| SearchError::Index("the new index is still in use".into()))?;
         tracing::info!(
@@ -399,9 +423,103 @@ impl ProductSearch {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "search index rebuilt from the log"
         );
+        // Under the state's lock: whoever sees `Rebuilding` has not seen the swap.
+        let mut state = self.inner.state.lock();
         self.swap(fresh, position)?;
-        self.set_state(State::Live, None);
+        *state = (State::Live, None);
         Ok(())
+    }
+
+    /// Fills `fresh` from the whole log while the serving generation follows
+    /// it, then brings `fresh` up to the head and to at least the position
+    /// served. Its position, or `None` when shut down first.
+    async fn build_beside(
+        &self,
+        log: &EventLog,
+        signal: &Notify,
+        poll: Duration,
+        shutdown: &watch::Receiver<bool>,
+        fresh: &Arc<Generation>,
+    ) -> Result<Option<i64>, SearchError> {
+        let (built, stop_following) = watch::channel(false);
+        let build = async {
+            let reached = Self::build(log, fresh, 0, Some(shutdown)).await;
+            built.send_replace(true);
+            reached
+        };
+        let ((), reached) = tokio::join!(
+            self.follow_while_building(log, signal, poll, stop_following, shutdown.clone()),
+            build
+        );
+        let Some(position) = reached? else {
+            return Ok(None);
+        };
+        // The events committed since the build's last read: at least up to what
+        // the serving generation reached meanwhile.
+        let position = Self::build(log, fresh, position, None)
+            .await?
+            .unwrap_or(position);
+        let served = self.position();
+        if position < served {
+            return Err(SearchError::Index(format!(
+                "the new index reached event {position} of the log, the serving one {served}: the log is shorter than what was served"
+            )));
+        }
+        Ok(Some(position))
+    }
+
+    /// Applies the log after `position` to `generation` until a read finds no
+    /// more; the last event applied (`position` when none). `None` when
+    /// `shutdown` turned true first.
+    async fn build(
+        log: &EventLog,
+        generation: &Arc<Generation>,
+        mut position: i64,
+        shutdown: Option<&watch::Receiver<bool>>,
+    ) -> Result<Option<i64>, SearchError> {
+        loop {
+            if shutdown.is_some_and(|s| *s.borrow()) {
+                return Ok(None);
+            }
+            let events = log.list(position, BUILD_BATCH).await?;
+            if events.is_empty() {
+                return Ok(Some(position));
+            }
+            position = apply(generation.clone(), events).await?;
+        }
+    }
+
+    /// The follower of the serving generation during a rebuild, until `built`
+    /// (or `shutdown`) turns true. A failure is retried as outside a rebuild,
+    /// but the state stays `Rebuilding`: the new generation may be the cure.
+    async fn follow_while_building(
+        &self,
+        log: &EventLog,
+        signal: &Notify,
+        poll: Duration,
+        mut built: watch::Receiver<bool>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        while !*built.borrow() && !*shutdown.borrow() {
+            let notified = signal.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let mut wait = poll;
+            match self.step(log, BATCH).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "search index: the serving index could not follow the log during a rebuild; retrying");
+                    wait = Duration::from_secs(2);
+                }
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep(wait) => {}
+                _ = built.changed() => {}
+                _ = shutdown.changed() => {}
+            }
+        }
     }
 
     /// Makes `generation` the serving one (on disk first), removes the old one;

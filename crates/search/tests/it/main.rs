@@ -1,9 +1,12 @@
 //! The search index on real tantivy folders: what matches (typos, prefixes,
 //! accents, other scripts), ranking, filters, facets, highlights, and that an
 //! index built in one pass equals one built event by event, also across a
-//! reopen.
+//! reopen. `projection`: the follower on a real log (rebuild, missing, foreign
+//! and unreadable index folders).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+mod projection;
 
 use scaleshop_contracts::Contract;
 use scaleshop_contracts::catalog::{ProductCreated, ProductUpdated};
