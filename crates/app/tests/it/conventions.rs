@@ -591,6 +591,9 @@ both!(
             wrong_sign_in(&app, email)
         });
         let responses = futures::future::join_all(attempts).await;
+        // Every attempt was checked before its answer came back: a burst that
+        // was answered within the refill interval (6 s) was checked within it.
+        let checked_within_refill = burst_started.elapsed() < std::time::Duration::from_secs(6);
         let mut refused = Vec::new();
         let mut statuses = Vec::new();
         for response in responses {
@@ -600,6 +603,15 @@ both!(
             } else {
                 assert_eq!(response.status(), 401);
             }
+        }
+        if !checked_within_refill && refused.is_empty() {
+            // A machine so slow that the 11 attempts reached the limiter over
+            // more than one refill interval: the limit refilled one meanwhile.
+            eprintln!(
+                "the burst took {:?}: no attempt was over the limit",
+                burst_started.elapsed()
+            );
+            return;
         }
         assert_eq!(refused.len(), 1, "{statuses:?}");
         let response = refused.pop().unwrap();
