@@ -47,7 +47,8 @@ pub const CONSUMER: &str = "product-listing";
 /// The consumer of a rebuild's new copy.
 pub const REBUILD_CONSUMER: &str = "product-listing.rebuild";
 
-/// The projection's table, as `0002_product_listing.sql` makes it.
+/// The projection's table, as `0002_product_listing.sql` makes it: a migration that changes
+/// the table changes this too (the rebuild test compares the two).
 pub static TABLE: Table = Table {
     name: "product_listing",
     shadow: "product_listing_next",

@@ -31,7 +31,8 @@ pub const CONSUMER: &str = "order-history";
 /// The consumer of a rebuild's new copy.
 pub const REBUILD_CONSUMER: &str = "order-history.rebuild";
 
-/// The projection's table, as `0003_order_history.sql` makes it.
+/// The projection's table, as `0003_order_history.sql` makes it: a migration that changes
+/// the table changes this too (the rebuild test compares the two).
 pub static TABLE: Table = Table {
     name: "order_history",
     shadow: "order_history_next",
