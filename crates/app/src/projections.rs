@@ -131,7 +131,7 @@ pub async fn rebuild(
             .ok_or_else(|| error(format!("projection {name} went away")))?;
         // The search index serves a new generation when done; a table
         // projection (no generation) says `rebuilding` from the request on,
-        // until it has caught up.
+        // until its new copy has taken the old one's place.
         let swapped = now["generation"].is_null() || now["generation"] != before["generation"];
         if swapped && now["state"] == "live" {
             return Ok(now);

@@ -3,8 +3,8 @@
 //! (`POST /v1/projections/{name}/rebuild`, what `scaleshop projections rebuild`
 //! calls). Two kinds: the search index on this process's disk
 //! (`scaleshop_search`), rebuilt into a new generation while the old one
-//! serves; and projections in tables (`scaleshop_events::projection`), emptied
-//! and delivered the log again while the command side answers their reads.
+//! serves; and projections in tables (`scaleshop_events::projection`), rebuilt
+//! into a new copy of their tables while the old one serves, then swapped.
 
 use std::sync::Arc;
 
@@ -58,6 +58,9 @@ struct ReadModelStatus {
     /// Why it is stuck, when it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// A table's rebuild, while it runs: how far its new copy has got.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rebuild: Option<projection::Progress>,
 }
 
 impl From<scaleshop_search::Status> for ReadModelStatus {
@@ -77,6 +80,7 @@ impl From<scaleshop_search::Status> for ReadModelStatus {
             digest: s.digest,
             generation: Some(s.generation),
             error: s.error,
+            rebuild: None,
         }
     }
 }
@@ -97,6 +101,7 @@ impl From<projection::Status> for ReadModelStatus {
             digest: s.digest,
             generation: None,
             error: s.error,
+            rebuild: s.rebuild,
         }
     }
 }
@@ -153,8 +158,10 @@ async fn list_projections(
 
 /// Builds a projection again from the whole log (202: it runs in the
 /// background; watch `state`). The search index is built into a new generation
-/// while the old one serves, then swapped; a table is emptied at once and its
-/// reads go to the command side until it has caught up.
+/// while the old one serves, then swapped; a table likewise into a new copy of
+/// its tables (`state` is `rebuilding`, `rebuild` its progress) while the old
+/// copy answers reads, then swapped. Asked while a rebuild of it runs, it is
+/// that rebuild.
 #[utoipa::path(
     post, path = "/v1/projections/{name}/rebuild", tag = "projections",
     params(("name" = String, Path, description = "`product-search`, `product-listing` or `order-history`")),
@@ -188,13 +195,15 @@ async fn rebuild_projection(
         .find(|t| t.name() == name)
         .cloned()
         .ok_or_else(|| ApiError::not_found().detail("no such projection here"))?;
-    let rebuild =
-        projection::begin_rebuild(&models.db, table.clone(), models.settings.clone()).await?;
-    tokio::spawn(async move {
-        if let Err(e) = rebuild.run().await {
-            tracing::warn!(error = %e, "projection rebuild stopped; the consumer's runner finishes it");
-        }
-    });
+    // `None`: a rebuild of it runs already (here or in another process).
+    if let Some(rebuild) =
+        projection::begin_rebuild(&models.db, table.clone(), models.settings.clone()).await?
+    {
+        // `run` logs how it ends; a rebuild that stops is taken over later.
+        tokio::spawn(async move {
+            let _ = rebuild.run().await;
+        });
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(projection::status(&models.db, table.as_ref()).await?.into()),

@@ -311,7 +311,7 @@ fn catalog(cx: &mut Context<'_>) -> Result<Registration, StartError> {
         consumers,
         background,
         projections: vec![Arc::new(
-            scaleshop_catalog::listing::ProductListingProjection,
+            scaleshop_catalog::listing::ProductListingProjection::default(),
         )],
         index: search,
         ..Registration::default()
@@ -356,8 +356,9 @@ fn orders(cx: &mut Context<'_>) -> Result<Registration, StartError> {
         Duration::from_millis(config.projection_wait_ms),
     ));
     let mut reg = Registration::default();
-    reg.projections
-        .push(Arc::new(scaleshop_orders::history::OrderHistoryProjection));
+    reg.projections.push(Arc::new(
+        scaleshop_orders::history::OrderHistoryProjection::default(),
+    ));
     reg.consumers
         .push(Arc::new(scaleshop_orders::OrderProcessor {
             max_attempts: config.order_max_attempts,

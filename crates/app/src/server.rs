@@ -273,7 +273,7 @@ impl App {
                     dispatcher.subscribe(consumer);
                 }
                 for projection in &registration.projections {
-                    dispatcher.subscribe(projection.clone());
+                    dispatcher.subscribe_projection(projection.clone());
                 }
             }
             read_models.tables.extend(registration.projections);

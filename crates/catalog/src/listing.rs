@@ -14,8 +14,11 @@
 //! search results is read from it: one read where the command side needs three
 //! (products, stock, images). A read first waits (at most `projection_wait`)
 //! until the consumer has handled the log up to the head as it is at the read;
-//! while it cannot answer (behind, being rebuilt), the command side does.
+//! while it cannot answer (behind, stuck on an event), the command side does. A
+//! rebuild fills `product_listing_next` while this table serves, then swaps
+//! (see `scaleshop_events::projection`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,6 +31,7 @@ use scaleshop_contracts::{
 };
 use scaleshop_db::sqlx::{self, FromRow, types::Json};
 use scaleshop_db::{Consistency, Database, StoreError, Tx, read_with, with_pool, with_tx};
+use scaleshop_events::projection::{Table, on_table};
 use scaleshop_events::{Consumer, Event, EventSet, HandlerError, Projection};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -39,6 +43,25 @@ use crate::store::ProductRow;
 /// The consumer's name: its position, and the `projection` label of
 /// `projection_lag`.
 pub const CONSUMER: &str = "product-listing";
+
+/// The consumer of a rebuild's new copy.
+pub const REBUILD_CONSUMER: &str = "product-listing.rebuild";
+
+/// The projection's table, as `0002_product_listing.sql` makes it: a migration that changes
+/// the table changes this too (the rebuild test compares the two).
+pub static TABLE: Table = Table {
+    name: "product_listing",
+    shadow: "product_listing_next",
+    sqlite: "CREATE TABLE {table} (id BLOB PRIMARY KEY, sku TEXT NOT NULL, name TEXT NOT NULL, \
+             description TEXT NOT NULL, price_cents INTEGER NOT NULL, currency TEXT NOT NULL, \
+             initial_stock INTEGER NOT NULL, available INTEGER NOT NULL, images TEXT NOT NULL, \
+             created_at TEXT NOT NULL, updated_at TEXT NOT NULL)",
+    postgres: "CREATE TABLE {table} (id UUID PRIMARY KEY, sku TEXT NOT NULL, name TEXT NOT NULL, \
+               description TEXT NOT NULL, price_cents BIGINT NOT NULL, currency TEXT NOT NULL, \
+               initial_stock BIGINT NOT NULL, available BIGINT NOT NULL, images JSONB NOT NULL, \
+               created_at TIMESTAMPTZ NOT NULL, updated_at TIMESTAMPTZ NOT NULL)",
+    indexes: &[],
+};
 
 /// An image as `GET /v1/images/{id}` shows it (the shape of the media service's
 /// `ImageView`, built here from its events).
@@ -165,15 +188,30 @@ scaleshop_contracts::event_set! {
     }
 }
 
-/// Builds `product_listing` from events.
-#[derive(Debug, Clone, Copy)]
-pub struct ProductListingProjection;
+/// Builds `product_listing` from events (the default instance; its
+/// [`Projection::shadow`] builds a rebuild's `product_listing_next`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProductListingProjection {
+    shadow: bool,
+}
 
-async fn move_stock(tx: &mut Tx, lines: &[StockLine], sign: i64) -> Result<(), HandlerError> {
-    const Q: &str = "UPDATE product_listing SET available = available + $2 WHERE id = $1";
+impl ProductListingProjection {
+    /// The table this instance writes.
+    fn table(&self) -> &'static str {
+        TABLE.named(self.shadow)
+    }
+}
+
+async fn move_stock(
+    tx: &mut Tx,
+    table: &'static str,
+    lines: &[StockLine],
+    sign: i64,
+) -> Result<(), HandlerError> {
+    const Q: &str = "UPDATE {table} SET available = available + $2 WHERE id = $1";
     for line in lines {
         with_tx!(tx, conn => {
-            sqlx::query(Q)
+            sqlx::query(on_table(Q, table))
                 .bind(line.product_id)
                 .bind(sign * line.quantity)
                 .execute(conn)
@@ -188,12 +226,17 @@ async fn move_stock(tx: &mut Tx, lines: &[StockLine], sign: i64) -> Result<(), H
 /// `only_new` and there is one already (an `image.added` after its
 /// `image.processed` cannot happen in the log, but a replay must not undo a
 /// settled image either way).
-async fn put_image(tx: &mut Tx, image: ImageEntry, only_new: bool) -> Result<(), HandlerError> {
-    const READ: &str = "SELECT images FROM product_listing WHERE id = $1";
-    const WRITE: &str = "UPDATE product_listing SET images = $2 WHERE id = $1";
+async fn put_image(
+    tx: &mut Tx,
+    table: &'static str,
+    image: ImageEntry,
+    only_new: bool,
+) -> Result<(), HandlerError> {
+    const READ: &str = "SELECT images FROM {table} WHERE id = $1";
+    const WRITE: &str = "UPDATE {table} SET images = $2 WHERE id = $1";
     let product = image.product_id;
     let images: Option<Json<Vec<ImageEntry>>> = with_tx!(tx, conn => {
-        sqlx::query_scalar(READ).bind(product).fetch_optional(conn).await.map_err(StoreError::from)?
+        sqlx::query_scalar(on_table(READ, table)).bind(product).fetch_optional(conn).await.map_err(StoreError::from)?
     });
     // Its `product.created` comes first in the log; an image of a product this
     // view does not hold is not one it can show.
@@ -209,7 +252,7 @@ async fn put_image(tx: &mut Tx, image: ImageEntry, only_new: bool) -> Result<(),
         }
     }
     with_tx!(tx, conn => {
-        sqlx::query(WRITE).bind(product).bind(Json(&images)).execute(conn).await.map_err(StoreError::from)?;
+        sqlx::query(on_table(WRITE, table)).bind(product).bind(Json(&images)).execute(conn).await.map_err(StoreError::from)?;
     });
     Ok(())
 }
@@ -217,7 +260,11 @@ async fn put_image(tx: &mut Tx, image: ImageEntry, only_new: bool) -> Result<(),
 #[async_trait]
 impl Consumer for ProductListingProjection {
     fn name(&self) -> &'static str {
-        CONSUMER
+        if self.shadow {
+            REBUILD_CONSUMER
+        } else {
+            CONSUMER
+        }
     }
 
     fn wants(&self, event_type: &str) -> bool {
@@ -232,16 +279,17 @@ impl Consumer for ProductListingProjection {
         let Some(change) = Changes::decode(event)? else {
             return Ok(());
         };
+        let table = self.table();
         match change {
             Changes::Created(e) => {
-                const Q: &str = "INSERT INTO product_listing (id, sku, name, description, \
+                const Q: &str = "INSERT INTO {table} (id, sku, name, description, \
                                  price_cents, currency, initial_stock, available, images, \
                                  created_at, updated_at) \
                                  VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $9) \
                                  ON CONFLICT (id) DO NOTHING";
                 let at: DateTime<Utc> = e.at.unwrap_or(event.occurred_at);
                 with_tx!(tx, conn => {
-                    sqlx::query(Q)
+                    sqlx::query(on_table(Q, table))
                         .bind(e.product_id)
                         .bind(&e.sku)
                         .bind(&e.name)
@@ -258,11 +306,11 @@ impl Consumer for ProductListingProjection {
             }
             Changes::Updated(e) => {
                 // An older event without the description leaves it as it was.
-                const Q: &str = "UPDATE product_listing SET name = $2, \
+                const Q: &str = "UPDATE {table} SET name = $2, \
                                  description = COALESCE($3, description), price_cents = $4, \
                                  updated_at = $5 WHERE id = $1";
                 with_tx!(tx, conn => {
-                    sqlx::query(Q)
+                    sqlx::query(on_table(Q, table))
                         .bind(e.product_id)
                         .bind(&e.name)
                         .bind(e.description.as_deref())
@@ -274,9 +322,9 @@ impl Consumer for ProductListingProjection {
                 });
             }
             Changes::Adjusted(e) => {
-                const Q: &str = "UPDATE product_listing SET available = $2 WHERE id = $1";
+                const Q: &str = "UPDATE {table} SET available = $2 WHERE id = $1";
                 with_tx!(tx, conn => {
-                    sqlx::query(Q)
+                    sqlx::query(on_table(Q, table))
                         .bind(e.product_id)
                         .bind(e.available)
                         .execute(conn)
@@ -284,8 +332,8 @@ impl Consumer for ProductListingProjection {
                         .map_err(StoreError::from)?;
                 });
             }
-            Changes::Reserved(e) => move_stock(tx, &e.items, -1).await?,
-            Changes::Released(e) => move_stock(tx, &e.items, 1).await?,
+            Changes::Reserved(e) => move_stock(tx, table, &e.items, -1).await?,
+            Changes::Released(e) => move_stock(tx, table, &e.items, 1).await?,
             Changes::ImageAdded(e) => {
                 let image = ImageEntry {
                     id: e.image_id,
@@ -294,7 +342,7 @@ impl Consumer for ProductListingProjection {
                     variants: Vec::new(),
                     error: None,
                 };
-                put_image(tx, image, true).await?;
+                put_image(tx, table, image, true).await?;
             }
             Changes::ImageProcessed(e) => {
                 // Variants are shown once the image is ready.
@@ -319,7 +367,7 @@ impl Consumer for ProductListingProjection {
                     variants,
                     error: e.error,
                 };
-                put_image(tx, image, false).await?;
+                put_image(tx, table, image, false).await?;
             }
         }
         Ok(())
@@ -328,17 +376,20 @@ impl Consumer for ProductListingProjection {
 
 #[async_trait]
 impl Projection for ProductListingProjection {
-    async fn clear(&self, tx: &mut Tx) -> Result<(), StoreError> {
-        with_tx!(tx, conn => {
-            sqlx::query("DELETE FROM product_listing").execute(conn).await?;
-        });
-        Ok(())
+    fn tables(&self) -> &'static [Table] {
+        std::slice::from_ref(&TABLE)
+    }
+
+    fn shadow(&self) -> Arc<dyn Projection> {
+        Arc::new(Self { shadow: true })
     }
 
     async fn digest(&self, db: &Database) -> Result<(u64, String), StoreError> {
-        let q = format!("{SELECT} ORDER BY id");
+        const Q: &str = "SELECT id, sku, name, description, price_cents, currency, initial_stock, \
+                         created_at, updated_at, available, images FROM {table} ORDER BY id";
+        debug_assert!(Q.starts_with(&SELECT.replace("product_listing", "{table}")));
         let rows: Vec<Row> = with_pool!(db, pool => {
-            sqlx::query_as(sqlx::AssertSqlSafe(q.clone())).fetch_all(pool).await?
+            sqlx::query_as(on_table(Q, self.table())).fetch_all(pool).await?
         });
         let mut digest = scaleshop_events::projection::Digest::default();
         for row in rows {

@@ -37,6 +37,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use crate::projection::Projection;
 use crate::{Event, EventLog};
 
 /// Why a handler failed; the message is kept as the event's `last_error`.
@@ -59,7 +60,10 @@ impl HandlerError {
 
     /// A failure that no retry can cure (the event cannot be read by this build):
     /// the event is parked as dead for the consumer at once, and delivery goes on.
-    /// An admin redelivers it once a consumer that can handle it runs.
+    /// An admin redelivers it once a consumer that can handle it runs. A read
+    /// model ([`Consumer::is_projection`]) retries it like any failure instead:
+    /// it must not skip an event silently, so it stays behind (`stuck`, its
+    /// reads answered by the command side) until its last attempt.
     pub fn permanent(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
@@ -99,7 +103,8 @@ pub trait Consumer: Send + Sync + 'static {
     /// Does it react to events of this type? Others are passed over.
     fn wants(&self, event_type: &str) -> bool;
     /// A read model (CQRS): its lag is also reported as
-    /// `projection_lag{projection = name}`.
+    /// `projection_lag{projection = name}`, and an event it cannot read is
+    /// retried rather than parked at once (see [`HandlerError::permanent`]).
     fn is_projection(&self) -> bool {
         false
     }
@@ -211,6 +216,9 @@ impl DeadEvents {
 pub struct Dispatcher {
     db: Database,
     consumers: Vec<Arc<dyn Consumer>>,
+    /// The read models among `consumers`, whose abandoned rebuilds this
+    /// process finishes.
+    projections: Vec<Arc<dyn Projection>>,
     settings: DispatcherSettings,
     owner: String,
     heartbeat: Heartbeat,
@@ -277,6 +285,7 @@ impl Dispatcher {
         Self {
             db,
             consumers: Vec::new(),
+            projections: Vec::new(),
             settings,
             owner: format!("{}-{}", std::process::id(), Uuid::now_v7().simple()),
             heartbeat: Heartbeat::default(),
@@ -294,6 +303,13 @@ impl Dispatcher {
 
     pub fn subscribe(&mut self, consumer: Arc<dyn Consumer>) {
         self.consumers.push(consumer);
+    }
+
+    /// Subscribes a read model kept in tables; this process also finishes a
+    /// rebuild of it that its rebuilder left (see [`crate::projection`]).
+    pub fn subscribe_projection(&mut self, projection: Arc<dyn Projection>) {
+        self.consumers.push(projection.clone());
+        self.projections.push(projection);
     }
 
     pub fn heartbeat(&self) -> Heartbeat {
@@ -359,6 +375,7 @@ impl Dispatcher {
             owner: self.owner.clone(),
             heartbeat: self.heartbeat.clone(),
             leased_at: None,
+            until: None,
         });
         match &self.nats {
             None => {
@@ -378,6 +395,14 @@ impl Dispatcher {
                 .await?;
                 tasks.extend(started);
             }
+        }
+        if !self.projections.is_empty() {
+            tasks.push(tokio::spawn(crate::projection::finish_abandoned_rebuilds(
+                self.db.clone(),
+                self.projections,
+                self.settings.clone(),
+                shutdown.clone(),
+            )));
         }
         self.heartbeat.beat();
         Ok(tokio::spawn(async move {
@@ -448,6 +473,11 @@ async fn report_lag(
         with_pool!(db, pool => sqlx::query_as(POSITIONS).fetch_all(pool).await?);
     let mut slowest: Option<i64> = None;
     for (name, position) in positions {
+        // A rebuild's new copy of a read model is no consumer of the log's:
+        // `GET /v1/projections` shows its progress.
+        if crate::projection::is_rebuild(&name) {
+            continue;
+        }
         slowest = Some(slowest.map_or(position, |s| s.min(position)));
         let projection = projections.iter().find(|p| **p == name).copied();
         if !per_consumer && projection.is_none() {
@@ -485,6 +515,9 @@ pub(crate) struct Runner {
     /// would be a commit per consumer per event (on SQLite, the one writer's
     /// lock, which the API's writes wait for).
     pub(crate) leased_at: Option<tokio::time::Instant>,
+    /// Delivers no event after this sequence (a rebuild's new copy, which
+    /// follows the live copy's position rather than the head).
+    pub(crate) until: Option<i64>,
 }
 
 impl Runner {
@@ -638,9 +671,12 @@ impl Runner {
         {
             return Ok(Step::RetryAt(at));
         }
-        let events = EventLog::new(self.db.clone())
+        let mut events = EventLog::new(self.db.clone())
             .list(state.position, self.settings.batch)
             .await?;
+        if let Some(until) = self.until {
+            events.retain(|e| e.sequence <= until);
+        }
         let Some(last) = events.last().map(|e| e.sequence) else {
             return Ok(Step::Idle);
         };
@@ -866,7 +902,8 @@ impl Runner {
         error: &HandlerError,
     ) -> Result<Delivery, StoreError> {
         let max = i32::try_from(self.settings.max_attempts).unwrap_or(i32::MAX);
-        let permanent = error.is_permanent();
+        // A read model does not skip an event it cannot read: it retries it.
+        let permanent = error.is_permanent() && !self.consumer.is_projection();
         let error = error.message();
         if permanent || attempts >= max {
             const PARK: &str = "INSERT INTO event_dead (consumer, event_id, sequence, attempts, last_error, state, died_at) \

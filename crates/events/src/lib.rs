@@ -13,7 +13,8 @@
 //! builds its event with [`NewEvent::typed`], a consumer reads one with
 //! [`Event::decode`] or an [`EventSet`]; the envelope carries the payload's
 //! version, and an event a consumer cannot read (a newer version, a bad shape) is
-//! parked as dead for it at once (see [`HandlerError::permanent`]).
+//! parked as dead for it at once, unless the consumer is a read model, which
+//! retries it (see [`HandlerError::permanent`]).
 
 use chrono::{DateTime, SubsecRound, Utc};
 use scaleshop_db::sqlx::types::Json;

@@ -447,7 +447,10 @@ impl Relay {
     /// store: start again from the slowest consumer.
     async fn reconcile(&self) -> Result<Cursor, StoreError> {
         const SAVED: &str = "SELECT position FROM event_relays WHERE name = $1";
-        const SLOWEST: &str = "SELECT COALESCE(MIN(position), 0) FROM event_consumers";
+        // A rebuild's new copy of a read model (`crate::projection::REBUILD_SUFFIX`)
+        // reads the table, never the stream.
+        const SLOWEST: &str = "SELECT COALESCE(MIN(position), 0) FROM event_consumers \
+                               WHERE name NOT LIKE '%.rebuild'";
         ensure_streams(&self.context, &self.settings).await?;
         let stream = bounded(
             "get stream",

@@ -1,39 +1,164 @@
 //! Read models kept in tables (CQRS projections): a [`Projection`] is a
-//! [`Consumer`] whose effects are a table of its own, built only from events.
+//! [`Consumer`] whose effects are tables of its own, built only from events.
 //! This module gives every such projection what the search index has on disk:
-//! a state (`catching_up`, `live`, `rebuilding`, `stuck`), a digest of its rows,
-//! a bounded wait for read-your-writes, and a rebuild from the whole log.
+//! a state (`live`, `rebuilding`, `stuck`), a digest of its rows, a bounded wait
+//! for read-your-writes, and a rebuild from the whole log while it serves.
 //!
-//! A rebuild takes the consumer's lease from whichever process holds it (its
-//! in-flight batch then fails its fenced position move and rolls back), empties
-//! the table, its inbox and its position in one transaction, records the head of
-//! the log as `rebuild_to`, and delivers the log again through the same code as
-//! the dispatcher, then hands the lease back. Until the position is back at
-//! `rebuild_to`, [`serving`] is false and reads are answered by the command
-//! side. A rebuilder that dies lets its lease run out; the consumer's usual
-//! runner then goes on from the position the rebuild reached, so a crash in the
-//! middle loses nothing and applies nothing twice.
+//! A rebuild builds a second copy of the read model's tables (each [`Table`]'s
+//! `shadow`, such as `order_history_next`, made as the migrations make the live
+//! one) by delivering the whole log to a second instance of the projection
+//! ([`Projection::shadow`]) that writes into it, under a consumer name of its
+//! own (`order-history.rebuild`: its own position, inbox, dead events and
+//! lease), through the same delivery code as the dispatcher. The live copy
+//! keeps following the log and answering reads meanwhile; the new copy follows
+//! the live copy's position, never past it. Once it has reached it, the
+//! rebuilder takes the live consumer's lease (a batch in flight then fails its
+//! fenced position move and rolls back, so the live position stands still),
+//! delivers to the new copy what is left up to that position, and swaps in one
+//! transaction: the live tables are dropped and the new ones renamed in their
+//! place (indexes included), the consumer's inbox and dead events become the
+//! new copy's, and the shadow consumer goes. The position stays where it was:
+//! the served position never moves back, and each copy applied each event
+//! once. The live consumer's runner then goes on from there, on the new rows.
+//!
+//! A rebuild asked while one runs is that one. A rebuilder that dies leaves the
+//! live copy as it was and its new copy at the position it reached: every
+//! process that delivers the projection looks for such an abandoned rebuild at
+//! start and every lease period and finishes it, as does the next request for a
+//! rebuild.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use scaleshop_db::clock::after;
+use scaleshop_db::clock::{after, now};
 use scaleshop_db::sqlx::{self, FromRow};
-use scaleshop_db::{Database, StoreError, Tx, with_pool, with_tx};
+use scaleshop_db::{Backend, Database, StoreError, Topic, Tx, with_pool, with_tx};
 use serde::Serialize;
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::EventLog;
 use crate::dispatch::{Consumer, DispatcherSettings, Runner, Step};
 
+/// The end of the consumer name of a rebuild's new copy: `<name>.rebuild`.
+pub const REBUILD_SUFFIX: &str = ".rebuild";
+
+/// Is `consumer` the new copy of a rebuild (not a consumer of the log's own)?
+pub fn is_rebuild(consumer: &str) -> bool {
+    consumer.ends_with(REBUILD_SUFFIX)
+}
+
+/// A table of a read model, as a rebuild makes its new copy and swaps it in.
+#[derive(Debug)]
+pub struct Table {
+    /// The name the service reads (the migrations make it).
+    pub name: &'static str,
+    /// The name of the copy a rebuild fills.
+    pub shadow: &'static str,
+    /// `CREATE TABLE {table} (...)` on SQLite and on PostgreSQL, as the
+    /// migrations make the live table (`{table}` is the copy's name).
+    pub sqlite: &'static str,
+    pub postgres: &'static str,
+    /// Its secondary indexes, `(suffix, columns)`: made as
+    /// `CREATE INDEX {table}_{suffix} ON {table} {columns}`, the migrations'
+    /// names.
+    pub indexes: &'static [(&'static str, &'static str)],
+}
+
+impl Table {
+    /// The name of this table in the copy an instance writes.
+    pub fn named(&self, shadow: bool) -> &'static str {
+        if shadow { self.shadow } else { self.name }
+    }
+
+    /// The statements that make the rebuild's copy, empty (after one an
+    /// abandoned rebuild left).
+    fn create_shadow(&self, backend: Backend) -> Vec<String> {
+        let table = self.shadow;
+        let create = match backend {
+            Backend::Sqlite => self.sqlite,
+            Backend::Postgres => self.postgres,
+        };
+        let mut statements = vec![
+            format!("DROP TABLE IF EXISTS {table}"),
+            create.replace("{table}", table),
+        ];
+        for (suffix, columns) in self.indexes {
+            statements.push(format!(
+                "CREATE INDEX {table}_{suffix} ON {table} {columns}"
+            ));
+        }
+        statements
+    }
+
+    /// The statements that put the rebuild's copy in place of the live table,
+    /// under its name and its indexes' names. PostgreSQL renames the indexes
+    /// (the primary key's is `{table}_pkey`); SQLite renames its primary key's
+    /// with the table and cannot rename an index, so it makes the others again
+    /// (readers, on the last commit, do not wait for it).
+    fn swap(&self, backend: Backend) -> Vec<String> {
+        let (live, shadow) = (self.name, self.shadow);
+        let mut statements = vec![
+            format!("DROP TABLE {live}"),
+            format!("ALTER TABLE {shadow} RENAME TO {live}"),
+        ];
+        match backend {
+            Backend::Postgres => {
+                statements.push(format!(
+                    "ALTER INDEX IF EXISTS {shadow}_pkey RENAME TO {live}_pkey"
+                ));
+                for (suffix, _) in self.indexes {
+                    statements.push(format!(
+                        "ALTER INDEX {shadow}_{suffix} RENAME TO {live}_{suffix}"
+                    ));
+                }
+            }
+            Backend::Sqlite => {
+                for (suffix, columns) in self.indexes {
+                    statements.push(format!("DROP INDEX {shadow}_{suffix}"));
+                    statements.push(format!("CREATE INDEX {live}_{suffix} ON {live} {columns}"));
+                }
+            }
+        }
+        statements
+    }
+}
+
+/// `sql` with every `{table}` replaced by `table`: one statement for either copy
+/// of a read model's table. Only a [`Table`]'s names go in.
+pub fn on_table(sql: &str, table: &'static str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(sql.replace("{table}", table))
+}
+
+/// Runs `statements` (DDL, which no statement cache keeps) in `tx`.
+async fn execute_all(tx: &mut Tx, statements: Vec<String>) -> Result<(), StoreError> {
+    for statement in statements {
+        with_tx!(tx, conn => {
+            sqlx::query(sqlx::AssertSqlSafe(statement.clone()))
+                .persistent(false)
+                .execute(conn)
+                .await?;
+        });
+    }
+    Ok(())
+}
+
 /// A read model in tables of its own, built only by this consumer's handler.
+///
+/// The instance the dispatcher delivers to writes the live tables; its
+/// [`shadow`](Projection::shadow) writes the rebuild's copies ([`Table::shadow`])
+/// with the same statements (see [`on_table`]).
 #[async_trait]
 pub trait Projection: Consumer {
-    /// Deletes every row of the read model (in the rebuild's transaction).
-    async fn clear(&self, tx: &mut Tx) -> Result<(), StoreError>;
-    /// How many rows it holds, and a SHA-256 (hex) of them in key order: two
-    /// copies with the same digest hold the same rows.
+    /// Its tables.
+    fn tables(&self) -> &'static [Table];
+    /// The same projection writing into the rebuild's copy of its tables, as
+    /// consumer `<name>.rebuild` ([`REBUILD_SUFFIX`]).
+    fn shadow(&self) -> Arc<dyn Projection>;
+    /// How many rows it holds (in the copy this instance writes), and a
+    /// SHA-256 (hex) of them in key order: two copies with the same digest hold
+    /// the same rows.
     async fn digest(&self, db: &Database) -> Result<(u64, String), StoreError>;
 }
 
@@ -64,12 +189,29 @@ impl Digest {
 #[serde(rename_all = "snake_case")]
 #[schema(as = TableProjectionState)]
 pub enum State {
-    /// Being built again from the log; reads go to the command side.
+    /// A new copy is being built from the log (see `rebuild`); this one keeps
+    /// following the log and answering reads until the new one takes its place.
     Rebuilding,
     /// Following the log; reads with a token wait for it (bounded).
     Live,
-    /// An event could not be applied and is being retried.
+    /// An event could not be applied and is being retried; reads go to the
+    /// command side meanwhile.
     Stuck,
+}
+
+/// How far the new copy of a rebuild has got.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = TableRebuildProgress)]
+pub struct Progress {
+    /// The last event of the log the new copy has applied.
+    pub position: i64,
+    /// The head of the log when the rebuild began.
+    pub to: i64,
+    /// Events of the log the new copy has not applied yet.
+    pub lag: i64,
+    /// Why the new copy is held up, when it is (an event being retried).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A table projection as `GET /v1/projections` shows it.
@@ -78,7 +220,7 @@ pub enum State {
 pub struct Status {
     pub name: &'static str,
     pub state: State,
-    /// The last event of the log applied.
+    /// The last event of the log applied (by the copy that answers reads).
     pub position: i64,
     /// Events of the log not applied yet.
     pub lag: i64,
@@ -89,9 +231,12 @@ pub struct Status {
     /// Why the projection is stuck, when it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The new copy's progress, while a rebuild runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<Progress>,
 }
 
-#[derive(Debug, FromRow)]
+#[derive(Debug, Default, FromRow)]
 struct Row {
     position: i64,
     attempts: i32,
@@ -105,20 +250,17 @@ async fn row(db: &Database, name: &str) -> Result<Option<Row>, StoreError> {
     Ok(with_pool!(db, pool => sqlx::query_as(Q).bind(name).fetch_optional(pool).await?))
 }
 
-/// The state, position, lag and digest of `projection`.
+/// The state, position, lag and digest of `projection`, and the progress of
+/// its rebuild.
 pub async fn status(db: &Database, projection: &dyn Projection) -> Result<Status, StoreError> {
     let name = projection.name();
     let head = EventLog::new(db.clone()).head().await?;
-    let row = row(db, name).await?.unwrap_or(Row {
-        position: 0,
-        attempts: 0,
-        last_error: None,
-        rebuild_to: None,
-    });
+    let live = row(db, name).await?.unwrap_or_default();
+    let rebuild = row(db, projection.shadow().name()).await?;
     let (documents, digest) = projection.digest(db).await?;
-    let state = if row.rebuild_to.is_some_and(|to| row.position < to) {
+    let state = if rebuild.is_some() {
         State::Rebuilding
-    } else if row.attempts > 0 {
+    } else if live.attempts > 0 {
         State::Stuck
     } else {
         State::Live
@@ -126,84 +268,190 @@ pub async fn status(db: &Database, projection: &dyn Projection) -> Result<Status
     Ok(Status {
         name,
         state,
-        position: row.position,
-        lag: (head - row.position).max(0),
+        position: live.position,
+        lag: (head - live.position).max(0),
         documents,
         digest,
-        error: (state == State::Stuck).then_some(row.last_error).flatten(),
+        error: (live.attempts > 0).then_some(live.last_error).flatten(),
+        rebuild: rebuild.map(|r| Progress {
+            position: r.position,
+            to: r.rebuild_to.unwrap_or(head),
+            lag: (head - r.position).max(0),
+            error: (r.attempts > 0).then_some(r.last_error).flatten(),
+        }),
     })
 }
 
-/// May the projection answer a read? Not while it is being rebuilt; otherwise
-/// once it has applied the log up to its head as it is now (which holds every
-/// write committed before the read, the reader's own included), waiting at
-/// most `wait`. A read answered by a read model is then never older than one
+/// May the projection answer a read? Once it has applied the log up to its
+/// head as it is now (which holds every write committed before the read, the
+/// reader's own included), waiting at most `wait`; a rebuild changes nothing to
+/// that (the live copy serves until the new one, as far as the log, takes its
+/// place). A read answered by a read model is then never older than one
 /// answered by the command side at the same moment.
 pub async fn serving(db: &Database, name: &str, wait: Duration) -> Result<bool, StoreError> {
-    let Some(state) = row(db, name).await? else {
-        return Ok(false);
-    };
-    if state.rebuild_to.is_some_and(|to| state.position < to) {
+    if row(db, name).await?.is_none() {
         return Ok(false);
     }
     crate::dispatch::wait_caught_up(db, name, wait).await
 }
 
-/// A rebuild that has emptied its projection and holds its consumer's lease:
-/// [`Rebuild::run`] delivers the log to it again.
+/// The position of consumer `name`, if `owner` holds its lease (any holder
+/// when `owner` is `None`).
+async fn position(
+    db: &Database,
+    name: &str,
+    owner: Option<&str>,
+) -> Result<Option<i64>, StoreError> {
+    const Q: &str = "SELECT position FROM event_consumers \
+                     WHERE name = $1 AND ($2 IS NULL OR lease_owner = $2)";
+    Ok(with_pool!(db, pool => {
+        sqlx::query_scalar(Q).bind(name).bind(owner).fetch_optional(pool).await?
+    }))
+}
+
+/// Hands consumer `name`'s lease back if `owner` holds it, and wakes its
+/// runners.
+async fn release(db: &Database, name: &str, owner: &str) {
+    const Q: &str = "UPDATE event_consumers SET lease_owner = NULL, lease_until = NULL \
+                     WHERE name = $1 AND lease_owner = $2";
+    let released = with_pool!(db, pool => {
+        sqlx::query(Q).bind(name).bind(owner).execute(pool).await.map(|_| ())
+    });
+    if let Err(e) = released {
+        tracing::debug!(consumer = name, error = %e, "lease not released");
+    } else if let Err(e) = db.announce(Topic::Events).await {
+        tracing::debug!(consumer = name, error = %e, "lease release not announced");
+    }
+}
+
+/// Deletes the inbox of a rebuild's new copy once it is gone, a slice at a
+/// time (on SQLite each slice holds the one writer's lock briefly). Stops if a
+/// new rebuild has begun: its first transaction emptied that inbox already.
+async fn forget_inbox(db: &Database, shadow: &str) -> Result<(), StoreError> {
+    const SLICE: u64 = 1000;
+    const Q: &str = "DELETE FROM event_inbox WHERE consumer = $1 \
+                     AND event_id IN (SELECT event_id FROM event_inbox WHERE consumer = $1 LIMIT 1000) \
+                     AND NOT EXISTS (SELECT 1 FROM event_consumers WHERE name = $1)";
+    loop {
+        let deleted = with_pool!(db, pool => {
+            sqlx::query(Q).bind(shadow).execute(pool).await?.rows_affected()
+        });
+        if deleted < SLICE {
+            return Ok(());
+        }
+    }
+}
+
+/// A rebuild that holds the lease of its projection's new copy:
+/// [`Rebuild::run`] builds it and swaps it in.
 pub struct Rebuild {
+    live: Arc<dyn Projection>,
+    /// Delivers to the new copy, under the rebuild's own owner.
     runner: Runner,
 }
 
 /// Starts building `projection` again from the whole log (see the module's
-/// documentation): takes the consumer's lease, then empties the read model, its
-/// inbox and its position in one transaction. From then on [`status`] says
-/// `rebuilding` and [`serving`] is false until it has caught up.
+/// documentation), or takes over a rebuild of it that its rebuilder left.
+/// `None` when a rebuild of it is running already. From then on [`status`]
+/// says `rebuilding` until the new copy has taken the live one's place.
 pub async fn begin_rebuild(
     db: &Database,
     projection: Arc<dyn Projection>,
     settings: DispatcherSettings,
-) -> Result<Rebuild, StoreError> {
+) -> Result<Option<Rebuild>, StoreError> {
+    take(db, projection, settings, true).await
+}
+
+/// Takes over a rebuild of `projection` that its rebuilder left (it died, or
+/// its process stopped); `None` when there is none, or it is running.
+pub async fn resume_rebuild(
+    db: &Database,
+    projection: Arc<dyn Projection>,
+    settings: DispatcherSettings,
+) -> Result<Option<Rebuild>, StoreError> {
+    const LEASE: &str = "SELECT lease_until FROM event_consumers WHERE name = $1 \
+                         AND (lease_owner IS NULL OR lease_until < $2)";
+    // A look first: most of the time there is nothing to take over.
+    let abandoned: Option<Option<chrono::DateTime<chrono::Utc>>> = with_pool!(db, pool => {
+        sqlx::query_scalar(LEASE).bind(projection.shadow().name()).bind(now()).fetch_optional(pool).await?
+    });
+    if abandoned.is_none() {
+        return Ok(None);
+    }
+    take(db, projection, settings, false).await
+}
+
+async fn take(
+    db: &Database,
+    projection: Arc<dyn Projection>,
+    settings: DispatcherSettings,
+    start: bool,
+) -> Result<Option<Rebuild>, StoreError> {
     const REGISTER: &str =
         "INSERT INTO event_consumers (name) VALUES ($1) ON CONFLICT (name) DO NOTHING";
-    const TAKE: &str =
-        "UPDATE event_consumers SET lease_owner = $2, lease_until = $3 WHERE name = $1";
-    const RESET: &str = "UPDATE event_consumers SET position = 0, attempts = 0, retry_at = NULL, \
-                         last_error = NULL, rebuild_to = $2 WHERE name = $1 AND lease_owner = $3";
-    const FORGET: &str = "DELETE FROM event_inbox WHERE consumer = $1";
+    const RESUME: &str = "UPDATE event_consumers SET lease_owner = $2, lease_until = $3 \
+                          WHERE name = $1 AND (lease_owner IS NULL OR lease_until < $4)";
+    const START: &str = "INSERT INTO event_consumers (name, lease_owner, lease_until, rebuild_to) \
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING";
+    const FORGET_INBOX: &str = "DELETE FROM event_inbox WHERE consumer = $1";
+    const FORGET_DEAD: &str = "DELETE FROM event_dead WHERE consumer = $1";
     let name = projection.name();
-    let owner = format!("rebuild-{}-{}", std::process::id(), Uuid::now_v7().simple());
-    with_pool!(db, pool => { sqlx::query(REGISTER).bind(name).execute(pool).await?; });
-    // Take the lease first, in its own transaction: a batch in flight elsewhere
-    // then fails its fenced move and rolls back, releasing the rows it touched
-    // (the read model's rows are deleted before the consumer's row is locked, so
-    // the two never wait for each other).
-    with_pool!(db, pool => {
-        sqlx::query(TAKE).bind(name).bind(&owner).bind(after(settings.lease)).execute(pool).await?;
-    });
-    let head = EventLog::new(db.clone()).head().await?;
-    let mut tx = db.begin().await?;
-    projection.clear(&mut tx).await?;
-    with_tx!(&mut tx, conn => {
-        sqlx::query(FORGET).bind(name).execute(&mut *conn).await?;
-    });
-    let reset = with_tx!(&mut tx, conn => {
-        sqlx::query(RESET).bind(name).bind(head).bind(&owner).execute(conn).await?.rows_affected()
-    });
-    if reset != 1 {
-        tx.rollback().await?;
+    let shadow = projection.shadow();
+    let shadow_name = shadow.name();
+    if shadow_name.strip_suffix(REBUILD_SUFFIX) != Some(name) {
         return Err(StoreError::Other(format!(
-            "projection {name}: another rebuild took the lease"
+            "projection {name}: its new copy is named {shadow_name}, not {name}{REBUILD_SUFFIX}"
         )));
     }
+    let owner = format!("rebuild-{}-{}", std::process::id(), Uuid::now_v7().simple());
+    // The live consumer's row, which the swap moves, exists even before the
+    // dispatcher of some process registered it.
+    with_pool!(db, pool => { sqlx::query(REGISTER).bind(name).execute(pool).await?; });
+    let head = EventLog::new(db.clone()).head().await?;
+    let until = after(settings.lease);
+    let mut tx = db.begin().await?;
+    let resumed = with_tx!(&mut tx, conn => {
+        sqlx::query(RESUME).bind(shadow_name).bind(&owner).bind(until).bind(now())
+            .execute(conn).await?.rows_affected()
+    }) == 1;
+    let started = !resumed
+        && start
+        && with_tx!(&mut tx, conn => {
+            sqlx::query(START).bind(shadow_name).bind(&owner).bind(until).bind(head)
+                .execute(conn).await?.rows_affected()
+        }) == 1;
+    if !resumed && !started {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    if started {
+        // What an earlier rebuild may have left: its inbox (a swap whose
+        // clean-up was cut off), its dead events, its tables.
+        with_tx!(&mut tx, conn => {
+            sqlx::query(FORGET_INBOX).bind(shadow_name).execute(&mut *conn).await?;
+            sqlx::query(FORGET_DEAD).bind(shadow_name).execute(conn).await?;
+        });
+        let backend = tx.backend();
+        for table in projection.tables() {
+            execute_all(&mut tx, table.create_shadow(backend)).await?;
+        }
+    }
     tx.commit().await?;
-    tracing::info!(
-        projection = name,
-        to = head,
-        "projection emptied; rebuilding from the log"
-    );
-    let consumer: Arc<dyn Consumer> = projection;
-    Ok(Rebuild {
+    if started {
+        tracing::info!(
+            projection = name,
+            to = head,
+            "rebuilding a new copy from the log"
+        );
+    } else {
+        tracing::info!(
+            projection = name,
+            "taking over a rebuild its rebuilder left"
+        );
+    }
+    let consumer: Arc<dyn Consumer> = shadow;
+    Ok(Some(Rebuild {
+        live: projection,
         runner: Runner {
             db: db.clone(),
             consumer,
@@ -211,37 +459,219 @@ pub async fn begin_rebuild(
             owner,
             heartbeat: scaleshop_telemetry::Heartbeat::default(),
             leased_at: None,
+            until: None,
         },
-    })
+    }))
 }
 
+/// How many times one run tries to swap before it leaves the rebuild to be
+/// taken over (by the finisher of some process, a lease period later).
+const SWAP_TRIES: u32 = 5;
+
+/// How many steps (of up to a batch of events each) the new copy may take to
+/// reach the live position while the live consumer waits for its lease.
+const FINAL_STEPS: u32 = 20;
+
 impl Rebuild {
-    /// Delivers the log to the projection until it has caught up with the head,
-    /// then hands the lease back. On an error (an event that fails, a lease
-    /// taken over) the consumer's usual runner finishes the rebuild.
+    /// Builds the new copy until it has caught up with the live one, then
+    /// swaps it in (see the module's documentation), and hands the leases back.
+    /// On an error the rebuild stays as it is, and is taken over later.
     pub async fn run(mut self) -> Result<(), StoreError> {
-        let name = self.runner.name();
-        let outcome = loop {
-            match self.runner.step().await {
-                Ok(Step::Progress) => {}
-                Ok(Step::Drained | Step::Idle) => break Ok(()),
-                Ok(Step::RetryAt(_)) => {
-                    break Err(StoreError::Other(format!(
-                        "projection {name}: an event failed during the rebuild; it is retried"
-                    )));
-                }
-                Ok(Step::NotLeader) => {
-                    break Err(StoreError::Other(format!(
-                        "projection {name}: another rebuild took it over"
-                    )));
-                }
-                Err(e) => break Err(e),
-            }
-        };
+        let name = self.live.name();
+        let outcome = self.build().await;
         self.runner.release_lease().await;
-        if outcome.is_ok() {
-            tracing::info!(projection = name, "projection rebuilt");
+        match &outcome {
+            Ok(()) => tracing::info!(projection = name, "projection rebuilt and swapped in"),
+            Err(e) => {
+                tracing::warn!(projection = name, error = %e, "projection rebuild stopped; it is taken over later")
+            }
         }
         outcome
+    }
+
+    async fn build(&mut self) -> Result<(), StoreError> {
+        for _ in 0..SWAP_TRIES {
+            self.catch_up().await?;
+            if self.swap().await? {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Other(format!(
+            "projection {}: the new copy did not reach the live one {SWAP_TRIES} times",
+            self.live.name()
+        )))
+    }
+
+    /// Delivers the log to the new copy until it has reached the live copy's
+    /// position (read before each step).
+    async fn catch_up(&mut self) -> Result<(), StoreError> {
+        let name = self.live.name();
+        loop {
+            let live = position(&self.runner.db, name, None).await?.unwrap_or(0);
+            self.runner.until = Some(live);
+            match self.runner.step().await? {
+                Step::Progress => {}
+                Step::Drained | Step::Idle => return self.reached(live).await,
+                Step::RetryAt(at) => {
+                    // Keep the lease while waiting: a step renews it.
+                    let wait = (at - now()).to_std().unwrap_or_default();
+                    tokio::time::sleep(wait.min(self.runner.settings.renew)).await;
+                }
+                Step::NotLeader => {
+                    return Err(StoreError::Other(format!(
+                        "projection {name}: another rebuilder took the rebuild over"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// After a step that drained the log up to `until = live`: the new copy has
+    /// taken every event up to `live`, and says so (its position is the last
+    /// event it took, which is `live` but for a gap in the sequence).
+    async fn reached(&self, live: i64) -> Result<(), StoreError> {
+        if self.runner.state().await?.position < live {
+            self.runner.advance(live).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes the live consumer's lease, brings the new copy to its position and
+    /// swaps. False when it could not (the lease lost, an event failing): the
+    /// lease is handed back, and the live copy goes on.
+    async fn swap(&mut self) -> Result<bool, StoreError> {
+        const TAKE: &str =
+            "UPDATE event_consumers SET lease_owner = $2, lease_until = $3 WHERE name = $1";
+        let (db, name, owner) = (
+            self.runner.db.clone(),
+            self.live.name(),
+            self.runner.owner.clone(),
+        );
+        // In a transaction of its own: a live batch in flight then fails its
+        // fenced move and rolls back, and no other can commit.
+        with_pool!(db, pool => {
+            sqlx::query(TAKE).bind(name).bind(&owner).bind(after(self.runner.settings.lease))
+                .execute(pool).await?;
+        });
+        let swapped = self.swap_holding_lease().await;
+        if !matches!(swapped, Ok(true)) {
+            release(&db, name, &owner).await;
+        }
+        swapped
+    }
+
+    async fn swap_holding_lease(&mut self) -> Result<bool, StoreError> {
+        // Where the old copy is, and the new one is, with `$1` the live consumer
+        // and `$2` the new copy's.
+        const DROP_PARKED: &str = "DELETE FROM event_inbox WHERE consumer = $1 \
+                                   AND event_id IN (SELECT event_id FROM event_dead WHERE consumer = $2)";
+        const ADD_APPLIED: &str = "INSERT INTO event_inbox (consumer, event_id, processed_at) \
+                                   SELECT $1, event_id, processed_at FROM event_inbox WHERE consumer = $2 \
+                                   AND event_id IN (SELECT event_id FROM event_dead WHERE consumer = $1) \
+                                   ON CONFLICT (consumer, event_id) DO NOTHING";
+        const FORGET_DEAD: &str = "DELETE FROM event_dead WHERE consumer = $1";
+        const MOVE_DEAD: &str = "UPDATE event_dead SET consumer = $1 WHERE consumer = $2";
+        const LIVE: &str = "UPDATE event_consumers SET attempts = 0, retry_at = NULL, last_error = NULL, \
+                            rebuild_to = NULL, lease_owner = NULL, lease_until = NULL \
+                            WHERE name = $1 AND lease_owner = $2 AND position = $3";
+        const GONE: &str =
+            "DELETE FROM event_consumers WHERE name = $1 AND lease_owner = $2 AND position = $3";
+        let db = self.runner.db.clone();
+        let (name, shadow) = (self.live.name(), self.runner.name());
+        let owner = self.runner.owner.clone();
+        let Some(live) = position(&db, name, Some(&owner)).await? else {
+            return Ok(false);
+        };
+        // The live position stands still now: deliver the rest to the new copy.
+        self.runner.until = Some(live);
+        let mut reached = false;
+        for _ in 0..FINAL_STEPS {
+            match self.runner.step().await? {
+                Step::Progress => {}
+                Step::Drained | Step::Idle => {
+                    self.reached(live).await?;
+                    reached = true;
+                    break;
+                }
+                Step::RetryAt(_) | Step::NotLeader => break,
+            }
+        }
+        if !reached {
+            return Ok(false);
+        }
+        let mut tx = db.begin().await?;
+        // Both copies have applied the log up to `live`: each event was applied
+        // or parked by each. The inbox becomes the new copy's, as a difference:
+        // what it parked, the old one may have applied; what the old one parked,
+        // it may have applied. (Before the tables: a statement that waits for
+        // a batch in flight then holds no lock that batch needs.)
+        with_tx!(&mut tx, conn => {
+            sqlx::query(DROP_PARKED).bind(name).bind(shadow).execute(&mut *conn).await?;
+            sqlx::query(ADD_APPLIED).bind(name).bind(shadow).execute(conn).await?;
+        });
+        let backend = tx.backend();
+        for table in self.live.tables() {
+            execute_all(&mut tx, table.swap(backend)).await?;
+        }
+        let (updated, deleted) = with_tx!(&mut tx, conn => {
+            sqlx::query(FORGET_DEAD).bind(name).execute(&mut *conn).await?;
+            sqlx::query(MOVE_DEAD).bind(name).bind(shadow).execute(&mut *conn).await?;
+            let updated = sqlx::query(LIVE).bind(name).bind(&owner).bind(live)
+                .execute(&mut *conn).await?.rows_affected();
+            let deleted = sqlx::query(GONE).bind(shadow).bind(&owner).bind(live)
+                .execute(conn).await?.rows_affected();
+            (updated, deleted)
+        });
+        if (updated, deleted) != (1, 1) {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        // The live consumer's runners (here and elsewhere) take it back at once.
+        tx.wake_everywhere_on_commit(Topic::Events).await?;
+        tx.commit().await?;
+        tracing::info!(
+            projection = name,
+            position = live,
+            "the new copy took the live one's place"
+        );
+        if let Err(e) = forget_inbox(&db, shadow).await {
+            tracing::warn!(projection = name, error = %e, "the new copy's inbox is left; the next rebuild deletes it");
+        }
+        Ok(true)
+    }
+}
+
+/// Finishes, in this process, the rebuilds of `projections` that their
+/// rebuilders left (they died, or their process stopped): looks at start and
+/// every lease period, until `shutdown`.
+pub(crate) async fn finish_abandoned_rebuilds(
+    db: Database,
+    projections: Vec<Arc<dyn Projection>>,
+    settings: DispatcherSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let every = settings.lease;
+    while !*shutdown.borrow() {
+        for projection in &projections {
+            match resume_rebuild(&db, projection.clone(), settings.clone()).await {
+                Ok(Some(rebuild)) => {
+                    tokio::select! {
+                        // `run` logs how it ended.
+                        _ = rebuild.run() => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    projection = projection.name(),
+                    error = %e,
+                    "could not look for an abandoned rebuild"
+                ),
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => {}
+        }
     }
 }

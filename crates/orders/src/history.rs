@@ -8,6 +8,7 @@
 //! view does not hold yet is read from the command side too, so a placed order
 //! is never a 404.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,6 +16,7 @@ use chrono::{DateTime, Utc};
 use scaleshop_contracts::{OrderCancelled, OrderCreated, OrderFailed, OrderProcessed};
 use scaleshop_db::sqlx::{self, FromRow, types::Json};
 use scaleshop_db::{Consistency, Database, StoreError, Tx, read_with, with_tx};
+use scaleshop_events::projection::{Table, on_table};
 use scaleshop_events::{Consumer, Event, EventSet, HandlerError, Projection};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -25,6 +27,25 @@ use scaleshop_payments::domain::Currency;
 /// The consumer's name: its position, and the `projection` label of
 /// `projection_lag`.
 pub const CONSUMER: &str = "order-history";
+
+/// The consumer of a rebuild's new copy.
+pub const REBUILD_CONSUMER: &str = "order-history.rebuild";
+
+/// The projection's table, as `0003_order_history.sql` makes it: a migration that changes
+/// the table changes this too (the rebuild test compares the two).
+pub static TABLE: Table = Table {
+    name: "order_history",
+    shadow: "order_history_next",
+    sqlite: "CREATE TABLE {table} (order_id BLOB PRIMARY KEY, user_id BLOB NOT NULL, \
+             status TEXT NOT NULL, items TEXT NOT NULL, total_cents INTEGER NOT NULL, \
+             currency TEXT NOT NULL, failure_reason TEXT, created_at TEXT NOT NULL, \
+             updated_at TEXT NOT NULL, timeline TEXT NOT NULL)",
+    postgres: "CREATE TABLE {table} (order_id UUID PRIMARY KEY, user_id UUID NOT NULL, \
+               status TEXT NOT NULL, items JSONB NOT NULL, total_cents BIGINT NOT NULL, \
+               currency TEXT NOT NULL, failure_reason TEXT, created_at TIMESTAMPTZ NOT NULL, \
+               updated_at TIMESTAMPTZ NOT NULL, timeline JSONB NOT NULL)",
+    indexes: &[("user", "(user_id, order_id)")],
+};
 
 /// A change of status, as the timeline shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -193,14 +214,28 @@ scaleshop_contracts::event_set! {
     }
 }
 
-/// Builds `order_history` from `order.*` events.
-#[derive(Debug, Clone, Copy)]
-pub struct OrderHistoryProjection;
+/// Builds `order_history` from `order.*` events (the default instance; its
+/// [`Projection::shadow`] builds a rebuild's `order_history_next`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OrderHistoryProjection {
+    shadow: bool,
+}
+
+impl OrderHistoryProjection {
+    /// The table this instance writes.
+    fn table(&self) -> &'static str {
+        TABLE.named(self.shadow)
+    }
+}
 
 #[async_trait]
 impl Consumer for OrderHistoryProjection {
     fn name(&self) -> &'static str {
-        CONSUMER
+        if self.shadow {
+            REBUILD_CONSUMER
+        } else {
+            CONSUMER
+        }
     }
 
     fn wants(&self, event_type: &str) -> bool {
@@ -237,12 +272,12 @@ impl Consumer for OrderHistoryProjection {
                     status: Status::Pending,
                     at,
                 }];
-                const Q: &str = "INSERT INTO order_history (order_id, user_id, status, items, \
+                const Q: &str = "INSERT INTO {table} (order_id, user_id, status, items, \
                                  total_cents, currency, failure_reason, created_at, updated_at, timeline) \
                                  VALUES ($1, $2, 'pending', $3, $4, $5, NULL, $6, $6, $7) \
                                  ON CONFLICT (order_id) DO NOTHING";
                 with_tx!(tx, conn => {
-                    sqlx::query(Q)
+                    sqlx::query(on_table(Q, self.table()))
                         .bind(e.order_id)
                         .bind(e.user_id)
                         .bind(Json(&items))
@@ -266,9 +301,9 @@ impl Consumer for OrderHistoryProjection {
             Changes::Cancelled(e) => (e.order_id, Status::Cancelled, None, e.at),
         };
         let at = at.unwrap_or(event.occurred_at);
-        const TIMELINE: &str = "SELECT timeline FROM order_history WHERE order_id = $1";
+        const TIMELINE: &str = "SELECT timeline FROM {table} WHERE order_id = $1";
         let timeline: Option<Json<Vec<TimelineEntry>>> = with_tx!(tx, conn => {
-            sqlx::query_scalar(TIMELINE)
+            sqlx::query_scalar(on_table(TIMELINE, self.table()))
                 .bind(id)
                 .fetch_optional(conn)
                 .await
@@ -280,10 +315,10 @@ impl Consumer for OrderHistoryProjection {
             return Ok(());
         };
         timeline.push(TimelineEntry { status, at });
-        const Q: &str = "UPDATE order_history SET status = $2, failure_reason = $3, \
+        const Q: &str = "UPDATE {table} SET status = $2, failure_reason = $3, \
                          updated_at = $4, timeline = $5 WHERE order_id = $1";
         with_tx!(tx, conn => {
-            sqlx::query(Q)
+            sqlx::query(on_table(Q, self.table()))
                 .bind(id)
                 .bind(status.as_str())
                 .bind(reason.map(FailureReason::as_str))
@@ -299,19 +334,20 @@ impl Consumer for OrderHistoryProjection {
 
 #[async_trait]
 impl Projection for OrderHistoryProjection {
-    async fn clear(&self, tx: &mut Tx) -> Result<(), StoreError> {
-        with_tx!(tx, conn => {
-            sqlx::query("DELETE FROM order_history").execute(conn).await?;
-        });
-        Ok(())
+    fn tables(&self) -> &'static [Table] {
+        std::slice::from_ref(&TABLE)
+    }
+
+    fn shadow(&self) -> Arc<dyn Projection> {
+        Arc::new(Self { shadow: true })
     }
 
     async fn digest(&self, db: &Database) -> Result<(u64, String), StoreError> {
         const Q: &str = "SELECT order_id, user_id, status, items, total_cents, currency, \
-                         failure_reason, created_at, updated_at, timeline FROM order_history \
+                         failure_reason, created_at, updated_at, timeline FROM {table} \
                          ORDER BY order_id";
         let rows: Vec<Row> = scaleshop_db::with_pool!(db, pool => {
-            sqlx::query_as(Q).fetch_all(pool).await?
+            sqlx::query_as(on_table(Q, self.table())).fetch_all(pool).await?
         });
         let mut digest = scaleshop_events::projection::Digest::default();
         for row in rows {

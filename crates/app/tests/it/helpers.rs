@@ -377,6 +377,17 @@ impl TestApp {
         self.config.data_dir.clone()
     }
 
+    /// The app's database through a second handle, as another process would
+    /// open it (close it when done).
+    pub async fn database(&self) -> scaleshop_db::Database {
+        let url = self
+            .config
+            .database_url
+            .as_ref()
+            .map(|u| u.expose().to_owned());
+        scaleshop_testkit::open_database(url.as_deref(), &self.data_dir(), &[]).await
+    }
+
     /// Stops the servers the way SIGTERM does and waits for them to exit.
     pub async fn stop(mut self) -> Result<(), scaleshop_app::StartError> {
         let mut result = Ok(());

@@ -2,14 +2,20 @@
 //! search results are read from `product_listing`, built only from events
 //! (product, stock and image events); it holds what the command side holds; a
 //! read with a token sees its own write; the table projections (the listing and
-//! the order history) rebuild from the log to the same rows.
+//! the order history) rebuild from the log to the same rows, into a new copy of
+//! their table while the old one answers reads; a projection stuck on an event
+//! it cannot read leaves its reads to the command side.
 
 use std::io::Cursor;
 use std::time::{Duration, Instant};
 
 use image::{DynamicImage, ImageBuffer, ImageFormat, Rgb};
 use reqwest::Response;
+use scaleshop_contracts::InventoryAdjusted;
+use scaleshop_db::{Pool, sqlx};
+use scaleshop_events::NewEvent;
 use serde_json::{Value, json};
+use uuid::Uuid;
 
 use crate::helpers::*;
 
@@ -361,24 +367,38 @@ both!(
         assert_eq!(listing["documents"], 12);
         assert_eq!(history["documents"], 4);
 
-        for (name, before) in [("product-listing", &listing), ("order-history", &history)] {
-            let response = app
-                .post(&format!("/v1/projections/{name}/rebuild"))
-                .bearer_auth(&admin)
-                .send()
-                .await
-                .unwrap();
-            let (started, _, _) = answer(response, 202).await;
-            assert_eq!(started["name"], name);
-            // Reads stay whole while it rebuilds (the command side answers).
-            let (listed, _) = list(&app, &token).await;
-            assert_eq!(listed.len(), 12);
-            let after = caught_up(&app, &admin, name).await;
-            assert_eq!(
-                after["digest"], before["digest"],
-                "{name}: {before} {after}"
-            );
-            assert_eq!(after["documents"], before["documents"]);
+        for (name, table, before) in [
+            ("product-listing", "product_listing", &listing),
+            ("order-history", "order_history", &history),
+        ] {
+            let made = schema(&app, table).await;
+            // Twice: the second swap meets the names the first one left.
+            for round in 0..2 {
+                let response = app
+                    .post(&format!("/v1/projections/{name}/rebuild"))
+                    .bearer_auth(&admin)
+                    .send()
+                    .await
+                    .unwrap();
+                let (started, _, _) = answer(response, 202).await;
+                assert_eq!(started["name"], name);
+                // Reads stay whole while it rebuilds, answered by the old copy.
+                let (listed, models) = list(&app, &token).await;
+                assert_eq!(listed.len(), 12);
+                assert!(models.iter().all(|m| m == "projection"), "{models:?}");
+                let after = caught_up(&app, &admin, name).await;
+                assert_eq!(
+                    after["digest"], before["digest"],
+                    "{name} (round {round}): {before} {after}"
+                );
+                assert_eq!(after["documents"], before["documents"]);
+                assert!(after.get("rebuild").is_none(), "{after}");
+                assert_eq!(
+                    schema(&app, table).await,
+                    made,
+                    "{name} (round {round}): the new copy is made like the old one"
+                );
+            }
         }
         let (listed, models) = list(&app, &token).await;
         assert_eq!(listed.len(), 12);
@@ -392,5 +412,258 @@ both!(
             .unwrap();
         let (orders, _, _) = answer(response, 200).await;
         assert_eq!(orders["items"].as_array().unwrap().len(), 4);
+    }
+);
+
+/// The columns, indexes and constraints of `table` as the database describes
+/// them.
+async fn schema(app: &TestApp, table: &str) -> Vec<String> {
+    let db = app.database().await;
+    let mut described: Vec<String> = Vec::new();
+    match db.pool() {
+        Pool::Sqlite(pool) => {
+            let columns: Vec<(String, String, i64, i64)> = sqlx::query_as(
+                "SELECT name, type, \"notnull\", pk FROM pragma_table_info($1) ORDER BY cid",
+            )
+            .bind(table)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+            described.extend(columns.into_iter().map(|c| format!("{c:?}")));
+            let indexes: Vec<(String, i64)> =
+                sqlx::query_as("SELECT name, \"unique\" FROM pragma_index_list($1) ORDER BY name")
+                    .bind(table)
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+            for (index, unique) in indexes {
+                let on: Vec<String> =
+                    sqlx::query_scalar("SELECT name FROM pragma_index_info($1) ORDER BY seqno")
+                        .bind(&index)
+                        .fetch_all(pool)
+                        .await
+                        .unwrap();
+                described.push(format!("index {index} unique {unique} on {on:?}"));
+            }
+        }
+        Pool::Postgres(pool) => {
+            let columns: Vec<(String, String, String)> = sqlx::query_as(
+                "SELECT column_name::text, data_type::text, is_nullable::text \
+                 FROM information_schema.columns WHERE table_name = $1 ORDER BY ordinal_position",
+            )
+            .bind(table)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+            described.extend(columns.into_iter().map(|c| format!("{c:?}")));
+            let indexes: Vec<String> = sqlx::query_scalar(
+                "SELECT indexdef FROM pg_indexes WHERE tablename = $1 ORDER BY indexname",
+            )
+            .bind(table)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+            described.extend(indexes);
+            let constraints: Vec<String> = sqlx::query_scalar(
+                "SELECT conname::text FROM pg_constraint WHERE conrelid = $1::regclass ORDER BY conname",
+            )
+            .bind(table)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+            described.extend(constraints.into_iter().map(|c| format!("constraint {c}")));
+        }
+    }
+    db.close().await;
+    assert!(!described.is_empty(), "no table {table}");
+    described
+}
+
+/// Appends `events` to the log in one transaction, as another process would.
+async fn append(app: &TestApp, events: &[NewEvent]) {
+    let db = app.database().await;
+    let mut tx = db.begin().await.unwrap();
+    for event in events {
+        scaleshop_events::append(&mut tx, event).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    db.close().await;
+}
+
+// While the listing is rebuilt, its reads are answered by the old copy (which
+// keeps following the log: a write made meanwhile is read back with its
+// token); then the new copy takes its place, and equals a fresh build.
+both!(
+    a_table_projection_answers_reads_while_it_is_rebuilt,
+    [sqlite, postgres],
+    |app: TestApp| async move {
+        let admin = app.admin_token().await;
+        for n in 0..6 {
+            product(&app, &admin, &format!("SRV-{n}"), 100 + n, 10).await;
+        }
+        // A long log for the rebuild: stock counts of products that do not
+        // exist. The listing takes each (one delivery apiece) and changes no row.
+        for _ in 0..5 {
+            let counts: Vec<NewEvent> = (0..1000)
+                .map(|_| {
+                    let product_id = Uuid::now_v7();
+                    let count = InventoryAdjusted {
+                        product_id,
+                        delta: 1,
+                        reason: "count".into(),
+                        available: 1,
+                    };
+                    NewEvent::typed(product_id, &count).unwrap()
+                })
+                .collect();
+            append(&app, &counts).await;
+        }
+        // A write after them (whose commit wakes the dispatcher of an embedded
+        // app, which did not see the appends).
+        let (_, token) = product(&app, &admin, "SRV-LAST", 99, 1).await;
+        let before = caught_up(&app, &admin, "product-listing").await;
+        let (listed, models) = list(&app, &token).await;
+        assert_eq!(listed.len(), 7);
+        assert!(models.iter().all(|m| m == "projection"), "{models:?}");
+
+        let response = app
+            .post("/v1/projections/product-listing/rebuild")
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap();
+        let (started, _, _) = answer(response, 202).await;
+        assert_eq!(started["state"], "rebuilding", "{started}");
+        // Reads (each between two looks at the state) while it rebuilds, and a
+        // write.
+        let mut written: Option<(Value, String)> = None;
+        let mut during = 0;
+        let begun = Instant::now();
+        loop {
+            let ahead = projection(&app, &admin, "product-listing").await;
+            if ahead["state"] != "rebuilding" {
+                break;
+            }
+            assert!(ahead["rebuild"]["position"].is_i64(), "{ahead}");
+            if written.is_none() {
+                written = Some(product(&app, &admin, "SRV-DURING", 500, 3).await);
+            }
+            let Some((made, token)) = &written else {
+                unreachable!()
+            };
+            let (listed, models) = list(&app, token).await;
+            let behind = projection(&app, &admin, "product-listing").await;
+            assert!(
+                models.iter().all(|m| m == "projection"),
+                "answered by {models:?} while {behind}"
+            );
+            assert_eq!(
+                listed.len(),
+                8,
+                "the write made during the rebuild is read back"
+            );
+            assert!(listed.iter().any(|p| p["id"] == made["id"]));
+            if behind["state"] == "rebuilding" {
+                during += 1;
+            }
+            assert!(begun.elapsed() < WAIT, "the rebuild ends: {behind}");
+        }
+        assert!(
+            during > 0,
+            "no read was made while the state said rebuilding"
+        );
+        let rebuilt = caught_up(&app, &admin, "product-listing").await;
+        assert_eq!(rebuilt["documents"], 8, "{before} {rebuilt}");
+        assert!(rebuilt.get("rebuild").is_none(), "{rebuilt}");
+        let Some((made, token)) = &written else {
+            panic!("no write was made during the rebuild");
+        };
+        let (listed, models) = list(&app, token).await;
+        assert!(models.iter().all(|m| m == "projection"), "{models:?}");
+        assert!(listed.iter().any(|p| p["id"] == made["id"]));
+
+        // The swapped-in copy equals one built afresh from the whole log.
+        let response = app
+            .post("/v1/projections/product-listing/rebuild")
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap();
+        answer(response, 202).await;
+        let fresh = caught_up(&app, &admin, "product-listing").await;
+        assert_eq!(fresh["digest"], rebuilt["digest"], "{rebuilt} {fresh}");
+        assert_eq!(fresh["documents"], rebuilt["documents"]);
+        eprintln!("listing rebuilt while serving: {during} reads during the rebuild");
+    }
+);
+
+// An event the listing wants but cannot read, put in the log directly: the
+// listing stays behind it, retrying (it does not skip an event), and its reads
+// are answered by the command side within the projection's wait, with what the
+// command side holds.
+both!(
+    a_projection_stuck_on_a_poison_event_answers_from_the_command_side,
+    [sqlite, postgres],
+    with |config: &mut scaleshop_app::Config| config.event_max_attempts = 1000,
+    |app: TestApp| async move {
+        let admin = app.admin_token().await;
+        let mut made = Vec::new();
+        for n in 0..4 {
+            made.push(product(&app, &admin, &format!("PSN-{n}"), 100 + n, 5).await.0);
+        }
+        let token = adjust(&app, &admin, &made[0]["id"], 2).await;
+        let (served, models) = list(&app, &token).await;
+        assert!(models.iter().all(|m| m == "projection"), "{models:?}");
+
+        let product_id = made[1]["id"].as_str().unwrap().parse::<Uuid>().unwrap();
+        let poison = NewEvent::raw(
+            "image.added",
+            1,
+            product_id,
+            json!({"image_id": "not an id", "product_id": product_id}),
+        );
+        append(&app, &[poison]).await;
+        // A write after it (whose commit wakes the dispatcher of an embedded
+        // app, which did not see the append).
+        let token = adjust(&app, &admin, &made[2]["id"], 4).await;
+        let started = Instant::now();
+        let stuck = loop {
+            let status = projection(&app, &admin, "product-listing").await;
+            if status["state"] == "stuck" {
+                break status;
+            }
+            assert!(started.elapsed() < WAIT, "the listing is stuck: {status}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(stuck["lag"].as_i64().unwrap() > 0, "{stuck}");
+        assert!(stuck["error"].is_string(), "{stuck}");
+
+        // A read with the token of the write after it: the command side
+        // answers, within the projection's wait (one per page).
+        let asked = Instant::now();
+        let (listed, models) = list(&app, &token).await;
+        let took = asked.elapsed();
+        assert!(models.iter().all(|m| m == "command"), "{models:?}");
+        let wait = Duration::from_millis(app.config.projection_wait_ms);
+        assert!(
+            took < wait * models.len() as u32 + Duration::from_secs(10),
+            "{} pages took {took:?}",
+            models.len()
+        );
+        assert_eq!(listed.len(), served.len());
+        for (now, then) in listed.iter().zip(&served) {
+            assert_eq!(now["id"], then["id"]);
+            let more = if now["id"] == made[2]["id"] { 4 } else { 0 };
+            assert_eq!(
+                now["available"].as_i64().unwrap(),
+                then["available"].as_i64().unwrap() + more,
+                "{now}"
+            );
+            assert_eq!(now, &command_side(&app, &token, &now["id"]).await);
+        }
+        // Still behind the event, never past it.
+        let status = projection(&app, &admin, "product-listing").await;
+        assert_eq!(status["state"], "stuck", "{status}");
+        assert_eq!(status["position"], stuck["position"], "{status}");
     }
 );

@@ -7,9 +7,10 @@
 //! after its commit exists too: the index holds every product the table holds.)
 //!
 //! The table projections (`product-listing`, `order-history`) under kill -9 in
-//! the middle of a rebuild: after the restart the consumer's usual runner goes
-//! on from the position the rebuild reached, and the tables end with the same
-//! rows as before the rebuild (same digest and count).
+//! the middle of a rebuild: the live tables, untouched by the rebuild, answer
+//! reads before and after the kill; after the restart the rebuild is taken over
+//! from the position its new copy reached and swapped in, and the tables end
+//! with the same rows as before the rebuild (same digest and count).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -352,22 +353,40 @@ async fn open_database(deployment: &Deployment) -> scaleshop_db::Database {
     .expect("connect")
 }
 
-/// Where a consumer stands: its position and the `rebuild_to` of a rebuild.
-async fn consumer_row(db: &scaleshop_db::Database, name: &str) -> (i64, Option<i64>) {
+/// Where a consumer stands, if it exists: its position and the `rebuild_to` of
+/// a rebuild's new copy.
+async fn consumer_row(db: &scaleshop_db::Database, name: &str) -> Option<(i64, Option<i64>)> {
     scaleshop_db::with_pool!(db, pool => {
         scaleshop_db::sqlx::query_as(
             "SELECT position, rebuild_to FROM event_consumers WHERE name = $1",
         )
         .bind(name)
-        .fetch_one(pool)
+        .fetch_optional(pool)
         .await
         .expect("consumer")
     })
 }
 
-// A rebuild of the table projections killed with SIGKILL midway: after the
-// restart both are live again with the rows they held before (digest, count),
-// and the product list is read from the listing, every product once.
+/// The read model that answered a product list (`X-Read-Model`).
+async fn list_answered_by(api: &Api) -> String {
+    let r = api
+        .client
+        .get(api.url("/v1/products?limit=100"))
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(r.status().as_u16(), 200);
+    r.headers()
+        .get("x-read-model")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+// A rebuild of the table projections killed with SIGKILL midway: the live
+// tables keep answering reads; after the restart the rebuilds are taken over
+// and swapped in, both are live again with the rows they held before (digest,
+// count), and the product list is read from the listing, every product once.
 both!(
     a_table_projection_rebuild_killed_midway_resumes_to_the_same_rows,
     [sqlite, postgres],
@@ -440,9 +459,9 @@ both!(
         assert_eq!(before[1]["documents"], orders, "{before:?}");
 
         // Rebuild both (the listing, with most of the log to apply, last), and
-        // kill the process once the listing's rebuild has applied a quarter of
-        // the log: its table then holds part of the rows, its inbox part of the
-        // events, and what is left holds reservations and releases.
+        // kill the process once the listing's new copy has applied a quarter of
+        // the log: it then holds part of the rows, its inbox part of the events,
+        // and what is left holds reservations and releases.
         let db = open_database(&deployment).await;
         let mut answered = Vec::new();
         for name in ["order-history", "product-listing"] {
@@ -457,8 +476,15 @@ both!(
             answered.push(r.json::<Value>().await.expect("rebuild state"));
         }
         let waited = Instant::now();
+        let mut answered_during = None;
         loop {
-            let (position, rebuild_to) = consumer_row(&db, "product-listing").await;
+            let (position, rebuild_to) = consumer_row(&db, "product-listing.rebuild")
+                .await
+                .expect("the listing's new copy");
+            if answered_during.is_none() {
+                // The live listing answers while its new copy is built.
+                answered_during = Some(list_answered_by(&server).await);
+            }
             if position >= rebuild_to.expect("rebuild_to") / 4 {
                 break;
             }
@@ -469,6 +495,7 @@ both!(
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         server.kill9();
+        assert_eq!(answered_during.as_deref(), Some("projection"));
         for state in &answered {
             assert!(
                 state["state"] == "rebuilding" || (state["state"] == "live" && state["lag"] == 0),
@@ -476,11 +503,18 @@ both!(
             );
         }
         let at_kill = [
-            consumer_row(&db, "order-history").await,
-            consumer_row(&db, "product-listing").await,
+            consumer_row(&db, "order-history.rebuild").await,
+            consumer_row(&db, "product-listing.rebuild").await,
         ];
-        db.close().await;
-        let (position, rebuild_to) = at_kill[1];
+        // The live copies were left as they were: at the positions they had.
+        for (name, was) in TABLES.iter().zip(&before) {
+            let (position, rebuild_to) = consumer_row(&db, name).await.expect("live consumer");
+            assert_eq!(Some(position), was["position"].as_i64(), "{name}: {was}");
+            assert_eq!(rebuild_to, None, "{name}");
+        }
+        let Some((position, rebuild_to)) = at_kill[1] else {
+            panic!("the listing's new copy went before the kill: {at_kill:?}");
+        };
         assert!(
             rebuild_to.is_some_and(|to| 0 < position && position < to),
             "the listing's rebuild was not cut midway: {at_kill:?}"
@@ -489,8 +523,18 @@ both!(
         let server = deployment.start().await;
         let admin = server.admin_token().await;
         let restarted = Instant::now();
+        // The live listing answers at once, while its rebuild is taken over.
+        assert_eq!(list_answered_by(&server).await, "projection");
         let after = settled_tables(&server, &admin, Duration::from_secs(60)).await;
         let resumed = restarted.elapsed();
+        for name in ["order-history.rebuild", "product-listing.rebuild"] {
+            assert_eq!(
+                consumer_row(&db, name).await,
+                None,
+                "{name} went at the swap"
+            );
+        }
+        db.close().await;
         for (b, a) in before.iter().zip(&after) {
             assert_eq!(a["digest"], b["digest"], "{}: {b} then {a}", b["name"]);
             assert_eq!(
