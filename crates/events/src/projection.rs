@@ -327,20 +327,41 @@ async fn release(db: &Database, name: &str, owner: &str) {
 /// Deletes the inbox of a rebuild's new copy once it is gone, a slice at a
 /// time (on SQLite each slice holds the one writer's lock briefly). Stops if a
 /// new rebuild has begun: its first transaction emptied that inbox already.
+///
+/// On PostgreSQL a slice and that first transaction's delete
+/// ([`FORGET_INBOX_POSTGRES`]) may run at once over the same rows: both lock
+/// them in the key's order, so one waits for the other instead of each holding
+/// rows the other needs (a deadlock, which aborted a rebuild's request).
 async fn forget_inbox(db: &Database, shadow: &str) -> Result<(), StoreError> {
     const SLICE: u64 = 1000;
-    const Q: &str = "DELETE FROM event_inbox WHERE consumer = $1 \
-                     AND event_id IN (SELECT event_id FROM event_inbox WHERE consumer = $1 LIMIT 1000) \
-                     AND NOT EXISTS (SELECT 1 FROM event_consumers WHERE name = $1)";
+    const SQLITE: &str = "DELETE FROM event_inbox WHERE consumer = $1 \
+                          AND event_id IN (SELECT event_id FROM event_inbox WHERE consumer = $1 LIMIT 1000) \
+                          AND NOT EXISTS (SELECT 1 FROM event_consumers WHERE name = $1)";
+    const POSTGRES: &str = "DELETE FROM event_inbox WHERE consumer = $1 \
+                            AND event_id IN (SELECT event_id FROM event_inbox WHERE consumer = $1 \
+                            ORDER BY event_id LIMIT 1000 FOR UPDATE) \
+                            AND NOT EXISTS (SELECT 1 FROM event_consumers WHERE name = $1)";
+    let q = match db.backend() {
+        Backend::Sqlite => SQLITE,
+        Backend::Postgres => POSTGRES,
+    };
     loop {
         let deleted = with_pool!(db, pool => {
-            sqlx::query(Q).bind(shadow).execute(pool).await?.rows_affected()
+            sqlx::query(q).bind(shadow).execute(pool).await?.rows_affected()
         });
         if deleted < SLICE {
             return Ok(());
         }
     }
 }
+
+/// Empties the inbox of a rebuild's new copy as a rebuild starts. On
+/// PostgreSQL the rows are locked in the key's order, as [`forget_inbox`]
+/// locks them.
+const FORGET_INBOX_SQLITE: &str = "DELETE FROM event_inbox WHERE consumer = $1";
+const FORGET_INBOX_POSTGRES: &str = "DELETE FROM event_inbox WHERE consumer = $1 \
+                                     AND event_id IN (SELECT event_id FROM event_inbox WHERE consumer = $1 \
+                                     ORDER BY event_id FOR UPDATE)";
 
 /// A rebuild that holds the lease of its projection's new copy:
 /// [`Rebuild::run`] builds it and swaps it in.
@@ -393,7 +414,6 @@ async fn take(
                           WHERE name = $1 AND (lease_owner IS NULL OR lease_until < $4)";
     const START: &str = "INSERT INTO event_consumers (name, lease_owner, lease_until, rebuild_to) \
                          VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING";
-    const FORGET_INBOX: &str = "DELETE FROM event_inbox WHERE consumer = $1";
     const FORGET_DEAD: &str = "DELETE FROM event_dead WHERE consumer = $1";
     let name = projection.name();
     let shadow = projection.shadow();
@@ -426,12 +446,16 @@ async fn take(
     }
     if started {
         // What an earlier rebuild may have left: its inbox (a swap whose
-        // clean-up was cut off), its dead events, its tables.
+        // clean-up was cut off, or still running), its dead events, its tables.
+        let backend = tx.backend();
         with_tx!(&mut tx, conn => {
-            sqlx::query(FORGET_INBOX).bind(shadow_name).execute(&mut *conn).await?;
+            let forget_inbox = match backend {
+                Backend::Sqlite => FORGET_INBOX_SQLITE,
+                Backend::Postgres => FORGET_INBOX_POSTGRES,
+            };
+            sqlx::query(forget_inbox).bind(shadow_name).execute(&mut *conn).await?;
             sqlx::query(FORGET_DEAD).bind(shadow_name).execute(conn).await?;
         });
-        let backend = tx.backend();
         for table in projection.tables() {
             execute_all(&mut tx, table.create_shadow(backend)).await?;
         }

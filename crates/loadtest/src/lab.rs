@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -156,9 +156,14 @@ pub struct VariantResult {
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     /// Transactions per second on the primary (and on the replicas, summed)
-    /// during a run at `max_rate`, and per request.
+    /// during a run at `max_rate`, as counted (background work included).
     pub primary_tx_per_s: Option<f64>,
     pub replica_tx_per_s: Option<f64>,
+    /// What the primary counts per second with no load (the processes'
+    /// background work), measured right before that run.
+    pub primary_idle_tx_per_s: Option<f64>,
+    /// The primary's transactions per request: the run's, less the idle rate
+    /// over the same time.
     pub primary_tx_per_request: Option<f64>,
     pub search: Option<Search>,
 }
@@ -181,6 +186,7 @@ impl VariantResult {
             p99_ms: None,
             primary_tx_per_s: None,
             replica_tx_per_s: None,
+            primary_idle_tx_per_s: None,
             primary_tx_per_request: None,
             search: None,
         }
@@ -272,11 +278,11 @@ async fn run_script(
         let mut child = command
             .spawn()
             .map_err(|e| Error::Cluster(format!("cannot run {what}: {e}")))?;
-        let deadline = std::time::Instant::now() + bound;
+        let deadline = Instant::now() + bound;
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => return Ok(status.code().unwrap_or(-1)),
-                Ok(None) if std::time::Instant::now() < deadline => {
+                Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(100))
                 }
                 Ok(None) => {
@@ -305,6 +311,10 @@ fn tail(log: &Path) -> String {
 }
 
 /// Committed and rolled-back transactions of every database on one server.
+/// How long after its last transaction an idle PostgreSQL session may still
+/// hold its statistics unflushed (`PGSTAT_IDLE_INTERVAL`, 10 s), and a margin.
+const STATS_FLUSH: Duration = Duration::from_secs(11);
+
 async fn transactions(url: &str) -> Option<u64> {
     let url = url.to_owned();
     let output = tokio::task::spawn_blocking(move || {
@@ -519,7 +529,22 @@ async fn measure_up(
                     .collect()
             })
             .unwrap_or_default();
+        // PostgreSQL counts a session's transactions when it flushes its
+        // statistics, which an idle session does up to 10 s late: the counters
+        // are read after a settling time, and the run's are read that long after
+        // it ends. The idle rate over a quiet window is taken off the run's.
+        tokio::time::sleep(STATS_FLUSH).await;
+        let quiet = run
+            .duration
+            .clamp(Duration::from_secs(1), Duration::from_secs(10));
+        let idle_start = transactions(&primary).await;
+        tokio::time::sleep(quiet).await;
         let before_primary = transactions(&primary).await;
+        let idle_per_s = match (idle_start, before_primary) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / quiet.as_secs_f64()),
+            _ => None,
+        };
+        result.primary_idle_tx_per_s = idle_per_s.map(|v| (v * 10.0).round() / 10.0);
         let mut before_replicas = Vec::new();
         for url in &replicas {
             before_replicas.push(transactions(url).await);
@@ -533,11 +558,16 @@ async fn measure_up(
             let requests = confirm.all_requests.as_ref().map_or(0, |a| a.count);
             result.p50_ms = confirm.all_requests.as_ref().map(|a| a.p50_ms);
             result.p99_ms = confirm.all_requests.as_ref().map(|a| a.p99_ms);
+            let counted = Instant::now();
+            tokio::time::sleep(STATS_FLUSH).await;
             if let (Some(b), Some(a)) = (before_primary, transactions(&primary).await) {
                 let tx = a.saturating_sub(b) as f64;
                 result.primary_tx_per_s = Some((tx / seconds * 10.0).round() / 10.0);
+                // The window ran from the run's start to this read.
+                let window = seconds + counted.elapsed().as_secs_f64();
+                let net = (tx - idle_per_s.unwrap_or(0.0) * window).max(0.0);
                 result.primary_tx_per_request =
-                    Some((tx / (requests.max(1) as f64) * 100.0).round() / 100.0);
+                    Some((net / (requests.max(1) as f64) * 100.0).round() / 100.0);
             }
             let mut replica_tx = 0.0;
             for (url, before) in replicas.iter().zip(before_replicas) {
@@ -570,6 +600,7 @@ impl LabReport {
             "p50 ms",
             "p99 ms",
             "primary tx/s",
+            "idle tx/s",
             "replica tx/s",
             "tx/request",
             "status",
@@ -587,6 +618,7 @@ impl LabReport {
                 cell(v.p50_ms, 2),
                 cell(v.p99_ms, 2),
                 cell(v.primary_tx_per_s, 0),
+                cell(v.primary_idle_tx_per_s, 0),
                 cell(v.replica_tx_per_s, 0),
                 cell(v.primary_tx_per_request, 2),
                 status,
