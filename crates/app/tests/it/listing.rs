@@ -132,6 +132,17 @@ async fn projection(app: &TestApp, admin: &str, name: &str) -> Value {
         .unwrap_or_else(|| panic!("no projection {name}"))
 }
 
+/// Asks for a rebuild of projection `name`: accepted (202), with its status.
+async fn rebuild(app: &TestApp, admin: &str, name: &str) -> Value {
+    let response = app
+        .post(&format!("/v1/projections/{name}/rebuild"))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap();
+    answer(response, 202).await.0
+}
+
 /// Waits until `name` is live and has applied the whole log.
 async fn caught_up(app: &TestApp, admin: &str, name: &str) -> Value {
     let started = Instant::now();
@@ -374,13 +385,7 @@ both!(
             let made = schema(&app, table).await;
             // Twice: the second swap meets the names the first one left.
             for round in 0..2 {
-                let response = app
-                    .post(&format!("/v1/projections/{name}/rebuild"))
-                    .bearer_auth(&admin)
-                    .send()
-                    .await
-                    .unwrap();
-                let (started, _, _) = answer(response, 202).await;
+                let started = rebuild(&app, &admin, name).await;
                 assert_eq!(started["name"], name);
                 // Reads stay whole while it rebuilds, answered by the old copy.
                 let (listed, models) = list(&app, &token).await;
@@ -480,6 +485,23 @@ async fn schema(app: &TestApp, table: &str) -> Vec<String> {
 }
 
 /// Appends `events` to the log in one transaction, as another process would.
+/// `n` stock counts of products that do not exist: a long log that the
+/// listing takes (one delivery apiece) without changing a row.
+fn unknown_stock_counts(n: usize) -> Vec<NewEvent> {
+    (0..n)
+        .map(|_| {
+            let product_id = Uuid::now_v7();
+            let count = InventoryAdjusted {
+                product_id,
+                delta: 1,
+                reason: "count".into(),
+                available: 1,
+            };
+            NewEvent::typed(product_id, &count).unwrap()
+        })
+        .collect()
+}
+
 async fn append(app: &TestApp, events: &[NewEvent]) {
     let db = app.database().await;
     let mut tx = db.begin().await.unwrap();
@@ -504,19 +526,7 @@ both!(
         // A long log for the rebuild: stock counts of products that do not
         // exist. The listing takes each (one delivery apiece) and changes no row.
         for _ in 0..5 {
-            let counts: Vec<NewEvent> = (0..1000)
-                .map(|_| {
-                    let product_id = Uuid::now_v7();
-                    let count = InventoryAdjusted {
-                        product_id,
-                        delta: 1,
-                        reason: "count".into(),
-                        available: 1,
-                    };
-                    NewEvent::typed(product_id, &count).unwrap()
-                })
-                .collect();
-            append(&app, &counts).await;
+            append(&app, &unknown_stock_counts(1000)).await;
         }
         // A write after them (whose commit wakes the dispatcher of an embedded
         // app, which did not see the appends).
@@ -526,13 +536,7 @@ both!(
         assert_eq!(listed.len(), 7);
         assert!(models.iter().all(|m| m == "projection"), "{models:?}");
 
-        let response = app
-            .post("/v1/projections/product-listing/rebuild")
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap();
-        let (started, _, _) = answer(response, 202).await;
+        let started = rebuild(&app, &admin, "product-listing").await;
         assert_eq!(started["state"], "rebuilding", "{started}");
         // Reads (each between two looks at the state) while it rebuilds, and a
         // write.
@@ -583,13 +587,7 @@ both!(
         assert!(listed.iter().any(|p| p["id"] == made["id"]));
 
         // The swapped-in copy equals one built afresh from the whole log.
-        let response = app
-            .post("/v1/projections/product-listing/rebuild")
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap();
-        answer(response, 202).await;
+        rebuild(&app, &admin, "product-listing").await;
         let fresh = caught_up(&app, &admin, "product-listing").await;
         assert_eq!(fresh["digest"], rebuilt["digest"], "{rebuilt} {fresh}");
         assert_eq!(fresh["documents"], rebuilt["documents"]);
@@ -607,29 +605,11 @@ both!(
     |app: TestApp| async move {
         let admin = app.admin_token().await;
         product(&app, &admin, "B2B-0", 100, 10).await;
-        let counts: Vec<NewEvent> = (0..4000)
-            .map(|_| {
-                let product_id = Uuid::now_v7();
-                let count = InventoryAdjusted {
-                    product_id,
-                    delta: 1,
-                    reason: "count".into(),
-                    available: 1,
-                };
-                NewEvent::typed(product_id, &count).unwrap()
-            })
-            .collect();
-        append(&app, &counts).await;
+        append(&app, &unknown_stock_counts(4000)).await;
         product(&app, &admin, "B2B-1", 101, 1).await;
         let first = caught_up(&app, &admin, "product-listing").await;
         for round in 0..4 {
-            let response = app
-                .post("/v1/projections/product-listing/rebuild")
-                .bearer_auth(&admin)
-                .send()
-                .await
-                .unwrap();
-            let (started, _, _) = answer(response, 202).await;
+            let started = rebuild(&app, &admin, "product-listing").await;
             assert_eq!(started["state"], "rebuilding", "round {round}: {started}");
             // The next rebuild is asked the moment this one has swapped in.
             let begun = Instant::now();

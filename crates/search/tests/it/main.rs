@@ -269,17 +269,7 @@ fn stock_and_changes_follow_the_events_and_one_pass_equals_event_by_event() {
             at: None,
         },
     );
-    let order = Uuid::now_v7();
-    log.push(
-        order,
-        &InventoryReserved {
-            order_id: order,
-            items: vec![StockLine {
-                product_id: p[0],
-                quantity: 4,
-            }],
-        },
-    );
+    reserve(&mut log, p[0], 4);
     log.push(
         p[1],
         &InventoryAdjusted {
