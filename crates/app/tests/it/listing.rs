@@ -536,45 +536,51 @@ both!(
         assert_eq!(listed.len(), 7);
         assert!(models.iter().all(|m| m == "projection"), "{models:?}");
 
-        let started = rebuild(&app, &admin, "product-listing").await;
-        assert_eq!(started["state"], "rebuilding", "{started}");
         // Reads (each between two looks at the state) while it rebuilds, and a
-        // write.
+        // write. On a loaded machine a rebuild may end before the first read
+        // does: then it is asked again (at most 3 rebuilds in all).
         let mut written: Option<(Value, String)> = None;
         let mut during = 0;
-        let begun = Instant::now();
-        loop {
-            let ahead = projection(&app, &admin, "product-listing").await;
-            if ahead["state"] != "rebuilding" {
+        for _ in 0..3 {
+            let started = rebuild(&app, &admin, "product-listing").await;
+            assert_eq!(started["state"], "rebuilding", "{started}");
+            let begun = Instant::now();
+            loop {
+                let ahead = projection(&app, &admin, "product-listing").await;
+                if ahead["state"] != "rebuilding" {
+                    break;
+                }
+                assert!(ahead["rebuild"]["position"].is_i64(), "{ahead}");
+                if written.is_none() {
+                    written = Some(product(&app, &admin, "SRV-DURING", 500, 3).await);
+                }
+                let Some((made, token)) = &written else {
+                    unreachable!()
+                };
+                let (listed, models) = list(&app, token).await;
+                let behind = projection(&app, &admin, "product-listing").await;
+                assert!(
+                    models.iter().all(|m| m == "projection"),
+                    "answered by {models:?} while {behind}"
+                );
+                assert_eq!(
+                    listed.len(),
+                    8,
+                    "the write made during the rebuild is read back"
+                );
+                assert!(listed.iter().any(|p| p["id"] == made["id"]));
+                if behind["state"] == "rebuilding" {
+                    during += 1;
+                }
+                assert!(begun.elapsed() < WAIT, "the rebuild ends: {behind}");
+            }
+            if during > 0 && written.is_some() {
                 break;
             }
-            assert!(ahead["rebuild"]["position"].is_i64(), "{ahead}");
-            if written.is_none() {
-                written = Some(product(&app, &admin, "SRV-DURING", 500, 3).await);
-            }
-            let Some((made, token)) = &written else {
-                unreachable!()
-            };
-            let (listed, models) = list(&app, token).await;
-            let behind = projection(&app, &admin, "product-listing").await;
-            assert!(
-                models.iter().all(|m| m == "projection"),
-                "answered by {models:?} while {behind}"
-            );
-            assert_eq!(
-                listed.len(),
-                8,
-                "the write made during the rebuild is read back"
-            );
-            assert!(listed.iter().any(|p| p["id"] == made["id"]));
-            if behind["state"] == "rebuilding" {
-                during += 1;
-            }
-            assert!(begun.elapsed() < WAIT, "the rebuild ends: {behind}");
         }
         assert!(
             during > 0,
-            "no read was made while the state said rebuilding"
+            "no read was made while the state said rebuilding, in 3 rebuilds"
         );
         let rebuilt = caught_up(&app, &admin, "product-listing").await;
         assert_eq!(rebuilt["documents"], 8, "{before} {rebuilt}");
