@@ -295,10 +295,12 @@ async fn the_lab_measures_two_cache_variants_and_lists_sharding_as_not_available
             "{measured}"
         );
     }
-    // Without the cache every product read is a database read; with it, almost none.
+    // Without the cache every product read (80 % of browse) is a database
+    // read; with it, almost none. The figures are net of the idle rate, which
+    // is itself measured: a margin of 0.3 a request, not the whole 0.8.
     let per_request = |v: &Value| v["primary_tx_per_request"].as_f64().unwrap();
     assert!(
-        per_request(&variants[0]) > per_request(&variants[1]) + 0.5,
+        per_request(&variants[0]) > per_request(&variants[1]) + 0.3,
         "cache off {} vs L1 {} transactions per request",
         per_request(&variants[0]),
         per_request(&variants[1])

@@ -204,9 +204,9 @@ const CHAIN: [&str; 7] = [
     "email send (file)",
 ];
 
-/// Waits until the trace holds every step of [`CHAIN`] on one line of descent,
-/// then checks that it is connected: every span's parent is in the trace, but
-/// for its one root (whose parent is `outside`, or none).
+/// Waits until the trace holds every step of [`CHAIN`] on one line of descent
+/// and is connected: every span's parent is in the trace, but for its one root
+/// (whose parent is `outside`, or none; checked after).
 async fn connected_trace(receiver: &Receiver, trace_id: &str, outside: &str) -> Vec<Seen> {
     let spans = eventually(Duration::from_secs(30), || async {
         let spans = receiver.trace(trace_id);
@@ -227,7 +227,15 @@ async fn connected_trace(receiver: &Receiver, trace_id: &str, outside: &str) -> 
                 want = steps.next();
             }
         }
-        want.is_none().then_some(spans)
+        // A span is exported when it ends: a child (an event published while
+        // a delivery runs) can be seen before its parent (the delivery). Wait
+        // for the parents too: connected, one root.
+        let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+        let roots = spans
+            .iter()
+            .filter(|s| !ids.contains(s.parent.as_str()))
+            .count();
+        (want.is_none() && roots == 1).then_some(spans)
     })
     .await;
     let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
