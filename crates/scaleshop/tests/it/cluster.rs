@@ -213,6 +213,16 @@ fn up(dir: &Path, args: &[&str], expected: &[&str]) -> (Vec<Part>, HashMap<Strin
     up_with(dir, args, expected, &[])
 }
 
+/// A session token of the admin a cluster made (its `cluster.env`).
+pub(crate) async fn cluster_admin(gateway: &Api, env: &HashMap<String, String>) -> String {
+    gateway
+        .sign_in(
+            &env["SCALESHOP_ADMIN_EMAIL"],
+            &env["SCALESHOP_ADMIN_PASSWORD"],
+        )
+        .await
+}
+
 /// [`up`] with more variables in the environment of every instance.
 pub(crate) fn up_with(
     dir: &Path,
@@ -310,12 +320,7 @@ async fn orders_survive_a_killed_instance(
         "{servers:?}"
     );
 
-    let admin = gateway
-        .sign_in(
-            &env["SCALESHOP_ADMIN_EMAIL"],
-            &env["SCALESHOP_ADMIN_PASSWORD"],
-        )
-        .await;
+    let admin = cluster_admin(&gateway, env).await;
     let products = [
         product(&gateway, &admin, "C-A", STOCK[0]).await,
         product(&gateway, &admin, "C-B", STOCK[1]).await,
@@ -904,12 +909,7 @@ async fn cluster_with_a_lagging_replica_reads_from_it() {
     }
     assert_eq!(ready["replicas"][&replica], "up", "{ready}");
 
-    let admin = gateway
-        .sign_in(
-            &env["SCALESHOP_ADMIN_EMAIL"],
-            &env["SCALESHOP_ADMIN_PASSWORD"],
-        )
-        .await;
+    let admin = cluster_admin(&gateway, &env).await;
     let (mut stale, mut fresh) = (0, 0);
     for i in 0..5 {
         let created = gateway
@@ -1002,12 +1002,7 @@ async fn prometheus_reads_every_dashboard_and_rule_query_from_a_running_cluster(
     // A short load through the gateway: reads (cache hits and misses, a 404),
     // sign-ups, orders that complete and one that fails.
     let gateway = Api::new(env["SCALESHOP_URL"].clone());
-    let admin = gateway
-        .sign_in(
-            &env["SCALESHOP_ADMIN_EMAIL"],
-            &env["SCALESHOP_ADMIN_PASSWORD"],
-        )
-        .await;
+    let admin = cluster_admin(&gateway, &env).await;
     let product_id = product(&gateway, &admin, "P-1", 3).await;
     let token = customer(&gateway, "watcher@example.com").await;
     for i in 0..4 {

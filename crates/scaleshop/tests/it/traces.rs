@@ -421,12 +421,7 @@ async fn an_order_is_one_trace_across_the_split_cluster_behind_its_gateway() {
         ],
     );
     let gateway = Api::new(env["SCALESHOP_URL"].clone());
-    let admin = gateway
-        .sign_in(
-            &env["SCALESHOP_ADMIN_EMAIL"],
-            &env["SCALESHOP_ADMIN_PASSWORD"],
-        )
-        .await;
+    let admin = crate::cluster::cluster_admin(&gateway, &env).await;
     let item = product(&gateway, &admin, "TRACE-4", 100).await;
     let token = customer(&gateway, "trace-4@example.com").await;
 
