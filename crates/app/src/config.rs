@@ -49,6 +49,14 @@ pub struct Config {
     /// that tolerate staleness go to a healthy one. Unset: every read on the
     /// primary.
     pub read_replica_urls: Option<Secret>,
+    /// Comma list of `postgres://...` shard databases (with a PostgreSQL
+    /// `database_url`): users and their sessions live in hash slots spread over
+    /// them, the main database keeps the shard map and the directory of
+    /// addresses. The list may only grow, in the same order. Unset: no shards.
+    pub shard_urls: Option<Secret>,
+    /// Embedded sharding (SQLite): this many shard files in `data_dir/shards`.
+    /// 0: no shards.
+    pub shards: u32,
     /// A replica further behind than this gets no reads.
     pub replica_max_lag_ms: u64,
     /// How long a read with a consistency token waits for a replica that has the
@@ -233,6 +241,8 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             database_url: None,
             read_replica_urls: None,
+            shard_urls: None,
+            shards: 0,
             replica_max_lag_ms: 1000,
             replica_wait_ms: 200,
             projection_wait_ms: 200,
@@ -323,6 +333,8 @@ const ENV_KEYS: &[&str] = &[
     "data_dir",
     "database_url",
     "read_replica_urls",
+    "shard_urls",
+    "shards",
     "replica_max_lag_ms",
     "replica_wait_ms",
     "projection_wait_ms",
@@ -574,6 +586,42 @@ impl Config {
                     "expected a comma list of postgres://... URLs",
                 );
             }
+        }
+        let shards = self.shard_urls();
+        if !shards.is_empty() {
+            if !self.database_url.as_ref().is_some_and(|u| {
+                let u = u.expose();
+                u.starts_with("postgres://") || u.starts_with("postgresql://")
+            }) {
+                return bad("shard_urls", "needs a postgres:// database_url");
+            }
+            if shards
+                .iter()
+                .any(|u| !(u.starts_with("postgres://") || u.starts_with("postgresql://")))
+            {
+                return bad("shard_urls", "expected a comma list of postgres://... URLs");
+            }
+            if self.shards != 0 {
+                return bad(
+                    "shards",
+                    "embedded shards (a count) and shard_urls do not go together",
+                );
+            }
+        }
+        if self.shards != 0 && self.database_url.is_some() {
+            return bad(
+                "shards",
+                "embedded shards are SQLite files: with a database_url, list shard_urls",
+            );
+        }
+        if self.shards > 64 {
+            return bad("shards", "at most 64 embedded shards");
+        }
+        if self.nats_url.is_some() && (self.shards != 0 || !shards.is_empty()) {
+            return bad(
+                "nats_url",
+                "shards deliver their logs through the database: NATS does not carry them yet",
+            );
         }
         if self.replica_max_lag_ms == 0 {
             return bad("replica_max_lag_ms", "must be greater than 0");
@@ -844,6 +892,30 @@ impl Config {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The shard databases' URLs (empty when none).
+    pub fn shard_urls(&self) -> Vec<String> {
+        self.shard_urls
+            .as_ref()
+            .map(|list| {
+                list.expose()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether users live in shards (embedded files or `shard_urls`).
+    pub fn sharded(&self) -> bool {
+        self.shards != 0
+            || self
+                .shard_urls
+                .as_ref()
+                .is_some_and(|u| !u.expose().trim().is_empty())
     }
 
     pub fn replica_settings(&self) -> scaleshop_db::ReplicaSettings {

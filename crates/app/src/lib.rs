@@ -22,6 +22,7 @@ mod recovery;
 pub mod registry;
 pub mod server;
 pub mod service_client;
+pub mod shards;
 
 pub use config::{Config, Overrides};
 pub use lock::DataDirLock;

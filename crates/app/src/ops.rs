@@ -20,6 +20,9 @@ use utoipa_axum::routes;
 #[derive(Clone, Default)]
 pub struct Probes {
     pub db: Option<Database>,
+    /// The shard databases, when configured: `shards` is `down` when one of
+    /// them does not answer.
+    pub shards: Option<scaleshop_db::shards::Shards>,
     /// The shared cache tier (Redis), when configured.
     pub cache: Option<scaleshop_cache::Redis>,
     /// The event dispatcher's loop, when this process runs it.
@@ -145,7 +148,11 @@ async fn readyz(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
         } else {
             ComponentState::Down
         },
-        shards: ComponentState::Disabled,
+        shards: match &ops.probes.shards {
+            Some(shards) if shards.ping(Duration::from_secs(1)).await => ComponentState::Up,
+            Some(_) => ComponentState::Down,
+            None => ComponentState::Disabled,
+        },
         cache: match &ops.probes.cache {
             Some(redis) if redis.ping().await => ComponentState::Up,
             Some(_) => ComponentState::Down,

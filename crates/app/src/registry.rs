@@ -174,6 +174,8 @@ pub struct Context<'a> {
     pub config: &'a Config,
     pub target: Target,
     pub db: Database,
+    /// The shard databases users live in, when configured.
+    pub shards: Option<scaleshop_db::shards::Shards>,
     pub users_cache: Arc<TieredCache<scaleshop_users::domain::User>>,
     pub products_cache: Arc<TieredCache<scaleshop_catalog::ProductView>>,
     pub sessions_cache: Arc<TieredCache<scaleshop_users::domain::SessionState>>,
@@ -210,12 +212,15 @@ pub async fn register(service: Service, cx: &mut Context<'_>) -> Result<Registra
 
 async fn users(cx: &mut Context<'_>) -> Result<Registration, StartError> {
     let config = cx.config;
-    let users = scaleshop_users::Users::new(scaleshop_users::store::store_for(&cx.db))
-        .with_cache(cx.users_cache.clone())
-        .with_sessions_cache(cx.sessions_cache.clone())
-        .with_hasher(scaleshop_users::hashing::Hasher::new(
-            config.password_hashing(),
-        ));
+    let users = scaleshop_users::Users::new(scaleshop_users::store::store_for(
+        &cx.db,
+        cx.shards.as_ref(),
+    ))
+    .with_cache(cx.users_cache.clone())
+    .with_sessions_cache(cx.sessions_cache.clone())
+    .with_hasher(scaleshop_users::hashing::Hasher::new(
+        config.password_hashing(),
+    ));
     let sessions = users.sessions();
     let mut reg = Registration {
         session_check: Some(Arc::new(sessions.clone())),

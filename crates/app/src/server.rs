@@ -59,6 +59,8 @@ pub enum StartError {
     Target(String),
     #[error("API document: {0}")]
     ApiDoc(String),
+    #[error("shards: {0}")]
+    Shards(String),
 }
 
 #[derive(OpenApi)]
@@ -109,6 +111,14 @@ fn merge_api(api: OpenApiRouter, router: OpenApiRouter) -> Result<OpenApiRouter,
     Ok(api.merge(router))
 }
 
+/// The events that shards' logs carry (the users service's): a consumer that
+/// wants one of them follows every shard's log too.
+fn shard_events() -> impl Iterator<Item = &'static str> {
+    use scaleshop_contracts::Contract;
+    use scaleshop_contracts::users::{SessionEnded, UserCreated, UserUpdated};
+    [UserCreated::NAME, UserUpdated::NAME, SessionEnded::NAME].into_iter()
+}
+
 /// The migrations of every module that owns tables.
 fn migrations_of(modules: &[Module]) -> Vec<Migrations> {
     modules
@@ -151,6 +161,9 @@ pub struct App {
     router: Router,
     observe: ObserveLayer,
     pub db: Database,
+    /// The shard databases, when configured: their commit listeners and the
+    /// cache-invalidating tail of their logs run with the background parts.
+    shards: Option<scaleshop_db::shards::Shards>,
     dispatcher: Option<Dispatcher>,
     workers: Option<Workers>,
     forget_idle: Vec<Box<dyn Fn() + Send + Sync>>,
@@ -185,6 +198,7 @@ impl App {
                 .map_err(StartError::Background)?;
         }
         let keys = crate::keys::http_keys(config, &db).await?;
+        let shards = crate::shards::open(config, &db).await?;
         let mut api = OpenApiRouter::with_openapi(ApiDoc::openapi());
         let mut dispatcher = modules.contains(&Module::Events).then(|| {
             let dispatcher = Dispatcher::new(db.clone(), config.dispatcher_settings());
@@ -244,6 +258,7 @@ impl App {
             config,
             target,
             db: db.clone(),
+            shards: shards.clone(),
             users_cache: users_cache.clone(),
             products_cache: products_cache.clone(),
             sessions_cache: sessions_cache.clone(),
@@ -270,6 +285,14 @@ impl App {
             }
             if let Some(dispatcher) = dispatcher.as_mut() {
                 for consumer in registration.consumers {
+                    // The users' events are in their shards' logs.
+                    if let Some(shards) = &shards
+                        && shard_events().any(|kind| consumer.wants(kind))
+                    {
+                        for shard in shards.all() {
+                            dispatcher.follow(shard.name(), shard.db().clone(), consumer.clone());
+                        }
+                    }
                     dispatcher.subscribe(consumer);
                 }
                 for projection in &registration.projections {
@@ -300,6 +323,7 @@ impl App {
             collectors.extend(workers.as_ref().map(Workers::collector));
             let probes = Probes {
                 db: Some(db.clone()),
+                shards: shards.clone(),
                 cache: redis.clone(),
                 bus: dispatcher.as_ref().map(Dispatcher::heartbeat),
                 jobs: workers.as_ref().map(Workers::heartbeat),
@@ -342,6 +366,7 @@ impl App {
             router,
             observe,
             db,
+            shards,
             dispatcher,
             workers,
             forget_idle,
@@ -393,21 +418,31 @@ impl App {
                     .await;
             }));
         }
-        let (users, products) = (self.users_cache.clone(), self.products_cache.clone());
-        let sessions = self.sessions_cache.clone();
-        tasks.push(scaleshop_events::tail::spawn_tail(
-            self.db.clone(),
-            self.tail_poll,
-            move |event| {
-                let caches = crate::invalidation::Caches {
-                    users: users.as_ref(),
-                    products: products.as_ref(),
-                    sessions: sessions.as_ref(),
-                };
-                crate::invalidation::on_event(event, &caches)
-            },
-            shutdown.clone(),
-        ));
+        let logs = std::iter::once(self.db.clone()).chain(
+            self.shards
+                .iter()
+                .flat_map(|shards| shards.all().iter().map(|shard| shard.db().clone())),
+        );
+        for log in logs {
+            if !log.same_as(&self.db) {
+                tasks.extend(log.spawn_commit_listener(shutdown.clone()));
+            }
+            let (users, products) = (self.users_cache.clone(), self.products_cache.clone());
+            let sessions = self.sessions_cache.clone();
+            tasks.push(scaleshop_events::tail::spawn_tail(
+                log,
+                self.tail_poll,
+                move |event| {
+                    let caches = crate::invalidation::Caches {
+                        users: users.as_ref(),
+                        products: products.as_ref(),
+                        sessions: sessions.as_ref(),
+                    };
+                    crate::invalidation::on_event(event, &caches)
+                },
+                shutdown.clone(),
+            ));
+        }
         if let Some(dispatcher) = self.dispatcher.take() {
             tasks.push(
                 dispatcher
@@ -505,6 +540,9 @@ pub async fn serve(
             Ok(())
         }
     };
+    if let Some(shards) = &app.shards {
+        shards.close().await;
+    }
     app.db.close().await;
     tracing::info!("stopped");
     result

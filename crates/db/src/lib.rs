@@ -21,6 +21,7 @@ pub use sqlx;
 
 pub mod clock;
 pub mod replicas;
+pub mod shards;
 
 use replicas::ReplicaSet;
 pub use replicas::{Consistency, Reader, ReplicaHealth, ReplicaSettings, WalPosition};
@@ -357,6 +358,21 @@ impl Database {
         }
     }
 
+    /// Opens (creating it when missing) the SQLite database in the file `path`:
+    /// an embedded shard.
+    pub async fn open_sqlite_file(
+        path: &Path,
+        settings: &PoolSettings,
+    ) -> Result<Self, ConnectError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| ConnectError::DataDir {
+                path: parent.display().to_string(),
+                source,
+            })?;
+        }
+        Self::connect_sqlite(SqliteConnectOptions::new().filename(path), settings).await
+    }
+
     async fn connect_sqlite(
         options: SqliteConnectOptions,
         settings: &PoolSettings,
@@ -540,6 +556,11 @@ impl Database {
 
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// Whether `other` is a handle on the same pools (a clone of this one).
+    pub fn same_as(&self, other: &Database) -> bool {
+        Arc::ptr_eq(&self.committed, &other.committed)
     }
 
     pub fn backend(&self) -> Backend {

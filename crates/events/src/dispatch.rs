@@ -216,6 +216,8 @@ impl DeadEvents {
 pub struct Dispatcher {
     db: Database,
     consumers: Vec<Arc<dyn Consumer>>,
+    /// Consumers of other logs (a shard's), whose state lives in `db`.
+    followed: Vec<Followed>,
     /// The read models among `consumers`, whose abandoned rebuilds this
     /// process finishes.
     projections: Vec<Arc<dyn Projection>>,
@@ -285,6 +287,7 @@ impl Dispatcher {
         Self {
             db,
             consumers: Vec::new(),
+            followed: Vec::new(),
             projections: Vec::new(),
             settings,
             owner: format!("{}-{}", std::process::id(), Uuid::now_v7().simple()),
@@ -305,6 +308,19 @@ impl Dispatcher {
         self.consumers.push(consumer);
     }
 
+    /// Subscribes `consumer` to another database's log (a shard's, named
+    /// `source`): it reads that log, and keeps its position, inbox, lease and
+    /// dead events here, under the name `<consumer>@<source>`, and its handler
+    /// writes its effects in this database's transaction, as for the log here.
+    /// Events of each log stay in their order; the logs are not ordered against
+    /// each other (each is the order of its own aggregates). Only with the
+    /// in-database transport.
+    pub fn follow(&mut self, source: &str, log: Database, consumer: Arc<dyn Consumer>) {
+        // Named once per process start, for the life of the process.
+        let key: &'static str = Box::leak(format!("{}@{source}", consumer.name()).into_boxed_str());
+        self.followed.push(Followed { key, log, consumer });
+    }
+
     /// Subscribes a read model kept in tables; this process also finishes a
     /// rebuild of it that its rebuilder left (see [`crate::projection`]).
     pub fn subscribe_projection(&mut self, projection: Arc<dyn Projection>) {
@@ -323,6 +339,11 @@ impl Dispatcher {
         let db = self.db.clone();
         let nats = self.nats.clone();
         let consumers: Vec<&'static str> = self.consumers.iter().map(|c| c.name()).collect();
+        let followed: Arc<[(&'static str, Database)]> = self
+            .followed
+            .iter()
+            .map(|f| (f.key, f.log.clone()))
+            .collect();
         let projections: Arc<[&'static str]> = self
             .consumers
             .iter()
@@ -334,8 +355,9 @@ impl Dispatcher {
             let nats = nats.clone();
             let consumers = consumers.clone();
             let projections = projections.clone();
+            let followed = followed.clone();
             Box::pin(async move {
-                if let Err(e) = report_lag(&db, nats.is_none(), &projections).await {
+                if let Err(e) = report_lag(&db, nats.is_none(), &projections, &followed).await {
                     tracing::warn!(error = %e, "event lag metrics unavailable");
                 }
                 if let Some(nats) = nats {
@@ -355,10 +377,16 @@ impl Dispatcher {
     ) -> Result<JoinHandle<()>, StoreError> {
         const REGISTER: &str =
             "INSERT INTO event_consumers (name) VALUES ($1) ON CONFLICT (name) DO NOTHING";
-        for consumer in &self.consumers {
+        let names = self.consumers.iter().map(|c| c.name());
+        for name in names.chain(self.followed.iter().map(|f| f.key)) {
             with_pool!(self.db, pool => {
-                sqlx::query(REGISTER).bind(consumer.name()).execute(pool).await?;
+                sqlx::query(REGISTER).bind(name).execute(pool).await?;
             });
+        }
+        if self.nats.is_some() && !self.followed.is_empty() {
+            return Err(StoreError::Other(
+                "the logs of other databases are followed only by the in-database transport".into(),
+            ));
         }
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(heartbeat(
@@ -368,8 +396,24 @@ impl Dispatcher {
             self.heartbeat.clone(),
             shutdown.clone(),
         )));
+        for followed in self.followed {
+            let runner = Runner {
+                db: self.db.clone(),
+                log: followed.log,
+                key: followed.key,
+                consumer: followed.consumer,
+                settings: self.settings.clone(),
+                owner: self.owner.clone(),
+                heartbeat: self.heartbeat.clone(),
+                leased_at: None,
+                until: None,
+            };
+            tasks.push(tokio::spawn(runner.run(shutdown.clone())));
+        }
         let runners = self.consumers.into_iter().map(|consumer| Runner {
             db: self.db.clone(),
+            log: self.db.clone(),
+            key: consumer.name(),
             consumer,
             settings: self.settings.clone(),
             owner: self.owner.clone(),
@@ -466,6 +510,7 @@ async fn report_lag(
     db: &Database,
     per_consumer: bool,
     projections: &[&'static str],
+    followed: &[(&'static str, Database)],
 ) -> Result<(), StoreError> {
     const POSITIONS: &str = "SELECT name, position FROM event_consumers";
     const BEHIND: &str = "SELECT COUNT(*) FROM events WHERE sequence > $1";
@@ -475,7 +520,7 @@ async fn report_lag(
     for (name, position) in positions {
         // A rebuild's new copy of a read model is no consumer of the log's:
         // `GET /v1/projections` shows its progress.
-        if crate::projection::is_rebuild(&name) {
+        if crate::projection::is_rebuild(&name) || is_followed(&name) {
             continue;
         }
         slowest = Some(slowest.map_or(position, |s| s.min(position)));
@@ -493,18 +538,55 @@ async fn report_lag(
             metrics::gauge!(names::EVENT_CONSUMER_LAG, "consumer" => name).set(behind as f64);
         }
     }
-    let backlog: i64 = match slowest {
+    let mut backlog: i64 = match slowest {
         Some(position) => with_pool!(db, pool => {
             sqlx::query_scalar(BEHIND).bind(position).fetch_one(pool).await?
         }),
         None => 0,
     };
+    // Another log's consumers: behind that log's head. Its backlog is what its
+    // slowest follower here has not handled.
+    const POSITION: &str = "SELECT position FROM event_consumers WHERE name = $1";
+    let mut slowest_of: Vec<(&Database, i64)> = Vec::new();
+    for (key, log) in followed {
+        let position: i64 = with_pool!(db, pool => {
+            sqlx::query_scalar(POSITION).bind(*key).fetch_optional(pool).await?
+        })
+        .unwrap_or(0);
+        let behind: i64 = with_pool!(log, pool => {
+            sqlx::query_scalar(BEHIND).bind(position).fetch_one(pool).await?
+        });
+        metrics::gauge!(names::EVENT_CONSUMER_LAG, "consumer" => *key).set(behind as f64);
+        match slowest_of.iter_mut().find(|(l, _)| l.same_as(log)) {
+            Some((_, most)) => *most = (*most).max(behind),
+            None => slowest_of.push((log, behind)),
+        }
+    }
+    backlog += slowest_of.iter().map(|(_, behind)| behind).sum::<i64>();
     metrics::gauge!(names::OUTBOX_BACKLOG).set(backlog as f64);
     Ok(())
 }
 
+/// A consumer of another database's log ([`Dispatcher::follow`]).
+struct Followed {
+    key: &'static str,
+    log: Database,
+    consumer: Arc<dyn Consumer>,
+}
+
+/// A consumer row that follows another database's log (`<consumer>@<source>`):
+/// its position counts in that log.
+pub fn is_followed(name: &str) -> bool {
+    name.contains('@')
+}
+
 pub(crate) struct Runner {
+    /// Where the consumer's state and effects live.
     pub(crate) db: Database,
+    /// The log it reads: `db`'s, or another database's ([`Dispatcher::follow`]).
+    pub(crate) log: Database,
+    /// The consumer's name in `db` (its own, or `<name>@<source>`).
+    pub(crate) key: &'static str,
     pub(crate) consumer: Arc<dyn Consumer>,
     pub(crate) settings: DispatcherSettings,
     pub(crate) owner: String,
@@ -522,7 +604,7 @@ pub(crate) struct Runner {
 
 impl Runner {
     pub(crate) fn name(&self) -> &'static str {
-        self.consumer.name()
+        self.key
     }
 
     /// Runs the handler; a panic is a failed attempt like any other (retried, then
@@ -542,7 +624,7 @@ impl Runner {
     }
 
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let signal = self.db.commit_signal(Topic::Events);
+        let signal = self.log.commit_signal(Topic::Events);
         while !*shutdown.borrow() {
             let notified = signal.notified();
             tokio::pin!(notified);
@@ -671,7 +753,7 @@ impl Runner {
         {
             return Ok(Step::RetryAt(at));
         }
-        let mut events = EventLog::new(self.db.clone())
+        let mut events = EventLog::new(self.log.clone())
             .list(state.position, self.settings.batch)
             .await?;
         if let Some(until) = self.until {
@@ -963,7 +1045,7 @@ impl Runner {
         let Some(event_id) = next else {
             return Ok(false);
         };
-        let event = EventLog::new(self.db.clone()).get(event_id).await?;
+        let event = EventLog::new(self.log.clone()).get(event_id).await?;
         let span = match &event {
             Some(event) => consume_span(self.name(), event),
             None => tracing::Span::none(),

@@ -478,6 +478,8 @@ async fn take(
         live: projection,
         runner: Runner {
             db: db.clone(),
+            log: db.clone(),
+            key: consumer.name(),
             consumer,
             settings,
             owner,

@@ -72,6 +72,12 @@ enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
+    /// The shards users live in (`shards` or `shard_urls`): the map in the
+    /// main database and each shard database.
+    Shards {
+        #[command(subcommand)]
+        action: ShardsAction,
+    },
     /// The read models (projections) of a running instance, over its admin API
     /// (signs in with SCALESHOP_ADMIN_EMAIL / SCALESHOP_ADMIN_PASSWORD).
     Projections {
@@ -107,6 +113,12 @@ enum ProjectionsAction {
 }
 
 #[derive(Debug, Subcommand)]
+enum ShardsAction {
+    /// The map's epoch and slot ranges, and each shard's slots and users.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
 enum KeysAction {
     /// Add a new key that signs from now on (running instances pick it up within
     /// `key_refresh_secs`); older keys keep verifying until what they signed has
@@ -138,7 +150,10 @@ fn main() -> ExitCode {
     });
     let http_addr = match command {
         Command::Serve { ref http_addr, .. } => http_addr.clone(),
-        Command::Migrate { .. } | Command::Keys { .. } | Command::Projections { .. } => None,
+        Command::Migrate { .. }
+        | Command::Keys { .. }
+        | Command::Shards { .. }
+        | Command::Projections { .. } => None,
         // A client of the API: no server configuration, no data folder.
         Command::Loadtest(args) => return loadtest(*args),
     };
@@ -177,6 +192,9 @@ fn main() -> ExitCode {
                 let _lock = scaleshop_app::DataDirLock::for_config(&config)
                     .map_err(scaleshop_app::StartError::from)?;
                 let db = scaleshop_app::open_database(&config, target).await?;
+                if let Some(shards) = scaleshop_app::shards::open(&config, &db).await? {
+                    shards.close().await;
+                }
                 db.close().await;
                 tracing::info!(migrate_target = %target, backend = ?db.backend(), "migrations applied");
                 Ok(())
@@ -190,6 +208,10 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Loadtest(_) => Ok(()),
+            Command::Shards { action: ShardsAction::Status } => {
+                print!("{}", scaleshop_app::shards::status(&config).await?);
+                Ok(())
+            }
             Command::Projections { action: ProjectionsAction::Status, url } => {
                 for projection in scaleshop_app::projections::status(&config, url.as_deref()).await? {
                     println!("{projection}");

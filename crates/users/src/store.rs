@@ -3,6 +3,7 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use scaleshop_db::shards::Shards;
 use scaleshop_db::sqlx::{self, FromRow};
 use scaleshop_db::{
     Consistency, Database, Migrations, StoreError, read_with_as_of, with_pool, with_tx,
@@ -65,9 +66,13 @@ pub trait UserStore: Send + Sync {
     async fn forget_ended_sessions(&self, cutoff: i64) -> Result<u64, StoreError>;
 }
 
-/// The store for the configured database.
-pub fn store_for(db: &Database) -> std::sync::Arc<dyn UserStore> {
-    std::sync::Arc::new(SqlUserStore::new(db.clone()))
+/// The store for the configured database: with shards, the users live in the
+/// shard databases and `db` keeps the directory of addresses.
+pub fn store_for(db: &Database, shards: Option<&Shards>) -> std::sync::Arc<dyn UserStore> {
+    match shards {
+        Some(shards) => std::sync::Arc::new(ShardedUserStore::new(db.clone(), shards.clone())),
+        None => std::sync::Arc::new(SqlUserStore::new(db.clone())),
+    }
 }
 
 #[derive(Debug, FromRow)]
@@ -269,5 +274,246 @@ impl UserStore for SqlUserStore {
         });
         tx.commit().await?;
         Ok(deleted)
+    }
+}
+
+/// How many users the database holds (a shard's count, for `shards status`).
+pub async fn count(db: &Database) -> Result<i64, StoreError> {
+    Ok(with_pool!(db, pool => {
+        sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(pool).await?
+    }))
+}
+
+/// How long a claimed address whose user was never written blocks it: far
+/// longer than a sign-up can take (a request is cut off after its timeout, and
+/// a dropped transaction rolls back), so a claim taken over is one whose write
+/// can no longer commit.
+const CLAIM_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// How many shards a scattered read asks at once, and how long it waits for one.
+const SCATTER_CONCURRENCY: usize = 8;
+const SCATTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Users spread over shard databases by their id's hash slot, with the
+/// directory of addresses (`user_emails`) in the main database.
+///
+/// - Sign-up: the address is claimed in the directory (its primary key refuses
+///   a second holder, whichever shard the other sign-up writes to), then the
+///   user and its event are written to the user's shard; a failed write gives
+///   the claim back.
+/// - A change of address claims the new one first, writes the shard, then
+///   gives the old one back.
+/// - Sign-in by address: one directory row, then the user's shard. A row whose
+///   user does not hold the address (a write that never happened, an old
+///   address not yet given back) reads as no user, and a sign-up may take it
+///   over after [`CLAIM_GRACE`].
+/// - The admin search scatters over every shard (at most
+///   [`SCATTER_CONCURRENCY`] at once, [`SCATTER_TIMEOUT`] each) and merges by
+///   id: the order is global, so the last id of a page is every shard's
+///   position.
+#[derive(Debug, Clone)]
+pub struct ShardedUserStore {
+    directory: Database,
+    shards: Shards,
+}
+
+impl ShardedUserStore {
+    pub fn new(directory: Database, shards: Shards) -> Self {
+        Self { directory, shards }
+    }
+
+    fn shard(&self, id: Uuid) -> SqlUserStore {
+        SqlUserStore::new(self.shards.for_key(id).db().clone())
+    }
+
+    /// Claims `email` for `user_id` in the directory. `Conflict` when another
+    /// user holds it: one whose shard has them with that address, or a claim
+    /// younger than [`CLAIM_GRACE`].
+    async fn claim(&self, email: &Email, user_id: Uuid) -> Result<(), StoreError> {
+        const CLAIM: &str = "INSERT INTO user_emails (email, user_id, claimed_at) VALUES ($1, $2, $3) \
+                             ON CONFLICT (email) DO NOTHING";
+        const HOLDER: &str = "SELECT user_id, claimed_at FROM user_emails WHERE email = $1";
+        const TAKE: &str = "UPDATE user_emails SET user_id = $2, claimed_at = $3 \
+                            WHERE email = $1 AND user_id = $4";
+        let at = scaleshop_db::clock::now_micros();
+        let claimed = with_pool!(self.directory, pool => {
+            sqlx::query(CLAIM).bind(email.as_str()).bind(user_id).bind(at)
+                .execute(pool).await?.rows_affected()
+        });
+        if claimed == 1 {
+            return Ok(());
+        }
+        let holder: Option<(Uuid, i64)> = with_pool!(self.directory, pool => {
+            sqlx::query_as(HOLDER).bind(email.as_str()).fetch_optional(pool).await?
+        });
+        let taken = || StoreError::Conflict(Some("user_emails_pkey".into()));
+        let Some((holder, claimed_at)) = holder else {
+            // Given back meanwhile: try once more.
+            let claimed = with_pool!(self.directory, pool => {
+                sqlx::query(CLAIM).bind(email.as_str()).bind(user_id).bind(at)
+                    .execute(pool).await?.rows_affected()
+            });
+            return if claimed == 1 { Ok(()) } else { Err(taken()) };
+        };
+        if holder == user_id {
+            return Ok(());
+        }
+        let grace = i64::try_from(CLAIM_GRACE.as_micros()).unwrap_or(i64::MAX);
+        if at - claimed_at < grace {
+            return Err(taken());
+        }
+        let holds = self
+            .shard(holder)
+            .get(holder)
+            .await?
+            .is_some_and(|record| record.user.email == *email);
+        if holds {
+            return Err(taken());
+        }
+        let took = with_pool!(self.directory, pool => {
+            sqlx::query(TAKE).bind(email.as_str()).bind(user_id).bind(at).bind(holder)
+                .execute(pool).await?.rows_affected()
+        });
+        if took == 1 { Ok(()) } else { Err(taken()) }
+    }
+
+    /// Gives `email` back if `user_id` holds it.
+    async fn give_back(&self, email: &Email, user_id: Uuid) -> Result<(), StoreError> {
+        const GIVE: &str = "DELETE FROM user_emails WHERE email = $1 AND user_id = $2";
+        with_pool!(self.directory, pool => {
+            sqlx::query(GIVE).bind(email.as_str()).bind(user_id).execute(pool).await?;
+        });
+        Ok(())
+    }
+
+    /// Gives the claim back after a failed write, keeping the write's error.
+    async fn undo_claim(&self, email: &Email, user_id: Uuid, error: StoreError) -> StoreError {
+        if let Err(e) = self.give_back(email, user_id).await {
+            // The claim stays until a sign-up takes it over after the grace.
+            tracing::warn!(%user_id, error = %e, "claimed address not given back");
+        }
+        error
+    }
+}
+
+#[async_trait]
+impl UserStore for ShardedUserStore {
+    async fn insert(&self, record: &UserRecord, event: &NewEvent) -> Result<(), StoreError> {
+        let user = &record.user;
+        self.claim(&user.email, user.id).await?;
+        match self.shard(user.id).insert(record, event).await {
+            Ok(()) => Ok(()),
+            Err(error) => Err(self.undo_claim(&user.email, user.id, error).await),
+        }
+    }
+
+    async fn update(&self, record: &UserRecord, event: &NewEvent) -> Result<(), StoreError> {
+        let user = &record.user;
+        let shard = self.shard(user.id);
+        let before = shard
+            .get(user.id)
+            .await?
+            .ok_or_else(|| StoreError::Other(format!("user {} not written", user.id)))?;
+        if before.user.email == user.email {
+            return shard.update(record, event).await;
+        }
+        self.claim(&user.email, user.id).await?;
+        if let Err(error) = shard.update(record, event).await {
+            return Err(self.undo_claim(&user.email, user.id, error).await);
+        }
+        if let Err(e) = self.give_back(&before.user.email, user.id).await {
+            // The old address reads as no user (the shard has the new one) and
+            // is taken over by a sign-up after the grace.
+            tracing::warn!(user_id = %user.id, error = %e, "old address not given back");
+        }
+        Ok(())
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError> {
+        self.shard(id).get(id).await
+    }
+
+    async fn read(
+        &self,
+        id: Uuid,
+        consistency: Consistency,
+    ) -> Result<(Option<UserRecord>, i64), StoreError> {
+        self.shard(id).read(id, consistency).await
+    }
+
+    async fn get_by_email(&self, email: &Email) -> Result<Option<UserRecord>, StoreError> {
+        const LOOKUP: &str = "SELECT user_id FROM user_emails WHERE email = $1";
+        let holder: Option<Uuid> = with_pool!(self.directory, pool => {
+            sqlx::query_scalar(LOOKUP).bind(email.as_str()).fetch_optional(pool).await?
+        });
+        let Some(id) = holder else {
+            return Ok(None);
+        };
+        Ok(self
+            .shard(id)
+            .get(id)
+            .await?
+            .filter(|record| record.user.email == *email))
+    }
+
+    async fn search(
+        &self,
+        text: Option<&str>,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<UserRecord>, StoreError> {
+        use futures::StreamExt;
+        let pages: Vec<Result<Vec<UserRecord>, StoreError>> =
+            futures::stream::iter(self.shards.all().iter().cloned())
+                .map(|shard| async move {
+                    let store = SqlUserStore::new(shard.db().clone());
+                    tokio::time::timeout(SCATTER_TIMEOUT, store.search(text, after, limit))
+                        .await
+                        .unwrap_or_else(|_| {
+                            tracing::warn!(
+                                shard = shard.name(),
+                                "user search timed out on a shard"
+                            );
+                            Err(StoreError::Unavailable)
+                        })
+                })
+                .buffer_unordered(SCATTER_CONCURRENCY)
+                .collect()
+                .await;
+        let mut merged: Vec<UserRecord> = Vec::new();
+        for page in pages {
+            merged.extend(page?);
+        }
+        // A user being moved between shards may be read on both: once only.
+        merged.sort_by_key(|record| record.user.id);
+        merged.dedup_by_key(|record| record.user.id);
+        merged.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok(merged)
+    }
+
+    async fn session_state(&self, id: Uuid, now: i64) -> Result<Option<SessionState>, StoreError> {
+        self.shard(id).session_state(id, now).await
+    }
+
+    async fn end_session(
+        &self,
+        user_id: Uuid,
+        token_id: Uuid,
+        expires_at: i64,
+        event: &NewEvent,
+    ) -> Result<bool, StoreError> {
+        self.shard(user_id)
+            .end_session(user_id, token_id, expires_at, event)
+            .await
+    }
+
+    async fn forget_ended_sessions(&self, cutoff: i64) -> Result<u64, StoreError> {
+        let mut forgotten = 0;
+        for shard in self.shards.all() {
+            forgotten += SqlUserStore::new(shard.db().clone())
+                .forget_ended_sessions(cutoff)
+                .await?;
+        }
+        Ok(forgotten)
     }
 }

@@ -27,4 +27,5 @@ mod ratelimit;
 mod replicas;
 mod search;
 mod sessions;
+mod shards;
 mod users;

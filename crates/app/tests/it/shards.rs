@@ -1,0 +1,370 @@
+//! Users in hash slots over shard databases: embedded (`shards = 3`, three
+//! SQLite files) and on PostgreSQL (`shard_urls`, three databases).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use scaleshop_app::{Config, Target};
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+use crate::users::json_body;
+
+const SHARDS: usize = 3;
+
+/// The configuration of a sharded app on `backend`.
+async fn sharded_config(backend: Backend, shards: usize) -> Config {
+    let mut config = test_config(backend).await;
+    if backend.is_postgres() {
+        let mut urls = Vec::new();
+        for _ in 0..shards {
+            urls.push(fresh_pg_database().await);
+        }
+        config.shard_urls = Some(scaleshop_app::config::Secret::new(urls.join(",")));
+    } else {
+        config.shards = u32::try_from(shards).unwrap();
+    }
+    config
+}
+
+async fn fixture(backend: Backend) -> TestApp {
+    TestApp::spawn_with(sharded_config(backend, SHARDS).await, backend).await
+}
+
+/// The shard databases of `config`, as another process would open them.
+async fn shard_databases(config: &Config) -> Vec<scaleshop_db::Database> {
+    let settings = config.pool_settings();
+    let mut dbs = Vec::new();
+    let urls = config.shard_urls();
+    if urls.is_empty() {
+        for k in 0..config.shards {
+            let file = config.data_dir.join("shards").join(format!("shard-{k}.db"));
+            dbs.push(
+                scaleshop_db::Database::open_sqlite_file(&file, &settings)
+                    .await
+                    .unwrap(),
+            );
+        }
+    } else {
+        for url in urls {
+            dbs.push(
+                scaleshop_db::Database::connect(Some(&url), &config.data_dir, &settings)
+                    .await
+                    .unwrap(),
+            );
+        }
+    }
+    dbs
+}
+
+/// How many users each shard holds.
+async fn users_per_shard(config: &Config) -> Vec<i64> {
+    let mut counts = Vec::new();
+    for db in shard_databases(config).await {
+        counts.push(scaleshop_users::store::count(&db).await.unwrap());
+        db.close().await;
+    }
+    counts
+}
+
+async fn sign_up(app: &TestApp, email: &str, password: &str) -> reqwest::Response {
+    app.post("/v1/users")
+        .json(&json!({"email": email, "name": "Sharded Customer", "password": password}))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn sign_in_status(app: &TestApp, email: &str, password: &str) -> StatusCode {
+    app.post("/v1/sessions")
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// Every user the admin list gives, page by page (`limit` a page).
+async fn list_all(app: &TestApp, token: &str, query: &str, limit: usize) -> Vec<Value> {
+    let mut users = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1000 {
+        let mut path = format!("/v1/users?limit={limit}{query}");
+        if let Some(cursor) = &cursor {
+            path.push_str(&format!("&cursor={cursor}"));
+        }
+        let page = json_body(
+            app.get(&path).bearer_auth(token).send().await.unwrap(),
+            StatusCode::OK,
+        )
+        .await;
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= limit, "{page}");
+        users.extend(items.iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return users,
+        }
+    }
+    panic!("the list did not end");
+}
+
+both!(
+    users_spread_over_the_shards_and_sign_in_through_the_directory,
+    [sqlite, postgres],
+    |app: TestApp| async move {
+        let ready = json_body(app.get("/readyz").send().await.unwrap(), StatusCode::OK).await;
+        assert_eq!(ready["components"]["shards"], "up", "{ready}");
+        let mut users = Vec::new();
+        for n in 0..30 {
+            let (user, token) = app.customer(&format!("spread-{n}@example.com")).await;
+            users.push((user, token));
+        }
+        // Each user reads themself back, from their shard.
+        for (user, token) in &users {
+            let id = user["id"].as_str().unwrap();
+            let read = json_body(
+                app.get(&format!("/v1/users/{id}"))
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .unwrap(),
+                StatusCode::OK,
+            )
+            .await;
+            assert_eq!(read["email"], user["email"]);
+        }
+        // 31 users (the admin too) over three shards of 341-342 slots each:
+        // every shard has some, and none has them all.
+        let counts = users_per_shard(&app.config).await;
+        assert_eq!(counts.iter().sum::<i64>(), 31, "{counts:?}");
+        assert!(counts.iter().all(|n| *n > 0), "{counts:?}");
+        // The welcome email of each user: `user.created` is in the user's
+        // shard's log, which the notification service follows.
+        for (user, token) in &users {
+            let what = format!("the welcome of {}", user["email"]);
+            scaleshop_testkit::eventually_within(Duration::from_secs(30), &what, async || {
+                let list = app
+                    .get("/v1/notifications")
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json::<Value>()
+                    .await
+                    .unwrap();
+                list["items"]
+                    .as_array()
+                    .is_some_and(|items| items.iter().any(|n| n["kind"] == "welcome"))
+            })
+            .await;
+        }
+    }
+);
+
+both!(
+    one_address_signed_up_at_once_on_different_shards_makes_one_account,
+    [sqlite, postgres],
+    |app: TestApp| async move {
+        for round in 0..4 {
+            let email = format!("race-{round}@example.com");
+            // Eight sign-ups at once, each with its own password: each gets
+            // its own id, so its own slot, most of them on other shards.
+            let attempts = (0..8).map(|n| {
+                let app = &app;
+                let email = email.clone();
+                async move {
+                    let password = format!("password-{n}-{round}");
+                    let status = sign_up(app, &email, &password).await.status();
+                    (status, password)
+                }
+            });
+            let outcomes = futures::future::join_all(attempts).await;
+            let created: Vec<&String> = outcomes
+                .iter()
+                .filter(|(status, _)| *status == StatusCode::CREATED)
+                .map(|(_, password)| password)
+                .collect();
+            assert_eq!(created.len(), 1, "round {round}: {outcomes:?}");
+            assert!(
+                outcomes
+                    .iter()
+                    .all(|(s, _)| *s == StatusCode::CREATED || *s == StatusCode::CONFLICT),
+                "{outcomes:?}"
+            );
+            assert_eq!(
+                sign_in_status(&app, &email, created[0]).await,
+                StatusCode::CREATED
+            );
+        }
+        // Four accounts and the admin, in all the shards together.
+        let counts = users_per_shard(&app.config).await;
+        assert_eq!(counts.iter().sum::<i64>(), 5, "{counts:?}");
+    }
+);
+
+both!(
+    a_changed_address_moves_in_the_directory,
+    [sqlite, postgres],
+    |app: TestApp| async move {
+        let (alice, token) = app.customer("alice-old@example.com").await;
+        app.customer("bob@example.com").await;
+        let id = alice["id"].as_str().unwrap();
+        let change = |email: &'static str| {
+            app.patch(&format!("/v1/users/{id}"))
+                .bearer_auth(&token)
+                .json(&json!({"email": email, "current_password": "password-123"}))
+                .send()
+        };
+        // Another user's address: taken, whichever shard holds them.
+        assert_eq!(
+            change("bob@example.com").await.unwrap().status(),
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
+            change("alice-new@example.com").await.unwrap().status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            sign_in_status(&app, "alice-old@example.com", "password-123").await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            sign_in_status(&app, "alice-new@example.com", "password-123").await,
+            StatusCode::CREATED
+        );
+        // The old address is free again; the new one is not.
+        assert_eq!(
+            sign_up(&app, "alice-old@example.com", "password-456")
+                .await
+                .status(),
+            StatusCode::CREATED
+        );
+        assert_eq!(
+            sign_up(&app, "alice-new@example.com", "password-456")
+                .await
+                .status(),
+            StatusCode::CONFLICT
+        );
+    }
+);
+
+both!(
+    the_admin_user_list_pages_over_every_shard_once,
+    [sqlite, postgres],
+    |app: TestApp| async move {
+        let mut made = BTreeSet::new();
+        for n in 0..25 {
+            let (user, _) = app.customer(&format!("page-{n}@example.com")).await;
+            made.insert(user["id"].as_str().unwrap().to_owned());
+        }
+        let admin = app.admin_token().await;
+        for limit in [1, 4, 7, 50] {
+            let listed = list_all(&app, &admin, "", limit).await;
+            let ids: Vec<String> = listed
+                .iter()
+                .map(|u| u["id"].as_str().unwrap().to_owned())
+                .collect();
+            // In id order, each once, every user of every shard.
+            let mut sorted = ids.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(ids, sorted, "limit {limit}");
+            assert_eq!(ids.len(), 26, "limit {limit}");
+            assert!(made.iter().all(|id| ids.contains(id)));
+        }
+        // The text filter runs on every shard too.
+        let matched = list_all(&app, &admin, "&q=page-1", 3).await;
+        let emails: BTreeSet<&str> = matched
+            .iter()
+            .map(|u| u["email"].as_str().unwrap())
+            .collect();
+        let expected: BTreeSet<String> = [1, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+            .iter()
+            .map(|n| format!("page-{n}@example.com"))
+            .collect();
+        assert_eq!(
+            emails,
+            expected.iter().map(String::as_str).collect::<BTreeSet<_>>()
+        );
+    }
+);
+
+/// On PostgreSQL the shard list can grow (a new shard holds no slot until
+/// slots move to it), but not shrink or change order: each shard database
+/// knows which one it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shard_list_may_grow_but_not_shrink_or_reorder() {
+    scaleshop_testkit::cleaned(async {
+        let mut config = sharded_config(Backend::Postgres, 2).await;
+        let app = TestApp::spawn_with(config.clone(), Backend::Postgres).await;
+        app.customer("kept@example.com").await;
+        app.stop().await.unwrap();
+        let urls = config.shard_urls();
+
+        // Reordered: refused, naming the order.
+        config.shard_urls = Some(scaleshop_app::config::Secret::new(format!(
+            "{},{}",
+            urls[1], urls[0]
+        )));
+        let refused = scaleshop_app::App::build(&config, Target::ALL).await;
+        let message = refused.err().expect("a reordered list starts").to_string();
+        assert!(
+            message.contains("in the order they were added"),
+            "{message}"
+        );
+
+        // Shrunk: refused, naming the shard that holds slots.
+        config.shard_urls = Some(scaleshop_app::config::Secret::new(urls[0].clone()));
+        let refused = scaleshop_app::App::build(&config, Target::ALL).await;
+        let message = refused.err().expect("a shorter list starts").to_string();
+        assert!(message.contains("shard-1"), "{message}");
+
+        // Grown: the new shard joins with no slot, and every user is still there.
+        let third = fresh_pg_database().await;
+        config.shard_urls = Some(scaleshop_app::config::Secret::new(format!(
+            "{},{},{third}",
+            urls[0], urls[1]
+        )));
+        let app = TestApp::spawn_with(config.clone(), Backend::Postgres).await;
+        assert_eq!(
+            sign_in_status(&app, "kept@example.com", "password-123").await,
+            StatusCode::CREATED
+        );
+        app.customer("after-growth@example.com").await;
+        let counts = users_per_shard(&config).await;
+        assert_eq!(counts[2], 0, "{counts:?}");
+        assert_eq!(counts.iter().sum::<i64>(), 3, "{counts:?}");
+        app.stop().await.unwrap();
+        let status = scaleshop_app::shards::status(&config).await.unwrap();
+        let slots: Vec<usize> = status.shards.iter().map(|s| s.slots).collect();
+        assert_eq!(slots, [512, 512, 0]);
+        assert_eq!(status.epoch, 1);
+    })
+    .await;
+}
+
+/// A sharded configuration that cannot work is refused at start, naming the key.
+#[test]
+fn shard_settings_that_cannot_work_are_refused() {
+    let mut config = Config {
+        shards: 2,
+        database_url: Some(scaleshop_app::config::Secret::new(
+            "postgres://localhost/db",
+        )),
+        ..Config::default()
+    };
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("shards"), "{error}");
+    config.database_url = None;
+    config.shard_urls = Some(scaleshop_app::config::Secret::new(
+        "postgres://localhost/s0",
+    ));
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("shard_urls"), "{error}");
+    config.shard_urls = None;
+    config.nats_url = Some(scaleshop_app::config::Secret::new("nats://127.0.0.1:4222"));
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("nats_url"), "{error}");
+}
