@@ -31,14 +31,15 @@ fn base(config: &Config, url: Option<&str>) -> Result<String, StartError> {
     Ok(format!("http://{addr}"))
 }
 
-struct AdminClient {
+/// A client of an instance's admin API, signed in as the configured admin.
+pub(crate) struct AdminClient {
     client: reqwest::Client,
     base: String,
     token: String,
 }
 
 impl AdminClient {
-    async fn sign_in(config: &Config, url: Option<&str>) -> Result<Self, StartError> {
+    pub(crate) async fn sign_in(config: &Config, url: Option<&str>) -> Result<Self, StartError> {
         let (Some(email), Some(password)) = (&config.admin_email, &config.admin_password) else {
             return Err(error(
                 "needs the admin account (SCALESHOP_ADMIN_EMAIL and SCALESHOP_ADMIN_PASSWORD)",
@@ -74,10 +75,25 @@ impl AdminClient {
     }
 
     async fn call(&self, method: reqwest::Method, path: &str) -> Result<Value, StartError> {
-        let response = self
+        self.call_with(method, path, None).await
+    }
+
+    /// Calls `path` (with `body` as JSON); the answer's JSON, or the error
+    /// with its problem document.
+    pub(crate) async fn call_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, StartError> {
+        let mut request = self
             .client
             .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
             .send()
             .await
             .map_err(|e| error(format!("{}{path}: {e}", self.base)))?;

@@ -245,6 +245,13 @@ async fn users(cx: &mut Context<'_>) -> Result<Registration, StartError> {
     reg.routes
         .push(scaleshop_users::http::internal_router(users.clone()));
     reg.forget_idle.push(Box::new(forget));
+    if let Some(shards) = &cx.shards {
+        // The users' rows are what the shards hold: their moves run here.
+        let admin = crate::shards::ShardAdmin::new(shards.clone(), cx.db.clone());
+        reg.routes.push(crate::shards::router(admin.clone()));
+        reg.background
+            .push(Box::new(move |shutdown| admin.spawn_resumer(shutdown)));
+    }
     cx.users = Some(users);
     Ok(reg)
 }

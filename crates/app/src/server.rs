@@ -423,6 +423,9 @@ impl App {
                 .iter()
                 .flat_map(|shards| shards.all().iter().map(|shard| shard.db().clone())),
         );
+        if let Some(shards) = &self.shards {
+            tasks.push(shards.spawn_watcher(shutdown.clone()));
+        }
         for log in logs {
             if !log.same_as(&self.db) {
                 tasks.extend(log.spawn_commit_listener(shutdown.clone()));

@@ -1,11 +1,26 @@
 //! The shard databases of a configuration (`shards` embedded files, or
 //! `shard_urls`): opened, migrated with the tables that live in every shard
 //! (the users', the event log's, the shard identity), and matched against the
-//! shard map in the main database ([`scaleshop_db::shards`]); and the
-//! `scaleshop shards status` command.
+//! shard map in the main database ([`scaleshop_db::shards`]); the admin routes
+//! of the map and of slot moves (`GET /v1/shards`, `POST /v1/shards/moves`,
+//! `POST /v1/shards/rebalance`), run by the processes of the users service,
+//! which own what the shards hold; and the `scaleshop shards` commands, clients
+//! of those routes.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use parking_lot::Mutex;
 use scaleshop_db::Database;
-use scaleshop_db::shards::{Shards, SlotRange, shard_name};
+use scaleshop_db::shards::{LogDrain, MoveError, MoveReport, Mover, Shard, Shards, shard_name};
+use scaleshop_web::{ApiError, Caller, Fields, JsonObject, Problem};
+use serde::Serialize;
+use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::Config;
 use crate::server::StartError;
@@ -57,85 +72,375 @@ pub async fn open(config: &Config, main: &Database) -> Result<Option<Shards>, St
     Ok(Some(shards))
 }
 
-/// One shard in `scaleshop shards status`.
-#[derive(Debug, Clone)]
-pub struct ShardStatus {
-    pub name: String,
-    pub slots: usize,
-    pub users: i64,
+
+/// The flip's wait for the source's log: the consumers that follow it in the
+/// main database.
+struct FollowersDrain {
+    main: Database,
 }
 
-/// `scaleshop shards status`: the map's epoch, its slot ranges, and each
-/// shard's slots and users.
-#[derive(Debug, Clone)]
-pub struct Status {
-    pub epoch: i64,
-    pub ranges: Vec<SlotRange>,
-    pub shards: Vec<ShardStatus>,
-}
-
-impl std::fmt::Display for Status {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "epoch {}", self.epoch)?;
-        writeln!(f, "{:<10}  {:>6}  {:>8}", "shard", "slots", "users")?;
-        for shard in &self.shards {
-            writeln!(
-                f,
-                "{:<10}  {:>6}  {:>8}",
-                shard.name, shard.slots, shard.users
-            )?;
-        }
-        writeln!(f, "slot ranges:")?;
-        for range in &self.ranges {
-            writeln!(
-                f,
-                "  {:>4}..={:<4}  {}",
-                range.first, range.last, range.shard
-            )?;
-        }
-        Ok(())
+#[async_trait::async_trait]
+impl LogDrain for FollowersDrain {
+    async fn drained(
+        &self,
+        shard: &Shard,
+        within: Duration,
+    ) -> Result<bool, scaleshop_db::StoreError> {
+        scaleshop_events::dispatch::followers_caught_up(&self.main, shard.name(), shard.db(), within)
+            .await
     }
 }
 
-pub async fn status(config: &Config) -> Result<Status, StartError> {
-    config.validate()?;
-    if !config.sharded() {
-        return Err(StartError::Shards(
-            "no shards are configured (set shards, or shard_urls)".into(),
-        ));
-    }
-    let _lock = crate::lock::DataDirLock::for_config(config)?;
-    let main = Database::connect(
-        config.database_url.as_ref().map(|s| s.expose()),
-        &config.data_dir,
-        &config.pool_settings(),
-    )
-    .await?;
-    let result = async {
-        let shards = open(config, &main)
-            .await?
-            .ok_or_else(|| StartError::Shards("no shards".into()))?;
-        let map = shards.map();
-        let counts = map.slot_counts();
-        let mut rows = Vec::new();
-        for shard in shards.all() {
-            let users = scaleshop_users::store::count(shard.db())
-                .await
-                .map_err(StartError::Background)?;
-            rows.push(ShardStatus {
-                name: shard.name().to_owned(),
-                slots: counts.get(shard.name()).copied().unwrap_or(0),
-                users,
-            });
+/// The mover of this process and what it did last.
+pub struct ShardAdmin {
+    mover: Mover,
+    /// A move or rebalance this process runs now.
+    running: Mutex<Option<String>>,
+    /// How the last one here ended.
+    last: Mutex<Option<Outcome>>,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+struct Outcome {
+    /// What was asked (`move 0-99 to shard-2`, `rebalance`).
+    request: String,
+    /// The moves it made, one per source shard.
+    moves: Vec<MoveDone>,
+    /// Why it stopped, when it did not finish.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+struct MoveDone {
+    slots: usize,
+    source: String,
+    target: String,
+    rows: u64,
+    /// How long writes to the slots were refused.
+    fenced_ms: u64,
+    resumed: bool,
+}
+
+impl From<MoveReport> for MoveDone {
+    fn from(r: MoveReport) -> Self {
+        Self {
+            slots: r.slots,
+            source: r.source,
+            target: r.target,
+            rows: r.rows,
+            fenced_ms: r.fenced_ms,
+            resumed: r.resumed,
         }
-        shards.close().await;
-        Ok(Status {
-            epoch: map.epoch(),
-            ranges: map.ranges(),
-            shards: rows,
+    }
+}
+
+impl ShardAdmin {
+    pub fn new(shards: Shards, main: Database) -> Arc<Self> {
+        let rows: Vec<Arc<dyn scaleshop_db::shards::SlotRows>> =
+            vec![Arc::new(scaleshop_users::store::UserSlotRows)];
+        Arc::new(Self {
+            mover: Mover::new(shards, rows, Arc::new(FollowersDrain { main })),
+            running: Mutex::new(None),
+            last: Mutex::new(None),
         })
     }
-    .await;
-    main.close().await;
-    result
+
+    /// Runs `work` in the background unless this process runs one already.
+    fn start<F>(self: &Arc<Self>, request: String, work: F) -> Result<(), ApiError>
+    where
+        F: for<'a> FnOnce(
+                &'a Mover,
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<Vec<MoveReport>, MoveError>> + Send + 'a>,
+            > + Send
+            + 'static,
+    {
+        {
+            let mut running = self.running.lock();
+            if let Some(other) = running.as_ref() {
+                return Err(ApiError::conflict(format!("{other} runs already")));
+            }
+            *running = Some(request.clone());
+        }
+        let admin = self.clone();
+        tokio::spawn(async move {
+            let result = work(&admin.mover).await;
+            let outcome = match result {
+                Ok(reports) => Outcome {
+                    request,
+                    moves: reports.into_iter().map(MoveDone::from).collect(),
+                    error: None,
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "slot move stopped");
+                    Outcome {
+                        request,
+                        moves: Vec::new(),
+                        error: Some(e.to_string()),
+                    }
+                }
+            };
+            *admin.last.lock() = Some(outcome);
+            *admin.running.lock() = None;
+        });
+        Ok(())
+    }
+
+    /// Resumes, every 5 s, a move whose mover died (its lease ran out), until
+    /// `shutdown`. A live mover elsewhere keeps its lease: this one waits.
+    pub fn spawn_resumer(
+        self: &Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let admin = self.clone();
+        tokio::spawn(async move {
+            while !*shutdown.borrow() {
+                let idle = admin.running.lock().is_none();
+                if idle && matches!(admin.mover.current().await, Ok(Some(_))) {
+                    let resumed = admin.start("resume".into(), |mover| {
+                        Box::pin(async move { Ok(mover.resume().await?.into_iter().collect()) })
+                    });
+                    if resumed.is_ok() {
+                        tracing::info!("resuming an unfinished slot move");
+                    }
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        })
+    }
+}
+
+pub fn router(admin: Arc<ShardAdmin>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(shards_status))
+        .routes(routes!(move_slots))
+        .routes(routes!(rebalance))
+        .with_state(admin)
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct ShardState {
+    name: String,
+    slots: usize,
+    users: i64,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct Range {
+    first: u16,
+    last: u16,
+    shard: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct Moving {
+    slots: usize,
+    source: String,
+    target: String,
+    /// `copying`, `fenced` or `flipped`.
+    state: String,
+}
+
+/// The shard map and the moves.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct ShardsStatus {
+    /// Raised by every change of the map.
+    epoch: i64,
+    shards: Vec<ShardState>,
+    ranges: Vec<Range>,
+    /// The move in progress (run by any process), if any.
+    moving: Option<Moving>,
+    /// What this process runs now (`move ...`, `rebalance`, `resume`).
+    running: Option<String>,
+    /// How the last move or rebalance of this process ended.
+    last: Option<Outcome>,
+}
+
+async fn status_of(admin: &ShardAdmin) -> Result<ShardsStatus, ApiError> {
+    let shards = admin.mover.shards();
+    shards
+        .reload()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let map = shards.map();
+    let counts = map.slot_counts();
+    let mut states = Vec::new();
+    for shard in shards.all() {
+        states.push(ShardState {
+            name: shard.name().to_owned(),
+            slots: counts.get(shard.name()).copied().unwrap_or(0),
+            users: scaleshop_users::store::count_held(shard.db()).await?,
+        });
+    }
+    let moving = admin.mover.current().await?.map(|m| Moving {
+        slots: m.slots.len(),
+        source: m.source,
+        target: m.target,
+        state: m.state,
+    });
+    Ok(ShardsStatus {
+        epoch: map.epoch(),
+        shards: states,
+        ranges: map
+            .ranges()
+            .into_iter()
+            .map(|r| Range {
+                first: r.first,
+                last: r.last,
+                shard: r.shard,
+            })
+            .collect(),
+        moving,
+        running: admin.running.lock().clone(),
+        last: admin.last.lock().clone(),
+    })
+}
+
+#[utoipa::path(
+    get, path = "/v1/shards", tag = "shards", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The shard map, each shard's slots and users, the move in progress", body = ShardsStatus),
+        (status = 401, description = "Not signed in", body = Problem),
+        (status = 403, description = "Not an admin", body = Problem),
+    )
+)]
+async fn shards_status(
+    State(admin): State<Arc<ShardAdmin>>,
+    caller: Caller,
+) -> Result<Json<ShardsStatus>, ApiError> {
+    caller.require_admin()?;
+    Ok(Json(status_of(&admin).await?))
+}
+
+/// `{"slots": "0-99,200", "to": "shard-2"}`
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code, reason = "the request's schema, for the API document")]
+struct MoveRequest {
+    /// Slots and ranges of slots (0 to 1023), such as `0-99,200`.
+    slots: String,
+    /// The shard that takes them (`shard-K`).
+    to: String,
+}
+
+#[utoipa::path(
+    post, path = "/v1/shards/moves", tag = "shards", security(("bearer" = [])),
+    request_body = MoveRequest,
+    responses(
+        (status = 202, description = "The move runs; `GET /v1/shards` follows it", body = ShardsStatus),
+        (status = 403, description = "Not an admin", body = Problem),
+        (status = 409, description = "This process runs a move already", body = Problem),
+        (status = 422, description = "No such slots or shard", body = Problem),
+    )
+)]
+async fn move_slots(
+    State(admin): State<Arc<ShardAdmin>>,
+    caller: Caller,
+    body: JsonObject,
+) -> Result<(StatusCode, Json<ShardsStatus>), ApiError> {
+    caller.require_admin()?;
+    let mut f = Fields::new(body);
+    let slots = f.required("slots", |s: String| scaleshop_db::shards::parse_slots(&s));
+    let names: Vec<String> = admin
+        .mover
+        .shards()
+        .all()
+        .iter()
+        .map(|s| s.name().to_owned())
+        .collect();
+    let to = f.required("to", |t: String| {
+        if names.contains(&t) {
+            Ok(t)
+        } else {
+            Err(format!("no such shard; the shards are {}", names.join(", ")))
+        }
+    });
+    f.finish()?;
+    let (Some(slots), Some(to)) = (slots, to) else {
+        return Err(ApiError::internal("fields checked but missing"));
+    };
+    let request = format!("move {} slots to {to}", slots.len());
+    admin.start(request, move |mover| {
+        Box::pin(async move { mover.move_slots(&slots, &to).await })
+    })?;
+    Ok((StatusCode::ACCEPTED, Json(status_of(&admin).await?)))
+}
+
+#[utoipa::path(
+    post, path = "/v1/shards/rebalance", tag = "shards", security(("bearer" = [])),
+    responses(
+        (status = 202, description = "The moves run; `GET /v1/shards` follows them", body = ShardsStatus),
+        (status = 403, description = "Not an admin", body = Problem),
+        (status = 409, description = "This process runs a move already", body = Problem),
+    )
+)]
+async fn rebalance(
+    State(admin): State<Arc<ShardAdmin>>,
+    caller: Caller,
+) -> Result<(StatusCode, Json<ShardsStatus>), ApiError> {
+    caller.require_admin()?;
+    admin.start("rebalance".into(), |mover| Box::pin(mover.rebalance()))?;
+    Ok((StatusCode::ACCEPTED, Json(status_of(&admin).await?)))
+}
+
+/// How long `scaleshop shards move|rebalance` waits for the moves.
+const MOVE_WAIT: Duration = Duration::from_secs(600);
+
+fn cli_error(message: impl std::fmt::Display) -> StartError {
+    StartError::Shards(message.to_string())
+}
+
+/// `scaleshop shards status`: the map of the instance at `url`.
+pub async fn status(config: &Config, url: Option<&str>) -> Result<Value, StartError> {
+    let admin = crate::projections::AdminClient::sign_in(config, url).await?;
+    admin
+        .call_with(reqwest::Method::GET, "/v1/shards", None)
+        .await
+}
+
+/// `scaleshop shards move SLOTS --to SHARD` and `scaleshop shards rebalance`:
+/// asks the instance at `url` (one that runs the users service), then waits
+/// until it has finished; returns how it ended.
+pub async fn run_moves(
+    config: &Config,
+    url: Option<&str>,
+    request: Option<(&str, &str)>,
+) -> Result<Value, StartError> {
+    let admin = crate::projections::AdminClient::sign_in(config, url).await?;
+    match request {
+        Some((slots, to)) => {
+            let body = json!({"slots": slots, "to": to});
+            admin
+                .call_with(reqwest::Method::POST, "/v1/shards/moves", Some(&body))
+                .await?
+        }
+        None => {
+            admin
+                .call_with(reqwest::Method::POST, "/v1/shards/rebalance", None)
+                .await?
+        }
+    };
+    let deadline = tokio::time::Instant::now() + MOVE_WAIT;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = admin
+            .call_with(reqwest::Method::GET, "/v1/shards", None)
+            .await?;
+        if now["running"].is_null() {
+            if let Some(error) = now["last"]["error"].as_str() {
+                return Err(cli_error(error));
+            }
+            return Ok(now);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(cli_error(format!(
+                "still moving after {} s: {}",
+                MOVE_WAIT.as_secs(),
+                now["moving"]
+            )));
+        }
+    }
 }

@@ -40,15 +40,18 @@ pub const COMMIT_CHANNEL: &str = "scaleshop_commits";
 pub enum Topic {
     Events,
     Jobs,
+    /// The shard map moved (a new epoch): every process reads it again.
+    Shards,
 }
 
 impl Topic {
-    const ALL: [Topic; 2] = [Topic::Events, Topic::Jobs];
+    const ALL: [Topic; 3] = [Topic::Events, Topic::Jobs, Topic::Shards];
 
     fn name(self) -> &'static str {
         match self {
             Self::Events => "events",
             Self::Jobs => "jobs",
+            Self::Shards => "shards",
         }
     }
 
@@ -56,6 +59,7 @@ impl Topic {
         match self {
             Self::Events => 1,
             Self::Jobs => 2,
+            Self::Shards => 4,
         }
     }
 }
@@ -66,6 +70,7 @@ impl Topic {
 struct Signals {
     events: Arc<Notify>,
     jobs: Arc<Notify>,
+    shards: Arc<Notify>,
     instance: String,
 }
 
@@ -74,6 +79,7 @@ impl Signals {
         Self {
             events: Arc::new(Notify::new()),
             jobs: Arc::new(Notify::new()),
+            shards: Arc::new(Notify::new()),
             instance: uuid::Uuid::now_v7().simple().to_string(),
         }
     }
@@ -82,6 +88,7 @@ impl Signals {
         match topic {
             Topic::Events => &self.events,
             Topic::Jobs => &self.jobs,
+            Topic::Shards => &self.shards,
         }
     }
 

@@ -12,8 +12,15 @@
 //!   configured list: each shard database records which shard it is
 //!   (`shard_identity`), and a list that names them in another order, or lacks
 //!   one that holds slots, is refused at start.
-//! - A shard configured after the map was made joins it holding no slot (moving
-//!   slots to it is the resharding's job).
+//! - A shard configured after the map was made joins it holding no slot;
+//!   [`Mover`] moves slots to it online.
+//! - Each shard database lists the slots it holds (`owned_slots`: `serving`, or
+//!   `fenced` while a move takes the slot away). A write checks, in its own
+//!   transaction, that its shard serves the key's slot (`FOR SHARE` on
+//!   PostgreSQL, so a fence waits for writes in flight), and a read checks after
+//!   it that the shard still holds the slot; a refused one reads the map again
+//!   and goes to the new shard ([`Shards::refused`]). So a process with a stale
+//!   map can never write to, or read from, a shard that gave the slot away.
 //!
 //! This module knows nothing of what is sharded: the stores that keep rows by
 //! user ask [`Shards::for_key`] for the database of a key.
@@ -22,10 +29,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::clock::now_micros;
-use crate::{Database, Migrations, StoreError, with_pool, with_tx};
+use crate::{Database, Migrations, StoreError, Topic, Tx, with_pool, with_tx};
 
 /// How many hash slots the key space has. Fixed for the life of the data: a
 /// different count would put every key in another slot.
@@ -35,6 +43,32 @@ pub const SLOTS: u16 = 1024;
 pub fn slot_of(key: Uuid) -> u16 {
     // The remainder is below `SLOTS`, which fits in a u16.
     (crc32fast::hash(key.as_bytes()) % u32::from(SLOTS)) as u16
+}
+
+/// Reads a list of slots such as `0-99,200,300-310` (ranges inclusive).
+pub fn parse_slots(text: &str) -> Result<Vec<u16>, String> {
+    let mut slots = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (first, last) = part.split_once('-').unwrap_or((part, part));
+        let read = |s: &str| -> Result<u16, String> {
+            s.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|n| *n < SLOTS)
+                .ok_or_else(|| format!("`{s}` is not a slot (0 to {})", SLOTS - 1))
+        };
+        let (first, last) = (read(first)?, read(last)?);
+        if first > last {
+            return Err(format!("`{part}`: a range goes up"));
+        }
+        slots.extend(first..=last);
+    }
+    if slots.is_empty() {
+        return Err("no slot listed (such as 0-99,200)".into());
+    }
+    slots.sort_unstable();
+    slots.dedup();
+    Ok(slots)
 }
 
 /// The tables of the shard map (in the main database) and of a shard's identity
@@ -140,6 +174,21 @@ impl ShardMap {
         ranges
     }
 
+    /// The slots `shard` (an index into the shard list) holds.
+    pub fn slots_of(&self, shard: usize) -> Vec<u16> {
+        self.owners
+            .iter()
+            .enumerate()
+            .filter(|(_, owner)| **owner == shard)
+            .filter_map(|(slot, _)| u16::try_from(slot).ok())
+            .collect()
+    }
+
+    /// The index of the shard named `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+
     /// How many slots each shard holds, by shard name (shards without any
     /// slot included, with 0).
     pub fn slot_counts(&self) -> BTreeMap<String, usize> {
@@ -228,6 +277,11 @@ impl Shards {
         make_map_once(&main, &names).await?;
         add_unknown(&main, &names).await?;
         let map = read_map(&main, &names).await?;
+        if current_move(&main).await?.is_none() {
+            for (index, shard) in shards.iter().enumerate() {
+                hold_first_slots(shard.db(), &map.slots_of(index)).await?;
+            }
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 main,
@@ -267,6 +321,51 @@ impl Shards {
             Err(poisoned) => *poisoned.into_inner() = Arc::new(map),
         }
         Ok(moved)
+    }
+
+    /// The shard named `name`.
+    pub fn by_name(&self, name: &str) -> Option<&Shard> {
+        self.all().iter().find(|s| s.name() == name)
+    }
+
+    /// After a shard refused a key's slot: reads the map again; when it has
+    /// not moved yet (a move between its fence and its flip), waits a moment
+    /// before the caller tries again.
+    pub async fn refused(&self) -> Result<(), StoreError> {
+        match self.reload().await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Ok(())
+            }
+            Err(ShardSetupError::Store(e)) => Err(e),
+            Err(e) => Err(StoreError::Other(e.to_string())),
+        }
+    }
+
+    /// Reads the map again whenever another process announces a flip (and
+    /// every 5 s, should an announcement be lost), until `shutdown`.
+    pub fn spawn_watcher(
+        &self,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let shards = self.clone();
+        tokio::spawn(async move {
+            let signal = shards.inner.main.commit_signal(Topic::Shards);
+            while !*shutdown.borrow() {
+                let notified = signal.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if let Err(e) = shards.reload().await {
+                    tracing::warn!(error = %e, "shard map not read");
+                }
+                tokio::select! {
+                    () = &mut notified => {}
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        })
     }
 
     /// Whether every shard answers within `timeout`.
@@ -412,6 +511,16 @@ mod tests {
     }
 
     #[test]
+    fn slot_lists_read_ranges_and_refuse_what_is_no_slot() {
+        assert_eq!(parse_slots("3, 0-2,2").unwrap(), vec![0, 1, 2, 3]);
+        assert_eq!(parse_slots("1020-1023").unwrap().len(), 4);
+        assert!(parse_slots("1024").is_err());
+        assert!(parse_slots("5-1").is_err());
+        assert!(parse_slots("x").is_err());
+        assert!(parse_slots("").is_err());
+    }
+
+    #[test]
     fn an_even_map_gives_each_shard_one_range_of_equal_size() {
         let names = vec![shard_name(0), shard_name(1), shard_name(2)];
         let map = ShardMap::even(names, 1);
@@ -427,4 +536,512 @@ mod tests {
         assert_eq!(map.owner(0), 0);
         assert_eq!(map.owner(SLOTS - 1), 2);
     }
+}
+
+/// Whether the shard of `tx` serves `slot` (holds it, not fenced): the first
+/// statement of a write to a shard. On PostgreSQL it locks the slot's row in
+/// share mode until `tx` ends, so a fence waits for the writes in flight.
+pub async fn serving(tx: &mut Tx, slot: u16) -> Result<bool, StoreError> {
+    const SQLITE: &str = "SELECT state FROM owned_slots WHERE slot = $1";
+    const POSTGRES: &str = "SELECT state FROM owned_slots WHERE slot = $1 FOR SHARE";
+    let state: Option<String> = match tx {
+        Tx::Sqlite(tx, _) => {
+            sqlx::query_scalar(SQLITE)
+                .bind(i32::from(slot))
+                .fetch_optional(&mut **tx)
+                .await?
+        }
+        Tx::Postgres(tx, _) => {
+            sqlx::query_scalar(POSTGRES)
+                .bind(i32::from(slot))
+                .fetch_optional(&mut **tx)
+                .await?
+        }
+    };
+    Ok(state.as_deref() == Some("serving"))
+}
+
+/// Whether `db` holds `slot` (serving or fenced): checked after a read, whose
+/// rows were the truth if the shard still holds the slot.
+pub async fn holds(db: &Database, slot: u16) -> Result<bool, StoreError> {
+    const Q: &str = "SELECT 1 FROM owned_slots WHERE slot = $1";
+    let held: Option<i32> = with_pool!(db, pool => {
+        sqlx::query_scalar(Q).bind(i32::from(slot)).fetch_optional(pool).await?
+    });
+    Ok(held.is_some())
+}
+
+/// The first start over a shard: it holds `slots` (its share of the new
+/// map), unless it already holds any slot.
+async fn hold_first_slots(db: &Database, slots: &[u16]) -> Result<(), StoreError> {
+    const ANY: &str = "SELECT COUNT(*) FROM owned_slots";
+    let held: i64 = with_pool!(db, pool => sqlx::query_scalar(ANY).fetch_one(pool).await?);
+    if held > 0 || slots.is_empty() {
+        return Ok(());
+    }
+    set_slots(db, slots, Some("serving")).await
+}
+
+/// Sets `slots` in `db`'s `owned_slots` to `state` (`None`: not held).
+async fn set_slots(db: &Database, slots: &[u16], state: Option<&str>) -> Result<(), StoreError> {
+    const HOLD: &str = "INSERT INTO owned_slots (slot, state) VALUES ($1, $2) \
+                        ON CONFLICT (slot) DO UPDATE SET state = excluded.state";
+    const DROP: &str = "DELETE FROM owned_slots WHERE slot = $1";
+    let mut tx = db.begin().await?;
+    for slot in slots {
+        let slot = i32::from(*slot);
+        with_tx!(&mut tx, conn => {
+            match state {
+                Some(state) => sqlx::query(HOLD).bind(slot).bind(state).execute(conn).await?,
+                None => sqlx::query(DROP).bind(slot).execute(conn).await?,
+            };
+        });
+    }
+    tx.commit().await
+}
+
+/// The rows a service keeps by key in the shards, as a move copies them.
+/// Each service whose rows live in shards implements it for its tables.
+#[async_trait]
+pub trait SlotRows: Send + Sync {
+    /// Copies the rows of `slots` changed at or after `since` (µs since the
+    /// epoch; 0: all) from `source` to `target`, overwriting what `target`
+    /// has of them. Returns how many rows it copied.
+    async fn copy(
+        &self,
+        source: &Database,
+        target: &Database,
+        slots: &[u16],
+        since: i64,
+    ) -> Result<u64, StoreError>;
+    /// Deletes the rows of `slots` from `db` (a shard that no longer holds them).
+    async fn delete(&self, db: &Database, slots: &[u16]) -> Result<u64, StoreError>;
+}
+
+/// What a flip waits for: every consumer of the source shard's log has
+/// handled it up to its head (the fenced slots' last events), so that a key's
+/// events written after the flip, to the target's log, never overtake them.
+#[async_trait]
+pub trait LogDrain: Send + Sync {
+    async fn drained(&self, shard: &Shard, within: Duration) -> Result<bool, StoreError>;
+}
+
+/// A move as recorded in the main database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoveRecord {
+    pub slots: Vec<u16>,
+    pub source: String,
+    pub target: String,
+    /// `copying`, `fenced` or `flipped`.
+    pub state: String,
+    pub copied_since: i64,
+    pub started_at: i64,
+}
+
+/// What a finished move did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MoveReport {
+    pub slots: usize,
+    pub source: String,
+    pub target: String,
+    /// Rows copied, over every pass.
+    pub rows: u64,
+    /// How long writes to the slots were refused (fence to the target serving).
+    pub fenced_ms: u64,
+    /// Whether it took over a move that a mover left unfinished.
+    pub resumed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("no shard is named {0}")]
+    UnknownShard(String),
+    #[error("slot {0} does not exist (slots are 0 to 1023)")]
+    BadSlot(u16),
+    #[error(
+        "a move of {slots} slots from {source_shard} to {target} is in progress; it is resumed first"
+    )]
+    Busy {
+        slots: usize,
+        source_shard: String,
+        target: String,
+    },
+    #[error("another process runs the move in progress")]
+    Leased,
+    #[error("the consumers of {0}'s log did not catch up while its slots were fenced: try again")]
+    NotDrained(String),
+    #[error("{0}")]
+    Map(String),
+}
+
+impl From<sqlx::Error> for MoveError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Store(error.into())
+    }
+}
+
+impl From<ShardSetupError> for MoveError {
+    fn from(error: ShardSetupError) -> Self {
+        match error {
+            ShardSetupError::Store(e) => Self::Store(e),
+            other => Self::Map(other.to_string()),
+        }
+    }
+}
+
+/// The longest a move keeps writes to its slots refused while the consumers
+/// of the source's log catch up; past it, the fence is lifted and the move
+/// tries again (at most [`FENCE_TRIES`] times).
+const DRAIN_WITHIN: Duration = Duration::from_secs(2);
+const FENCE_TRIES: u32 = 3;
+/// How long a mover holds the move without renewing (it renews at each step
+/// and each copy pass).
+const MOVE_LEASE: Duration = Duration::from_secs(10);
+/// A copy pass that copied at most this many rows is followed by the fence.
+const QUIET_PASS: u64 = 50;
+const MAX_PASSES: u32 = 8;
+/// Clock skew allowed between processes: a pass copies from this long before
+/// the previous pass began.
+const SKEW_MICROS: i64 = 1_000_000;
+
+/// Moves slots between shards online: copy the slots' rows, copy again what
+/// changed during the copy, fence writes to the slots on the source, copy the
+/// last changes, wait for the source's log consumers, let the target serve,
+/// flip the map (the epoch moves on, announced to every process), then drop
+/// the source's hold and delete its rows. The move's state is kept in the main
+/// database (`shard_moves`), so a mover killed at any step is resumed by the
+/// next one: every step can run again.
+pub struct Mover {
+    shards: Shards,
+    rows: Vec<Arc<dyn SlotRows>>,
+    drain: Arc<dyn LogDrain>,
+    owner: String,
+}
+
+impl Mover {
+    pub fn new(shards: Shards, rows: Vec<Arc<dyn SlotRows>>, drain: Arc<dyn LogDrain>) -> Self {
+        Self {
+            shards,
+            rows,
+            drain,
+            owner: format!("{}-{}", std::process::id(), Uuid::now_v7().simple()),
+        }
+    }
+
+    pub fn shards(&self) -> &Shards {
+        &self.shards
+    }
+
+    /// The move in progress, if any.
+    pub async fn current(&self) -> Result<Option<MoveRecord>, StoreError> {
+        current_move(&self.shards.inner.main).await
+    }
+
+    /// Moves `slots` to the shard named `target`: one move per shard that
+    /// holds some of them (slots already there are left). A move left
+    /// unfinished is resumed first.
+    pub async fn move_slots(
+        &self,
+        slots: &[u16],
+        target: &str,
+    ) -> Result<Vec<MoveReport>, MoveError> {
+        let mut reports = Vec::new();
+        if let Some(report) = self.resume().await? {
+            reports.push(report);
+        }
+        self.shards.reload().await?;
+        let to = self
+            .shards
+            .map()
+            .index_of(target)
+            .ok_or_else(|| MoveError::UnknownShard(target.to_owned()))?;
+        let mut by_source: BTreeMap<usize, Vec<u16>> = BTreeMap::new();
+        for &slot in slots {
+            if slot >= SLOTS {
+                return Err(MoveError::BadSlot(slot));
+            }
+            let from = self.shards.map().owner(slot);
+            if from != to {
+                by_source.entry(from).or_default().push(slot);
+            }
+        }
+        for (from, mut slots) in by_source {
+            slots.sort_unstable();
+            slots.dedup();
+            let source = self.shards.all()[from].name().to_owned();
+            self.begin(&slots, &source, target).await?;
+            reports.push(self.run(false).await?);
+        }
+        Ok(reports)
+    }
+
+    /// Moves slots so that every shard holds an even share (shards added to
+    /// the list get slots from the others): the fewest slots move.
+    pub async fn rebalance(&self) -> Result<Vec<MoveReport>, MoveError> {
+        let mut reports = Vec::new();
+        if let Some(report) = self.resume().await? {
+            reports.push(report);
+        }
+        self.shards.reload().await?;
+        let map = self.shards.map();
+        let n = self.shards.all().len();
+        let total = usize::from(SLOTS);
+        // Shard i's share: total/n, the first total%n shards one more.
+        let share = |i: usize| total / n + usize::from(i < total % n);
+        let mut spare: Vec<u16> = Vec::new();
+        for i in 0..n {
+            let held = map.slots_of(i);
+            // The highest slots leave, so what stays are whole ranges.
+            spare.extend(held.iter().skip(share(i)));
+        }
+        spare.sort_unstable();
+        let mut plan: Vec<(String, Vec<u16>)> = Vec::new();
+        for i in 0..n {
+            let lacking = share(i).saturating_sub(map.slots_of(i).len());
+            if lacking == 0 {
+                continue;
+            }
+            let given: Vec<u16> = spare.drain(..lacking.min(spare.len())).collect();
+            plan.push((self.shards.all()[i].name().to_owned(), given));
+        }
+        for (target, slots) in plan {
+            reports.extend(self.move_slots(&slots, &target).await?);
+        }
+        Ok(reports)
+    }
+
+    /// Runs the move a mover left unfinished, if there is one.
+    pub async fn resume(&self) -> Result<Option<MoveReport>, MoveError> {
+        if self.current().await?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(self.run(true).await?))
+    }
+
+    /// Records a new move (refused while another is in progress).
+    async fn begin(&self, slots: &[u16], source: &str, target: &str) -> Result<(), MoveError> {
+        const BEGIN: &str = "INSERT INTO shard_moves (id, slots, source, target, state, copied_since, \
+                             started_at, lease_owner, lease_until) \
+                             VALUES (1, $1, $2, $3, 'copying', 0, $4, $5, $6) ON CONFLICT (id) DO NOTHING";
+        let list = slots.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+        let at = now_micros();
+        let lease = at + micros(MOVE_LEASE);
+        let begun = with_pool!(self.shards.inner.main, pool => {
+            sqlx::query(BEGIN).bind(&list).bind(source).bind(target).bind(at)
+                .bind(&self.owner).bind(lease).execute(pool).await.map_err(StoreError::from)?
+                .rows_affected()
+        });
+        if begun == 1 {
+            return Ok(());
+        }
+        match self.current().await? {
+            Some(other) => Err(MoveError::Busy {
+                slots: other.slots.len(),
+                source_shard: other.source,
+                target: other.target,
+            }),
+            None => Err(MoveError::Leased),
+        }
+    }
+
+    /// Takes (or keeps) the move's lease; false when another live mover has it.
+    async fn lease(&self) -> Result<bool, StoreError> {
+        const TAKE: &str = "UPDATE shard_moves SET lease_owner = $1, lease_until = $2 \
+                            WHERE id = 1 AND (lease_owner IS NULL OR lease_owner = $1 OR lease_until < $3)";
+        let at = now_micros();
+        let taken = with_pool!(self.shards.inner.main, pool => {
+            sqlx::query(TAKE).bind(&self.owner).bind(at + micros(MOVE_LEASE)).bind(at)
+                .execute(pool).await?.rows_affected()
+        });
+        Ok(taken == 1)
+    }
+
+    /// Records the move's next state (fenced by the lease).
+    async fn advance(&self, state: &str, copied_since: i64) -> Result<(), MoveError> {
+        const Q: &str = "UPDATE shard_moves SET state = $1, copied_since = $2, lease_until = $3 \
+                         WHERE id = 1 AND lease_owner = $4";
+        let moved = with_pool!(self.shards.inner.main, pool => {
+            sqlx::query(Q).bind(state).bind(copied_since).bind(now_micros() + micros(MOVE_LEASE))
+                .bind(&self.owner).execute(pool).await.map_err(StoreError::from)?.rows_affected()
+        });
+        if moved == 1 { Ok(()) } else { Err(MoveError::Leased) }
+    }
+
+    /// Runs the recorded move from its state to the end.
+    async fn run(&self, resumed: bool) -> Result<MoveReport, MoveError> {
+        if !self.lease().await? {
+            return Err(MoveError::Leased);
+        }
+        let Some(record) = self.current().await? else {
+            return Ok(MoveReport::default());
+        };
+        let source = self
+            .shards
+            .by_name(&record.source)
+            .ok_or_else(|| MoveError::UnknownShard(record.source.clone()))?
+            .clone();
+        let target = self
+            .shards
+            .by_name(&record.target)
+            .ok_or_else(|| MoveError::UnknownShard(record.target.clone()))?
+            .clone();
+        let slots = record.slots.clone();
+        let mut report = MoveReport {
+            slots: slots.len(),
+            source: source.name().to_owned(),
+            target: target.name().to_owned(),
+            resumed,
+            ..MoveReport::default()
+        };
+        tracing::info!(slots = slots.len(), source = source.name(), target = target.name(),
+            state = %record.state, resumed, "slot move");
+        let mut state = record.state.clone();
+        let mut since = record.copied_since;
+        let mut tries = 0;
+        while state == "copying" {
+            // Copy until a pass finds little that changed during the last.
+            for _ in 0..MAX_PASSES {
+                let began = now_micros();
+                let copied = self.copy(&source, &target, &slots, since).await?;
+                report.rows += copied;
+                since = began - SKEW_MICROS;
+                self.advance("copying", since).await?;
+                if copied <= QUIET_PASS {
+                    break;
+                }
+            }
+            // Fence: writes in flight end first (PostgreSQL: the share locks),
+            // later ones are refused.
+            let fenced_at = std::time::Instant::now();
+            set_slots(source.db(), &slots, Some("fenced")).await?;
+            self.advance("fenced", since).await?;
+            let began = now_micros();
+            report.rows += self.copy(&source, &target, &slots, since).await?;
+            since = began - SKEW_MICROS;
+            if self.drain.drained(&source, DRAIN_WITHIN).await? {
+                set_slots(target.db(), &slots, Some("serving")).await?;
+                report.fenced_ms = u64::try_from(fenced_at.elapsed().as_millis()).unwrap_or(u64::MAX);
+                state = "fenced".to_owned();
+                break;
+            }
+            // Writes may not wait longer: lift the fence and try again.
+            set_slots(source.db(), &slots, Some("serving")).await?;
+            self.advance("copying", since).await?;
+            tries += 1;
+            if tries >= FENCE_TRIES {
+                return Err(MoveError::NotDrained(source.name().to_owned()));
+            }
+        }
+        if state == "fenced" {
+            // Resumed here: the last copy and the target's hold may not have
+            // happened; both can run again (the source takes no writes).
+            if resumed && record.state == "fenced" {
+                report.rows += self.copy(&source, &target, &slots, since).await?;
+                if !self.drain.drained(&source, DRAIN_WITHIN * 5).await? {
+                    return Err(MoveError::NotDrained(source.name().to_owned()));
+                }
+                set_slots(target.db(), &slots, Some("serving")).await?;
+            }
+            self.flip(&slots, target.name()).await?;
+        }
+        // Flipped: the source gives the slots up, then its rows go.
+        set_slots(source.db(), &slots, None).await?;
+        for rows in &self.rows {
+            rows.delete(source.db(), &slots).await?;
+        }
+        self.finish().await?;
+        tracing::info!(slots = slots.len(), source = source.name(), target = target.name(),
+            rows = report.rows, fenced_ms = report.fenced_ms, "slot move done");
+        Ok(report)
+    }
+
+    async fn copy(
+        &self,
+        source: &Shard,
+        target: &Shard,
+        slots: &[u16],
+        since: i64,
+    ) -> Result<u64, StoreError> {
+        let mut copied = 0;
+        for rows in &self.rows {
+            copied += rows.copy(source.db(), target.db(), slots, since).await?;
+        }
+        Ok(copied)
+    }
+
+    /// The map gives `slots` to `target`, the epoch moves on, and the move is
+    /// `flipped`, in one transaction; then every process hears of it.
+    async fn flip(&self, slots: &[u16], target: &str) -> Result<(), MoveError> {
+        const CLEAR: &str = "DELETE FROM shard_ranges";
+        const RANGE: &str = "INSERT INTO shard_ranges (first_slot, last_slot, shard) VALUES ($1, $2, $3)";
+        const EPOCH: &str = "UPDATE shard_map SET epoch = epoch + 1 WHERE id = 1";
+        const STATE: &str = "UPDATE shard_moves SET state = 'flipped' WHERE id = 1 AND lease_owner = $1";
+        let names: Vec<String> = self.shards.all().iter().map(|s| s.name().to_owned()).collect();
+        let main = &self.shards.inner.main;
+        let mut map = read_map(main, &names).await?;
+        let to = map
+            .index_of(target)
+            .ok_or_else(|| MoveError::UnknownShard(target.to_owned()))?;
+        for slot in slots {
+            if let Some(owner) = map.owners.get_mut(usize::from(*slot)) {
+                *owner = to;
+            }
+        }
+        let mut tx = main.begin().await?;
+        tx.wake_everywhere_on_commit(Topic::Shards).await?;
+        let flipped = with_tx!(&mut tx, conn => {
+            sqlx::query(STATE).bind(&self.owner).execute(&mut *conn).await?.rows_affected()
+        });
+        if flipped != 1 {
+            tx.rollback().await?;
+            return Err(MoveError::Leased);
+        }
+        with_tx!(&mut tx, conn => {
+            sqlx::query(CLEAR).execute(&mut *conn).await?;
+            sqlx::query(EPOCH).execute(&mut *conn).await?;
+        });
+        for range in map.ranges() {
+            with_tx!(&mut tx, conn => {
+                sqlx::query(RANGE)
+                    .bind(i32::from(range.first))
+                    .bind(i32::from(range.last))
+                    .bind(&range.shard)
+                    .execute(conn)
+                    .await?;
+            });
+        }
+        tx.commit().await?;
+        self.shards.reload().await?;
+        Ok(())
+    }
+
+    async fn finish(&self) -> Result<(), StoreError> {
+        const DONE: &str = "DELETE FROM shard_moves WHERE id = 1 AND lease_owner = $1";
+        with_pool!(self.shards.inner.main, pool => {
+            sqlx::query(DONE).bind(&self.owner).execute(pool).await?;
+        });
+        Ok(())
+    }
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// The move in progress, if any.
+async fn current_move(main: &Database) -> Result<Option<MoveRecord>, StoreError> {
+    const Q: &str = "SELECT slots, source, target, state, copied_since, started_at FROM shard_moves WHERE id = 1";
+    let row: Option<(String, String, String, String, i64, i64)> = with_pool!(main, pool => {
+        sqlx::query_as(Q).fetch_optional(pool).await?
+    });
+    Ok(row.map(|(slots, source, target, state, copied_since, started_at)| MoveRecord {
+        slots: slots.split(',').filter_map(|s| s.parse().ok()).collect(),
+        source,
+        target,
+        state,
+        copied_since,
+        started_at,
+    }))
 }

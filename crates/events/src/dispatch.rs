@@ -1136,6 +1136,35 @@ fn consume_span(consumer: &'static str, event: &Event) -> tracing::Span {
     span
 }
 
+/// Waits (at most `within`) until every consumer in `db` that follows the log
+/// of `source` (`<consumer>@<source>`, [`Dispatcher::follow`]) has handled that
+/// log up to its head as it is now. True when they have (or there is none).
+pub async fn followers_caught_up(
+    db: &Database,
+    source: &str,
+    log: &Database,
+    within: Duration,
+) -> Result<bool, StoreError> {
+    const POSITIONS: &str = "SELECT name, position FROM event_consumers";
+    let head = EventLog::new(log.clone()).head().await?;
+    let suffix = format!("@{source}");
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let positions: Vec<(String, i64)> =
+            with_pool!(db, pool => sqlx::query_as(POSITIONS).fetch_all(pool).await?);
+        let behind = positions
+            .iter()
+            .any(|(name, position)| name.ends_with(&suffix) && *position < head);
+        if !behind {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Waits (at most `timeout`) until `consumer` has handled every event committed
 /// before this call. For reads that must see the effect of a write made through an
 /// event (read-your-writes across an asynchronous boundary). True when caught up.

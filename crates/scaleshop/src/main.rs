@@ -77,6 +77,10 @@ enum Command {
     Shards {
         #[command(subcommand)]
         action: ShardsAction,
+        /// The instance to ask, one that runs the users service (default:
+        /// this configuration's `http_addr`).
+        #[arg(long, global = true, value_name = "URL")]
+        url: Option<String>,
     },
     /// The read models (projections) of a running instance, over its admin API
     /// (signs in with SCALESHOP_ADMIN_EMAIL / SCALESHOP_ADMIN_PASSWORD).
@@ -114,8 +118,21 @@ enum ProjectionsAction {
 
 #[derive(Debug, Subcommand)]
 enum ShardsAction {
-    /// The map's epoch and slot ranges, and each shard's slots and users.
+    /// The map's epoch and slot ranges, each shard's slots and users, and the
+    /// move in progress.
     Status,
+    /// Move slots to a shard online: copy, catch up, fence writes for
+    /// milliseconds, flip the map (a new epoch), delete the source's rows.
+    Move {
+        /// Slots and ranges of slots (0 to 1023), such as `0-99,200`.
+        slots: String,
+        /// The shard that takes them (`shard-K`, see `status`).
+        #[arg(long)]
+        to: String,
+    },
+    /// Move slots so that every shard holds an even share (a shard added to
+    /// the end of `shard_urls`, or to `shards`, gets slots from the others).
+    Rebalance,
 }
 
 #[derive(Debug, Subcommand)]
@@ -208,8 +225,20 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Loadtest(_) => Ok(()),
-            Command::Shards { action: ShardsAction::Status } => {
-                print!("{}", scaleshop_app::shards::status(&config).await?);
+            Command::Shards { action: ShardsAction::Status, url } => {
+                let status = scaleshop_app::shards::status(&config, url.as_deref()).await?;
+                println!("{status:#}");
+                Ok(())
+            }
+            Command::Shards { action: ShardsAction::Move { slots, to }, url } => {
+                let done =
+                    scaleshop_app::shards::run_moves(&config, url.as_deref(), Some((&slots, &to))).await?;
+                println!("{done:#}");
+                Ok(())
+            }
+            Command::Shards { action: ShardsAction::Rebalance, url } => {
+                let done = scaleshop_app::shards::run_moves(&config, url.as_deref(), None).await?;
+                println!("{done:#}");
                 Ok(())
             }
             Command::Projections { action: ProjectionsAction::Status, url } => {

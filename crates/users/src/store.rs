@@ -108,10 +108,10 @@ impl TryFrom<UserRow> for UserRecord {
 }
 
 const INSERT: &str = "INSERT INTO users (id, email, name, role, password_hash, created_at, updated_at, \
-                      search_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+                      search_key, slot) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 // The right-hand sides read the row as it was: a new hash ends the sessions.
 const UPDATE: &str = "UPDATE users SET email = $2, name = $3, role = $4, password_hash = $5, \
-                      created_at = $6, updated_at = $7, search_key = $8, \
+                      created_at = $6, updated_at = $7, search_key = $8, slot = $9, \
                       session_epoch = session_epoch + CASE WHEN password_hash = $5 THEN 0 ELSE 1 END \
                       WHERE id = $1";
 const GET: &str = "SELECT id, email, name, role, password_hash, created_at, updated_at, \
@@ -122,6 +122,13 @@ const SEARCH: &str = "SELECT id, email, name, role, password_hash, created_at, u
                       session_epoch FROM users \
                       WHERE ($1 IS NULL OR search_key LIKE $1 ESCAPE '\\') \
                       AND ($2 IS NULL OR id > $2) ORDER BY id LIMIT $3";
+/// The same, on a shard: only the users of the slots it holds (a move's copy
+/// on the target, or a source's rows before they are deleted, are not its).
+const SEARCH_HELD: &str = "SELECT id, email, name, role, password_hash, created_at, updated_at, \
+                           session_epoch FROM users \
+                           WHERE ($1 IS NULL OR search_key LIKE $1 ESCAPE '\\') \
+                           AND ($2 IS NULL OR id > $2) \
+                           AND slot IN (SELECT slot FROM owned_slots) ORDER BY id LIMIT $3";
 
 const SESSION_STATE: &str = "SELECT u.session_epoch, e.session_id FROM users u \
                              LEFT JOIN ended_sessions e ON e.user_id = u.id AND e.expires_at > $2 \
@@ -151,14 +158,22 @@ impl SqlUserStore {
         Self { db }
     }
 
+    /// Writes `record` with `event`. With `guard`, only if this shard serves
+    /// the user's slot: `Ok(false)` (nothing written) when it does not.
     async fn write(
         &self,
         sql: &'static str,
         record: &UserRecord,
         event: &NewEvent,
-    ) -> Result<(), StoreError> {
+        guard: bool,
+    ) -> Result<bool, StoreError> {
         let user = &record.user;
+        let slot = scaleshop_db::shards::slot_of(user.id);
         let mut tx = self.db.begin().await?;
+        if guard && !scaleshop_db::shards::serving(&mut tx, slot).await? {
+            tx.rollback().await?;
+            return Ok(false);
+        }
         let done = with_tx!(&mut tx, conn => {
             sqlx::query(sql)
                 .bind(user.id)
@@ -169,6 +184,7 @@ impl SqlUserStore {
                 .bind(user.created_at)
                 .bind(user.updated_at)
                 .bind(search_key(user))
+                .bind(i32::from(slot))
                 .execute(conn)
                 .await?
                 .rows_affected()
@@ -177,18 +193,66 @@ impl SqlUserStore {
             return Err(StoreError::Other(format!("user {} not written", user.id)));
         }
         scaleshop_events::append(&mut tx, event).await?;
-        tx.commit().await
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// [`UserStore::end_session`], with `guard` as in [`SqlUserStore::write`]:
+    /// `None` when this shard does not serve the user's slot.
+    async fn end_session_guarded(
+        &self,
+        user_id: Uuid,
+        token_id: Uuid,
+        expires_at: i64,
+        event: &NewEvent,
+        guard: bool,
+    ) -> Result<Option<bool>, StoreError> {
+        let mut tx = self.db.begin().await?;
+        if guard && !scaleshop_db::shards::serving(&mut tx, scaleshop_db::shards::slot_of(user_id)).await? {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let inserted = with_tx!(&mut tx, conn => {
+            sqlx::query(END_SESSION)
+                .bind(token_id)
+                .bind(user_id)
+                .bind(expires_at)
+                .execute(conn)
+                .await?
+                .rows_affected()
+        });
+        if inserted == 0 {
+            tx.commit().await?;
+            return Ok(Some(false));
+        }
+        scaleshop_events::append(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(Some(true))
+    }
+
+    async fn search_in(
+        &self,
+        sql: &'static str,
+        text: Option<&str>,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<UserRecord>, StoreError> {
+        let pattern = text.map(scaleshop_db::like_contains);
+        let rows: Vec<UserRow> = with_pool!(self.db, pool => {
+            sqlx::query_as(sql).bind(&pattern).bind(after).bind(limit).fetch_all(pool).await?
+        });
+        rows.into_iter().map(UserRecord::try_from).collect()
     }
 }
 
 #[async_trait]
 impl UserStore for SqlUserStore {
     async fn insert(&self, record: &UserRecord, event: &NewEvent) -> Result<(), StoreError> {
-        self.write(INSERT, record, event).await
+        self.write(INSERT, record, event, false).await.map(drop)
     }
 
     async fn update(&self, record: &UserRecord, event: &NewEvent) -> Result<(), StoreError> {
-        self.write(UPDATE, record, event).await
+        self.write(UPDATE, record, event, false).await.map(drop)
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError> {
@@ -222,11 +286,7 @@ impl UserStore for SqlUserStore {
         after: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<UserRecord>, StoreError> {
-        let pattern = text.map(scaleshop_db::like_contains);
-        let rows: Vec<UserRow> = with_pool!(self.db, pool => {
-            sqlx::query_as(SEARCH).bind(&pattern).bind(after).bind(limit).fetch_all(pool).await?
-        });
-        rows.into_iter().map(UserRecord::try_from).collect()
+        self.search_in(SEARCH, text, after, limit).await
     }
 
     async fn session_state(&self, id: Uuid, now: i64) -> Result<Option<SessionState>, StoreError> {
@@ -248,23 +308,9 @@ impl UserStore for SqlUserStore {
         expires_at: i64,
         event: &NewEvent,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.db.begin().await?;
-        let inserted = with_tx!(&mut tx, conn => {
-            sqlx::query(END_SESSION)
-                .bind(token_id)
-                .bind(user_id)
-                .bind(expires_at)
-                .execute(conn)
-                .await?
-                .rows_affected()
-        });
-        if inserted == 0 {
-            tx.commit().await?;
-            return Ok(false);
-        }
-        scaleshop_events::append(&mut tx, event).await?;
-        tx.commit().await?;
-        Ok(true)
+        self.end_session_guarded(user_id, token_id, expires_at, event, false)
+            .await
+            .map(|ended| ended.unwrap_or(false))
     }
 
     async fn forget_ended_sessions(&self, cutoff: i64) -> Result<u64, StoreError> {
@@ -282,6 +328,13 @@ pub async fn count(db: &Database) -> Result<i64, StoreError> {
     Ok(with_pool!(db, pool => {
         sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(pool).await?
     }))
+}
+
+/// How many users a shard holds (those of the slots it holds: not a move's
+/// copy before it takes over, nor a source's rows before they are deleted).
+pub async fn count_held(db: &Database) -> Result<i64, StoreError> {
+    const Q: &str = "SELECT COUNT(*) FROM users WHERE slot IN (SELECT slot FROM owned_slots)";
+    Ok(with_pool!(db, pool => sqlx::query_scalar(Q).fetch_one(pool).await?))
 }
 
 /// How long a claimed address whose user was never written blocks it: far
@@ -322,8 +375,58 @@ impl ShardedUserStore {
         Self { directory, shards }
     }
 
-    fn shard(&self, id: Uuid) -> SqlUserStore {
-        SqlUserStore::new(self.shards.for_key(id).db().clone())
+    /// Runs `op` on the shard the map names for `id`, with the key's slot;
+    /// `op` gives `None` when that shard refused the slot (a move took it):
+    /// the map is read again and `op` runs on the shard it names now, for at
+    /// most [`REFUSED_FOR`] (then the database is unavailable: 503).
+    async fn on_shard<T, F, Fut>(&self, id: Uuid, op: F) -> Result<T, StoreError>
+    where
+        F: Fn(SqlUserStore, u16) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>, StoreError>>,
+    {
+        let slot = scaleshop_db::shards::slot_of(id);
+        let deadline = tokio::time::Instant::now() + REFUSED_FOR;
+        loop {
+            let store = SqlUserStore::new(self.shards.for_key(id).db().clone());
+            if let Some(done) = op(store, slot).await? {
+                return Ok(done);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(slot, "no shard took the slot in time");
+                return Err(StoreError::Unavailable);
+            }
+            self.shards.refused().await?;
+        }
+    }
+
+    /// A read on the user's shard, kept only if the shard still holds the
+    /// slot after it (then its rows were the truth when read).
+    async fn read_held<T, F, Fut>(&self, id: Uuid, read: F) -> Result<T, StoreError>
+    where
+        F: Fn(SqlUserStore) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        self.on_shard(id, |store, slot| {
+            let read = read(store.clone());
+            async move {
+                let value = read.await?;
+                let held = scaleshop_db::shards::holds(&store.db, slot).await?;
+                Ok(held.then_some(value))
+            }
+        })
+        .await
+    }
+
+    async fn write(
+        &self,
+        sql: &'static str,
+        record: &UserRecord,
+        event: &NewEvent,
+    ) -> Result<(), StoreError> {
+        self.on_shard(record.user.id, |store, _| async move {
+            Ok(store.write(sql, record, event, true).await?.then_some(()))
+        })
+        .await
     }
 
     /// Claims `email` for `user_id` in the directory. `Conflict` when another
@@ -363,7 +466,6 @@ impl ShardedUserStore {
             return Err(taken());
         }
         let holds = self
-            .shard(holder)
             .get(holder)
             .await?
             .is_some_and(|record| record.user.email == *email);
@@ -394,14 +496,53 @@ impl ShardedUserStore {
         }
         error
     }
+
+    /// One page of the search on every shard at once, merged by id.
+    async fn scatter(
+        &self,
+        text: Option<&str>,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<UserRecord>, StoreError> {
+        use futures::StreamExt;
+        let pages: Vec<Result<Vec<UserRecord>, StoreError>> =
+            futures::stream::iter(self.shards.all().iter().cloned())
+                .map(|shard| async move {
+                    let store = SqlUserStore::new(shard.db().clone());
+                    let page = store.search_in(SEARCH_HELD, text, after, limit);
+                    tokio::time::timeout(SCATTER_TIMEOUT, page)
+                        .await
+                        .unwrap_or_else(|_| {
+                            tracing::warn!(shard = shard.name(), "user search timed out on a shard");
+                            Err(StoreError::Unavailable)
+                        })
+                })
+                .buffer_unordered(SCATTER_CONCURRENCY)
+                .collect()
+                .await;
+        let mut merged: Vec<UserRecord> = Vec::new();
+        for page in pages {
+            merged.extend(page?);
+        }
+        // Between a move's flip and the source giving the slots up, both
+        // shards hold them: each user once.
+        merged.sort_by_key(|record| record.user.id);
+        merged.dedup_by_key(|record| record.user.id);
+        merged.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok(merged)
+    }
 }
+
+/// How long a user's read or write keeps looking for the shard that takes its
+/// slot (a move's fence lasts milliseconds).
+const REFUSED_FOR: std::time::Duration = std::time::Duration::from_secs(3);
 
 #[async_trait]
 impl UserStore for ShardedUserStore {
     async fn insert(&self, record: &UserRecord, event: &NewEvent) -> Result<(), StoreError> {
         let user = &record.user;
         self.claim(&user.email, user.id).await?;
-        match self.shard(user.id).insert(record, event).await {
+        match self.write(INSERT, record, event).await {
             Ok(()) => Ok(()),
             Err(error) => Err(self.undo_claim(&user.email, user.id, error).await),
         }
@@ -409,16 +550,15 @@ impl UserStore for ShardedUserStore {
 
     async fn update(&self, record: &UserRecord, event: &NewEvent) -> Result<(), StoreError> {
         let user = &record.user;
-        let shard = self.shard(user.id);
-        let before = shard
+        let before = self
             .get(user.id)
             .await?
             .ok_or_else(|| StoreError::Other(format!("user {} not written", user.id)))?;
         if before.user.email == user.email {
-            return shard.update(record, event).await;
+            return self.write(UPDATE, record, event).await;
         }
         self.claim(&user.email, user.id).await?;
-        if let Err(error) = shard.update(record, event).await {
+        if let Err(error) = self.write(UPDATE, record, event).await {
             return Err(self.undo_claim(&user.email, user.id, error).await);
         }
         if let Err(e) = self.give_back(&before.user.email, user.id).await {
@@ -430,7 +570,8 @@ impl UserStore for ShardedUserStore {
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError> {
-        self.shard(id).get(id).await
+        self.read_held(id, |store| async move { store.get(id).await })
+            .await
     }
 
     async fn read(
@@ -438,7 +579,8 @@ impl UserStore for ShardedUserStore {
         id: Uuid,
         consistency: Consistency,
     ) -> Result<(Option<UserRecord>, i64), StoreError> {
-        self.shard(id).read(id, consistency).await
+        self.read_held(id, |store| async move { store.read(id, consistency).await })
+            .await
     }
 
     async fn get_by_email(&self, email: &Email) -> Result<Option<UserRecord>, StoreError> {
@@ -450,7 +592,6 @@ impl UserStore for ShardedUserStore {
             return Ok(None);
         };
         Ok(self
-            .shard(id)
             .get(id)
             .await?
             .filter(|record| record.user.email == *email))
@@ -462,37 +603,30 @@ impl UserStore for ShardedUserStore {
         after: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<UserRecord>, StoreError> {
-        use futures::StreamExt;
-        let pages: Vec<Result<Vec<UserRecord>, StoreError>> =
-            futures::stream::iter(self.shards.all().iter().cloned())
-                .map(|shard| async move {
-                    let store = SqlUserStore::new(shard.db().clone());
-                    tokio::time::timeout(SCATTER_TIMEOUT, store.search(text, after, limit))
-                        .await
-                        .unwrap_or_else(|_| {
-                            tracing::warn!(
-                                shard = shard.name(),
-                                "user search timed out on a shard"
-                            );
-                            Err(StoreError::Unavailable)
-                        })
-                })
-                .buffer_unordered(SCATTER_CONCURRENCY)
-                .collect()
-                .await;
-        let mut merged: Vec<UserRecord> = Vec::new();
-        for page in pages {
-            merged.extend(page?);
+        // The shards are read one after the other: a move that flipped in
+        // between could hide its slots from both reads. The map's epoch
+        // before and after tells; then the page is read again.
+        for _ in 0..5 {
+            self.shards
+                .reload()
+                .await
+                .map_err(|e| StoreError::Other(e.to_string()))?;
+            let epoch = self.shards.map().epoch();
+            let page = self.scatter(text, after, limit).await?;
+            self.shards
+                .reload()
+                .await
+                .map_err(|e| StoreError::Other(e.to_string()))?;
+            if self.shards.map().epoch() == epoch {
+                return Ok(page);
+            }
         }
-        // A user being moved between shards may be read on both: once only.
-        merged.sort_by_key(|record| record.user.id);
-        merged.dedup_by_key(|record| record.user.id);
-        merged.truncate(usize::try_from(limit).unwrap_or(0));
-        Ok(merged)
+        Err(StoreError::Unavailable)
     }
 
     async fn session_state(&self, id: Uuid, now: i64) -> Result<Option<SessionState>, StoreError> {
-        self.shard(id).session_state(id, now).await
+        self.read_held(id, |store| async move { store.session_state(id, now).await })
+            .await
     }
 
     async fn end_session(
@@ -502,9 +636,12 @@ impl UserStore for ShardedUserStore {
         expires_at: i64,
         event: &NewEvent,
     ) -> Result<bool, StoreError> {
-        self.shard(user_id)
-            .end_session(user_id, token_id, expires_at, event)
-            .await
+        self.on_shard(user_id, |store, _| async move {
+            store
+                .end_session_guarded(user_id, token_id, expires_at, event, true)
+                .await
+        })
+        .await
     }
 
     async fn forget_ended_sessions(&self, cutoff: i64) -> Result<u64, StoreError> {
@@ -515,5 +652,118 @@ impl UserStore for ShardedUserStore {
                 .await?;
         }
         Ok(forgotten)
+    }
+}
+
+/// The users' rows in the shards, as a move copies them: each user of the
+/// slots (changed since the last pass) and every ended session of theirs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UserSlotRows;
+
+/// Rows a copy statement takes at once.
+const COPY_BATCH: i64 = 500;
+
+#[derive(Debug, FromRow)]
+struct CopiedUser {
+    id: Uuid,
+    email: String,
+    name: String,
+    role: String,
+    password_hash: String,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    session_epoch: i64,
+    search_key: String,
+    slot: i32,
+}
+
+#[async_trait]
+impl scaleshop_db::shards::SlotRows for UserSlotRows {
+    async fn copy(
+        &self,
+        source: &Database,
+        target: &Database,
+        slots: &[u16],
+        since: i64,
+    ) -> Result<u64, StoreError> {
+        const UPSERT: &str = "INSERT INTO users (id, email, name, role, password_hash, created_at, \
+                              updated_at, session_epoch, search_key, slot) \
+                              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                              ON CONFLICT (id) DO UPDATE SET email = excluded.email, name = excluded.name, \
+                              role = excluded.role, password_hash = excluded.password_hash, \
+                              updated_at = excluded.updated_at, session_epoch = excluded.session_epoch, \
+                              search_key = excluded.search_key, slot = excluded.slot";
+        const ENDED: &str = "INSERT INTO ended_sessions (session_id, user_id, expires_at) \
+                             VALUES ($1, $2, $3) ON CONFLICT (session_id) DO NOTHING";
+        let since = DateTime::<Utc>::from_timestamp_micros(since).unwrap_or_default();
+        let list = slots.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+        let users_sql = format!(
+            "SELECT id, email, name, role, password_hash, created_at, updated_at, session_epoch, \
+             search_key, slot FROM users WHERE slot IN ({list}) AND updated_at >= $1 \
+             AND ($2 IS NULL OR id > $2) ORDER BY id LIMIT $3"
+        );
+        let ended_sql = format!(
+            "SELECT e.session_id, e.user_id, e.expires_at FROM ended_sessions e \
+             JOIN users u ON u.id = e.user_id WHERE u.slot IN ({list}) \
+             AND ($1 IS NULL OR e.session_id > $1) ORDER BY e.session_id LIMIT $2"
+        );
+        let mut copied = 0_u64;
+        let mut after: Option<Uuid> = None;
+        loop {
+            let sql = sqlx::AssertSqlSafe(users_sql.clone());
+            let rows: Vec<CopiedUser> = with_pool!(source, pool => {
+                sqlx::query_as(sql).bind(since).bind(after).bind(COPY_BATCH).fetch_all(pool).await?
+            });
+            let Some(last) = rows.last().map(|r| r.id) else {
+                break;
+            };
+            let mut tx = target.begin().await?;
+            for row in &rows {
+                with_tx!(&mut tx, conn => {
+                    sqlx::query(UPSERT)
+                        .bind(row.id).bind(&row.email).bind(&row.name).bind(&row.role)
+                        .bind(&row.password_hash).bind(row.created_at).bind(row.updated_at)
+                        .bind(row.session_epoch).bind(&row.search_key).bind(row.slot)
+                        .execute(conn).await?;
+                });
+            }
+            tx.commit().await?;
+            copied += rows.len() as u64;
+            after = Some(last);
+        }
+        let mut after: Option<Uuid> = None;
+        loop {
+            let sql = sqlx::AssertSqlSafe(ended_sql.clone());
+            let rows: Vec<(Uuid, Uuid, i64)> = with_pool!(source, pool => {
+                sqlx::query_as(sql).bind(after).bind(COPY_BATCH).fetch_all(pool).await?
+            });
+            let Some(last) = rows.last().map(|r| r.0) else {
+                break;
+            };
+            let mut tx = target.begin().await?;
+            for (session, user, expires) in &rows {
+                with_tx!(&mut tx, conn => {
+                    sqlx::query(ENDED).bind(session).bind(user).bind(expires).execute(conn).await?;
+                });
+            }
+            tx.commit().await?;
+            after = Some(last);
+        }
+        Ok(copied)
+    }
+
+    async fn delete(&self, db: &Database, slots: &[u16]) -> Result<u64, StoreError> {
+        let list = slots.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+        let ended = sqlx::AssertSqlSafe(format!(
+            "DELETE FROM ended_sessions WHERE user_id IN (SELECT id FROM users WHERE slot IN ({list}))"
+        ));
+        let users = sqlx::AssertSqlSafe(format!("DELETE FROM users WHERE slot IN ({list})"));
+        let mut tx = db.begin().await?;
+        let deleted = with_tx!(&mut tx, conn => {
+            sqlx::query(ended).execute(&mut *conn).await?;
+            sqlx::query(users).execute(conn).await?.rows_affected()
+        });
+        tx.commit().await?;
+        Ok(deleted)
     }
 }
