@@ -72,7 +72,6 @@ pub async fn open(config: &Config, main: &Database) -> Result<Option<Shards>, St
     Ok(Some(shards))
 }
 
-
 /// The flip's wait for the source's log: the consumers that follow it in the
 /// main database.
 struct FollowersDrain {
@@ -86,8 +85,13 @@ impl LogDrain for FollowersDrain {
         shard: &Shard,
         within: Duration,
     ) -> Result<bool, scaleshop_db::StoreError> {
-        scaleshop_events::dispatch::followers_caught_up(&self.main, shard.name(), shard.db(), within)
-            .await
+        scaleshop_events::dispatch::followers_caught_up(
+            &self.main,
+            shard.name(),
+            shard.db(),
+            within,
+        )
+        .await
     }
 }
 
@@ -152,7 +156,11 @@ impl ShardAdmin {
         F: for<'a> FnOnce(
                 &'a Mover,
             ) -> std::pin::Pin<
-                Box<dyn std::future::Future<Output = Result<Vec<MoveReport>, MoveError>> + Send + 'a>,
+                Box<
+                    dyn std::future::Future<Output = Result<Vec<MoveReport>, MoveError>>
+                        + Send
+                        + 'a,
+                >,
             > + Send
             + 'static,
     {
@@ -355,7 +363,10 @@ async fn move_slots(
         if names.contains(&t) {
             Ok(t)
         } else {
-            Err(format!("no such shard; the shards are {}", names.join(", ")))
+            Err(format!(
+                "no such shard; the shards are {}",
+                names.join(", ")
+            ))
         }
     });
     f.finish()?;

@@ -825,7 +825,11 @@ impl Mover {
         const BEGIN: &str = "INSERT INTO shard_moves (id, slots, source, target, state, copied_since, \
                              started_at, lease_owner, lease_until) \
                              VALUES (1, $1, $2, $3, 'copying', 0, $4, $5, $6) ON CONFLICT (id) DO NOTHING";
-        let list = slots.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+        let list = slots
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
         let at = now_micros();
         let lease = at + micros(MOVE_LEASE);
         let begun = with_pool!(self.shards.inner.main, pool => {
@@ -866,7 +870,11 @@ impl Mover {
             sqlx::query(Q).bind(state).bind(copied_since).bind(now_micros() + micros(MOVE_LEASE))
                 .bind(&self.owner).execute(pool).await.map_err(StoreError::from)?.rows_affected()
         });
-        if moved == 1 { Ok(()) } else { Err(MoveError::Leased) }
+        if moved == 1 {
+            Ok(())
+        } else {
+            Err(MoveError::Leased)
+        }
     }
 
     /// Runs the recorded move from its state to the end.
@@ -922,7 +930,8 @@ impl Mover {
             since = began - SKEW_MICROS;
             if self.drain.drained(&source, DRAIN_WITHIN).await? {
                 set_slots(target.db(), &slots, Some("serving")).await?;
-                report.fenced_ms = u64::try_from(fenced_at.elapsed().as_millis()).unwrap_or(u64::MAX);
+                report.fenced_ms =
+                    u64::try_from(fenced_at.elapsed().as_millis()).unwrap_or(u64::MAX);
                 state = "fenced".to_owned();
                 break;
             }
@@ -952,8 +961,14 @@ impl Mover {
             rows.delete(source.db(), &slots).await?;
         }
         self.finish().await?;
-        tracing::info!(slots = slots.len(), source = source.name(), target = target.name(),
-            rows = report.rows, fenced_ms = report.fenced_ms, "slot move done");
+        tracing::info!(
+            slots = slots.len(),
+            source = source.name(),
+            target = target.name(),
+            rows = report.rows,
+            fenced_ms = report.fenced_ms,
+            "slot move done"
+        );
         Ok(report)
     }
 
@@ -975,10 +990,17 @@ impl Mover {
     /// `flipped`, in one transaction; then every process hears of it.
     async fn flip(&self, slots: &[u16], target: &str) -> Result<(), MoveError> {
         const CLEAR: &str = "DELETE FROM shard_ranges";
-        const RANGE: &str = "INSERT INTO shard_ranges (first_slot, last_slot, shard) VALUES ($1, $2, $3)";
+        const RANGE: &str =
+            "INSERT INTO shard_ranges (first_slot, last_slot, shard) VALUES ($1, $2, $3)";
         const EPOCH: &str = "UPDATE shard_map SET epoch = epoch + 1 WHERE id = 1";
-        const STATE: &str = "UPDATE shard_moves SET state = 'flipped' WHERE id = 1 AND lease_owner = $1";
-        let names: Vec<String> = self.shards.all().iter().map(|s| s.name().to_owned()).collect();
+        const STATE: &str =
+            "UPDATE shard_moves SET state = 'flipped' WHERE id = 1 AND lease_owner = $1";
+        let names: Vec<String> = self
+            .shards
+            .all()
+            .iter()
+            .map(|s| s.name().to_owned())
+            .collect();
         let main = &self.shards.inner.main;
         let mut map = read_map(main, &names).await?;
         let to = map
@@ -1036,12 +1058,14 @@ async fn current_move(main: &Database) -> Result<Option<MoveRecord>, StoreError>
     let row: Option<(String, String, String, String, i64, i64)> = with_pool!(main, pool => {
         sqlx::query_as(Q).fetch_optional(pool).await?
     });
-    Ok(row.map(|(slots, source, target, state, copied_since, started_at)| MoveRecord {
-        slots: slots.split(',').filter_map(|s| s.parse().ok()).collect(),
-        source,
-        target,
-        state,
-        copied_since,
-        started_at,
-    }))
+    Ok(row.map(
+        |(slots, source, target, state, copied_since, started_at)| MoveRecord {
+            slots: slots.split(',').filter_map(|s| s.parse().ok()).collect(),
+            source,
+            target,
+            state,
+            copied_since,
+            started_at,
+        },
+    ))
 }

@@ -208,7 +208,10 @@ impl SqlUserStore {
         guard: bool,
     ) -> Result<Option<bool>, StoreError> {
         let mut tx = self.db.begin().await?;
-        if guard && !scaleshop_db::shards::serving(&mut tx, scaleshop_db::shards::slot_of(user_id)).await? {
+        if guard
+            && !scaleshop_db::shards::serving(&mut tx, scaleshop_db::shards::slot_of(user_id))
+                .await?
+        {
             tx.rollback().await?;
             return Ok(None);
         }
@@ -513,7 +516,10 @@ impl ShardedUserStore {
                     tokio::time::timeout(SCATTER_TIMEOUT, page)
                         .await
                         .unwrap_or_else(|_| {
-                            tracing::warn!(shard = shard.name(), "user search timed out on a shard");
+                            tracing::warn!(
+                                shard = shard.name(),
+                                "user search timed out on a shard"
+                            );
                             Err(StoreError::Unavailable)
                         })
                 })
@@ -625,8 +631,11 @@ impl UserStore for ShardedUserStore {
     }
 
     async fn session_state(&self, id: Uuid, now: i64) -> Result<Option<SessionState>, StoreError> {
-        self.read_held(id, |store| async move { store.session_state(id, now).await })
-            .await
+        self.read_held(
+            id,
+            |store| async move { store.session_state(id, now).await },
+        )
+        .await
     }
 
     async fn end_session(
@@ -696,7 +705,11 @@ impl scaleshop_db::shards::SlotRows for UserSlotRows {
         const ENDED: &str = "INSERT INTO ended_sessions (session_id, user_id, expires_at) \
                              VALUES ($1, $2, $3) ON CONFLICT (session_id) DO NOTHING";
         let since = DateTime::<Utc>::from_timestamp_micros(since).unwrap_or_default();
-        let list = slots.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+        let list = slots
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         let users_sql = format!(
             "SELECT id, email, name, role, password_hash, created_at, updated_at, session_epoch, \
              search_key, slot FROM users WHERE slot IN ({list}) AND updated_at >= $1 \
@@ -753,7 +766,11 @@ impl scaleshop_db::shards::SlotRows for UserSlotRows {
     }
 
     async fn delete(&self, db: &Database, slots: &[u16]) -> Result<u64, StoreError> {
-        let list = slots.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+        let list = slots
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         let ended = sqlx::AssertSqlSafe(format!(
             "DELETE FROM ended_sessions WHERE user_id IN (SELECT id FROM users WHERE slot IN ({list}))"
         ));

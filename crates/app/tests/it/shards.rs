@@ -25,6 +25,8 @@ async fn sharded_config(backend: Backend, shards: usize) -> Config {
     } else {
         config.shards = u32::try_from(shards).unwrap();
     }
+    // The load of the move tests signs users in from one address.
+    config.login_rate_per_address = 100_000;
     config
 }
 
@@ -336,11 +338,25 @@ async fn the_shard_list_may_grow_but_not_shrink_or_reorder() {
         let counts = users_per_shard(&config).await;
         assert_eq!(counts[2], 0, "{counts:?}");
         assert_eq!(counts.iter().sum::<i64>(), 3, "{counts:?}");
+        let admin = app.admin_token().await;
+        let status = json_body(
+            app.get("/v1/shards")
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap(),
+            StatusCode::OK,
+        )
+        .await;
+        let slots: Vec<u64> = status["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["slots"].as_u64().unwrap())
+            .collect();
+        assert_eq!(slots, [512, 512, 0], "{status}");
+        assert_eq!(status["epoch"], 1);
         app.stop().await.unwrap();
-        let status = scaleshop_app::shards::status(&config).await.unwrap();
-        let slots: Vec<usize> = status.shards.iter().map(|s| s.slots).collect();
-        assert_eq!(slots, [512, 512, 0]);
-        assert_eq!(status.epoch, 1);
     })
     .await;
 }
@@ -368,3 +384,292 @@ fn shard_settings_that_cannot_work_are_refused() {
     let error = config.validate().unwrap_err().to_string();
     assert!(error.contains("nats_url"), "{error}");
 }
+
+/// A client of the sharded app during moves: what it wrote, what went wrong,
+/// and how long each request took.
+#[derive(Default)]
+struct Load {
+    /// user id → (email, the last name written and acknowledged).
+    written: std::collections::BTreeMap<String, (String, String)>,
+    failures: Vec<String>,
+    latencies_ms: Vec<f64>,
+}
+
+/// Until `stop`, signs users up, reads each back with its own token, renames it
+/// and reads the new name back (read-your-writes across moves). Bounded: at most
+/// 400 rounds or 120 s.
+async fn user_load(
+    app: &TestApp,
+    worker: usize,
+    stop: &std::sync::atomic::AtomicBool,
+    rounds: &std::sync::atomic::AtomicUsize,
+) -> Load {
+    let mut load = Load::default();
+    let started = std::time::Instant::now();
+    let timed = async |load: &mut Load, request: reqwest::RequestBuilder| {
+        let at = std::time::Instant::now();
+        let response = request.send().await;
+        load.latencies_ms.push(at.elapsed().as_secs_f64() * 1000.0);
+        response
+    };
+    for round in 0..400 {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) || started.elapsed().as_secs() > 120 {
+            break;
+        }
+        let email = format!("load-{worker}-{round}@example.com");
+        let body = json!({"email": email, "name": "Loaded", "password": "password-123"});
+        let signed_up = timed(&mut load, app.post("/v1/users").json(&body)).await;
+        let user: Value = match signed_up {
+            Ok(r) if r.status() == StatusCode::CREATED => r.json().await.unwrap(),
+            Ok(r) => {
+                load.failures
+                    .push(format!("sign-up {email}: {}", r.status()));
+                continue;
+            }
+            Err(e) => {
+                load.failures.push(format!("sign-up {email}: {e}"));
+                continue;
+            }
+        };
+        let id = user["id"].as_str().unwrap().to_owned();
+        load.written
+            .insert(id.clone(), (email.clone(), "Loaded".into()));
+        let credentials = json!({"email": email, "password": "password-123"});
+        let token = match timed(&mut load, app.post("/v1/sessions").json(&credentials)).await {
+            Ok(r) if r.status() == StatusCode::CREATED => r.json::<Value>().await.unwrap()["token"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+            other => {
+                load.failures
+                    .push(format!("sign-in {email}: {:?}", other.map(|r| r.status())));
+                continue;
+            }
+        };
+        let name = format!("Renamed {round}");
+        let renamed = timed(
+            &mut load,
+            app.patch(&format!("/v1/users/{id}"))
+                .bearer_auth(&token)
+                .json(&json!({"name": name})),
+        )
+        .await;
+        match renamed {
+            Ok(r) if r.status() == StatusCode::OK => {
+                load.written
+                    .insert(id.clone(), (email.clone(), name.clone()));
+            }
+            other => {
+                load.failures
+                    .push(format!("rename {email}: {:?}", other.map(|r| r.status())));
+                continue;
+            }
+        }
+        let read = timed(
+            &mut load,
+            app.get(&format!("/v1/users/{id}")).bearer_auth(&token),
+        )
+        .await;
+        match read {
+            Ok(r) if r.status() == StatusCode::OK => {
+                let user: Value = r.json().await.unwrap();
+                if user["name"] != name.as_str() {
+                    load.failures.push(format!(
+                        "{email} read {} after writing {name}",
+                        user["name"]
+                    ));
+                }
+            }
+            other => load
+                .failures
+                .push(format!("read {email}: {:?}", other.map(|r| r.status()))),
+        }
+        rounds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    load
+}
+
+/// Waits (at most 60 s) until the load has made `n` more rounds.
+async fn load_goes_on(rounds: &std::sync::atomic::AtomicUsize, n: usize) {
+    let until = rounds.load(std::sync::atomic::Ordering::SeqCst) + n;
+    scaleshop_testkit::eventually_within(Duration::from_secs(60), "the load", async || {
+        rounds.load(std::sync::atomic::Ordering::SeqCst) >= until
+    })
+    .await;
+}
+
+/// Asks for a move (or a rebalance, `None`) and waits until this app ran it.
+async fn run_move(app: &TestApp, admin: &str, request: Option<Value>) -> Value {
+    let asked = match &request {
+        Some(body) => app.post("/v1/shards/moves").json(body),
+        None => app.post("/v1/shards/rebalance"),
+    };
+    let accepted = asked.bearer_auth(admin).send().await.unwrap();
+    assert_eq!(accepted.status(), StatusCode::ACCEPTED, "{request:?}");
+    let mut status = Value::Null;
+    scaleshop_testkit::eventually_within(Duration::from_secs(120), "the move to end", async || {
+        status = json_body(
+            app.get("/v1/shards")
+                .bearer_auth(admin)
+                .send()
+                .await
+                .unwrap(),
+            StatusCode::OK,
+        )
+        .await;
+        status["running"].is_null()
+    })
+    .await;
+    assert!(status["last"]["error"].is_null(), "{status}");
+    assert!(status["moving"].is_null(), "{status}");
+    status
+}
+
+fn p99(latencies: &mut [f64]) -> f64 {
+    latencies.sort_by(f64::total_cmp);
+    latencies
+        .get((latencies.len() * 99).div_ceil(100).saturating_sub(1))
+        .copied()
+        .unwrap_or(0.0)
+}
+
+both!(
+    slots_move_from_three_shards_to_two_and_back_under_load_losing_nothing,
+    [sqlite, postgres],
+    |app: TestApp| async move {
+        let admin = app.admin_token().await;
+        let mut seeds = BTreeSet::new();
+        for n in 0..20 {
+            let (user, _) = app.customer(&format!("seed-{n}@example.com")).await;
+            seeds.insert(user["id"].as_str().unwrap().to_owned());
+        }
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let rounds = std::sync::atomic::AtomicUsize::new(0);
+        let moves = async {
+            load_goes_on(&rounds, 10).await;
+            // 3 → 2: every slot of shard-2 to shard-0; then 2 → 3 again.
+            let status = json_body(
+                app.get("/v1/shards")
+                    .bearer_auth(&admin)
+                    .send()
+                    .await
+                    .unwrap(),
+                StatusCode::OK,
+            )
+            .await;
+            let of_shard_2: Vec<String> = status["ranges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["shard"] == "shard-2")
+                .map(|r| format!("{}-{}", r["first"], r["last"]))
+                .collect();
+            let to_two = run_move(
+                &app,
+                &admin,
+                Some(json!({"slots": of_shard_2.join(","), "to": "shard-0"})),
+            )
+            .await;
+            let slots: Vec<u64> = to_two["shards"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["slots"].as_u64().unwrap())
+                .collect();
+            assert_eq!(slots, [683, 341, 0], "{to_two}");
+            load_goes_on(&rounds, 10).await;
+            let to_three = run_move(&app, &admin, None).await;
+            let slots: Vec<u64> = to_three["shards"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["slots"].as_u64().unwrap())
+                .collect();
+            assert!(slots.iter().all(|n| (341..=342).contains(n)), "{to_three}");
+            // One flip each: the epoch was 1.
+            assert_eq!(to_three["epoch"], 3, "{to_three}");
+            load_goes_on(&rounds, 5).await;
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            (to_two, to_three)
+        };
+        // Paging the admin list while slots move: every seeded user once in
+        // every pass.
+        let pages = async {
+            let mut passes = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && passes < 200 {
+                let listed = list_all(&app, &admin, "&q=seed-", 3).await;
+                let ids: Vec<String> = listed
+                    .iter()
+                    .map(|u| u["id"].as_str().unwrap().to_owned())
+                    .collect();
+                let unique: BTreeSet<String> = ids.iter().cloned().collect();
+                assert_eq!(ids.len(), unique.len(), "a user twice in one pass");
+                assert_eq!(unique, seeds, "pass {passes}");
+                passes += 1;
+            }
+            passes
+        };
+        let ((to_two, to_three), passes, loads) = tokio::join!(
+            moves,
+            pages,
+            futures::future::join_all((0..3).map(|w| user_load(&app, w, &stop, &rounds)))
+        );
+        let mut written = std::collections::BTreeMap::new();
+        let mut failures = Vec::new();
+        let mut latencies = Vec::new();
+        for load in loads {
+            written.extend(load.written);
+            failures.extend(load.failures);
+            latencies.extend(load.latencies_ms);
+        }
+        let requests = latencies.len();
+        eprintln!(
+            "moves under load: {requests} requests, p99 {:.1} ms, {passes} list passes; \
+             fences {} ms and {} ms",
+            p99(&mut latencies),
+            to_two["last"]["moves"][0]["fenced_ms"],
+            to_three["last"]["moves"]
+        );
+        assert!(failures.is_empty(), "{failures:#?}");
+        assert!(written.len() >= 3, "the load wrote {} users", written.len());
+        // Nothing lost, nothing twice: every user once in the list, with the
+        // last name written.
+        let all = list_all(&app, &admin, "", 50).await;
+        let listed: std::collections::BTreeMap<String, Value> = all
+            .iter()
+            .map(|u| (u["id"].as_str().unwrap().to_owned(), u.clone()))
+            .collect();
+        assert_eq!(listed.len(), all.len(), "a user listed twice");
+        assert_eq!(all.len(), 1 + seeds.len() + written.len());
+        for (id, (email, name)) in &written {
+            let user = &listed[id];
+            assert_eq!(user["email"], email.as_str());
+            assert_eq!(user["name"], name.as_str(), "{email}");
+        }
+        // The source rows are gone: each shard holds exactly its users.
+        let counts = users_per_shard(&app.config).await;
+        assert_eq!(counts.iter().sum::<i64>() as usize, all.len(), "{counts:?}");
+        // One welcome each: the events of the moved users' old and new
+        // shards' logs were each delivered once.
+        for (id, (email, _)) in written.iter().take(30) {
+            let what = format!("one welcome for {email}");
+            scaleshop_testkit::eventually_within(Duration::from_secs(30), &what, async || {
+                let list = app
+                    .get(&format!("/v1/notifications?user_id={id}"))
+                    .bearer_auth(&admin)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json::<Value>()
+                    .await
+                    .unwrap();
+                let welcomes = list["items"].as_array().map_or(0, |items| {
+                    items.iter().filter(|n| n["kind"] == "welcome").count()
+                });
+                assert!(welcomes <= 1, "{email}: {list}");
+                welcomes == 1
+            })
+            .await;
+        }
+    }
+);
