@@ -61,6 +61,13 @@ pub async fn open(config: &Config, main: &Database) -> Result<Option<Shards>, St
     }
     main.migrate(&scaleshop_db::shards::migrations()).await?;
     main.migrate(&scaleshop_users::store::migrations()).await?;
+    if urls.is_empty() {
+        // Embedded: this process holds the data folder, so a move's mover is
+        // dead; its move is resumed at once.
+        scaleshop_db::shards::release_move_lease(main)
+            .await
+            .map_err(StartError::Background)?;
+    }
     let shards = Shards::open(main.clone(), dbs)
         .await
         .map_err(|e| StartError::Shards(e.to_string()))?;

@@ -1052,6 +1052,17 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
+/// Frees the lease of the move in progress, for a process that knows no other
+/// process runs (the embedded data folder's lock): its holder is dead, so the
+/// move is resumed at once rather than when the lease runs out.
+pub async fn release_move_lease(main: &Database) -> Result<(), StoreError> {
+    const Q: &str = "UPDATE shard_moves SET lease_owner = NULL, lease_until = NULL WHERE id = 1";
+    with_pool!(main, pool => {
+        sqlx::query(Q).execute(pool).await?;
+    });
+    Ok(())
+}
+
 /// The move in progress, if any.
 async fn current_move(main: &Database) -> Result<Option<MoveRecord>, StoreError> {
     const Q: &str = "SELECT slots, source, target, state, copied_since, started_at FROM shard_moves WHERE id = 1";

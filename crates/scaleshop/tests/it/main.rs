@@ -23,6 +23,7 @@ mod loadtest;
 mod projections;
 mod recovery;
 mod saga_crash;
+mod shards;
 mod signals;
 mod split;
 mod takeover;
