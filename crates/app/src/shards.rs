@@ -13,9 +13,10 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use parking_lot::Mutex;
 use scaleshop_db::Database;
-use scaleshop_db::shards::{LogDrain, MoveError, MoveReport, Mover, Shard, Shards, shard_name};
+use scaleshop_db::shards::{
+    LogDrain, MoveError, MoveReport, Mover, Request, Shard, Shards, shard_name,
+};
 use scaleshop_web::{ApiError, Caller, Fields, JsonObject, Problem};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -102,19 +103,16 @@ impl LogDrain for FollowersDrain {
     }
 }
 
-/// The mover of this process and what it did last.
+/// The mover of this process.
 pub struct ShardAdmin {
     mover: Mover,
-    /// A move or rebalance this process runs now.
-    running: Mutex<Option<String>>,
-    /// How the last one here ended.
-    last: Mutex<Option<Outcome>>,
+    /// Whether this process runs a request now.
+    busy: std::sync::atomic::AtomicBool,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+/// How a request ended, as `GET /v1/shards` shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 struct Outcome {
-    /// What was asked (`move 0-99 to shard-2`, `rebalance`).
-    request: String,
     /// The moves it made, one per source shard.
     moves: Vec<MoveDone>,
     /// Why it stopped, when it did not finish.
@@ -122,7 +120,7 @@ struct Outcome {
     error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 struct MoveDone {
     slots: usize,
     source: String,
@@ -130,20 +128,36 @@ struct MoveDone {
     rows: u64,
     /// How long writes to the slots were refused.
     fenced_ms: u64,
+    /// Whether it took over a move that a mover left unfinished.
     resumed: bool,
 }
 
-impl From<MoveReport> for MoveDone {
-    fn from(r: MoveReport) -> Self {
+impl From<&MoveReport> for MoveDone {
+    fn from(r: &MoveReport) -> Self {
         Self {
             slots: r.slots,
-            source: r.source,
-            target: r.target,
+            source: r.source.clone(),
+            target: r.target.clone(),
             rows: r.rows,
             fenced_ms: r.fenced_ms,
             resumed: r.resumed,
         }
     }
+}
+
+/// The outcome's text, kept in the main database.
+fn describe(result: &Result<Vec<MoveReport>, MoveError>) -> String {
+    let outcome = match result {
+        Ok(reports) => Outcome {
+            moves: reports.iter().map(MoveDone::from).collect(),
+            error: None,
+        },
+        Err(e) => Outcome {
+            moves: Vec::new(),
+            error: Some(e.to_string()),
+        },
+    };
+    serde_json::to_string(&outcome).unwrap_or_default()
 }
 
 impl ShardAdmin {
@@ -152,58 +166,50 @@ impl ShardAdmin {
             vec![Arc::new(scaleshop_users::store::UserSlotRows)];
         Arc::new(Self {
             mover: Mover::new(shards, rows, Arc::new(FollowersDrain { main })),
-            running: Mutex::new(None),
-            last: Mutex::new(None),
+            busy: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Runs `work` in the background unless this process runs one already.
-    fn start<F>(self: &Arc<Self>, request: String, work: F) -> Result<(), ApiError>
-    where
-        F: for<'a> FnOnce(
-                &'a Mover,
-            ) -> std::pin::Pin<
-                Box<
-                    dyn std::future::Future<Output = Result<Vec<MoveReport>, MoveError>>
-                        + Send
-                        + 'a,
-                >,
-            > + Send
-            + 'static,
-    {
-        {
-            let mut running = self.running.lock();
-            if let Some(other) = running.as_ref() {
-                return Err(ApiError::conflict(format!("{other} runs already")));
-            }
-            *running = Some(request.clone());
+    /// Runs the request that is `running` (this process's, or one whose
+    /// runner died) unless this process runs one now; then a move left
+    /// unfinished without a request.
+    async fn run_pending(&self) {
+        use std::sync::atomic::Ordering;
+        if self.busy.swap(true, Ordering::SeqCst) {
+            return;
         }
-        let admin = self.clone();
-        tokio::spawn(async move {
-            let result = work(&admin.mover).await;
-            let outcome = match result {
-                Ok(reports) => Outcome {
-                    request,
-                    moves: reports.into_iter().map(MoveDone::from).collect(),
-                    error: None,
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "slot move stopped");
-                    Outcome {
-                        request,
-                        moves: Vec::new(),
-                        error: Some(e.to_string()),
+        match self.mover.run_request(describe).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                if matches!(self.mover.current().await, Ok(Some(_))) {
+                    match self.mover.resume().await {
+                        Ok(_) | Err(MoveError::Leased) => {}
+                        Err(e) => tracing::warn!(error = %e, "unfinished slot move not resumed"),
                     }
                 }
-            };
-            *admin.last.lock() = Some(outcome);
-            *admin.running.lock() = None;
-        });
+            }
+            Err(e) => tracing::warn!(error = %e, "resharding request not run"),
+        }
+        self.busy.store(false, Ordering::SeqCst);
+    }
+
+    /// Records `request` and runs it in the background.
+    async fn ask(self: &Arc<Self>, request: Request) -> Result<(), ApiError> {
+        match self.mover.ask(&request).await {
+            Ok(()) => {}
+            Err(MoveError::Asked(other)) => {
+                return Err(ApiError::conflict(format!("{other} runs already")));
+            }
+            Err(MoveError::Store(e)) => return Err(e.into()),
+            Err(e) => return Err(ApiError::internal(e)),
+        }
+        let admin = self.clone();
+        tokio::spawn(async move { admin.run_pending().await });
         Ok(())
     }
 
-    /// Resumes, every 5 s, a move whose mover died (its lease ran out), until
-    /// `shutdown`. A live mover elsewhere keeps its lease: this one waits.
+    /// Every 5 s, runs a request or a move whose runner died (its lease ran
+    /// out; a live runner elsewhere keeps it), until `shutdown`.
     pub fn spawn_resumer(
         self: &Arc<Self>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -211,14 +217,9 @@ impl ShardAdmin {
         let admin = self.clone();
         tokio::spawn(async move {
             while !*shutdown.borrow() {
-                let idle = admin.running.lock().is_none();
-                if idle && matches!(admin.mover.current().await, Ok(Some(_))) {
-                    let resumed = admin.start("resume".into(), |mover| {
-                        Box::pin(async move { Ok(mover.resume().await?.into_iter().collect()) })
-                    });
-                    if resumed.is_ok() {
-                        tracing::info!("resuming an unfinished slot move");
-                    }
+                tokio::select! {
+                    () = admin.run_pending() => {}
+                    _ = shutdown.changed() => return,
                 }
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(5)) => {}
@@ -269,10 +270,21 @@ struct ShardsStatus {
     ranges: Vec<Range>,
     /// The move in progress (run by any process), if any.
     moving: Option<Moving>,
-    /// What this process runs now (`move ...`, `rebalance`, `resume`).
-    running: Option<String>,
-    /// How the last move or rebalance of this process ended.
-    last: Option<Outcome>,
+    /// The last resharding request, from any process.
+    request: Option<RequestState>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct RequestState {
+    /// What was asked (`move 100 slots to shard-2`, `rebalance`).
+    request: String,
+    /// `running`, `done` or `failed`.
+    state: String,
+    /// How it ended.
+    outcome: Option<Outcome>,
+    /// When it was asked and ended (µs since the epoch).
+    asked_at: i64,
+    ended_at: Option<i64>,
 }
 
 async fn status_of(admin: &ShardAdmin) -> Result<ShardsStatus, ApiError> {
@@ -310,8 +322,13 @@ async fn status_of(admin: &ShardAdmin) -> Result<ShardsStatus, ApiError> {
             })
             .collect(),
         moving,
-        running: admin.running.lock().clone(),
-        last: admin.last.lock().clone(),
+        request: admin.mover.request().await?.map(|r| RequestState {
+            request: r.request,
+            state: r.state,
+            outcome: r.result.and_then(|text| serde_json::from_str(&text).ok()),
+            asked_at: r.asked_at,
+            ended_at: r.ended_at,
+        }),
     })
 }
 
@@ -347,7 +364,7 @@ struct MoveRequest {
     responses(
         (status = 202, description = "The move runs; `GET /v1/shards` follows it", body = ShardsStatus),
         (status = 403, description = "Not an admin", body = Problem),
-        (status = 409, description = "This process runs a move already", body = Problem),
+        (status = 409, description = "A resharding request runs already", body = Problem),
         (status = 422, description = "No such slots or shard", body = Problem),
     )
 )]
@@ -380,10 +397,7 @@ async fn move_slots(
     let (Some(slots), Some(to)) = (slots, to) else {
         return Err(ApiError::internal("fields checked but missing"));
     };
-    let request = format!("move {} slots to {to}", slots.len());
-    admin.start(request, move |mover| {
-        Box::pin(async move { mover.move_slots(&slots, &to).await })
-    })?;
+    admin.ask(Request::Move { slots, target: to }).await?;
     Ok((StatusCode::ACCEPTED, Json(status_of(&admin).await?)))
 }
 
@@ -392,7 +406,7 @@ async fn move_slots(
     responses(
         (status = 202, description = "The moves run; `GET /v1/shards` follows them", body = ShardsStatus),
         (status = 403, description = "Not an admin", body = Problem),
-        (status = 409, description = "This process runs a move already", body = Problem),
+        (status = 409, description = "A resharding request runs already", body = Problem),
     )
 )]
 async fn rebalance(
@@ -400,7 +414,7 @@ async fn rebalance(
     caller: Caller,
 ) -> Result<(StatusCode, Json<ShardsStatus>), ApiError> {
     caller.require_admin()?;
-    admin.start("rebalance".into(), |mover| Box::pin(mover.rebalance()))?;
+    admin.ask(Request::Rebalance).await?;
     Ok((StatusCode::ACCEPTED, Json(status_of(&admin).await?)))
 }
 
@@ -447,8 +461,8 @@ pub async fn run_moves(
         let now = admin
             .call_with(reqwest::Method::GET, "/v1/shards", None)
             .await?;
-        if now["running"].is_null() {
-            if let Some(error) = now["last"]["error"].as_str() {
+        if now["request"]["state"] != "running" {
+            if let Some(error) = now["request"]["outcome"]["error"].as_str() {
                 return Err(cli_error(error));
             }
             return Ok(now);

@@ -582,21 +582,38 @@ async fn hold_first_slots(db: &Database, slots: &[u16]) -> Result<(), StoreError
     set_slots(db, slots, Some("serving")).await
 }
 
-/// Sets `slots` in `db`'s `owned_slots` to `state` (`None`: not held).
+/// Sets `slots` in `db`'s `owned_slots` to `state` (`None`: not held), in
+/// one statement (the slots are numbers below [`SLOTS`], written into it).
 async fn set_slots(db: &Database, slots: &[u16], state: Option<&str>) -> Result<(), StoreError> {
-    const HOLD: &str = "INSERT INTO owned_slots (slot, state) VALUES ($1, $2) \
-                        ON CONFLICT (slot) DO UPDATE SET state = excluded.state";
-    const DROP: &str = "DELETE FROM owned_slots WHERE slot = $1";
-    let mut tx = db.begin().await?;
-    for slot in slots {
-        let slot = i32::from(*slot);
-        with_tx!(&mut tx, conn => {
-            match state {
-                Some(state) => sqlx::query(HOLD).bind(slot).bind(state).execute(conn).await?,
-                None => sqlx::query(DROP).bind(slot).execute(conn).await?,
-            };
-        });
+    if slots.is_empty() {
+        return Ok(());
     }
+    let sql = match state {
+        Some(state) => {
+            let state = if state == "serving" {
+                "serving"
+            } else {
+                "fenced"
+            };
+            let rows: Vec<String> = slots.iter().map(|s| format!("({s}, '{state}')")).collect();
+            format!(
+                "INSERT INTO owned_slots (slot, state) VALUES {} \
+                 ON CONFLICT (slot) DO UPDATE SET state = excluded.state",
+                rows.join(", ")
+            )
+        }
+        None => {
+            let list: Vec<String> = slots.iter().map(u16::to_string).collect();
+            format!(
+                "DELETE FROM owned_slots WHERE slot IN ({})",
+                list.join(", ")
+            )
+        }
+    };
+    let mut tx = db.begin().await?;
+    with_tx!(&mut tx, conn => {
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(conn).await?;
+    });
     tx.commit().await
 }
 
@@ -638,6 +655,35 @@ pub struct MoveRecord {
     pub started_at: i64,
 }
 
+/// A resharding request: slots to a shard, or an even share for every shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Move { slots: Vec<u16>, target: String },
+    Rebalance,
+}
+
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Move { slots, target } => write!(f, "move {} slots to {target}", slots.len()),
+            Self::Rebalance => f.write_str("rebalance"),
+        }
+    }
+}
+
+/// The last request as recorded in the main database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// What was asked (`move 100 slots to shard-2`, `rebalance`).
+    pub request: String,
+    /// `running`, `done` or `failed`.
+    pub state: String,
+    /// What the runner wrote when it ended (the moves, or why it failed).
+    pub result: Option<String>,
+    pub asked_at: i64,
+    pub ended_at: Option<i64>,
+}
+
 /// What a finished move did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MoveReport {
@@ -670,6 +716,8 @@ pub enum MoveError {
     },
     #[error("another process runs the move in progress")]
     Leased,
+    #[error("a request runs already: {0}")]
+    Asked(String),
     #[error("the consumers of {0}'s log did not catch up while its slots were fenced: try again")]
     NotDrained(String),
     #[error("{0}")]
@@ -812,6 +860,131 @@ impl Mover {
         Ok(reports)
     }
 
+    /// Records `request` as the one to run (refused while another runs),
+    /// held by this mover: [`Mover::run_request`] runs it.
+    pub async fn ask(&self, request: &Request) -> Result<(), MoveError> {
+        const ASK: &str = "INSERT INTO shard_requests (id, request, slots, target, state, asked_at, \
+                           lease_owner, lease_until) VALUES (1, $1, $2, $3, 'running', $4, $5, $6) \
+                           ON CONFLICT (id) DO UPDATE SET request = excluded.request, slots = excluded.slots, \
+                           target = excluded.target, state = 'running', result = NULL, \
+                           asked_at = excluded.asked_at, ended_at = NULL, \
+                           lease_owner = excluded.lease_owner, lease_until = excluded.lease_until \
+                           WHERE shard_requests.state <> 'running'";
+        let (slots, target) = match request {
+            Request::Move { slots, target } => (
+                Some(
+                    slots
+                        .iter()
+                        .map(u16::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+                Some(target.clone()),
+            ),
+            Request::Rebalance => (None, None),
+        };
+        let at = now_micros();
+        let asked = with_pool!(self.shards.inner.main, pool => {
+            sqlx::query(ASK).bind(request.to_string()).bind(slots).bind(target).bind(at)
+                .bind(&self.owner).bind(at + micros(MOVE_LEASE))
+                .execute(pool).await.map_err(StoreError::from)?.rows_affected()
+        });
+        if asked == 1 {
+            return Ok(());
+        }
+        let running = self.request().await?.map(|r| r.request).unwrap_or_default();
+        Err(MoveError::Asked(running))
+    }
+
+    /// The last request, if any.
+    pub async fn request(&self) -> Result<Option<RequestRecord>, StoreError> {
+        const Q: &str =
+            "SELECT request, state, result, asked_at, ended_at FROM shard_requests WHERE id = 1";
+        type Row = (String, String, Option<String>, i64, Option<i64>);
+        let row: Option<Row> = with_pool!(self.shards.inner.main, pool => sqlx::query_as(Q).fetch_optional(pool).await?);
+        Ok(row.map(
+            |(request, state, result, asked_at, ended_at)| RequestRecord {
+                request,
+                state,
+                result,
+                asked_at,
+                ended_at,
+            },
+        ))
+    }
+
+    /// Runs the request that is `running` if this mover holds it or its
+    /// runner's lease ran out (`None`: there is none to run here), and
+    /// records how it ended with `describe`'s text of the outcome.
+    pub async fn run_request(
+        &self,
+        describe: impl Fn(&Result<Vec<MoveReport>, MoveError>) -> String,
+    ) -> Result<Option<Vec<MoveReport>>, StoreError> {
+        const TAKE: &str = "UPDATE shard_requests SET lease_owner = $1, lease_until = $2 \
+                            WHERE id = 1 AND state = 'running' \
+                            AND (lease_owner IS NULL OR lease_owner = $1 OR lease_until < $3) \
+                            RETURNING slots, target";
+        const END: &str = "UPDATE shard_requests SET state = $1, result = $2, ended_at = $3, \
+                           lease_owner = NULL, lease_until = NULL WHERE id = 1 AND lease_owner = $4";
+        let at = now_micros();
+        let taken: Option<(Option<String>, Option<String>)> = with_pool!(self.shards.inner.main, pool => {
+            sqlx::query_as(TAKE).bind(&self.owner).bind(at + micros(MOVE_LEASE)).bind(at)
+                .fetch_optional(pool).await?
+        });
+        let Some((slots, target)) = taken else {
+            return Ok(None);
+        };
+        // The lease is renewed while the moves run (each step of a move
+        // renews the move's own, this one alongside).
+        let renew = self.renew_request();
+        let work = async {
+            match (slots, target) {
+                (Some(slots), Some(target)) => {
+                    let slots: Vec<u16> = slots.split(',').filter_map(|s| s.parse().ok()).collect();
+                    self.move_slots(&slots, &target).await
+                }
+                _ => self.rebalance().await,
+            }
+        };
+        let result = tokio::select! {
+            result = work => result,
+            () = renew => Err(MoveError::Leased),
+        };
+        let state = if result.is_ok() { "done" } else { "failed" };
+        let text = describe(&result);
+        with_pool!(self.shards.inner.main, pool => {
+            sqlx::query(END).bind(state).bind(&text).bind(now_micros()).bind(&self.owner)
+                .execute(pool).await?;
+        });
+        match result {
+            Ok(reports) => Ok(Some(reports)),
+            Err(MoveError::Store(e)) => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "resharding request failed");
+                Ok(Some(Vec::new()))
+            }
+        }
+    }
+
+    /// Renews the request's lease every third of it; ends (never, unless the
+    /// lease was lost) when another mover took it.
+    async fn renew_request(&self) {
+        const RENEW: &str =
+            "UPDATE shard_requests SET lease_until = $1 WHERE id = 1 AND lease_owner = $2";
+        loop {
+            tokio::time::sleep(MOVE_LEASE / 3).await;
+            let renewed = with_pool!(self.shards.inner.main, pool => {
+                sqlx::query(RENEW).bind(now_micros() + micros(MOVE_LEASE)).bind(&self.owner)
+                    .execute(pool).await.map(|r| r.rows_affected())
+            });
+            match renewed {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "request lease not renewed"),
+            }
+        }
+    }
+
     /// Runs the move a mover left unfinished, if there is one.
     pub async fn resume(&self) -> Result<Option<MoveReport>, MoveError> {
         if self.current().await?.is_none() {
@@ -920,6 +1093,9 @@ impl Mover {
                     break;
                 }
             }
+            // The source's log consumers catch up before the fence, so that
+            // the fence waits only for the events written since.
+            self.drain.drained(&source, DRAIN_WITHIN * 5).await?;
             // Fence: writes in flight end first (PostgreSQL: the share locks),
             // later ones are refused.
             let fenced_at = std::time::Instant::now();
@@ -1056,9 +1232,12 @@ fn micros(d: Duration) -> i64 {
 /// process runs (the embedded data folder's lock): its holder is dead, so the
 /// move is resumed at once rather than when the lease runs out.
 pub async fn release_move_lease(main: &Database) -> Result<(), StoreError> {
-    const Q: &str = "UPDATE shard_moves SET lease_owner = NULL, lease_until = NULL WHERE id = 1";
+    const MOVE: &str = "UPDATE shard_moves SET lease_owner = NULL, lease_until = NULL WHERE id = 1";
+    const REQUEST: &str =
+        "UPDATE shard_requests SET lease_owner = NULL, lease_until = NULL WHERE id = 1";
     with_pool!(main, pool => {
-        sqlx::query(Q).execute(pool).await?;
+        sqlx::query(MOVE).execute(pool).await?;
+        sqlx::query(REQUEST).execute(pool).await?;
     });
     Ok(())
 }

@@ -147,7 +147,7 @@ pub struct VariantResult {
     pub name: String,
     pub pattern: String,
     pub cluster_flags: Vec<String>,
-    /// `measured`, `not available` (its part has not landed) or `failed`.
+    /// `measured` or `failed`.
     pub status: String,
     pub reason: Option<String>,
     /// Another variant with the same topology whose figures these are.
@@ -444,10 +444,6 @@ async fn measure_variant(
     .await;
     let result = match code {
         Ok(0) => measure_up(args, variant, scenario, &cluster, &base, stop).await,
-        // scripts/cluster exits 2 for a part that has not landed yet.
-        Ok(2) if tail(&up_log).contains("not available yet") => {
-            return VariantResult::new(variant, "not available", Some(tail(&up_log)));
-        }
         Ok(code) => VariantResult::new(
             variant,
             "failed",
@@ -655,8 +651,7 @@ impl LabReport {
             &format!(
                 "<p>Each variant is started with scripts/cluster (one instance per service group), searched for its \
                  highest rate with p99 at most {:.1} ms and errors at most {:.2} % ({:.0} s steps), then run once more \
-                 at that rate while the databases' transaction counters are read. A variant whose part has not landed \
-                 is listed as not available.</p>{table}<figure>{chart}</figure>",
+                 at that rate while the databases' transaction counters are read.</p>{table}<figure>{chart}</figure>",
                 self.bound.max_p99_ms, self.bound.max_error_percent, self.step_seconds
             ),
         )
