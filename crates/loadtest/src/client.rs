@@ -25,6 +25,7 @@ pub mod kind {
     pub const ORDER_SUBMIT: &str = "order_submit";
     pub const ORDER_POLL: &str = "order_poll";
     pub const SIGNUP: &str = "signup";
+    pub const RENAME: &str = "rename";
     pub const SIGN_IN: &str = "sign_in";
     pub const ORDER_FINAL: &str = "order_final";
     pub const BUY: &str = "buy";
@@ -58,6 +59,7 @@ pub struct Connection {
 /// A shopper with a session.
 #[derive(Debug, Clone)]
 pub struct Shopper {
+    pub id: String,
     pub token: String,
 }
 
@@ -225,7 +227,24 @@ impl Target {
             Flow::Browse => self.browse(at, recorder).await,
             Flow::Signup => self.signup(at, recorder).await,
             Flow::Buy => self.buy(at, recorder).await,
+            Flow::Rename => self.rename(at, recorder).await,
         }
+    }
+
+    /// A signed-in account renames itself: one write of a user row and its
+    /// event, with no password hash (sharded, on the user's shard).
+    async fn rename(&self, at: Instant, recorder: &Recorder) {
+        if self.fixture.shoppers.is_empty() {
+            return;
+        }
+        let n = self.next();
+        let shopper = &self.fixture.shoppers[n % self.fixture.shoppers.len()];
+        let request = self
+            .request(Method::PATCH, &format!("/v1/users/{}", shopper.id))
+            .bearer_auth(&shopper.token)
+            .json(&json!({"name": format!("Renamed {n}")}));
+        self.call(recorder, kind::RENAME, at, request, StatusCode::OK)
+            .await;
     }
 
     async fn browse(&self, at: Instant, recorder: &Recorder) {
@@ -527,7 +546,7 @@ pub async fn prepare(
             ));
         }
     }
-    if needs.contains(&Flow::Buy) {
+    if needs.contains(&Flow::Buy) || needs.contains(&Flow::Rename) {
         for i in 0..plan.shoppers.max(1) {
             let email = format!("lt-{tag}-shopper-{i}@loadtest.example.com");
             let password = "load-test-password-1";
@@ -538,11 +557,16 @@ pub async fn prepare(
             if status != StatusCode::CREATED {
                 return Err(Setup::problem("signing up a shopper", status, &body));
             }
+            let id = body
+                .get("id")
+                .and_then(Value::as_str)
+                .ok_or_else(|| Error::Setup("a sign-up answered no id".to_owned()))?
+                .to_owned();
             let started = Instant::now();
             match setup.sign_in(&email, password).await {
                 Ok(token) => {
                     recorder.ok(kind::SIGN_IN, started.elapsed());
-                    fixture.shoppers.push(Shopper { token });
+                    fixture.shoppers.push(Shopper { id, token });
                 }
                 Err(e) => {
                     recorder.error(kind::SIGN_IN, "failed", started.elapsed());

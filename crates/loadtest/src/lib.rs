@@ -123,7 +123,7 @@ pub struct RunArgs {
     /// Products to create with --seed, or to take from the catalog.
     #[arg(long, default_value = "200")]
     pub products: usize,
-    /// Shoppers signed up and signed in for the buy flow.
+    /// Shoppers signed up and signed in for the buy and rename flows.
     #[arg(long, default_value = "50")]
     pub shoppers: usize,
     #[arg(long, env = "SCALESHOP_ADMIN_EMAIL")]

@@ -1,5 +1,5 @@
 //! Scenarios: what one arrival does. The built-in flows (`health`, `browse`,
-//! `buy`, `signup`) and mixes of them, named (`mixed`) or read from a TOML file.
+//! `buy`, `signup`, `rename`) and mixes of them, named (`mixed`) or read from a TOML file.
 
 use std::path::Path;
 
@@ -21,10 +21,19 @@ pub enum Flow {
     Buy,
     /// A new account (`POST /v1/users`): one password hash on the server.
     Signup,
+    /// A signed-in account renames itself (`PATCH /v1/users/{id}`): a user
+    /// write with its event and no password hash, on the user's shard.
+    Rename,
 }
 
 impl Flow {
-    pub const ALL: [Flow; 4] = [Flow::Health, Flow::Browse, Flow::Buy, Flow::Signup];
+    pub const ALL: [Flow; 5] = [
+        Flow::Health,
+        Flow::Browse,
+        Flow::Buy,
+        Flow::Signup,
+        Flow::Rename,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -32,6 +41,7 @@ impl Flow {
             Flow::Browse => "browse",
             Flow::Buy => "buy",
             Flow::Signup => "signup",
+            Flow::Rename => "rename",
         }
     }
 }
@@ -85,7 +95,7 @@ impl Scenario {
         }
     }
 
-    /// `health`, `browse`, `buy`, `signup`, `mixed` (browse 80, buy 15,
+    /// `health`, `browse`, `buy`, `signup`, `rename`, `mixed` (browse 80, buy 15,
     /// signup 5), or the path of a TOML mix file.
     pub fn parse(spec: &str) -> Result<Self, Error> {
         let scenario = match spec {
@@ -93,6 +103,7 @@ impl Scenario {
             "browse" => Self::single(Flow::Browse),
             "buy" => Self::single(Flow::Buy),
             "signup" => Self::single(Flow::Signup),
+            "rename" => Self::single(Flow::Rename),
             "mixed" => Self {
                 name: "mixed".to_owned(),
                 weights: vec![(Flow::Browse, 80), (Flow::Buy, 15), (Flow::Signup, 5)],
@@ -103,7 +114,7 @@ impl Scenario {
             }
             other => {
                 return Err(Error::Usage(format!(
-                    "unknown scenario `{other}`: expected health, browse, buy, signup, mixed or a .toml mix file"
+                    "unknown scenario `{other}`: expected health, browse, buy, signup, rename, mixed or a .toml mix file"
                 )));
             }
         };
