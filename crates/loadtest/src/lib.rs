@@ -103,7 +103,7 @@ pub struct RunArgs {
     /// The API's address (a gateway or one instance).
     #[arg(long, env = "SCALESHOP_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
-    /// What each arrival does: health, browse, buy, signup, mixed (browse 80,
+    /// What each arrival does: health, browse, buy, signup, rename, mixed (browse 80,
     /// buy 15, signup 5) or a TOML mix file (see docs/loadtest.md).
     #[arg(long, default_value = "browse")]
     pub scenario: String,
