@@ -62,6 +62,17 @@ pub async fn open(config: &Config, main: &Database) -> Result<Option<Shards>, St
     }
     main.migrate(&scaleshop_db::shards::migrations()).await?;
     main.migrate(&scaleshop_users::store::migrations()).await?;
+    // Users made before shards were configured stay in the main database,
+    // where a sharded process would never look: refused rather than hidden.
+    let unsharded = scaleshop_users::store::count(main)
+        .await
+        .map_err(StartError::Background)?;
+    if unsharded > 0 {
+        return Err(StartError::Shards(format!(
+            "the main database holds {unsharded} users from before shards were configured; \
+             moving them into shards is not supported yet (start without shards, or on a new database)"
+        )));
+    }
     if urls.is_empty() {
         // Embedded: this process holds the data folder, so a move's mover is
         // dead; its move is resumed at once.

@@ -277,7 +277,9 @@ impl Shards {
         make_map_once(&main, &names).await?;
         add_unknown(&main, &names).await?;
         let map = read_map(&main, &names).await?;
-        if current_move(&main).await?.is_none() {
+        // A shard holds its first slots once, as the first map gave them: only
+        // while no slot ever moved (epoch 1, read after the look for a move).
+        if current_move(&main).await?.is_none() && read_epoch(&main).await? == Some(1) {
             for (index, shard) in shards.iter().enumerate() {
                 hold_first_slots(shard.db(), &map.slots_of(index)).await?;
             }
@@ -315,17 +317,44 @@ impl Shards {
     pub async fn reload(&self) -> Result<bool, ShardSetupError> {
         let names: Vec<String> = self.all().iter().map(|s| s.name().to_owned()).collect();
         let map = read_map(&self.inner.main, &names).await?;
-        let moved = map.epoch() != self.map().epoch();
-        match self.inner.map.write() {
-            Ok(mut current) => *current = Arc::new(map),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(map),
+        let mut current = match self.inner.map.write() {
+            Ok(current) => current,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // Two reloads may finish out of order: the map only moves forward.
+        if map.epoch() <= current.epoch() {
+            return Ok(false);
         }
-        Ok(moved)
+        *current = Arc::new(map);
+        Ok(true)
     }
 
     /// The shard named `name`.
     pub fn by_name(&self, name: &str) -> Option<&Shard> {
         self.all().iter().find(|s| s.name() == name)
+    }
+
+    /// Whether a read just made on `shard` for `slot` was the truth: the shard
+    /// serves the slot, or holds it fenced (a move is taking it) and the map in
+    /// the main database has not moved on yet (after the flip, the target may
+    /// have taken writes that the fenced copy lacks).
+    pub async fn read_was_current(&self, shard: &Database, slot: u16) -> Result<bool, StoreError> {
+        match held(shard, slot).await?.as_deref() {
+            Some("serving") => Ok(true),
+            Some(_) => match self.reload().await {
+                Ok(moved) => Ok(!moved && self.map().owner(slot) == self.index_of_db(shard)),
+                Err(ShardSetupError::Store(e)) => Err(e),
+                Err(e) => Err(StoreError::Other(e.to_string())),
+            },
+            None => Ok(false),
+        }
+    }
+
+    fn index_of_db(&self, db: &Database) -> usize {
+        self.all()
+            .iter()
+            .position(|s| s.db().same_as(db))
+            .unwrap_or(usize::MAX)
     }
 
     /// After a shard refused a key's slot: reads the map again; when it has
@@ -450,6 +479,11 @@ async fn add_unknown(main: &Database, names: &[String]) -> Result<(), StoreError
     tx.commit().await
 }
 
+async fn read_epoch(main: &Database) -> Result<Option<i64>, StoreError> {
+    const EPOCH: &str = "SELECT epoch FROM shard_map WHERE id = 1";
+    Ok(with_pool!(main, pool => sqlx::query_scalar(EPOCH).fetch_optional(pool).await?))
+}
+
 /// Reads the map, with `names` as the shard list its owners index.
 async fn read_map(main: &Database, names: &[String]) -> Result<ShardMap, ShardSetupError> {
     const EPOCH: &str = "SELECT epoch FROM shard_map WHERE id = 1";
@@ -561,14 +595,14 @@ pub async fn serving(tx: &mut Tx, slot: u16) -> Result<bool, StoreError> {
     Ok(state.as_deref() == Some("serving"))
 }
 
-/// Whether `db` holds `slot` (serving or fenced): checked after a read, whose
-/// rows were the truth if the shard still holds the slot.
-pub async fn holds(db: &Database, slot: u16) -> Result<bool, StoreError> {
-    const Q: &str = "SELECT 1 FROM owned_slots WHERE slot = $1";
-    let held: Option<i32> = with_pool!(db, pool => {
+/// How `db` holds `slot`: checked after a read, whose rows were the truth if
+/// the shard still serves the slot, or holds it fenced while the map has not
+/// moved ([`Shards::read_was_current`]).
+pub async fn held(db: &Database, slot: u16) -> Result<Option<String>, StoreError> {
+    const Q: &str = "SELECT state FROM owned_slots WHERE slot = $1";
+    Ok(with_pool!(db, pool => {
         sqlx::query_scalar(Q).bind(i32::from(slot)).fetch_optional(pool).await?
-    });
-    Ok(held.is_some())
+    }))
 }
 
 /// The first start over a shard: it holds `slots` (its share of the new
@@ -753,6 +787,17 @@ const MAX_PASSES: u32 = 8;
 /// Clock skew allowed between processes: a pass copies from this long before
 /// the previous pass began.
 const SKEW_MICROS: i64 = 1_000_000;
+/// How long before its commit a write may have stamped its row's `updated_at`
+/// at most: a request is cut off (its transaction rolled back) long before.
+/// The copy made under the fence takes every row changed since this long
+/// before the move began, so no write that committed before the fence is
+/// missed, whatever its stamp or the clocks' skew.
+const STRAGGLER_MICROS: i64 = 300_000_000;
+
+/// Where the copy under the fence starts.
+fn last_copy_since(started_at: i64) -> i64 {
+    started_at - STRAGGLER_MICROS
+}
 
 /// Moves slots between shards online: copy the slots' rows, copy again what
 /// changed during the copy, fence writes to the slots on the source, copy the
@@ -1050,11 +1095,31 @@ impl Mover {
         }
     }
 
-    /// Runs the recorded move from its state to the end.
+    /// Runs the recorded move from its state to the end, under its lease,
+    /// renewed all along; stops if
+    /// another mover took it (only after this one failed to renew for a lease
+    /// period: its steps can all run again).
     async fn run(&self, resumed: bool) -> Result<MoveReport, MoveError> {
         if !self.lease().await? {
             return Err(MoveError::Leased);
         }
+        let renew = async {
+            loop {
+                tokio::time::sleep(MOVE_LEASE / 3).await;
+                match self.lease().await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => tracing::warn!(error = %e, "move lease not renewed"),
+                }
+            }
+        };
+        tokio::select! {
+            result = self.steps(resumed) => result,
+            () = renew => Err(MoveError::Leased),
+        }
+    }
+
+    async fn steps(&self, resumed: bool) -> Result<MoveReport, MoveError> {
         let Some(record) = self.current().await? else {
             return Ok(MoveReport::default());
         };
@@ -1101,9 +1166,9 @@ impl Mover {
             let fenced_at = std::time::Instant::now();
             set_slots(source.db(), &slots, Some("fenced")).await?;
             self.advance("fenced", since).await?;
-            let began = now_micros();
-            report.rows += self.copy(&source, &target, &slots, since).await?;
-            since = began - SKEW_MICROS;
+            report.rows += self
+                .copy(&source, &target, &slots, last_copy_since(record.started_at))
+                .await?;
             if self.drain.drained(&source, DRAIN_WITHIN).await? {
                 set_slots(target.db(), &slots, Some("serving")).await?;
                 report.fenced_ms =
@@ -1111,9 +1176,10 @@ impl Mover {
                 state = "fenced".to_owned();
                 break;
             }
-            // Writes may not wait longer: lift the fence and try again.
-            set_slots(source.db(), &slots, Some("serving")).await?;
+            // Writes may not wait longer: lift the fence and try again (the
+            // record first: a mover resumed from `fenced` fences again).
             self.advance("copying", since).await?;
+            set_slots(source.db(), &slots, Some("serving")).await?;
             tries += 1;
             if tries >= FENCE_TRIES {
                 return Err(MoveError::NotDrained(source.name().to_owned()));
@@ -1123,8 +1189,14 @@ impl Mover {
             // Resumed here: the last copy and the target's hold may not have
             // happened; both can run again (the source takes no writes).
             if resumed && record.state == "fenced" {
-                report.rows += self.copy(&source, &target, &slots, since).await?;
+                set_slots(source.db(), &slots, Some("fenced")).await?;
+                report.rows += self
+                    .copy(&source, &target, &slots, last_copy_since(record.started_at))
+                    .await?;
                 if !self.drain.drained(&source, DRAIN_WITHIN * 5).await? {
+                    // Writes may not wait for it: back to copying, unfenced.
+                    self.advance("copying", since).await?;
+                    set_slots(source.db(), &slots, Some("serving")).await?;
                     return Err(MoveError::NotDrained(source.name().to_owned()));
                 }
                 set_slots(target.db(), &slots, Some("serving")).await?;

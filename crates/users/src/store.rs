@@ -114,6 +114,11 @@ const UPDATE: &str = "UPDATE users SET email = $2, name = $3, role = $4, passwor
                       created_at = $6, updated_at = $7, search_key = $8, slot = $9, \
                       session_epoch = session_epoch + CASE WHEN password_hash = $5 THEN 0 ELSE 1 END \
                       WHERE id = $1";
+/// [`UPDATE`] only if the row still has the address `$10`.
+const UPDATE_IF_EMAIL: &str = "UPDATE users SET email = $2, name = $3, role = $4, password_hash = $5, \
+                      created_at = $6, updated_at = $7, search_key = $8, slot = $9, \
+                      session_epoch = session_epoch + CASE WHEN password_hash = $5 THEN 0 ELSE 1 END \
+                      WHERE id = $1 AND email = $10";
 const GET: &str = "SELECT id, email, name, role, password_hash, created_at, updated_at, \
                    session_epoch FROM users WHERE id = $1";
 const GET_BY_EMAIL: &str = "SELECT id, email, name, role, password_hash, created_at, updated_at, \
@@ -167,6 +172,20 @@ impl SqlUserStore {
         event: &NewEvent,
         guard: bool,
     ) -> Result<bool, StoreError> {
+        self.write_expecting(sql, record, event, guard, None).await
+    }
+
+    /// [`SqlUserStore::write`]; with `expect`, `sql` takes the address the row
+    /// must still have as `$10`, and a row that changed meanwhile is a
+    /// `Conflict`.
+    async fn write_expecting(
+        &self,
+        sql: &'static str,
+        record: &UserRecord,
+        event: &NewEvent,
+        guard: bool,
+        expect: Option<&Email>,
+    ) -> Result<bool, StoreError> {
         let user = &record.user;
         let slot = scaleshop_db::shards::slot_of(user.id);
         let mut tx = self.db.begin().await?;
@@ -175,7 +194,7 @@ impl SqlUserStore {
             return Ok(false);
         }
         let done = with_tx!(&mut tx, conn => {
-            sqlx::query(sql)
+            let query = sqlx::query(sql)
                 .bind(user.id)
                 .bind(user.email.as_str())
                 .bind(user.name.as_str())
@@ -184,11 +203,16 @@ impl SqlUserStore {
                 .bind(user.created_at)
                 .bind(user.updated_at)
                 .bind(search_key(user))
-                .bind(i32::from(slot))
-                .execute(conn)
-                .await?
-                .rows_affected()
+                .bind(i32::from(slot));
+            match expect {
+                Some(email) => query.bind(email.as_str()).execute(conn).await?,
+                None => query.execute(conn).await?,
+            }
+            .rows_affected()
         });
+        if done != 1 && expect.is_some() {
+            return Err(StoreError::Conflict(Some("users_email_changed".into())));
+        }
         if done != 1 {
             return Err(StoreError::Other(format!("user {} not written", user.id)));
         }
@@ -413,21 +437,27 @@ impl ShardedUserStore {
             let read = read(store.clone());
             async move {
                 let value = read.await?;
-                let held = scaleshop_db::shards::holds(&store.db, slot).await?;
-                Ok(held.then_some(value))
+                let current = self.shards.read_was_current(&store.db, slot).await?;
+                Ok(current.then_some(value))
             }
         })
         .await
     }
 
+    /// Writes `record` on its shard; an update only if the row still has the
+    /// address `expect` (the directory's claim was made for it).
     async fn write(
         &self,
         sql: &'static str,
         record: &UserRecord,
         event: &NewEvent,
+        expect: Option<&Email>,
     ) -> Result<(), StoreError> {
         self.on_shard(record.user.id, |store, _| async move {
-            Ok(store.write(sql, record, event, true).await?.then_some(()))
+            Ok(store
+                .write_expecting(sql, record, event, true, expect)
+                .await?
+                .then_some(()))
         })
         .await
     }
@@ -462,7 +492,14 @@ impl ShardedUserStore {
             return if claimed == 1 { Ok(()) } else { Err(taken()) };
         };
         if holder == user_id {
-            return Ok(());
+            // Renewed, so that no one takes it over while this write runs.
+            const RENEW: &str =
+                "UPDATE user_emails SET claimed_at = $3 WHERE email = $1 AND user_id = $2";
+            let renewed = with_pool!(self.directory, pool => {
+                sqlx::query(RENEW).bind(email.as_str()).bind(user_id).bind(at)
+                    .execute(pool).await?.rows_affected()
+            });
+            return if renewed == 1 { Ok(()) } else { Err(taken()) };
         }
         let grace = i64::try_from(CLAIM_GRACE.as_micros()).unwrap_or(i64::MAX);
         if at - claimed_at < grace {
@@ -531,8 +568,13 @@ impl ShardedUserStore {
             merged.extend(page?);
         }
         // Between a move's flip and the source giving the slots up, both
-        // shards hold them: each user once.
-        merged.sort_by_key(|record| record.user.id);
+        // shards hold them: each user once, the newer copy.
+        merged.sort_by(|a, b| {
+            a.user
+                .id
+                .cmp(&b.user.id)
+                .then(b.user.updated_at.cmp(&a.user.updated_at))
+        });
         merged.dedup_by_key(|record| record.user.id);
         merged.truncate(usize::try_from(limit).unwrap_or(0));
         Ok(merged)
@@ -548,7 +590,7 @@ impl UserStore for ShardedUserStore {
     async fn insert(&self, record: &UserRecord, event: &NewEvent) -> Result<(), StoreError> {
         let user = &record.user;
         self.claim(&user.email, user.id).await?;
-        match self.write(INSERT, record, event).await {
+        match self.write(INSERT, record, event, None).await {
             Ok(()) => Ok(()),
             Err(error) => Err(self.undo_claim(&user.email, user.id, error).await),
         }
@@ -560,11 +602,19 @@ impl UserStore for ShardedUserStore {
             .get(user.id)
             .await?
             .ok_or_else(|| StoreError::Other(format!("user {} not written", user.id)))?;
+        // Each update expects the address the row had when read: a concurrent
+        // change of address makes it fail (409) rather than write an address
+        // back that the directory has given away.
         if before.user.email == user.email {
-            return self.write(UPDATE, record, event).await;
+            return self
+                .write(UPDATE_IF_EMAIL, record, event, Some(&before.user.email))
+                .await;
         }
         self.claim(&user.email, user.id).await?;
-        if let Err(error) = self.write(UPDATE, record, event).await {
+        if let Err(error) = self
+            .write(UPDATE_IF_EMAIL, record, event, Some(&before.user.email))
+            .await
+        {
             return Err(self.undo_claim(&user.email, user.id, error).await);
         }
         if let Err(e) = self.give_back(&before.user.email, user.id).await {

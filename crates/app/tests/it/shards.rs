@@ -673,3 +673,28 @@ both!(
         }
     }
 );
+
+/// Users made before shards were configured live in the main database, where
+/// a sharded process never looks: a sharded start over them is refused, not
+/// allowed to hide them (and let their addresses be taken again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_made_before_shards_refuse_a_sharded_start() {
+    scaleshop_testkit::cleaned(async {
+        let mut config = test_config(Backend::Postgres).await;
+        let app = TestApp::spawn_with(config.clone(), Backend::Postgres).await;
+        app.customer("before-shards@example.com").await;
+        app.stop().await.unwrap();
+        let shard = fresh_pg_database().await;
+        config.shard_urls = Some(scaleshop_app::config::Secret::new(shard));
+        let refused = scaleshop_app::App::build(&config, Target::ALL).await;
+        let message = refused
+            .err()
+            .expect("a sharded start over users")
+            .to_string();
+        assert!(
+            message.contains("from before shards were configured"),
+            "{message}"
+        );
+    })
+    .await;
+}
