@@ -416,6 +416,19 @@ const ENV_KEYS: &[&str] = &[
     "shutdown_grace_secs",
 ];
 
+/// The URLs of a comma list (blanks dropped).
+fn url_list(list: Option<&Secret>) -> Vec<String> {
+    list.map(|list| {
+        list.expose()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
 /// A configuration that cannot start the server.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {0}")]
@@ -569,44 +582,32 @@ impl Config {
                 );
             }
         }
-        let replicas = self.replica_urls();
-        if !replicas.is_empty() {
-            if !self.database_url.as_ref().is_some_and(|u| {
-                let u = u.expose();
-                u.starts_with("postgres://") || u.starts_with("postgresql://")
-            }) {
-                return bad("read_replica_urls", "needs a postgres:// database_url");
+        // More PostgreSQL databases beside a PostgreSQL primary.
+        let postgres = |u: &str| u.starts_with("postgres://") || u.starts_with("postgresql://");
+        let primary_is_postgres = self
+            .database_url
+            .as_ref()
+            .is_some_and(|u| postgres(u.expose()));
+        for (key, urls) in [
+            ("read_replica_urls", self.replica_urls()),
+            ("shard_urls", self.shard_urls()),
+        ] {
+            if urls.is_empty() {
+                continue;
             }
-            if replicas
-                .iter()
-                .any(|u| !(u.starts_with("postgres://") || u.starts_with("postgresql://")))
-            {
-                return bad(
-                    "read_replica_urls",
-                    "expected a comma list of postgres://... URLs",
-                );
+            if !primary_is_postgres {
+                return bad(key, "needs a postgres:// database_url");
+            }
+            if urls.iter().any(|u| !postgres(u)) {
+                return bad(key, "expected a comma list of postgres://... URLs");
             }
         }
         let shards = self.shard_urls();
-        if !shards.is_empty() {
-            if !self.database_url.as_ref().is_some_and(|u| {
-                let u = u.expose();
-                u.starts_with("postgres://") || u.starts_with("postgresql://")
-            }) {
-                return bad("shard_urls", "needs a postgres:// database_url");
-            }
-            if shards
-                .iter()
-                .any(|u| !(u.starts_with("postgres://") || u.starts_with("postgresql://")))
-            {
-                return bad("shard_urls", "expected a comma list of postgres://... URLs");
-            }
-            if self.shards != 0 {
-                return bad(
-                    "shards",
-                    "embedded shards (a count) and shard_urls do not go together",
-                );
-            }
+        if !shards.is_empty() && self.shards != 0 {
+            return bad(
+                "shards",
+                "embedded shards (a count) and shard_urls do not go together",
+            );
         }
         if self.shards != 0 && self.database_url.is_some() {
             return bad(
@@ -881,32 +882,12 @@ impl Config {
 
     /// The read replicas' URLs (empty when none).
     pub fn replica_urls(&self) -> Vec<String> {
-        self.read_replica_urls
-            .as_ref()
-            .map(|list| {
-                list.expose()
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|u| !u.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default()
+        url_list(self.read_replica_urls.as_ref())
     }
 
     /// The shard databases' URLs (empty when none).
     pub fn shard_urls(&self) -> Vec<String> {
-        self.shard_urls
-            .as_ref()
-            .map(|list| {
-                list.expose()
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|u| !u.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default()
+        url_list(self.shard_urls.as_ref())
     }
 
     /// Whether users live in shards (embedded files or `shard_urls`).

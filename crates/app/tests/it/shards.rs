@@ -87,6 +87,16 @@ async fn sign_in_status(app: &TestApp, email: &str, password: &str) -> StatusCod
         .status()
 }
 
+/// How many slots each shard holds, from `GET /v1/shards`.
+fn slots_of(status: &Value) -> Vec<u64> {
+    status["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["slots"].as_u64().unwrap())
+        .collect()
+}
+
 /// Every user the admin list gives, page by page (`limit` a page).
 async fn list_all(app: &TestApp, token: &str, query: &str, limit: usize) -> Vec<Value> {
     let mut users = Vec::new();
@@ -348,12 +358,7 @@ async fn the_shard_list_may_grow_but_not_shrink_or_reorder() {
             StatusCode::OK,
         )
         .await;
-        let slots: Vec<u64> = status["shards"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["slots"].as_u64().unwrap())
-            .collect();
+        let slots = slots_of(&status);
         assert_eq!(slots, [512, 512, 0], "{status}");
         assert_eq!(status["epoch"], 1);
         app.stop().await.unwrap();
@@ -570,21 +575,11 @@ both!(
                 Some(json!({"slots": of_shard_2.join(","), "to": "shard-0"})),
             )
             .await;
-            let slots: Vec<u64> = to_two["shards"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|s| s["slots"].as_u64().unwrap())
-                .collect();
+            let slots = slots_of(&to_two);
             assert_eq!(slots, [683, 341, 0], "{to_two}");
             load_goes_on(&rounds, 10).await;
             let to_three = run_move(&app, &admin, None).await;
-            let slots: Vec<u64> = to_three["shards"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|s| s["slots"].as_u64().unwrap())
-                .collect();
+            let slots = slots_of(&to_three);
             assert!(slots.iter().all(|n| (341..=342).contains(n)), "{to_three}");
             // One flip each: the epoch was 1.
             assert_eq!(to_three["epoch"], 3, "{to_three}");
