@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use scaleshop_db::shards::Shards;
 use scaleshop_db::{Database, Migrations};
 use scaleshop_events::Dispatcher;
 use scaleshop_jobs::Workers;
@@ -321,6 +322,7 @@ impl App {
             let mut collectors = Vec::new();
             collectors.extend(dispatcher.as_ref().map(Dispatcher::collector));
             collectors.extend(workers.as_ref().map(Workers::collector));
+            collectors.extend(shards.as_ref().map(Shards::collector));
             let probes = Probes {
                 db: Some(db.clone()),
                 shards: shards.clone(),

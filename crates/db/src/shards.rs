@@ -357,10 +357,32 @@ impl Shards {
             .unwrap_or(usize::MAX)
     }
 
+    /// `shard_slots{shard}` and `shard_map_epoch`, computed when scraped
+    /// (after reading the map again).
+    pub fn collector(&self) -> scaleshop_telemetry::Collector {
+        let shards = self.clone();
+        Arc::new(move || {
+            let shards = shards.clone();
+            Box::pin(async move {
+                if let Err(e) = shards.reload().await {
+                    tracing::warn!(error = %e, "shard map not read for metrics");
+                }
+                let map = shards.map();
+                for (name, slots) in map.slot_counts() {
+                    metrics::gauge!(scaleshop_telemetry::names::SHARD_SLOTS, "shard" => name)
+                        .set(slots as f64);
+                }
+                metrics::gauge!(scaleshop_telemetry::names::SHARD_MAP_EPOCH)
+                    .set(map.epoch() as f64);
+            })
+        })
+    }
+
     /// After a shard refused a key's slot: reads the map again; when it has
     /// not moved yet (a move between its fence and its flip), waits a moment
     /// before the caller tries again.
     pub async fn refused(&self) -> Result<(), StoreError> {
+        metrics::counter!(scaleshop_telemetry::names::SHARD_REFUSALS).increment(1);
         match self.reload().await {
             Ok(true) => Ok(()),
             Ok(false) => {
@@ -1143,6 +1165,13 @@ impl Mover {
         };
         tracing::info!(slots = slots.len(), source = source.name(), target = target.name(),
             state = %record.state, resumed, "slot move");
+        if record.state == "copying" && record.copied_since == 0 {
+            // Rows of these slots on the target are leftovers of a move that
+            // was given up (the target does not hold the slots): gone first.
+            for rows in &self.rows {
+                rows.delete(target.db(), &slots).await?;
+            }
+        }
         let mut state = record.state.clone();
         let mut since = record.copied_since;
         let mut tries = 0;

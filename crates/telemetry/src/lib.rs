@@ -33,6 +33,13 @@ pub mod names {
     /// Counter: reads sent to the primary because no replica was healthy or
     /// caught up.
     pub const DB_REPLICA_FALLBACK: &str = "db_replica_fallback_total";
+    /// Gauge: `shard`; hash slots the shard holds in the map (present with shards).
+    pub const SHARD_SLOTS: &str = "shard_slots";
+    /// Gauge: the shard map's epoch as this process knows it.
+    pub const SHARD_MAP_EPOCH: &str = "shard_map_epoch";
+    /// Counter: reads and writes a shard refused because a move took their
+    /// slot (each then read the map again and went to the new shard).
+    pub const SHARD_REFUSALS: &str = "shard_refusals_total";
     /// Gauge: events committed and not yet delivered to every consumer.
     pub const OUTBOX_BACKLOG: &str = "outbox_backlog";
     /// Gauge: events committed but not yet published to NATS.
@@ -180,6 +187,18 @@ fn describe() {
     metrics::describe_counter!(
         names::DB_POOL_TIMEOUTS,
         "Pool acquire attempts that timed out (answered 503)."
+    );
+    metrics::describe_gauge!(
+        names::SHARD_SLOTS,
+        "Hash slots each shard holds in the shard map."
+    );
+    metrics::describe_gauge!(
+        names::SHARD_MAP_EPOCH,
+        "The shard map's epoch as this process knows it."
+    );
+    metrics::describe_counter!(
+        names::SHARD_REFUSALS,
+        "Reads and writes a shard refused because a move took their slot."
     );
     metrics::describe_gauge!(
         names::OUTBOX_BACKLOG,

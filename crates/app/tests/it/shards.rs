@@ -641,6 +641,11 @@ both!(
             assert_eq!(user["email"], email.as_str());
             assert_eq!(user["name"], name.as_str(), "{email}");
         }
+        // The map's gauges follow the moves.
+        assert_eq!(app.metric("shard_map_epoch", &[]).await, 3.0);
+        assert_eq!(app.metric("shard_slots", &[]).await, 1024.0);
+        let on_shard_2 = app.metric("shard_slots", &["shard=\"shard-2\""]).await;
+        assert!((341.0..=342.0).contains(&on_shard_2), "{on_shard_2}");
         // The source rows are gone: each shard holds exactly its users.
         let counts = users_per_shard(&app.config).await;
         assert_eq!(counts.iter().sum::<i64>() as usize, all.len(), "{counts:?}");
