@@ -357,16 +357,14 @@ impl Shards {
             .unwrap_or(usize::MAX)
     }
 
-    /// `shard_slots{shard}` and `shard_map_epoch`, computed when scraped
-    /// (after reading the map again).
+    /// `shard_slots{shard}` and `shard_map_epoch` of the map as this process
+    /// knows it (the watcher and refused requests keep it current), computed
+    /// when scraped.
     pub fn collector(&self) -> scaleshop_telemetry::Collector {
         let shards = self.clone();
         Arc::new(move || {
             let shards = shards.clone();
             Box::pin(async move {
-                if let Err(e) = shards.reload().await {
-                    tracing::warn!(error = %e, "shard map not read for metrics");
-                }
                 let map = shards.map();
                 for (name, slots) in map.slot_counts() {
                     metrics::gauge!(scaleshop_telemetry::names::SHARD_SLOTS, "shard" => name)

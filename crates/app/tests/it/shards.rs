@@ -698,3 +698,85 @@ async fn users_made_before_shards_refuse_a_sharded_start() {
     })
     .await;
 }
+
+/// Two instances on the same shards (PostgreSQL): one moves slots while the
+/// other takes writes. The other learns the new map at once (the flip's
+/// `NOTIFY`), its writes that reached the fenced source were refused there and
+/// went to the target, and nothing it wrote was lost or read back stale, on
+/// either instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_follows_a_move_made_elsewhere() {
+    scaleshop_testkit::cleaned(async {
+        let config = sharded_config(Backend::Postgres, SHARDS).await;
+        let mover = TestApp::spawn_with(config.clone(), Backend::Postgres).await;
+        let writer = TestApp::spawn_with(config.clone(), Backend::Postgres).await;
+        let admin = mover.admin_token().await;
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let rounds = std::sync::atomic::AtomicUsize::new(0);
+        let moves = async {
+            load_goes_on(&rounds, 5).await;
+            let status = json_body(
+                mover
+                    .get("/v1/shards")
+                    .bearer_auth(&admin)
+                    .send()
+                    .await
+                    .unwrap(),
+                StatusCode::OK,
+            )
+            .await;
+            let of_shard_1: Vec<String> = status["ranges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["shard"] == "shard-1")
+                .map(|r| format!("{}-{}", r["first"], r["last"]))
+                .collect();
+            let moved = run_move(
+                &mover,
+                &admin,
+                Some(json!({"slots": of_shard_1.join(","), "to": "shard-2"})),
+            )
+            .await;
+            assert_eq!(slots_of(&moved), [342, 0, 682], "{moved}");
+            // The other instance heard of the flip: its map has the new epoch
+            // well before its 5 s safety-net reload.
+            let heard = std::time::Instant::now();
+            scaleshop_testkit::eventually_within(
+                Duration::from_secs(2),
+                "the writer's map to move on",
+                async || writer.metric("shard_map_epoch", &[]).await == 2.0,
+            )
+            .await;
+            eprintln!(
+                "the writer had the new map {:?} after the move ended",
+                heard.elapsed()
+            );
+            load_goes_on(&rounds, 5).await;
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        };
+        let ((), load) = tokio::join!(moves, user_load(&writer, 0, &stop, &rounds));
+        assert!(load.failures.is_empty(), "{:#?}", load.failures);
+        assert!(load.written.len() >= 10, "{}", load.written.len());
+        // The mover's instance reads every write the other made.
+        for (id, (email, name)) in &load.written {
+            let user = json_body(
+                mover
+                    .get(&format!("/v1/users/{id}"))
+                    .bearer_auth(&admin)
+                    .send()
+                    .await
+                    .unwrap(),
+                StatusCode::OK,
+            )
+            .await;
+            assert_eq!(user["email"], email.as_str());
+            assert_eq!(user["name"], name.as_str());
+        }
+        eprintln!(
+            "the writer's refused reads and writes: {}",
+            writer.metric("shard_refusals_total", &[]).await as u64
+        );
+    })
+    .await;
+}
