@@ -138,8 +138,8 @@ const SEARCH_HELD: &str = "SELECT id, email, name, role, password_hash, created_
 const SESSION_STATE: &str = "SELECT u.session_epoch, e.session_id FROM users u \
                              LEFT JOIN ended_sessions e ON e.user_id = u.id AND e.expires_at > $2 \
                              WHERE u.id = $1";
-const END_SESSION: &str = "INSERT INTO ended_sessions (session_id, user_id, expires_at) \
-                           VALUES ($1, $2, $3) ON CONFLICT (session_id) DO NOTHING";
+const END_SESSION: &str = "INSERT INTO ended_sessions (session_id, user_id, expires_at, ended_at) \
+                           VALUES ($1, $2, $3, $4) ON CONFLICT (session_id) DO NOTHING";
 const FORGET_ENDED: &str = "DELETE FROM ended_sessions WHERE expires_at < $1";
 
 /// What searches match: name and email, lower-cased in Rust (Unicode-aware on
@@ -244,6 +244,7 @@ impl SqlUserStore {
                 .bind(token_id)
                 .bind(user_id)
                 .bind(expires_at)
+                .bind(scaleshop_db::clock::now_micros())
                 .execute(conn)
                 .await?
                 .rows_affected()
@@ -715,7 +716,7 @@ impl UserStore for ShardedUserStore {
 }
 
 /// The users' rows in the shards, as a move copies them: each user of the
-/// slots (changed since the last pass) and every ended session of theirs.
+/// slots changed since the last pass, and their sessions ended since then.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UserSlotRows;
 
@@ -752,8 +753,9 @@ impl scaleshop_db::shards::SlotRows for UserSlotRows {
                               role = excluded.role, password_hash = excluded.password_hash, \
                               updated_at = excluded.updated_at, session_epoch = excluded.session_epoch, \
                               search_key = excluded.search_key, slot = excluded.slot";
-        const ENDED: &str = "INSERT INTO ended_sessions (session_id, user_id, expires_at) \
-                             VALUES ($1, $2, $3) ON CONFLICT (session_id) DO NOTHING";
+        const ENDED: &str = "INSERT INTO ended_sessions (session_id, user_id, expires_at, ended_at) \
+                             VALUES ($1, $2, $3, $4) ON CONFLICT (session_id) DO NOTHING";
+        let since_micros = since;
         let since = DateTime::<Utc>::from_timestamp_micros(since).unwrap_or_default();
         let list = slots
             .iter()
@@ -766,8 +768,8 @@ impl scaleshop_db::shards::SlotRows for UserSlotRows {
              AND ($2 IS NULL OR id > $2) ORDER BY id LIMIT $3"
         );
         let ended_sql = format!(
-            "SELECT e.session_id, e.user_id, e.expires_at FROM ended_sessions e \
-             JOIN users u ON u.id = e.user_id WHERE u.slot IN ({list}) \
+            "SELECT e.session_id, e.user_id, e.expires_at, e.ended_at FROM ended_sessions e \
+             JOIN users u ON u.id = e.user_id WHERE u.slot IN ({list}) AND e.ended_at >= $3 \
              AND ($1 IS NULL OR e.session_id > $1) ORDER BY e.session_id LIMIT $2"
         );
         let mut copied = 0_u64;
@@ -797,19 +799,22 @@ impl scaleshop_db::shards::SlotRows for UserSlotRows {
         let mut after: Option<Uuid> = None;
         loop {
             let sql = sqlx::AssertSqlSafe(ended_sql.clone());
-            let rows: Vec<(Uuid, Uuid, i64)> = with_pool!(source, pool => {
-                sqlx::query_as(sql).bind(after).bind(COPY_BATCH).fetch_all(pool).await?
+            let rows: Vec<(Uuid, Uuid, i64, i64)> = with_pool!(source, pool => {
+                sqlx::query_as(sql).bind(after).bind(COPY_BATCH).bind(since_micros)
+                    .fetch_all(pool).await?
             });
             let Some(last) = rows.last().map(|r| r.0) else {
                 break;
             };
             let mut tx = target.begin().await?;
-            for (session, user, expires) in &rows {
+            for (session, user, expires, ended) in &rows {
                 with_tx!(&mut tx, conn => {
-                    sqlx::query(ENDED).bind(session).bind(user).bind(expires).execute(conn).await?;
+                    sqlx::query(ENDED).bind(session).bind(user).bind(expires).bind(ended)
+                        .execute(conn).await?;
                 });
             }
             tx.commit().await?;
+            copied += rows.len() as u64;
             after = Some(last);
         }
         Ok(copied)

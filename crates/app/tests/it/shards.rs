@@ -544,9 +544,18 @@ both!(
     |app: TestApp| async move {
         let admin = app.admin_token().await;
         let mut seeds = BTreeSet::new();
+        let mut signed_out = Vec::new();
         for n in 0..20 {
-            let (user, _) = app.customer(&format!("seed-{n}@example.com")).await;
-            seeds.insert(user["id"].as_str().unwrap().to_owned());
+            let (user, token) = app.customer(&format!("seed-{n}@example.com")).await;
+            let id = user["id"].as_str().unwrap().to_owned();
+            seeds.insert(id.clone());
+            // Some sign out: their ended sessions move with them.
+            if n % 5 == 0 {
+                let out = app.request(reqwest::Method::DELETE, "/v1/sessions/current");
+                let out = out.bearer_auth(&token).send().await.unwrap();
+                assert_eq!(out.status(), StatusCode::NO_CONTENT);
+                signed_out.push((id, token));
+            }
         }
         let stop = std::sync::atomic::AtomicBool::new(false);
         let rounds = std::sync::atomic::AtomicUsize::new(0);
@@ -646,6 +655,28 @@ both!(
         assert_eq!(app.metric("shard_slots", &[]).await, 1024.0);
         let on_shard_2 = app.metric("shard_slots", &["shard=\"shard-2\""]).await;
         assert!((341.0..=342.0).contains(&on_shard_2), "{on_shard_2}");
+        // Every signed-out token is still refused, and each ended session is
+        // in one shard only.
+        for (id, token) in &signed_out {
+            let read = app
+                .get(&format!("/v1/users/{id}"))
+                .bearer_auth(token)
+                .send()
+                .await;
+            assert_eq!(read.unwrap().status(), StatusCode::UNAUTHORIZED);
+        }
+        let mut ended = 0;
+        for db in shard_databases(&app.config).await {
+            let n: i64 = scaleshop_db::with_pool!(db, pool => {
+                scaleshop_db::sqlx::query_scalar("SELECT COUNT(*) FROM ended_sessions")
+                    .fetch_one(pool)
+                    .await
+                    .unwrap()
+            });
+            ended += n;
+            db.close().await;
+        }
+        assert_eq!(ended as usize, signed_out.len());
         // The source rows are gone: each shard holds exactly its users.
         let counts = users_per_shard(&app.config).await;
         assert_eq!(counts.iter().sum::<i64>() as usize, all.len(), "{counts:?}");
