@@ -530,9 +530,11 @@ async fn measure_up(
         // are read after a settling time, and the run's are read that long after
         // it ends. The idle rate over a quiet window is taken off the run's.
         tokio::time::sleep(STATS_FLUSH).await;
+        // At least 5 s: over a shorter window, one session's late flush of
+        // its statistics reads as a high idle rate.
         let quiet = run
             .duration
-            .clamp(Duration::from_secs(1), Duration::from_secs(10));
+            .clamp(Duration::from_secs(5), Duration::from_secs(10));
         let idle_start = transactions(&primary).await;
         tokio::time::sleep(quiet).await;
         let before_primary = transactions(&primary).await;
