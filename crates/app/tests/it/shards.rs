@@ -87,6 +87,27 @@ async fn sign_in_status(app: &TestApp, email: &str, password: &str) -> StatusCod
         .status()
 }
 
+/// The slot ranges `shard` holds, as a move's list (`0-99,200-300`).
+async fn held_ranges(app: &TestApp, admin: &str, shard: &str) -> String {
+    let status = json_body(
+        app.get("/v1/shards")
+            .bearer_auth(admin)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    status["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["shard"] == shard)
+        .map(|r| format!("{}-{}", r["first"], r["last"]))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// How many slots each shard holds, from `GET /v1/shards`.
 fn slots_of(status: &Value) -> Vec<u64> {
     status["shards"]
@@ -562,26 +583,11 @@ both!(
         let moves = async {
             load_goes_on(&rounds, 10).await;
             // 3 → 2: every slot of shard-2 to shard-0; then 2 → 3 again.
-            let status = json_body(
-                app.get("/v1/shards")
-                    .bearer_auth(&admin)
-                    .send()
-                    .await
-                    .unwrap(),
-                StatusCode::OK,
-            )
-            .await;
-            let of_shard_2: Vec<String> = status["ranges"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|r| r["shard"] == "shard-2")
-                .map(|r| format!("{}-{}", r["first"], r["last"]))
-                .collect();
+            let of_shard_2 = held_ranges(&app, &admin, "shard-2").await;
             let to_two = run_move(
                 &app,
                 &admin,
-                Some(json!({"slots": of_shard_2.join(","), "to": "shard-0"})),
+                Some(json!({"slots": of_shard_2, "to": "shard-0"})),
             )
             .await;
             let slots = slots_of(&to_two);
@@ -746,27 +752,11 @@ async fn another_instance_follows_a_move_made_elsewhere() {
         let rounds = std::sync::atomic::AtomicUsize::new(0);
         let moves = async {
             load_goes_on(&rounds, 5).await;
-            let status = json_body(
-                mover
-                    .get("/v1/shards")
-                    .bearer_auth(&admin)
-                    .send()
-                    .await
-                    .unwrap(),
-                StatusCode::OK,
-            )
-            .await;
-            let of_shard_1: Vec<String> = status["ranges"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|r| r["shard"] == "shard-1")
-                .map(|r| format!("{}-{}", r["first"], r["last"]))
-                .collect();
+            let of_shard_1 = held_ranges(&mover, &admin, "shard-1").await;
             let moved = run_move(
                 &mover,
                 &admin,
-                Some(json!({"slots": of_shard_1.join(","), "to": "shard-2"})),
+                Some(json!({"slots": of_shard_1, "to": "shard-2"})),
             )
             .await;
             assert_eq!(slots_of(&moved), [342, 0, 682], "{moved}");
